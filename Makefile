@@ -1,0 +1,35 @@
+# nextword: make serve (a default model on port 50051), make test (the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+PORT ?= 50051
+MODEL ?= models/default.pt
+export PYTHON VENV
+
+.PHONY: serve test install install-dev proto lint smoke default-model clean
+
+install:                ## the service's dependencies and the gRPC stubs
+	scripts/install.sh serve
+
+install-dev:            ## everything: service, training, tests, linters
+	scripts/install.sh dev
+
+proto:                  ## regenerate service/pb/ from proto/
+	scripts/gen_proto.sh
+
+serve: install          ## serve the default model (or MODEL=path) on PORT
+	$(VENV)/bin/python -m service --model $(MODEL) --port $(PORT)
+
+test: install-dev       ## the whole test suite (offline, CPU)
+	$(VENV)/bin/python -m pytest -q
+
+lint: install-dev       ## hadolint on the Dockerfile
+	$(VENV)/bin/hadolint Dockerfile
+
+smoke: install          ## start the server on the default model, call Suggest, stop it
+	scripts/smoke.sh
+
+default-model: install-dev  ## rebuild models/default.pt from the committed corpus
+	scripts/build_default_model.sh
+
+clean:
+	rm -rf $(VENV) service/pb .pytest_cache

@@ -1,0 +1,191 @@
+"""Tokenizers shared by training and serving.
+
+Three kinds, all with the same special ids so the model and the engine never
+need to ask which kind they have:
+
+    0 <pad>   1 <s>   2 </s>   3 <unk>
+
+* ``char``: every character is a token (each Han character too).
+* ``word``: words and punctuation marks, split on white space and punctuation.
+* ``sentencepiece``: a SentencePiece model (unigram), which also segments text
+  written without spaces.
+
+A tokenizer serialises to bytes (``to_bytes``) so an exported artifact can
+carry it; ``load_tokenizer(kind, data)`` is the inverse. Building a tokenizer
+from a corpus lives in ``training/tokenizers.py``; this module only needs the
+standard library and sentencepiece.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import unicodedata
+
+PAD, BOS, EOS, UNK = 0, 1, 2, 3
+SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
+KINDS = ("char", "word", "sentencepiece")
+
+# A word: letters/digits with inner apostrophes ("don't", "lord's"); anything
+# else that is not white space is a one-character punctuation token.
+WORD_PATTERN = re.compile(r"\w+(?:['’]\w+)*|[^\w\s]")
+# Punctuation that attaches to the word before it when word tokens are joined.
+_NO_SPACE_BEFORE = set(",.;:!?)]}'’”%…、，。！？；：」』）》")
+_NO_SPACE_AFTER = set("([{‘“「『（《")
+
+
+class Tokenizer:
+    """Common interface. ``token_text(i)`` is what token i adds to the text."""
+
+    kind: str = ""
+
+    def __init__(self, lowercase: bool = False) -> None:
+        self.lowercase = lowercase
+
+    @property
+    def vocab_size(self) -> int:
+        raise NotImplementedError
+
+    def normalize(self, text: str) -> str:
+        return text.lower() if self.lowercase else text
+
+    def encode(self, text: str) -> list[int]:
+        raise NotImplementedError
+
+    def decode(self, ids: list[int]) -> str:
+        return "".join(self.token_text(i) for i in ids if i >= len(SPECIAL_TOKENS))
+
+    def token_text(self, token_id: int) -> str:
+        raise NotImplementedError
+
+    def to_bytes(self) -> bytes:
+        raise NotImplementedError
+
+
+class VocabTokenizer(Tokenizer):
+    """A fixed list of token strings; ids are positions in the list."""
+
+    def __init__(self, tokens: list[str], lowercase: bool = False) -> None:
+        super().__init__(lowercase)
+        if tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
+            raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}")
+        self.tokens = list(tokens)
+        self.index = {t: i for i, t in enumerate(self.tokens)}
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self.tokens)
+
+    def to_bytes(self) -> bytes:
+        payload = {"kind": self.kind, "lowercase": self.lowercase, "tokens": self.tokens}
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+class CharTokenizer(VocabTokenizer):
+    kind = "char"
+
+    def encode(self, text: str) -> list[int]:
+        get = self.index.get
+        return [get(ch, UNK) for ch in self.normalize(text)]
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokens[token_id] if token_id >= len(SPECIAL_TOKENS) else ""
+
+
+class WordTokenizer(VocabTokenizer):
+    kind = "word"
+
+    @staticmethod
+    def split(text: str) -> list[str]:
+        return WORD_PATTERN.findall(text)
+
+    def encode(self, text: str) -> list[int]:
+        get = self.index.get
+        return [get(w, UNK) for w in self.split(self.normalize(text))]
+
+    def token_text(self, token_id: int) -> str:
+        # Words are shown with a leading space; the engine strips it where needed.
+        if token_id < len(SPECIAL_TOKENS):
+            return ""
+        word = self.tokens[token_id]
+        return word if word in _NO_SPACE_BEFORE else " " + word
+
+    def decode(self, ids: list[int]) -> str:
+        out: list[str] = []
+        for i in ids:
+            if i < len(SPECIAL_TOKENS):
+                continue
+            word = self.tokens[i]
+            if out and word not in _NO_SPACE_BEFORE and out[-1] not in _NO_SPACE_AFTER:
+                out.append(" ")
+            out.append(word)
+        return "".join(out)
+
+
+class SentencePieceTokenizer(Tokenizer):
+    kind = "sentencepiece"
+
+    def __init__(self, model_bytes: bytes, lowercase: bool = False) -> None:
+        super().__init__(lowercase)
+        import sentencepiece as spm
+
+        self.model_bytes = model_bytes
+        self.processor = spm.SentencePieceProcessor(model_proto=model_bytes)
+        size = self.processor.get_piece_size()
+        ids = (self.processor.pad_id(), self.processor.bos_id(),
+               self.processor.eos_id(), self.processor.unk_id())
+        if ids != (PAD, BOS, EOS, UNK):
+            raise ValueError(f"sentencepiece model has special ids {ids}, expected {(PAD, BOS, EOS, UNK)}")
+        # Surface text of each piece: the word-boundary mark becomes a space.
+        self._texts = [
+            "" if i < len(SPECIAL_TOKENS) else self.processor.id_to_piece(i).replace("\u2581", " ")
+            for i in range(size)
+        ]
+
+    @property
+    def vocab_size(self) -> int:
+        return len(self._texts)
+
+    def encode(self, text: str) -> list[int]:
+        return self.processor.encode(self.normalize(text))
+
+    def decode(self, ids: list[int]) -> str:
+        return self.processor.decode([i for i in ids if i >= len(SPECIAL_TOKENS)])
+
+    def token_text(self, token_id: int) -> str:
+        return self._texts[token_id]
+
+    def to_bytes(self) -> bytes:
+        header = json.dumps({"kind": self.kind, "lowercase": self.lowercase}).encode("utf-8")
+        return header + b"\n" + self.model_bytes
+
+
+def load_tokenizer(data: bytes) -> Tokenizer:
+    """Rebuild a tokenizer from ``Tokenizer.to_bytes()`` output."""
+    if data.startswith(b'{"kind": "sentencepiece"'):
+        header, _, model = data.partition(b"\n")
+        meta = json.loads(header)
+        return SentencePieceTokenizer(model, lowercase=meta["lowercase"])
+    meta = json.loads(data.decode("utf-8"))
+    cls = {"char": CharTokenizer, "word": WordTokenizer}.get(meta.get("kind"))
+    if cls is None:
+        raise ValueError(f"unknown tokenizer kind {meta.get('kind')!r}")
+    return cls(meta["tokens"], lowercase=meta["lowercase"])
+
+
+def is_cjk(ch: str) -> bool:
+    """True for characters of scripts written without spaces between words."""
+    if not ch:
+        return False
+    code = ord(ch)
+    return (
+        0x3040 <= code <= 0x30FF      # Hiragana, Katakana
+        or 0x3400 <= code <= 0x4DBF   # CJK Extension A
+        or 0x4E00 <= code <= 0x9FFF   # CJK Unified Ideographs
+        or 0xF900 <= code <= 0xFAFF   # CJK Compatibility Ideographs
+        or 0x20000 <= code <= 0x3134F  # Extensions B-G
+    )
+
+
+def is_word_char(ch: str) -> bool:
+    return ch.isalnum() or ch in "'’_" or unicodedata.category(ch) == "Mn"

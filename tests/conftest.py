@@ -1,0 +1,49 @@
+"""Shared fixtures: tiny corpora committed under tests/data, and tiny trained runs."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+import pytest
+
+DATA = os.path.join(os.path.dirname(__file__), "data")
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+TINY_EN = os.path.join(DATA, "tiny_en.txt")
+TINY_ZH = os.path.join(DATA, "tiny_zh.txt")
+# A tiny network that trains in seconds on the tiny corpora.
+TINY_NET = ["--hidden-size", "32", "--num-layers", "1", "--batch-size", "8", "--bptt", "16",
+            "--warmup-steps", "5", "--dropout", "0.0"]
+
+
+def run_cli(module: str, *args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
+    """Run ``python -m module args`` as a user would; returns the finished process."""
+    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
+                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+
+
+def train_tiny(out: str, corpus: str = TINY_EN, *extra: str) -> str:
+    from training.train import main
+
+    code = main(["--corpus", corpus, "--out", out, *TINY_NET, *extra])
+    assert code == 0
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiny_word_run(tmp_path_factory) -> str:
+    return train_tiny(str(tmp_path_factory.mktemp("word")), TINY_EN, "--tokenizer", "word", "--lowercase",
+                      "--max-steps", "150", "--lr", "1e-2", "--hidden-size", "48")
+
+
+@pytest.fixture(scope="session")
+def tiny_char_run(tmp_path_factory) -> str:
+    return train_tiny(str(tmp_path_factory.mktemp("char")), TINY_EN, "--tokenizer", "char", "--lowercase",
+                      "--max-steps", "250", "--lr", "1e-2", "--hidden-size", "64", "--bptt", "32")
+
+
+@pytest.fixture(scope="session")
+def tiny_zh_run(tmp_path_factory) -> str:
+    return train_tiny(str(tmp_path_factory.mktemp("zh")), TINY_ZH, "--tokenizer", "char",
+                      "--max-steps", "200", "--lr", "1e-2", "--hidden-size", "48")

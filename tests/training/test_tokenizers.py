@@ -1,0 +1,68 @@
+import pytest
+
+from service.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, load_tokenizer
+from tests.conftest import TINY_EN, TINY_ZH
+from training.tokenizers import TokenizerError, build_tokenizer
+
+
+def lines(path):
+    return open(path, encoding="utf-8").read().split("\n")[:-1]
+
+
+@pytest.mark.parametrize("kind", ["char", "word", "sentencepiece"])
+@pytest.mark.parametrize("corpus", [TINY_EN, TINY_ZH])
+def test_round_trip_and_serialisation(kind, corpus):
+    text = lines(corpus)
+    tokenizer = build_tokenizer(kind, text, vocab_size=200)
+    restored = load_tokenizer(tokenizer.to_bytes())
+    for line in text[:20]:
+        ids = tokenizer.encode(line)
+        assert UNK not in ids
+        assert restored.encode(line) == ids
+        if kind == "word" and corpus == TINY_EN:
+            assert tokenizer.decode(ids) == line  # words re-joined, punctuation attached
+        elif kind != "word":
+            assert tokenizer.decode(ids) == line
+    assert tokenizer.vocab_size == restored.vocab_size
+
+
+def test_special_tokens_have_fixed_ids_for_every_kind():
+    for kind in ("char", "word", "sentencepiece"):
+        tokenizer = build_tokenizer(kind, lines(TINY_EN), vocab_size=100)
+        assert (PAD, BOS, EOS, UNK) == (0, 1, 2, 3)
+        assert all(tokenizer.token_text(i) == "" for i in range(len(SPECIAL_TOKENS)))
+
+
+def test_chinese_characters_are_single_tokens_with_char():
+    tokenizer = build_tokenizer("char", ["我昨天去了学校。"])
+    ids = tokenizer.encode("我昨天")
+    assert [tokenizer.token_text(i) for i in ids] == ["我", "昨", "天"]
+
+
+def test_sentencepiece_segments_chinese_without_spaces():
+    tokenizer = build_tokenizer("sentencepiece", lines(TINY_ZH), vocab_size=120)
+    ids = tokenizer.encode("我们昨天去了学校。")
+    assert "".join(tokenizer.token_text(i) for i in ids).strip() == "我们昨天去了学校。"
+    assert len(ids) < len("我们昨天去了学校。")  # it learned multi-character pieces
+
+
+def test_unseen_tokens_map_to_unk():
+    tokenizer = build_tokenizer("word", ["the cat sat"])
+    assert tokenizer.encode("the dog sat") == [tokenizer.encode("the")[0], UNK, tokenizer.encode("sat")[0]]
+
+
+def test_word_split_keeps_apostrophes_and_separates_punctuation():
+    tokenizer = build_tokenizer("word", ["don't stop, please!"])
+    assert [tokenizer.tokens[i] for i in tokenizer.encode("don't stop, please!")] == ["don't", "stop", ",", "please", "!"]
+
+
+def test_vocab_size_and_min_count_limit_the_vocabulary():
+    tokenizer = build_tokenizer("word", ["a a a b b c"], vocab_size=6)
+    assert tokenizer.tokens[4:] == ["a", "b"]
+    tokenizer = build_tokenizer("word", ["a a a b b c"], min_count=2)
+    assert tokenizer.tokens[4:] == ["a", "b"]
+
+
+def test_too_small_vocabulary_is_refused():
+    with pytest.raises(TokenizerError, match="vocabulary too small"):
+        build_tokenizer("char", ["aaaa"])

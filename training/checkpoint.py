@@ -1,0 +1,69 @@
+"""Training checkpoints: everything needed to resume exactly, written atomically.
+
+A checkpoint is owned by training; the server never reads one (it reads the
+artifact that ``training/export.py`` makes from it).
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from typing import Any
+
+import torch
+
+CHECKPOINT_FORMAT = "nextword-checkpoint"
+CHECKPOINT_VERSION = 1
+LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
+
+
+class CheckpointError(ValueError):
+    """A checkpoint is missing, damaged or of another format."""
+
+
+def atomic_write(path: str, write) -> None:
+    """Write through ``write(file)`` into a temporary file, then rename over ``path``.
+
+    A crash at any moment leaves either the old file or the new one, never half of one.
+    """
+    directory = os.path.dirname(os.path.abspath(path))
+    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
+    try:
+        with open(temporary, "wb") as handle:
+            write(handle)
+            handle.flush()
+            os.fsync(handle.fileno())
+        os.replace(temporary, path)
+    finally:
+        if os.path.exists(temporary):
+            os.unlink(temporary)
+    descriptor = os.open(directory, os.O_RDONLY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
+
+
+def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
+    payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
+    atomic_write(path, lambda handle: torch.save(payload, handle))
+
+
+def load_checkpoint(path: str) -> dict[str, Any]:
+    if os.path.isdir(path):
+        path = os.path.join(path, LAST)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint not found: {path}")
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile, ValueError, OSError) as error:
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        raise CheckpointError(f"checkpoint is damaged or not a nextword checkpoint: {path} ({reason})") from None
+    if not isinstance(payload, dict) or payload.get("format") != CHECKPOINT_FORMAT:
+        raise CheckpointError(f"not a nextword checkpoint: {path}")
+    if payload.get("version") != CHECKPOINT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {payload.get('version')}; this nextword reads version {CHECKPOINT_VERSION}"
+        )
+    return payload

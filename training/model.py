@@ -1,0 +1,187 @@
+"""The recurrent language model: tokens in, logits and state out.
+
+    tokens [B, T] --input--> x [B, T, E] --layer 1..L--> h [B, T, H] --decoder--> logits [B, T, V]
+
+The state of all layers travels as ONE tensor ``[L, B, K*H]`` (K = 2 for an
+LSTM: hidden and cell side by side; K = 1 for GRU and tanh RNN). One tensor per
+batch makes it easy for the service to stack and split sequences (dim 1).
+
+One-hot input multiplies a one-hot vector by the first layer's input weights,
+which selects one column of them. We store those weights as ``input_weight``
+[V, G*H] (one row per token; G gates) and gather the row instead of doing the
+V-wide matrix product; the first layer then runs its recurrence on the
+gathered gate inputs.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+GATES = {"lstm": 4, "gru": 3, "rnn": 1}
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    vocab_size: int
+    cell: str = "lstm"            # lstm | gru | rnn (tanh)
+    input: str = "embedding"      # embedding | onehot
+    num_layers: int = 2
+    hidden_size: int = 512
+    embedding_size: int = 512
+    dropout: float = 0.2
+    tie_weights: bool = False
+
+    def __post_init__(self) -> None:
+        if self.cell not in GATES:
+            raise ValueError(f"cell must be one of {sorted(GATES)}, got {self.cell!r}")
+        if self.input not in ("embedding", "onehot"):
+            raise ValueError(f"input must be embedding or onehot, got {self.input!r}")
+        if self.tie_weights and self.input == "onehot":
+            raise ValueError("--tie-weights needs --input embedding (one-hot input has no embedding to tie)")
+        if self.tie_weights and self.embedding_size != self.hidden_size:
+            raise ValueError(
+                f"--tie-weights needs --embedding-size equal to --hidden-size "
+                f"(got {self.embedding_size} and {self.hidden_size})"
+            )
+
+    @property
+    def state_size(self) -> int:
+        return self.hidden_size * (2 if self.cell == "lstm" else 1)
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+
+class LSTMLayer(nn.Module):
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.hidden_size = hidden_size
+        self.rnn = nn.LSTM(input_size, hidden_size, batch_first=True)
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        # state [B, 2H] -> h, c [1, B, H]
+        h, c = state.unsqueeze(0).split(self.hidden_size, dim=2)
+        out, (h, c) = self.rnn(x, (h.contiguous(), c.contiguous()))
+        return out, torch.cat([h, c], dim=2).squeeze(0)
+
+
+class GRULayer(nn.Module):
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.rnn = nn.GRU(input_size, hidden_size, batch_first=True)
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        out, h = self.rnn(x, state.unsqueeze(0).contiguous())
+        return out, h.squeeze(0)
+
+
+class TanhRNNLayer(nn.Module):
+    def __init__(self, input_size: int, hidden_size: int) -> None:
+        super().__init__()
+        self.rnn = nn.RNN(input_size, hidden_size, nonlinearity="tanh", batch_first=True)
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        out, h = self.rnn(x, state.unsqueeze(0).contiguous())
+        return out, h.squeeze(0)
+
+
+class OneHotLayer(nn.Module):
+    """First layer for one-hot input: gathers input-weight rows, then recurs.
+
+    Gate order follows PyTorch's cells: LSTM (i, f, g, o), GRU (r, z, n).
+    """
+
+    def __init__(self, cell: str, vocab_size: int, hidden_size: int) -> None:
+        super().__init__()
+        gates = GATES[cell] * hidden_size
+        self.cell = cell
+        self.hidden_size = hidden_size
+        bound = hidden_size ** -0.5
+        self.input_weight = nn.Parameter(torch.empty(vocab_size, gates).uniform_(-bound, bound))
+        self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size).uniform_(-bound, bound))
+        self.bias_ih = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
+        self.bias_hh = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
+
+    def gate_inputs(self, tokens: Tensor) -> Tensor:
+        # one_hot(tokens) @ input_weight == input_weight[tokens]: a gather, [B, T, G*H]
+        return F.embedding(tokens, self.input_weight) + self.bias_ih
+
+    def forward(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        x_gates = self.gate_inputs(tokens)
+        H = self.hidden_size
+        h = state[:, :H]
+        c = state[:, H:]
+        outputs: list[Tensor] = []
+        for t in range(x_gates.size(1)):
+            x_t = x_gates[:, t]
+            h_gates = F.linear(h, self.weight_hh, self.bias_hh)
+            if self.cell == "lstm":
+                i, f, g, o = (x_t + h_gates).chunk(4, dim=1)
+                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+                h = torch.sigmoid(o) * torch.tanh(c)
+            elif self.cell == "gru":
+                x_r, x_z, x_n = x_t.chunk(3, dim=1)
+                h_r, h_z, h_n = h_gates.chunk(3, dim=1)
+                r = torch.sigmoid(x_r + h_r)
+                z = torch.sigmoid(x_z + h_z)
+                n = torch.tanh(x_n + r * h_n)
+                h = (1.0 - z) * n + z * h
+            else:
+                h = torch.tanh(x_t + h_gates)
+            outputs.append(h)
+        new_state = torch.cat([h, c], dim=1) if self.cell == "lstm" else h
+        return torch.stack(outputs, dim=1), new_state
+
+
+_LAYERS = {"lstm": LSTMLayer, "gru": GRULayer, "rnn": TanhRNNLayer}
+
+
+class LanguageModel(nn.Module):
+    def __init__(self, config: ModelConfig) -> None:
+        super().__init__()
+        self.num_layers = config.num_layers
+        self.state_size = config.state_size
+        self.vocab_size = config.vocab_size
+        self.onehot = config.input == "onehot"
+        H = config.hidden_size
+        if self.onehot:
+            self.embedding = nn.Identity()  # unused: the first layer gathers its own weights
+            self.first = OneHotLayer(config.cell, config.vocab_size, H)
+        else:
+            self.embedding = nn.Embedding(config.vocab_size, config.embedding_size)
+            self.first = _LAYERS[config.cell](config.embedding_size, H)
+        self.rest = nn.ModuleList([_LAYERS[config.cell](H, H) for _ in range(config.num_layers - 1)])
+        self.dropout = nn.Dropout(config.dropout)
+        self.decoder = nn.Linear(H, config.vocab_size)
+        if config.tie_weights:
+            self.decoder.weight = self.embedding.weight  # [V, H] shared with the input
+        self._init_weights(config)
+
+    def _init_weights(self, config: ModelConfig) -> None:
+        if not self.onehot:
+            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+        nn.init.zeros_(self.decoder.bias)
+        if not config.tie_weights:
+            nn.init.uniform_(self.decoder.weight, -0.1, 0.1)
+
+    @torch.jit.export
+    def init_state(self, batch_size: int) -> Tensor:
+        weight = self.decoder.weight
+        return torch.zeros(self.num_layers, batch_size, self.state_size, dtype=weight.dtype, device=weight.device)
+
+    def forward(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens [B, T] int64, state [L, B, S] -> logits [B, T, V], state [L, B, S]."""
+        if self.onehot:
+            x, first_state = self.first(tokens, state[0])
+        else:
+            x, first_state = self.first(self.dropout(self.embedding(tokens)), state[0])
+        states = [first_state]
+        for i, layer in enumerate(self.rest):
+            x, layer_state = layer(self.dropout(x), state[i + 1])
+            states.append(layer_state)
+        logits = self.decoder(self.dropout(x))  # [B, T, V]
+        return logits, torch.stack(states, dim=0)

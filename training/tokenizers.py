@@ -1,0 +1,82 @@
+"""Build a tokenizer from corpus lines (the tokenizers themselves live in service/)."""
+
+from __future__ import annotations
+
+import io
+from collections import Counter
+from collections.abc import Sequence
+
+from service.tokenizer import (
+    SPECIAL_TOKENS,
+    CharTokenizer,
+    SentencePieceTokenizer,
+    Tokenizer,
+    WordTokenizer,
+)
+
+DEFAULT_VOCAB_SIZE = {"char": 10000, "word": 20000, "sentencepiece": 8000}
+
+
+class TokenizerError(ValueError):
+    """The corpus cannot give a usable vocabulary."""
+
+
+def _frequent(counts: Counter, vocab_size: int, min_count: int) -> list[str]:
+    room = vocab_size - len(SPECIAL_TOKENS)
+    # Most frequent first; ties broken by the token so the vocabulary is reproducible.
+    ranked = sorted((t for t, c in counts.items() if c >= min_count), key=lambda t: (-counts[t], t))
+    return list(SPECIAL_TOKENS) + ranked[:room]
+
+
+def build_tokenizer(
+    kind: str,
+    lines: Sequence[str],
+    vocab_size: int | None = None,
+    min_count: int = 1,
+    lowercase: bool = False,
+) -> Tokenizer:
+    vocab_size = vocab_size or DEFAULT_VOCAB_SIZE[kind]
+    if lowercase:
+        lines = [line.lower() for line in lines]
+    if kind == "char":
+        counts = Counter(ch for line in lines for ch in line)
+        tokenizer: Tokenizer = CharTokenizer(_frequent(counts, vocab_size, min_count), lowercase)
+    elif kind == "word":
+        counts = Counter(w for line in lines for w in WordTokenizer.split(line))
+        tokenizer = WordTokenizer(_frequent(counts, vocab_size, min_count), lowercase)
+    elif kind == "sentencepiece":
+        tokenizer = SentencePieceTokenizer(_train_sentencepiece(lines, vocab_size), lowercase)
+    else:
+        raise TokenizerError(f"unknown tokenizer {kind!r}; choose char, word or sentencepiece")
+    if tokenizer.vocab_size <= len(SPECIAL_TOKENS) + 1:
+        raise TokenizerError(
+            f"vocabulary too small to train: {tokenizer.vocab_size - len(SPECIAL_TOKENS)} token(s) "
+            f"besides the {len(SPECIAL_TOKENS)} special ones (need at least 2); "
+            "give a larger corpus or lower --min-count"
+        )
+    return tokenizer
+
+
+def _train_sentencepiece(lines: Sequence[str], vocab_size: int) -> bytes:
+    import sentencepiece as spm
+
+    model = io.BytesIO()
+    try:
+        spm.SentencePieceTrainer.train(
+            sentence_iterator=iter(lines),
+            model_writer=model,
+            vocab_size=vocab_size,
+            model_type="unigram",
+            character_coverage=0.9995,  # keeps rare Han characters out of <unk> mostly
+            normalization_rule_name="identity",  # keep what people typed (NFKC would turn ！ into !)
+            pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+            hard_vocab_limit=False,  # a small corpus gets a smaller vocabulary, not an error
+            input_sentence_size=2_000_000,
+            shuffle_input_sentence=True,
+            max_sentence_length=1 << 16,
+            num_threads=2,
+            minloglevel=2,
+        )
+    except RuntimeError as error:
+        raise TokenizerError(f"sentencepiece could not train on this corpus: {error}") from None
+    return model.getvalue()
