@@ -47,3 +47,25 @@ def tiny_char_run(tmp_path_factory) -> str:
 def tiny_zh_run(tmp_path_factory) -> str:
     return train_tiny(str(tmp_path_factory.mktemp("zh")), TINY_ZH, "--tokenizer", "char",
                       "--max-steps", "200", "--lr", "1e-2", "--hidden-size", "48")
+
+
+def export_run(run: str, path: str) -> str:
+    from training.export import export
+
+    export(run, path)
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_char_model(tiny_char_run, tmp_path_factory) -> str:
+    return export_run(tiny_char_run, str(tmp_path_factory.mktemp("models") / "char.pt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_word_model(tiny_word_run, tmp_path_factory) -> str:
+    return export_run(tiny_word_run, str(tmp_path_factory.mktemp("models") / "word.pt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_zh_model(tiny_zh_run, tmp_path_factory) -> str:
+    return export_run(tiny_zh_run, str(tmp_path_factory.mktemp("models") / "zh.pt"))

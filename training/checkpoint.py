@@ -13,6 +13,8 @@ from typing import Any
 
 import torch
 
+from service.artifact import atomic_write
+
 CHECKPOINT_FORMAT = "nextword-checkpoint"
 CHECKPOINT_VERSION = 1
 LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
@@ -20,29 +22,6 @@ LAST, BEST = "checkpoint_last.pt", "checkpoint_best.pt"
 
 class CheckpointError(ValueError):
     """A checkpoint is missing, damaged or of another format."""
-
-
-def atomic_write(path: str, write) -> None:
-    """Write through ``write(file)`` into a temporary file, then rename over ``path``.
-
-    A crash at any moment leaves either the old file or the new one, never half of one.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:

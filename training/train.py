@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from training.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint, atomic_write
+from service.artifact import atomic_write
+from training.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
 from training.data import CorpusError, batchify, encode_lines, make_stream, num_windows, read_corpus, split_lines, windows
 from training.model import LanguageModel, ModelConfig

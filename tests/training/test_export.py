@@ -1,0 +1,126 @@
+import json
+import os
+import subprocess
+import sys
+import zipfile
+
+import pytest
+import torch
+
+from service.artifact import FORMAT_VERSION, ArtifactError, load_artifact
+from tests.conftest import ROOT, TINY_EN, run_cli, train_tiny
+from training.checkpoint import load_checkpoint
+from training.model import LanguageModel, ModelConfig
+
+
+def eager_model(run):
+    checkpoint = load_checkpoint(os.path.join(run, "checkpoint_best.pt"))
+    model = LanguageModel(ModelConfig(**checkpoint["model_config"]))
+    model.load_state_dict(checkpoint["model"])
+    return model.eval(), checkpoint
+
+
+def test_exported_file_gives_the_eager_models_logits(tiny_char_run, tiny_char_model):
+    model, checkpoint = eager_model(tiny_char_run)
+    artifact = load_artifact(tiny_char_model)
+    tokens = torch.randint(0, model.vocab_size, (3, 20))
+    with torch.no_grad():
+        expected, expected_state = model(tokens, model.init_state(3))
+        logits, state = artifact.model(tokens, artifact.model.init_state(3))
+    torch.testing.assert_close(logits, expected)
+    torch.testing.assert_close(state, expected_state)
+
+
+def test_manifest_says_what_the_model_is(tiny_char_run, tiny_char_model):
+    manifest = load_artifact(tiny_char_model).manifest
+    _, checkpoint = eager_model(tiny_char_run)
+    assert manifest["format_version"] == FORMAT_VERSION
+    assert manifest["model"] == checkpoint["model_config"]
+    assert manifest["tokenizer"]["kind"] == "char"
+    assert manifest["tokenizer"]["special_ids"] == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
+    assert manifest["provenance"]["corpus"] == ["tiny_en.txt"]
+    assert len(manifest["provenance"]["corpus_sha256"]["tiny_en.txt"]) == 64
+    assert manifest["provenance"]["steps"] == checkpoint["step"]
+    assert manifest["provenance"]["validation_perplexity"] > 1
+    assert manifest["torch_version"] == str(torch.__version__) and manifest["created"]
+
+
+def test_artifact_loads_without_training(tiny_char_model):
+    code = ("import sys; sys.modules['training'] = None\n"
+            "from service.artifact import load_artifact\n"
+            f"a = load_artifact({tiny_char_model!r})\n"
+            "print(a.tokenizer.kind, a.tokenizer.decode(a.tokenizer.encode('the garden')))")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "char the garden"
+
+
+def test_service_never_imports_training():
+    for folder, _, files in os.walk(os.path.join(ROOT, "service")):
+        for name in files:
+            if name.endswith(".py"):
+                source = open(os.path.join(folder, name), encoding="utf-8").read()
+                assert "from training" not in source and "import training" not in source, name
+
+
+def rewrite(src, dst, change):
+    with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dst, "w") as zout:
+        for item in zin.infolist():
+            zout.writestr(item, change(item.filename, zin.read(item.filename)))
+
+
+def test_load_errors_are_clear(tiny_char_model, tmp_path):
+    with pytest.raises(ArtifactError, match="model file not found: .*nothing.pt"):
+        load_artifact(str(tmp_path / "nothing.pt"))
+    text = tmp_path / "text.pt"
+    text.write_text("hello")
+    with pytest.raises(ArtifactError, match="not a nextword model file, or a damaged one"):
+        load_artifact(str(text))
+    plain = tmp_path / "plain.pt"
+    torch.jit.save(torch.jit.script(torch.nn.Linear(2, 2)), str(plain))
+    with pytest.raises(ArtifactError, match="has no manifest.json"):
+        load_artifact(str(plain))
+
+    def bump_version(name, data):
+        if name.endswith("extra/manifest.json"):
+            manifest = json.loads(data)
+            manifest["format_version"] = 99
+            return json.dumps(manifest).encode()
+        return data
+
+    rewrite(tiny_char_model, tmp_path / "future.pt", bump_version)
+    with pytest.raises(ArtifactError, match="format version 99; this nextword reads version 1"):
+        load_artifact(str(tmp_path / "future.pt"))
+
+    def flip_weights(name, data):
+        if "/data/" in name and len(data) > 64:
+            return data[:32] + bytes([data[32] ^ 0xFF]) + data[33:]
+        return data
+
+    rewrite(tiny_char_model, tmp_path / "flipped.pt", flip_weights)
+    with pytest.raises(ArtifactError, match="damaged model file: .*weights' checksum"):
+        load_artifact(str(tmp_path / "flipped.pt"))
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(open(tiny_char_model, "rb").read()[:5000])
+    with pytest.raises(ArtifactError, match="not a nextword model file, or a damaged one"):
+        load_artifact(str(truncated))
+
+
+def test_export_that_does_not_match_leaves_no_file(tiny_char_run, tmp_path, monkeypatch):
+    import training.export as export_module
+
+    monkeypatch.setattr(export_module, "check_parity", lambda model, path: 1.0)
+    out = tmp_path / "model.pt"
+    with pytest.raises(export_module.ExportError, match="differs from the trained one"):
+        export_module.export(tiny_char_run, str(out))
+    assert os.listdir(tmp_path) == []
+
+
+def test_export_command(tiny_char_run, tmp_path):
+    out = tmp_path / "m.pt"
+    result = run_cli("training.export", tiny_char_run, "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "it loads and matches the checkpoint" in result.stderr + result.stdout
+    result = run_cli("training.export", str(tmp_path / "missing"), "--out", str(out))
+    assert result.returncode == 1
+    assert result.stderr.strip() == f"nextword-export: error: checkpoint not found: {tmp_path / 'missing'}"

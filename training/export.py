@@ -1,0 +1,111 @@
+"""Export a training checkpoint to one served model file.
+
+    python -m training.export runs/kjv --out model.pt      (a run directory: its best checkpoint)
+    python -m training.export runs/kjv/checkpoint_last.pt --out model.pt
+
+The file is scripted with torch.jit.script and written through service.artifact.
+Before it is renamed into place it is loaded back through service.artifact and
+must give the eager model's logits and state on random inputs; otherwise the
+export fails and leaves no file.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+from datetime import datetime, timezone
+
+import torch
+
+from service.artifact import ArtifactError, load_artifact, write_artifact
+from service.tokenizer import BOS, EOS, PAD, UNK, load_tokenizer
+from training.checkpoint import BEST, CheckpointError, load_checkpoint
+from training.config import OneLineParser
+from training.model import LanguageModel, ModelConfig
+
+PROG = "nextword-export"
+
+
+class ExportError(RuntimeError):
+    pass
+
+
+def check_parity(eager: torch.nn.Module, path: str, trials: int = 3) -> float:
+    """Largest difference between the eager model and the file at ``path`` on random inputs."""
+    loaded = load_artifact(path).model
+    generator = torch.Generator().manual_seed(0)
+    worst = 0.0
+    with torch.no_grad():
+        for batch, length in [(1, 1), (3, 17), (2, 64)][:trials]:
+            tokens = torch.randint(0, eager.vocab_size, (batch, length), generator=generator)
+            state = torch.randn(eager.init_state(batch).shape, generator=generator) * 0.5
+            expected_logits, expected_state = eager(tokens, state)
+            logits, new_state = loaded(tokens, state)
+            worst = max(worst, (logits - expected_logits).abs().max().item(),
+                        (new_state - expected_state).abs().max().item())
+    return worst
+
+
+def export(checkpoint_path: str, out: str, tolerance: float = 1e-4) -> dict:
+    if os.path.isdir(checkpoint_path) and os.path.exists(os.path.join(checkpoint_path, BEST)):
+        checkpoint_path = os.path.join(checkpoint_path, BEST)
+    checkpoint = load_checkpoint(checkpoint_path)
+    config = ModelConfig(**checkpoint["model_config"])
+    model = LanguageModel(config)
+    model.load_state_dict(checkpoint["model"])
+    model.eval()
+    tokenizer = load_tokenizer(checkpoint["tokenizer"])
+    scripted = torch.jit.script(model)
+    best = checkpoint.get("best_val_loss", math.inf)
+    train_config = checkpoint["train_config"]
+    manifest = {
+        "model": config.to_dict(),
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "state_size": config.state_size,
+        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "lowercase": tokenizer.lowercase,
+                      "special_ids": {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK}},
+        "provenance": {
+            **checkpoint["provenance"],
+            "steps": checkpoint["step"],
+            "epochs_completed": checkpoint["epoch"],
+            "validation_perplexity": math.exp(best) if math.isfinite(best) else None,
+            "checkpoint": os.path.basename(checkpoint_path),
+            "train_config": train_config,
+        },
+        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "torch_version": str(torch.__version__),
+    }
+
+    def verify(temporary: str) -> None:
+        difference = check_parity(model, temporary)
+        if not difference <= tolerance:
+            raise ExportError(f"the exported model differs from the trained one by {difference:.3g} "
+                              f"(tolerance {tolerance}); nothing was written")
+
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    write_artifact(out, scripted, manifest, tokenizer, verify=verify)
+    return manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = OneLineParser(prog=PROG, description="Export a training checkpoint to one TorchScript model file.")
+    parser.add_argument("checkpoint", help="a checkpoint file, or a run directory (its best checkpoint)")
+    parser.add_argument("--out", required=True, metavar="PATH", help="the model file to write, e.g. model.pt")
+    args = parser.parse_args(argv)
+    try:
+        manifest = export(args.checkpoint, args.out)
+    except (CheckpointError, ArtifactError, ExportError, OSError) as error:
+        print(f"{PROG}: error: {error}", file=sys.stderr)
+        return 1
+    size = os.path.getsize(args.out) / 1e6
+    ppl = manifest["provenance"]["validation_perplexity"]
+    print(f"{PROG}: wrote {args.out} ({size:.1f} MB, {manifest['parameters']:,} parameters, "
+          f"{manifest['tokenizer']['kind']} tokenizer"
+          + (f", validation perplexity {ppl:.2f}" if ppl else "") + "); it loads and matches the checkpoint")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
