@@ -1,0 +1,167 @@
+"""A small Python client for nextword.v1, and its command line.
+
+    python -m service.client suggest "In the beginning"
+    python -m service.client generate "And God said" --max-tokens 30 --temperature 0
+    python -m service.client type          (interactive: suggestions as you type; Ctrl-D ends)
+    python -m service.client info
+    python -m service.client health
+
+Library use:
+
+    with NextWordClient("localhost:50051") as client:
+        for suggestion in client.suggest("In the beginning").suggestions:
+            print(suggestion.text, suggestion.probability)
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from collections.abc import Iterable, Iterator
+
+import grpc
+from google.protobuf.json_format import MessageToDict
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.pb.nextword.v1 import nextword_pb2 as pb
+from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
+
+
+class NextWordClient:
+    def __init__(self, target: str = "localhost:50051", timeout: float | None = 10.0) -> None:
+        self.channel = grpc.insecure_channel(target)
+        self.stub = pb_grpc.NextWordStub(self.channel)
+        self.health_stub = health_pb2_grpc.HealthStub(self.channel)
+        self.timeout = timeout
+
+    def __enter__(self) -> "NextWordClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def suggest(self, text: str, num_suggestions: int = 0) -> pb.SuggestResponse:
+        return self.stub.Suggest(pb.SuggestRequest(text=text, num_suggestions=num_suggestions),
+                                 timeout=self.timeout, wait_for_ready=True)
+
+    def generate(self, prompt: str, **params) -> Iterator[pb.GenerateResponse]:
+        """Streams GenerateResponse messages; params are GenerateRequest fields (temperature, top_k, ...)."""
+        return self.stub.Generate(pb.GenerateRequest(prompt=prompt, **params), timeout=self.timeout,
+                                  wait_for_ready=True)
+
+    def type(self, edits: Iterable[pb.TypeRequest], timeout: float | None = None) -> Iterator[pb.TypeResponse]:
+        return self.stub.Type(iter(edits), timeout=timeout, wait_for_ready=True)
+
+    def info(self) -> pb.GetModelInfoResponse:
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, wait_for_ready=True)
+
+    def health(self, service: str = "") -> str:
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
+
+
+def show(response: pb.SuggestResponse) -> str:
+    words = "   ".join(f"{s.text} ({s.probability:.1%})" for s in response.suggestions)
+    return (f"[completing {response.prefix!r}] " if response.completes_word else "") + (words or "(none)")
+
+
+def interactive_type(client: NextWordClient, count: int) -> None:
+    """Raw keystrokes on a terminal (Backspace deletes); one edit per line otherwise."""
+    def edits() -> Iterator[pb.TypeRequest]:
+        if not sys.stdin.isatty():
+            for line in sys.stdin:
+                yield pb.TypeRequest(append=line.rstrip("\n") or " ", num_suggestions=count)
+            return
+        import termios
+        import tty
+
+        settings = termios.tcgetattr(sys.stdin)
+        try:
+            tty.setcbreak(sys.stdin)
+            while True:
+                key = sys.stdin.read(1)
+                if key in ("", "\x04"):
+                    return
+                if key in ("\x7f", "\b"):
+                    yield pb.TypeRequest(delete=1, num_suggestions=count)
+                elif key == "\x15":  # Ctrl-U
+                    yield pb.TypeRequest(reset=True, num_suggestions=count)
+                elif key.isprintable() or key == "\n":
+                    yield pb.TypeRequest(append=" " if key == "\n" else key, num_suggestions=count)
+        finally:
+            termios.tcsetattr(sys.stdin, termios.TCSADRAIN, settings)
+
+    print("type; Backspace deletes, Ctrl-U clears, Ctrl-D ends", file=sys.stderr)
+    for response in client.type(edits()):
+        if sys.stdout.isatty():
+            print(f"\r\x1b[K{show(response.suggestions)}", end="", flush=True)
+        else:
+            print(show(response.suggestions), flush=True)
+    print()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="nextword-client", description="Call a nextword server.")
+    parser.add_argument("--target", default="localhost:50051", help="server address (default localhost:50051)")
+    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
+    parser.add_argument("--json", action="store_true", help="print responses as JSON")
+    commands = parser.add_subparsers(dest="command", required=True)
+    suggest = commands.add_parser("suggest", help="suggestions for the text before the cursor")
+    suggest.add_argument("text")
+    suggest.add_argument("-n", "--num-suggestions", type=int, default=0, help="how many (default 3)")
+    generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
+    generate.add_argument("prompt")
+    generate.add_argument("--temperature", type=float)
+    generate.add_argument("--top-k", type=int, default=0)
+    generate.add_argument("--top-p", type=float)
+    generate.add_argument("--max-tokens", type=int, default=0)
+    generate.add_argument("--stop", action="append", default=[])
+    generate.add_argument("--seed", type=int)
+    typing = commands.add_parser("type", help="an interactive typing session")
+    typing.add_argument("-n", "--num-suggestions", type=int, default=0)
+    commands.add_parser("info", help="what model the server runs")
+    commands.add_parser("health", help="the server's health status")
+    args = parser.parse_args(argv)
+
+    client = NextWordClient(args.target, args.timeout)
+    try:
+        if args.command == "suggest":
+            response = client.suggest(args.text, args.num_suggestions)
+            print(json.dumps(MessageToDict(response), ensure_ascii=False) if args.json else show(response))
+        elif args.command == "generate":
+            params = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
+                                            max_tokens=args.max_tokens, stop=args.stop, seed=args.seed).items()
+                      if v is not None}
+            for response in client.generate(args.prompt, **params):
+                if response.HasField("finished"):
+                    finished = response.finished
+                    print(f"\n[{pb.FinishReason.Name(finished.reason)}, {finished.prompt_tokens} prompt tokens, "
+                          f"{finished.generated_tokens} generated]", file=sys.stderr)
+                else:
+                    print(response.text, end="", flush=True)
+        elif args.command == "type":
+            interactive_type(client, args.num_suggestions)
+        elif args.command == "info":
+            info = MessageToDict(client.info(), preserving_proto_field_name=True)
+            info.pop("manifest_json", None)
+            print(json.dumps(info, indent=2, ensure_ascii=False))
+        elif args.command == "health":
+            status = client.health()
+            print(status)
+            return 0 if status == "SERVING" else 1
+    except grpc.RpcError as error:
+        print(f"nextword-client: {error.code().name}: {error.details()}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+    finally:
+        client.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,26 @@
+"""Server configuration: one frozen dataclass, filled from the command line (service/__main__.py)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    model: str = "models/default.pt"
+    host: str = "[::]"
+    port: int = 50051
+    device: str = "auto"               # auto | cpu | cuda
+    half: bool = False                 # float16 weights on CUDA
+    threads: int = 0                   # torch intra-op threads; 0 = torch's default
+    workers: int = 16                  # gRPC handler threads (each call holds one while it runs)
+    grace: float = 10.0                # seconds in-flight calls get to finish on SIGTERM
+    max_text_chars: int = 10_000       # Suggest text, Generate prompt, a Type session's text
+    max_suggestions: int = 20
+    max_generate_tokens: int = 512
+    max_context_tokens: int = 1024     # longer text keeps its last tokens
+    max_sessions: int = 256            # concurrent Type streams
+    session_idle_timeout: float = 300.0  # a Type stream with no edit for this long is closed
+    session_history: int = 64          # saved states per Type session (how far a delete goes back cheaply)
+    max_message_bytes: int = 1 << 20
+    reflection: bool = True

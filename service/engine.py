@@ -1,0 +1,43 @@
+"""The served model and the objects built on it: what the servicer calls."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from service.artifact import Artifact, load_artifact
+from service.config import ServerConfig
+from service.generation import GenerationParams, Generator
+from service.runner import ScriptedModel
+from service.suggest import SuggestConfig, Suggester
+
+
+@dataclass
+class Engine:
+    artifact: Artifact
+    model: ScriptedModel
+    suggester: Suggester
+    generator: Generator
+
+    @classmethod
+    def load(cls, config: ServerConfig) -> "Engine":
+        device = config.device
+        if device == "auto":
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        if device == "cuda" and not torch.cuda.is_available():
+            raise ValueError("--device cuda was asked for, but no CUDA device is available")
+        if config.threads:
+            torch.set_num_threads(config.threads)
+        artifact = load_artifact(config.model, "cpu")
+        model = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda")
+        suggester = Suggester(model, artifact.tokenizer, SuggestConfig(max_context_tokens=config.max_context_tokens))
+        generator = Generator(model, artifact.tokenizer, config.max_context_tokens)
+        return cls(artifact, model, suggester, generator)
+
+    def warm_up(self) -> None:
+        """One call of each path, so the first user does not pay for lazy initialisation."""
+        for text in ("The", "The ", "我"):
+            self.suggester.suggest(text, 3)
+        for _ in self.generator.generate("The", GenerationParams(temperature=0, max_tokens=4)):
+            pass

@@ -1,0 +1,192 @@
+"""nextword.v1.NextWord: validate, convert protobuf <-> engine objects, map errors to status codes."""
+
+from __future__ import annotations
+
+import json
+import math
+import queue
+import threading
+from collections.abc import Iterator
+
+import grpc
+
+from service.config import ServerConfig
+from service.engine import Engine
+from service.generation import END_TOKEN, LENGTH, STOP_STRING, GenerationParams
+from service.pb.nextword.v1 import nextword_pb2 as pb
+from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
+from service.session import EditError, TypingSession
+from service.suggest import SuggestResult
+
+DEFAULT_SUGGESTIONS = 3
+DEFAULT_MAX_TOKENS = 64
+MAX_TEMPERATURE = 10.0
+MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 64
+FINISH_REASONS = {LENGTH: pb.FINISH_REASON_LENGTH, END_TOKEN: pb.FINISH_REASON_END_TOKEN,
+                  STOP_STRING: pb.FINISH_REASON_STOP_STRING}
+
+
+class Invalid(ValueError):
+    """A request outside the limits: INVALID_ARGUMENT with this message."""
+
+
+def to_response(result: SuggestResult) -> pb.SuggestResponse:
+    return pb.SuggestResponse(
+        suggestions=[pb.Suggestion(text=text, probability=p) for text, p in result.suggestions],
+        completes_word=result.completes_word, prefix=result.prefix)
+
+
+class NextWordServicer(pb_grpc.NextWordServicer):
+    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+        self.engine = engine
+        self.config = config
+        self._sessions = threading.BoundedSemaphore(config.max_sessions)
+        self._active_sessions = 0
+        self._active_generations = 0
+        self._lock = threading.Lock()
+
+    @property
+    def active_sessions(self) -> int:
+        return self._active_sessions
+
+    @property
+    def active_generations(self) -> int:
+        return self._active_generations
+
+    # ------------------------------------------------------------------ validation
+
+    def _text(self, text: str, field: str) -> str:
+        if not text:
+            raise Invalid(f"{field} must not be empty")
+        if len(text) > self.config.max_text_chars:
+            raise Invalid(f"{field} has {len(text)} characters; the limit is {self.config.max_text_chars}")
+        return text
+
+    def _count(self, value: int, default: int) -> int:
+        if value > self.config.max_suggestions:
+            raise Invalid(f"num_suggestions is {value}; it must be 0 (meaning {DEFAULT_SUGGESTIONS}) "
+                          f"to {self.config.max_suggestions}")
+        return value or default
+
+    def _params(self, request: pb.GenerateRequest) -> GenerationParams:
+        temperature = request.temperature if request.HasField("temperature") else 1.0
+        if not math.isfinite(temperature) or not 0.0 <= temperature <= MAX_TEMPERATURE:
+            raise Invalid(f"temperature is {temperature}; it must be from 0 to {MAX_TEMPERATURE:g} (0 is greedy)")
+        top_p = request.top_p if request.HasField("top_p") else 1.0
+        if not math.isfinite(top_p) or not 0.0 < top_p <= 1.0:
+            raise Invalid(f"top_p is {top_p}; it must be in (0, 1]")
+        if request.max_tokens > self.config.max_generate_tokens:
+            raise Invalid(f"max_tokens is {request.max_tokens}; the limit is {self.config.max_generate_tokens}")
+        if len(request.stop) > MAX_STOP_STRINGS:
+            raise Invalid(f"{len(request.stop)} stop strings; the limit is {MAX_STOP_STRINGS}")
+        for stop in request.stop:
+            if not 1 <= len(stop) <= MAX_STOP_CHARS:
+                raise Invalid(f"a stop string has {len(stop)} characters; each must have 1 to {MAX_STOP_CHARS}")
+        return GenerationParams(
+            temperature=temperature, top_k=request.top_k, top_p=top_p,
+            max_tokens=request.max_tokens or min(DEFAULT_MAX_TOKENS, self.config.max_generate_tokens),
+            stop=tuple(request.stop), seed=request.seed if request.HasField("seed") else None)
+
+    # ------------------------------------------------------------------ RPCs
+
+    def Suggest(self, request: pb.SuggestRequest, context: grpc.ServicerContext) -> pb.SuggestResponse:
+        try:
+            text = self._text(request.text, "text")
+            count = self._count(request.num_suggestions, DEFAULT_SUGGESTIONS)
+        except Invalid as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return to_response(self.engine.suggester.suggest(text, count))
+
+    def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        try:
+            prompt = self._text(request.prompt, "prompt")
+            params = self._params(request)
+        except Invalid as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        with self._lock:
+            self._active_generations += 1
+        try:
+            for event in self.engine.generator.generate(prompt, params, cancelled=lambda: not context.is_active()):
+                if event.finish_reason is None:
+                    yield pb.GenerateResponse(text=event.text)
+                elif event.finish_reason in FINISH_REASONS:
+                    yield pb.GenerateResponse(finished=pb.GenerateFinished(
+                        reason=FINISH_REASONS[event.finish_reason], prompt_tokens=event.prompt_tokens,
+                        generated_tokens=event.generated_tokens))
+                # cancelled: the client is gone (cancel or deadline), nothing to send
+        finally:
+            with self._lock:
+                self._active_generations -= 1
+
+    def Type(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.TypeResponse]:
+        if not self._sessions.acquire(blocking=False):
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many typing sessions: the limit is {self.config.max_sessions} at once")
+        with self._lock:
+            self._active_sessions += 1
+        try:
+            yield from self._type(request_iterator, context)
+        finally:
+            with self._lock:
+                self._active_sessions -= 1
+            self._sessions.release()
+
+    def _type(self, request_iterator, context) -> Iterator[pb.TypeResponse]:
+        session = TypingSession(self.engine.suggester, self.config.max_text_chars, self.config.session_history)
+        edits: queue.Queue = queue.Queue(maxsize=64)
+        done = object()
+
+        def read() -> None:  # a reader thread, so that an idle stream can time out
+            try:
+                for item in request_iterator:
+                    edits.put(item)
+            except Exception:  # noqa: BLE001 - the stream broke or was cancelled: end the session
+                pass
+            edits.put(done)
+
+        threading.Thread(target=read, daemon=True, name="type-reader").start()
+        count, index = DEFAULT_SUGGESTIONS, 0
+        while True:
+            try:
+                request = edits.get(timeout=self.config.session_idle_timeout)
+            except queue.Empty:
+                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
+                              f"typing session idle for more than {self.config.session_idle_timeout:g} s; "
+                              "the limit is server setting session_idle_timeout")
+            if request is done or not context.is_active():
+                return
+            index += 1
+            try:
+                count = self._count(request.num_suggestions, count)
+                kind = request.WhichOneof("edit")
+                if kind == "append":
+                    if not request.append:
+                        raise Invalid(f"edit {index}: append must not be empty")
+                    session.append(request.append)
+                elif kind == "delete":
+                    if request.delete < 1:
+                        raise Invalid(f"edit {index}: delete must be at least 1")
+                    session.delete(request.delete)
+                elif kind == "reset":
+                    session.reset()
+                elif kind is None and not request.num_suggestions:
+                    raise Invalid(f"edit {index}: give append, delete or reset")
+            except (Invalid, EditError) as error:
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+            yield pb.TypeResponse(edit_index=index, text_length=len(session.text),
+                                  suggestions=to_response(session.suggest(count)))
+
+    def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
+        manifest = self.engine.artifact.manifest
+        model = manifest["model"]
+        provenance = manifest.get("provenance", {})
+        return pb.GetModelInfoResponse(
+            format_version=manifest["format_version"], tokenizer=manifest["tokenizer"]["kind"],
+            vocab_size=manifest["tokenizer"]["vocab_size"], cell=model["cell"], num_layers=model["num_layers"],
+            hidden_size=model["hidden_size"], parameters=manifest["parameters"],
+            validation_perplexity=provenance.get("validation_perplexity") or 0.0,
+            corpus=provenance.get("corpus", []), created=manifest.get("created", ""),
+            device=str(self.engine.model.device), max_text_chars=self.config.max_text_chars,
+            max_suggestions=self.config.max_suggestions, max_generate_tokens=self.config.max_generate_tokens,
+            max_context_tokens=self.config.max_context_tokens,
+            manifest_json=json.dumps(manifest, ensure_ascii=False))

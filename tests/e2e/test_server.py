@@ -1,0 +1,274 @@
+"""A real server on port 0 with a tiny exported model, called through the real client."""
+
+import re
+import signal
+import subprocess
+import sys
+import threading
+import time
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from service.client import NextWordClient
+from service.config import ServerConfig
+from service.engine import Engine
+from service.generation import GenerationParams
+from service.pb.nextword.v1 import nextword_pb2 as pb
+from service.server import create_server
+from tests.conftest import ROOT, run_cli
+
+
+def start(model, **overrides):
+    config = ServerConfig(model=model, host="127.0.0.1", port=0, max_generate_tokens=2000, **overrides)
+    engine = Engine.load(config)
+    server, port = create_server(config, engine)
+    return server, port, engine
+
+
+@pytest.fixture(scope="module")
+def served(tiny_char_model):
+    server, port, engine = start(tiny_char_model)
+    yield server, port, engine
+    server.stop(0)
+
+
+@pytest.fixture
+def client(served):
+    with NextWordClient(f"127.0.0.1:{served[1]}") as c:
+        yield c
+
+
+def test_suggest(client, served):
+    response = client.suggest("she cook fresh ", 3)
+    expected = served[2].suggester.suggest("she cook fresh ", 3)
+    assert [(s.text, pytest.approx(s.probability)) for s in response.suggestions] == expected.suggestions
+    assert response.suggestions[0].text == "bread" and not response.completes_word
+    completion = client.suggest("we want gre")
+    assert completion.completes_word and completion.prefix == "gre" and len(completion.suggestions) == 3
+    assert all(s.text.startswith("gre") for s in completion.suggestions)
+
+
+def collect(stream):
+    pieces, finished = [], None
+    for message in stream:
+        if message.HasField("finished"):
+            finished = message.finished
+        else:
+            pieces.append(message.text)
+    return pieces, finished
+
+
+@pytest.mark.parametrize("params", [dict(temperature=0), dict(seed=11, top_k=5, top_p=0.9)])
+def test_streamed_generate_equals_one_piece(client, served, params):
+    pieces, finished = collect(client.generate("we like", max_tokens=40, **params))
+    engine_params = GenerationParams(max_tokens=40, temperature=params.get("temperature", 1.0),
+                                     top_k=params.get("top_k", 0), top_p=params.get("top_p", 1.0),
+                                     seed=params.get("seed"))
+    expected = "".join(e.text for e in served[2].generator.generate("we like", engine_params))
+    assert len(pieces) > 1 and "".join(pieces) == expected
+    assert finished.reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_END_TOKEN)
+    assert finished.prompt_tokens == len("we like") and finished.generated_tokens >= len("".join(pieces))
+
+
+def test_generate_stop_string(client):
+    pieces, finished = collect(client.generate("we like", temperature=0, max_tokens=60, stop=["."]))
+    assert "." not in "".join(pieces) and finished.reason == pb.FINISH_REASON_STOP_STRING
+
+
+def test_type_answers_equal_suggest_including_after_deletes(client):
+    edits = [pb.TypeRequest(append=c) for c in "we like gre"] + [pb.TypeRequest(delete=3),
+             pb.TypeRequest(append="co", num_suggestions=5), pb.TypeRequest(delete=100),
+             pb.TypeRequest(append="the old"), pb.TypeRequest(reset=True), pb.TypeRequest(append="my ")]
+    texts, text = [], ""
+    for edit in edits:
+        kind = edit.WhichOneof("edit")
+        text = text + edit.append if kind == "append" else text[: max(0, len(text) - edit.delete)] if kind == "delete" else ""
+        texts.append(text)
+    responses = list(client.type(edits, timeout=30))
+    assert [r.edit_index for r in responses] == list(range(1, len(edits) + 1))
+    count = 3
+    for response, text, edit in zip(responses, texts, edits):
+        count = edit.num_suggestions or count
+        assert response.text_length == len(text)
+        if text:
+            expected = client.suggest(text, count)  # same words; probabilities equal up to float rounding
+            got = response.suggestions
+            assert (got.completes_word, got.prefix) == (expected.completes_word, expected.prefix)
+            assert [(x.text, pytest.approx(x.probability, rel=1e-5)) for x in got.suggestions] == \
+                [(x.text, x.probability) for x in expected.suggestions]
+        else:
+            assert len(response.suggestions.suggestions) == 0
+
+
+def test_client_cancel_stops_generation(client, served):
+    stream = client.stub.Generate(pb.GenerateRequest(prompt="we", max_tokens=2000), timeout=30)
+    next(stream)
+    assert served[0].servicer.active_generations == 1
+    stream.cancel()
+    deadline = time.time() + 5
+    while served[0].servicer.active_generations and time.time() < deadline:
+        time.sleep(0.02)
+    assert served[0].servicer.active_generations == 0
+
+
+class SlowModel:
+    """The served model, 50 ms slower per step, so a deadline falls in the middle of a generation."""
+
+    def __init__(self, model):
+        self.model, self.vocab_size, self.steps = model, model.vocab_size, 0
+
+    def init_state(self, batch_size):
+        return self.model.init_state(batch_size)
+
+    def advance(self, tokens, state):
+        time.sleep(0.05)
+        self.steps += 1
+        return self.model.advance(tokens, state)
+
+
+def test_deadline_is_honoured(tiny_char_model):
+    server, port, engine = start(tiny_char_model)
+    engine.generator.model = slow = SlowModel(engine.model)
+    try:
+        with NextWordClient(f"127.0.0.1:{port}") as client:
+            start_time = time.time()
+            with pytest.raises(grpc.RpcError) as error:
+                collect(client.stub.Generate(pb.GenerateRequest(prompt="we", max_tokens=2000, temperature=0),
+                                             timeout=0.3))
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert time.time() - start_time < 2
+            deadline = time.time() + 5
+            while server.servicer.active_generations and time.time() < deadline:
+                time.sleep(0.02)
+            assert server.servicer.active_generations == 0
+            steps = slow.steps
+            time.sleep(0.3)
+            assert slow.steps == steps < 20  # the server stopped generating too
+    finally:
+        server.stop(0)
+
+
+def test_model_info(client, tiny_char_model):
+    info = client.info()
+    assert info.tokenizer == "char" and info.cell == "lstm" and info.format_version == 1
+    assert info.corpus == ["tiny_en.txt"] and info.validation_perplexity > 1
+    assert info.max_suggestions == 20 and info.device == "cpu" and '"format": "nextword-model"' in info.manifest_json
+
+
+def test_health_and_reflection(client, served):
+    assert client.health() == "SERVING" and client.health("nextword.v1.NextWord") == "SERVING"
+    from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
+
+    database = ProtoReflectionDescriptorDatabase(client.channel)
+    services = set(database.get_services())
+    assert {"nextword.v1.NextWord", "grpc.health.v1.Health"} <= services
+    descriptor = database.FindFileContainingSymbol("nextword.v1.NextWord")
+    assert descriptor.name == "nextword/v1/nextword.proto"
+
+
+INVALID = [
+    ("Suggest", pb.SuggestRequest(text=""), "text must not be empty"),
+    ("Suggest", pb.SuggestRequest(text="a" * 10001), "text has 10001 characters; the limit is 10000"),
+    ("Suggest", pb.SuggestRequest(text="hi", num_suggestions=21), "num_suggestions is 21; it must be 0 (meaning 3) to 20"),
+    ("Generate", pb.GenerateRequest(prompt=""), "prompt must not be empty"),
+    ("Generate", pb.GenerateRequest(prompt="a", temperature=-1), "temperature is -1.0; it must be from 0 to 10 (0 is greedy)"),
+    ("Generate", pb.GenerateRequest(prompt="a", temperature=float("nan")), "temperature is nan; it must be from 0 to 10 (0 is greedy)"),
+    ("Generate", pb.GenerateRequest(prompt="a", top_p=0), "top_p is 0.0; it must be in (0, 1]"),
+    ("Generate", pb.GenerateRequest(prompt="a", top_p=1.5), "top_p is 1.5; it must be in (0, 1]"),
+    ("Generate", pb.GenerateRequest(prompt="a", max_tokens=2001), "max_tokens is 2001; the limit is 2000"),
+    ("Generate", pb.GenerateRequest(prompt="a", stop=["x"] * 9), "9 stop strings; the limit is 8"),
+    ("Generate", pb.GenerateRequest(prompt="a", stop=[""]), "a stop string has 0 characters; each must have 1 to 64"),
+]
+
+
+@pytest.mark.parametrize("method,request_message,message", INVALID)
+def test_validation_errors(client, method, request_message, message):
+    with pytest.raises(grpc.RpcError) as error:
+        result = getattr(client.stub, method)(request_message, timeout=10)
+        if method == "Generate":
+            list(result)
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == message
+
+
+@pytest.mark.parametrize("edits,message", [
+    ([pb.TypeRequest()], "edit 1: give append, delete or reset"),
+    ([pb.TypeRequest(append="")], "edit 1: append must not be empty"),
+    ([pb.TypeRequest(append="a"), pb.TypeRequest(delete=0)], "edit 2: delete must be at least 1"),
+    ([pb.TypeRequest(append="a" * 10001)], "the session's text would be 10001 characters; the limit is 10000"),
+    ([pb.TypeRequest(append="a", num_suggestions=99)], "num_suggestions is 99; it must be 0 (meaning 3) to 20"),
+])
+def test_type_validation_errors_are_status_codes(client, edits, message):
+    with pytest.raises(grpc.RpcError) as error:
+        list(client.type(edits, timeout=10))
+    assert error.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert error.value.details() == message
+
+
+def test_session_limit_idle_timeout_and_count(tiny_char_model):
+    server, port, _ = start(tiny_char_model, max_sessions=1, session_idle_timeout=0.5)
+    try:
+        with NextWordClient(f"127.0.0.1:{port}") as client:
+            release = threading.Event()
+
+            def slow_edits():
+                yield pb.TypeRequest(append="we")
+                release.wait(10)
+
+            first = client.type(slow_edits(), timeout=20)
+            assert next(first).text_length == 2
+            with pytest.raises(grpc.RpcError) as error:
+                list(client.type([pb.TypeRequest(append="a")], timeout=5))
+            assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "the limit is 1 at once" in error.value.details()
+            with pytest.raises(grpc.RpcError) as error:  # the held session idles past 0.5 s
+                list(first)
+            assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            assert "idle for more than 0.5 s" in error.value.details()
+            release.set()
+            assert server.servicer.active_sessions == 0
+            assert len(list(client.type([pb.TypeRequest(append="a")], timeout=5))) == 1
+    finally:
+        server.stop(0)
+
+
+def test_serve_command_reports_serving_then_stops_gracefully_on_sigterm(tiny_char_model):
+    process = subprocess.Popen([sys.executable, "-m", "service", "--model", tiny_char_model, "--port", "0",
+                                "--host", "127.0.0.1", "--grace", "5"], cwd=ROOT, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True)
+    try:
+        line = process.stdout.readline()
+        port = int(re.search(r"SERVING on port (\d+)", line).group(1))
+        with NextWordClient(f"127.0.0.1:{port}") as client:
+            assert client.health() == "SERVING"
+            stream = client.generate("we", max_tokens=400, seed=1)
+            next(stream)
+            process.send_signal(signal.SIGTERM)
+            pieces, finished = collect(stream)  # the call in flight completes within the grace period
+            assert finished is not None
+        assert process.wait(timeout=20) == 0
+    finally:
+        process.kill()
+    result = run_cli("service", "--model", "/nonexistent/model.pt", "--port", "0")
+    assert result.returncode == 1
+    assert result.stderr.strip().splitlines()[-1] == "nextword-serve: error: model file not found: /nonexistent/model.pt"
+
+
+def test_client_command_line(served):
+    target = f"127.0.0.1:{served[1]}"
+    result = run_cli("service.client", "--target", target, "suggest", "she cook fresh ")
+    assert result.returncode == 0 and result.stdout.startswith("bread (")
+    result = run_cli("service.client", "--target", target, "generate", "we like", "--temperature", "0",
+                     "--max-tokens", "10")
+    assert result.returncode == 0 and len(result.stdout) >= 5 and "FINISH_REASON" in result.stderr
+    result = run_cli("service.client", "--target", target, "health")
+    assert result.returncode == 0 and result.stdout.strip() == "SERVING"
+    result = run_cli("service.client", "--target", target, "info")
+    assert result.returncode == 0 and '"tokenizer": "char"' in result.stdout
+    result = subprocess.run([sys.executable, "-m", "service.client", "--target", target, "type"], input="we\nli\n",
+                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    assert result.returncode == 0 and len(result.stdout.strip().splitlines()) == 2
+    result = run_cli("service.client", "--target", target, "suggest", "")
+    assert result.returncode == 1 and result.stderr.strip() == "nextword-client: INVALID_ARGUMENT: text must not be empty"
