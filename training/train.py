@@ -355,7 +355,7 @@ def train(config: TrainConfig, checkpoint: dict | None = None) -> int:
                 elapsed = time.perf_counter() - started
                 rate_tokens += targets.numel() * dist.world_size
                 if step % 20 == 0 or step == 1:
-                    last_loss = loss.item()
+                    last_loss = dist.sum(loss.item())[0] / dist.world_size  # the global mean, not rank 0's
                     now = time.perf_counter()
                     tokens_per_s = rate_tokens / max(1e-9, now - rate_started)
                     rate_tokens, rate_started = 0, now

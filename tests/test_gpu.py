@@ -1,0 +1,34 @@
+"""GPU paths: skipped without CUDA (run them on a GPU machine with: pytest -m gpu)."""
+
+import pytest
+import torch
+
+from tests.conftest import TINY_EN, train_tiny
+
+pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
+
+
+def test_training_on_cuda_matches_cpu_for_a_few_steps(tmp_path):
+    from training.checkpoint import load_checkpoint
+
+    cpu = train_tiny(str(tmp_path / "cpu"), TINY_EN, "--tokenizer", "char", "--max-steps", "5", "--device", "cpu")
+    gpu = train_tiny(str(tmp_path / "gpu"), TINY_EN, "--tokenizer", "char", "--max-steps", "5", "--device", "cuda")
+    a, b = load_checkpoint(cpu), load_checkpoint(gpu)
+    for name, tensor in a["model"].items():
+        torch.testing.assert_close(b["model"][name], tensor, atol=2e-4, rtol=1e-3)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_serving_on_cuda_gives_the_cpu_suggestions(tiny_char_model, half):
+    from service.config import ServerConfig
+    from service.engine import Engine
+
+    cpu = Engine.load(ServerConfig(model=tiny_char_model, device="cpu"))
+    gpu = Engine.load(ServerConfig(model=tiny_char_model, device="cuda", half=half))
+    assert gpu.model.device.type == "cuda"
+    for text in ("she cook fresh ", "we want gre", "the old man "):
+        expected = cpu.suggester.suggest(text, 3).suggestions
+        got = gpu.suggester.suggest(text, 3).suggestions
+        assert [w for w, _ in got] == [w for w, _ in expected]
+        for (_, p), (_, q) in zip(got, expected):
+            assert p == pytest.approx(q, rel=2e-2 if half else 1e-3)
