@@ -13,6 +13,9 @@ class ServerConfig:
     device: str = "auto"               # auto | cpu | cuda
     half: bool = False                 # float16 weights on CUDA
     threads: int = 0                   # torch intra-op threads; 0 = torch's default
+    batching: bool = True              # stack concurrent requests' model steps into one forward
+    max_batch_size: int = 64           # most sequences in one batched forward
+    max_batch_wait_ms: float = 0.0     # wait this long for more work once a batch starts (0 = never wait)
     workers: int = 16                  # gRPC handler threads (each call holds one while it runs)
     grace: float = 10.0                # seconds in-flight calls get to finish on SIGTERM
     max_text_chars: int = 10_000       # Suggest text, Generate prompt, a Type session's text

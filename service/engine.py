@@ -7,6 +7,7 @@ from dataclasses import dataclass
 import torch
 
 from service.artifact import Artifact, load_artifact
+from service.batching import BatchingModel
 from service.config import ServerConfig
 from service.generation import GenerationParams, Generator
 from service.runner import ScriptedModel
@@ -16,7 +17,7 @@ from service.suggest import SuggestConfig, Suggester
 @dataclass
 class Engine:
     artifact: Artifact
-    model: ScriptedModel
+    model: ScriptedModel | BatchingModel
     suggester: Suggester
     generator: Generator
 
@@ -31,6 +32,8 @@ class Engine:
             torch.set_num_threads(config.threads)
         artifact = load_artifact(config.model, "cpu")
         model = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda")
+        if config.batching:
+            model = BatchingModel(model, config.max_batch_size, config.max_batch_wait_ms / 1000.0)
         suggester = Suggester(model, artifact.tokenizer, SuggestConfig(max_context_tokens=config.max_context_tokens))
         generator = Generator(model, artifact.tokenizer, config.max_context_tokens)
         return cls(artifact, model, suggester, generator)

@@ -1,0 +1,152 @@
+"""Serving benchmark: the gRPC server under 1, 8 and 64 clients against in-process baselines.
+
+    python -m benchmarks.serve [--model models/default.pt] [--seconds 10]
+
+Measured in one run, on the same artifact:
+  * in-process: Suggester.suggest called directly (no gRPC), one thread (latency), and 64
+    threads through the batching worker (the batched ceiling, QPS);
+  * the server with batching on, and with --no-batching, driven by benchmarks/load.py in a
+    separate process at 1, 8 and 64 concurrent clients (QPS, p50, p99);
+  * a Type session's latency per keystroke with 20 and with 2,000 characters typed, against
+    re-encoding the whole text on every keystroke.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import threading
+import time
+
+import torch
+
+from benchmarks.texts import long_text, prompts
+from service.artifact import load_artifact
+from service.batching import BatchingModel
+from service.runner import ScriptedModel
+from service.session import TypingSession
+from service.suggest import Suggester
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+
+
+def in_process(model_path: str, seconds: float) -> dict:
+    artifact = load_artifact(model_path)
+    plain = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
+    texts = prompts()
+    alone = Suggester(plain, artifact.tokenizer)
+    for text in texts[:20]:
+        alone.suggest(text, 3)
+    latencies = []
+    for text in texts[:300]:
+        start = time.perf_counter()
+        alone.suggest(text, 3)
+        latencies.append(time.perf_counter() - start)
+    batched = BatchingModel(plain, max_batch_size=64)
+    together = Suggester(batched, artifact.tokenizer)
+    calls = [0] * 64
+    stop_at = time.perf_counter() + seconds
+
+    def worker(i: int) -> None:
+        j = i
+        while time.perf_counter() < stop_at:
+            together.suggest(texts[j % len(texts)], 3)
+            calls[i] += 1
+            j += 64
+
+    threads = [threading.Thread(target=worker, args=(i,)) for i in range(64)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    batched.close()
+    return {"p50_ms": 1000 * statistics.median(latencies), "ceiling_qps": sum(calls) / seconds,
+            "mean_batch_rows": batched.rows / max(1, batched.batches)}
+
+
+def keystrokes(model_path: str, typed: int, count: int = 60) -> dict:
+    artifact = load_artifact(model_path)
+    suggester = Suggester(ScriptedModel(artifact.model, artifact.tokenizer.vocab_size), artifact.tokenizer)
+    text = long_text(typed + count)
+    session = TypingSession(suggester, max_chars=100_000)
+    session.append(text[:typed])
+    session.suggest(3)
+    incremental, reencoded = [], []
+    for ch in text[typed : typed + count]:
+        start = time.perf_counter()
+        session.append(ch)
+        session.suggest(3)
+        incremental.append(time.perf_counter() - start)
+        start = time.perf_counter()
+        suggester.suggest(session.text, 3)
+        reencoded.append(time.perf_counter() - start)
+    return {"typed": typed, "session_ms": 1000 * statistics.mean(incremental),
+            "reencode_ms": 1000 * statistics.mean(reencoded)}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def server_runs(model_path: str, batching: bool, seconds: float, clients: list[int]) -> list[dict]:
+    port = free_port()
+    flag = "--batching" if batching else "--no-batching"
+    server = subprocess.Popen([sys.executable, "-m", "service", "--model", model_path, "--host", "127.0.0.1",
+                               "--port", str(port), flag, "--workers", "64"], cwd=ROOT,
+                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        server.stdout.readline()  # "SERVING on port ..."
+        results = []
+        for count in clients:
+            out = subprocess.run([sys.executable, "-m", "benchmarks.load", "--target", f"127.0.0.1:{port}",
+                                  "--clients", str(count), "--seconds", str(seconds)],
+                                 cwd=ROOT, capture_output=True, text=True, check=True)
+            results.append(json.loads(out.stdout))
+        return results
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description="nextword serving benchmark")
+    parser.add_argument("--model", default=os.path.join(ROOT, "models", "default.pt"))
+    parser.add_argument("--seconds", type=float, default=10.0)
+    parser.add_argument("--clients", default="1,8,64")
+    args = parser.parse_args()
+    clients = [int(c) for c in args.clients.split(",")]
+    print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+          f"{args.seconds:g} s per measurement", flush=True)
+    base = in_process(args.model, args.seconds)
+    print(f"in-process: p50 {base['p50_ms']:.2f} ms alone; batched ceiling {base['ceiling_qps']:.0f} QPS "
+          f"(64 threads, {base['mean_batch_rows']:.1f} rows per forward)", flush=True)
+    batched = server_runs(args.model, True, args.seconds, clients)
+    unbatched = server_runs(args.model, False, args.seconds, clients)
+    print("\n| clients | batching QPS | p50 ms | p99 ms | no-batching QPS | p50 ms | p99 ms | QPS / ceiling |")
+    print("| --- | --- | --- | --- | --- | --- | --- | --- |")
+    for on, off in zip(batched, unbatched):
+        print(f"| {on['clients']} | {on['qps']:.0f} | {on['p50_ms']:.2f} | {on['p99_ms']:.2f} | {off['qps']:.0f} | "
+              f"{off['p50_ms']:.2f} | {off['p99_ms']:.2f} | {on['qps'] / base['ceiling_qps']:.2f}x |")
+        if on["errors"] or off["errors"]:
+            print(f"  errors: batching {on['errors']}, no batching {off['errors']}")
+    one = batched[0]
+    print(f"\np50 at 1 client: {one['p50_ms']:.2f} ms over gRPC vs {base['p50_ms']:.2f} ms in-process "
+          f"(+{one['p50_ms'] - base['p50_ms']:.2f} ms)")
+    short, long_ = keystrokes(args.model, 20), keystrokes(args.model, 2000)
+    print("\n| text typed | Type session ms/keystroke | re-encode ms/keystroke |")
+    print("| --- | --- | --- |")
+    for row in (short, long_):
+        print(f"| {row['typed']} chars | {row['session_ms']:.2f} | {row['reencode_ms']:.2f} |")
+    print(f"keystroke at 2,000 chars / at 20 chars: {long_['session_ms'] / short['session_ms']:.2f}x "
+          f"(re-encoding: {long_['reencode_ms'] / short['reencode_ms']:.2f}x)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,112 @@
+"""Continuous batching: one worker owns the model; every caller's pending step joins one forward.
+
+An RNN's state is a fixed-size tensor per sequence, so the steps of different
+requests (a Suggest's context, a beam step, a Generate token, a Type keystroke)
+stack along the batch dimension:
+
+    caller threads                     worker thread
+    advance(tokens [b1, T], state) --\\
+    advance(tokens [b2, 1], state) ---+-> queue -> take what is waiting (up to max_batch_size rows)
+    advance(tokens [b3, 1], state) --/            group by T, cat along dim 0 / 1
+                                                  one model call per group  [b2 + b3, 1]
+                                                  split results -> each caller's future
+
+``max_wait`` = 0 runs at once with whatever is queued: a lone request is never
+delayed. A larger value waits up to that long for more rows once the first
+request of a batch arrives.
+"""
+
+from __future__ import annotations
+
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from service.runner import StepModel
+
+
+@dataclass
+class _Step:
+    tokens: Tensor                     # [b, T]
+    state: Tensor                      # [L, b, S]
+    future: Future = field(default_factory=Future)
+
+
+class BatchingModel:
+    """A StepModel that batches the calls of many threads into few calls of ``model``."""
+
+    def __init__(self, model: StepModel, max_batch_size: int = 64, max_wait: float = 0.0) -> None:
+        self.model = model
+        self.vocab_size = model.vocab_size
+        self.device = getattr(model, "device", torch.device("cpu"))
+        self.max_batch_size = max_batch_size
+        self.max_wait = max_wait
+        self._queue: queue.SimpleQueue[_Step | None] = queue.SimpleQueue()
+        self.batches = 0          # model calls made, for tests and metrics
+        self.rows = 0             # sequences stepped, for tests and metrics
+        self._worker = threading.Thread(target=self._run, name="model-worker", daemon=True)
+        self._worker.start()
+
+    def init_state(self, batch_size: int) -> Tensor:
+        return self.model.init_state(batch_size)
+
+    def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        step = _Step(tokens, state)
+        self._queue.put(step)
+        return step.future.result()
+
+    @property
+    def queue_depth(self) -> int:
+        return self._queue.qsize()
+
+    def close(self) -> None:
+        self._queue.put(None)
+        self._worker.join(timeout=5)
+
+    def _collect(self, first: _Step) -> list[_Step]:
+        steps, rows = [first], first.tokens.size(0)
+        deadline = time.monotonic() + self.max_wait
+        while rows < self.max_batch_size:
+            remaining = deadline - time.monotonic()
+            try:
+                step = self._queue.get(timeout=remaining) if remaining > 0 else self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if step is None:
+                self._queue.put(None)  # stop after this batch
+                break
+            steps.append(step)
+            rows += step.tokens.size(0)
+        return steps
+
+    def _run(self) -> None:
+        while True:
+            first = self._queue.get()
+            if first is None:
+                return
+            steps = self._collect(first)
+            by_length: dict[int, list[_Step]] = {}
+            for step in steps:
+                by_length.setdefault(step.tokens.size(1), []).append(step)
+            for group in by_length.values():
+                try:
+                    if len(group) == 1:
+                        results = [self.model.advance(group[0].tokens, group[0].state)]
+                    else:
+                        log_probs, states = self.model.advance(torch.cat([s.tokens for s in group]),
+                                                               torch.cat([s.state for s in group], dim=1))
+                        sizes = [s.tokens.size(0) for s in group]
+                        results = list(zip(log_probs.split(sizes), states.split(sizes, dim=1)))
+                    self.batches += 1
+                    self.rows += sum(s.tokens.size(0) for s in group)
+                    for step, result in zip(group, results):
+                        step.future.set_result(result)
+                except Exception as error:  # noqa: BLE001 - hand the failure to every caller in the batch
+                    for step in group:
+                        if not step.future.done():
+                            step.future.set_exception(error)

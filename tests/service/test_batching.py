@@ -1,0 +1,89 @@
+import threading
+
+import pytest
+import torch
+
+from service.artifact import load_artifact
+from service.batching import BatchingModel
+from service.runner import ScriptedModel
+from service.suggest import Suggester
+
+
+@pytest.fixture(scope="module")
+def models(tiny_char_model):
+    artifact = load_artifact(tiny_char_model)
+    plain = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
+    batched = BatchingModel(plain, max_batch_size=64, max_wait=0.02)
+    yield artifact, plain, batched
+    batched.close()
+
+
+def run_threads(count, work):
+    results = [None] * count
+    barrier = threading.Barrier(count)
+
+    def run(i):
+        barrier.wait()
+        results[i] = work(i)
+
+    threads = [threading.Thread(target=run, args=(i,)) for i in range(count)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return results
+
+
+def test_batched_steps_equal_unbatched_ones(models):
+    _, plain, batched = models
+    generator = torch.Generator().manual_seed(0)
+    inputs = []
+    for i in range(24):  # mixed lengths and batch sizes, as contexts, beams and keystrokes give
+        rows, length = 1 + i % 3, 1 if i % 2 else 1 + i % 5
+        inputs.append((torch.randint(4, plain.vocab_size, (rows, length), generator=generator),
+                       torch.randn(plain.init_state(rows).shape, generator=generator) * 0.3))
+    before = batched.batches
+    results = run_threads(len(inputs), lambda i: batched.advance(*inputs[i]))
+    for (tokens, state), (log_probs, new_state) in zip(inputs, results):
+        expected_log_probs, expected_state = plain.advance(tokens, state)
+        torch.testing.assert_close(log_probs, expected_log_probs, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(new_state, expected_state, atol=1e-5, rtol=1e-4)
+    assert batched.batches - before < len(inputs)  # some calls really were stacked
+
+
+def test_concurrent_suggestions_equal_one_at_a_time(models):
+    artifact, plain, batched = models
+    alone = Suggester(plain, artifact.tokenizer)
+    together = Suggester(batched, artifact.tokenizer)
+    texts = ["she cook fresh ", "we want gre", "the old man ", "my friend like", "they eat ", "i need hot "] * 3
+    results = run_threads(len(texts), lambda i: together.suggest(texts[i], 3))
+    for text, result in zip(texts, results):
+        expected = alone.suggest(text, 3)
+        assert [w for w, _ in result.suggestions] == [w for w, _ in expected.suggestions]
+        for (_, p), (_, q) in zip(result.suggestions, expected.suggestions):
+            assert p == pytest.approx(q, rel=1e-4)
+
+
+def test_a_failure_reaches_every_caller_in_the_batch():
+    class Broken:
+        vocab_size = 5
+
+        def init_state(self, batch_size):
+            return torch.zeros(1, batch_size, 2)
+
+        def advance(self, tokens, state):
+            raise RuntimeError("device lost")
+
+    batched = BatchingModel(Broken(), max_wait=0.02)
+    errors = run_threads(4, lambda i: _error(lambda: batched.advance(torch.zeros(1, 1, dtype=torch.long),
+                                                                      torch.zeros(1, 1, 2))))
+    assert errors == ["device lost"] * 4
+    batched.close()
+
+
+def _error(call):
+    try:
+        call()
+    except RuntimeError as error:
+        return str(error)
+    return None
