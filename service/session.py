@@ -78,6 +78,7 @@ class TypingSession:
         self.max_chars = max_chars
         self.text = ""
         self.context = IncrementalContext(suggester.model, suggester.config.max_context_tokens, history)
+        self._context_text, self._context_ids = "", []  # keystrokes inside a word keep the same context
 
     def append(self, text: str) -> None:
         if len(self.text) + len(text) > self.max_chars:
@@ -95,5 +96,7 @@ class TypingSession:
         if not self.text:
             return SuggestResult([])
         split = self.suggester.split(self.text)
-        log_probs, state = self.context.read(self.suggester.context_ids(split))
+        if split.context != self._context_text:
+            self._context_text, self._context_ids = split.context, self.suggester.context_ids(split)
+        log_probs, state = self.context.read(self._context_ids)
         return self.suggester.suggest_from(split, log_probs, state, k)

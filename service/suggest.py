@@ -110,7 +110,8 @@ class Suggester:
         last = stripped[-1:] if stripped else ""
         if self.tokenizer.kind != "word" and (is_cjk(last) or _NO_SPACE_SCRIPT.match(last or " ")):
             return SplitText(context=stripped, typed="", prefix="", phrases=True)
-        match = _PARTIAL_WORD.search(text)
+        # A half-typed word is short: searching the tail keeps this O(1) in the text's length.
+        match = _PARTIAL_WORD.search(text, max(0, len(text) - 4 * self.config.max_word_chars))
         prefix = match.group() if match else ""
         before = text[: len(text) - len(prefix)]
         context = before.rstrip()
