@@ -35,9 +35,9 @@ from service.suggest import Suggester
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def in_process(model_path: str, seconds: float) -> dict:
+def in_process(model_path: str, seconds: float, device: str) -> dict:
     artifact = load_artifact(model_path)
-    plain = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
+    plain = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)
     texts = prompts()
     alone = Suggester(plain, artifact.tokenizer)
     for text in texts[:20]:
@@ -69,9 +69,9 @@ def in_process(model_path: str, seconds: float) -> dict:
             "mean_batch_rows": batched.rows / max(1, batched.batches)}
 
 
-def keystrokes(model_path: str, typed: int, count: int = 60) -> dict:
+def keystrokes(model_path: str, typed: int, device: str, count: int = 60) -> dict:
     artifact = load_artifact(model_path)
-    suggester = Suggester(ScriptedModel(artifact.model, artifact.tokenizer.vocab_size), artifact.tokenizer)
+    suggester = Suggester(ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device), artifact.tokenizer)
     text = long_text(typed + count)
     session = TypingSession(suggester, max_chars=100_000)
     session.append(text[:typed])
@@ -95,11 +95,11 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def server_runs(model_path: str, batching: bool, seconds: float, clients: list[int]) -> list[dict]:
+def server_runs(model_path: str, batching: bool, seconds: float, clients: list[int], device: str) -> list[dict]:
     port = free_port()
     flag = "--batching" if batching else "--no-batching"
     server = subprocess.Popen([sys.executable, "-m", "service", "--model", model_path, "--host", "127.0.0.1",
-                               "--port", str(port), flag, "--workers", "64"], cwd=ROOT,
+                               "--port", str(port), flag, "--workers", "64", "--device", device], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         server.stdout.readline()  # "SERVING on port ..."
@@ -120,15 +120,16 @@ def main() -> None:
     parser.add_argument("--model", default=os.path.join(ROOT, "models", "default.pt"))
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", default="1,8,64")
+    parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.seconds:g} s per measurement", flush=True)
-    base = in_process(args.model, args.seconds)
+          f"{args.seconds:g} s per measurement; device {args.device}", flush=True)
+    base = in_process(args.model, args.seconds, args.device)
     print(f"in-process: p50 {base['p50_ms']:.2f} ms alone; batched ceiling {base['ceiling_qps']:.0f} QPS "
           f"(64 threads, {base['mean_batch_rows']:.1f} rows per forward)", flush=True)
-    batched = server_runs(args.model, True, args.seconds, clients)
-    unbatched = server_runs(args.model, False, args.seconds, clients)
+    batched = server_runs(args.model, True, args.seconds, clients, args.device)
+    unbatched = server_runs(args.model, False, args.seconds, clients, args.device)
     print("\n| clients | batching QPS | p50 ms | p99 ms | no-batching QPS | p50 ms | p99 ms | QPS / ceiling |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for on, off in zip(batched, unbatched):
@@ -139,7 +140,7 @@ def main() -> None:
     one = batched[0]
     print(f"\np50 at 1 client: {one['p50_ms']:.2f} ms over gRPC vs {base['p50_ms']:.2f} ms in-process "
           f"(+{one['p50_ms'] - base['p50_ms']:.2f} ms)")
-    short, long_ = keystrokes(args.model, 20), keystrokes(args.model, 2000)
+    short, long_ = keystrokes(args.model, 20, args.device), keystrokes(args.model, 2000, args.device)
     print("\n| text typed | Type session ms/keystroke | re-encode ms/keystroke |")
     print("| --- | --- | --- |")
     for row in (short, long_):
