@@ -8,6 +8,7 @@ import sys
 from dataclasses import fields
 
 from service.artifact import ArtifactError
+from service.cli import OneLineParser, ranged
 from service.config import ServerConfig
 
 HELP = {
@@ -34,23 +35,6 @@ HELP = {
 }
 
 
-class OneLineParser(argparse.ArgumentParser):
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def positive(kind):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if not value >= 0:
-            raise argparse.ArgumentTypeError(f"{text} is out of range: must be >= 0")
-        return value
-    return parse
-
-
 def parse_args(argv: list[str] | None) -> ServerConfig:
     parser = OneLineParser(prog="nextword-serve", description="Serve a nextword model over gRPC.")
     defaults = ServerConfig()
@@ -63,7 +47,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         elif field.name == "device":
             parser.add_argument(flag, choices=["auto", "cpu", "cuda"], default=default, help=text)
         elif isinstance(default, (int, float)):
-            parser.add_argument(flag, type=positive(type(default)), default=default, help=text)
+            parser.add_argument(flag, type=ranged(type(default), 0), default=default, help=text)
         else:
             parser.add_argument(flag, default=default, help=text)
     return ServerConfig(**vars(parser.parse_args(argv)))

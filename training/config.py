@@ -3,10 +3,9 @@
 from __future__ import annotations
 
 import argparse
-import math
-import sys
 from dataclasses import asdict, dataclass, fields
 
+from service.cli import OneLineParser, ranged
 from training.tokenizers import DEFAULT_VOCAB_SIZE
 
 
@@ -56,30 +55,6 @@ class TrainConfig:
         return cls(**values)
 
 
-class OneLineParser(argparse.ArgumentParser):
-    """argparse that reports a bad flag in one line and exits with status 2."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(2, f"{self.prog}: error: {message}\n")
-
-
-def _ranged(kind, low=None, high=None, low_open=False, name=""):
-    def parse(text: str):
-        try:
-            value = kind(text)
-        except ValueError:
-            raise argparse.ArgumentTypeError(f"{text!r} is not a valid {kind.__name__}") from None
-        if kind is float and not math.isfinite(value):
-            raise argparse.ArgumentTypeError(f"{text!r} must be a finite number")
-        if low is not None and (value <= low if low_open else value < low):
-            raise argparse.ArgumentTypeError(f"{value} is out of range: must be {'>' if low_open else '>='} {low}")
-        if high is not None and value > high:
-            raise argparse.ArgumentTypeError(f"{value} is out of range: must be <= {high}")
-        return value
-
-    return parse
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = OneLineParser(
         prog="nextword-train",
@@ -92,7 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
                     "(default: the --resume directory)")
     io.add_argument("--val", action="append", default=[], metavar="PATH",
                     help="validation text; without it --val-fraction of the corpus lines is held out")
-    io.add_argument("--val-fraction", type=_ranged(float, 0.0, 0.5), default=0.1,
+    io.add_argument("--val-fraction", type=ranged(float, 0.0, 0.5), default=0.1,
                     help="fraction of corpus lines held out for validation, split at random by --seed (default 0.1)")
     io.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
                     help="what to do with invalid UTF-8: stop with the file and line (strict), or replace it with U+FFFD")
@@ -100,40 +75,40 @@ def build_parser() -> argparse.ArgumentParser:
     tok.add_argument("--tokenizer", choices=["char", "word", "sentencepiece"], default="sentencepiece",
                      help="char: each character; word: words and punctuation; sentencepiece: learned "
                           "subwords, also for text without spaces (default)")
-    tok.add_argument("--vocab-size", type=_ranged(int, 6), default=None,
+    tok.add_argument("--vocab-size", type=ranged(int, 6), default=None,
                      help="largest vocabulary including the 4 special tokens (default: "
                           + ", ".join(f"{k} {v}" for k, v in DEFAULT_VOCAB_SIZE.items()) + ")")
-    tok.add_argument("--min-count", type=_ranged(int, 1), default=1,
+    tok.add_argument("--min-count", type=ranged(int, 1), default=1,
                      help="char and word: drop tokens seen fewer times than this (default 1)")
     tok.add_argument("--lowercase", action="store_true", help="lower-case all text before tokenizing")
     net = p.add_argument_group("network")
     net.add_argument("--input", choices=["embedding", "onehot"], default="embedding",
                      help="embedding lookup, or one-hot input (a gather of the first layer's weights)")
     net.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm", help="recurrent cell (rnn is tanh)")
-    net.add_argument("--num-layers", type=_ranged(int, 1, 16), default=2, help="recurrent layers (default 2)")
-    net.add_argument("--hidden-size", type=_ranged(int, 1, 8192), default=512, help="units per layer (default 512)")
-    net.add_argument("--embedding-size", type=_ranged(int, 1, 8192), default=None,
+    net.add_argument("--num-layers", type=ranged(int, 1, 16), default=2, help="recurrent layers (default 2)")
+    net.add_argument("--hidden-size", type=ranged(int, 1, 8192), default=512, help="units per layer (default 512)")
+    net.add_argument("--embedding-size", type=ranged(int, 1, 8192), default=None,
                      help="embedding width (default: --hidden-size)")
-    net.add_argument("--dropout", type=_ranged(float, 0.0, 0.95), default=0.2, help="dropout (default 0.2)")
+    net.add_argument("--dropout", type=ranged(float, 0.0, 0.95), default=0.2, help="dropout (default 0.2)")
     net.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
                      help="share the embedding with the output layer (default: on for embedding input)")
     opt = p.add_argument_group("optimisation")
-    opt.add_argument("--batch-size", type=_ranged(int, 1, 65536), default=32, help="sequences per batch (default 32)")
-    opt.add_argument("--bptt", type=_ranged(int, 1, 100000), default=35,
+    opt.add_argument("--batch-size", type=ranged(int, 1, 65536), default=32, help="sequences per batch (default 32)")
+    opt.add_argument("--bptt", type=ranged(int, 1, 100000), default=35,
                      help="truncated backpropagation length in tokens (default 35)")
-    opt.add_argument("--lr", type=_ranged(float, 0.0, low_open=True), default=2e-3,
+    opt.add_argument("--lr", type=ranged(float, 0.0, low_open=True), default=2e-3,
                      help="peak AdamW learning rate; linear warm-up, then cosine decay to 10%% (default 2e-3)")
-    opt.add_argument("--weight-decay", type=_ranged(float, 0.0), default=0.0, help="AdamW weight decay (default 0)")
-    opt.add_argument("--warmup-steps", type=_ranged(int, 0), default=100, help="warm-up steps (default 100)")
-    opt.add_argument("--clip", type=_ranged(float, 0.0, low_open=True), default=1.0,
+    opt.add_argument("--weight-decay", type=ranged(float, 0.0), default=0.0, help="AdamW weight decay (default 0)")
+    opt.add_argument("--warmup-steps", type=ranged(int, 0), default=100, help="warm-up steps (default 100)")
+    opt.add_argument("--clip", type=ranged(float, 0.0, low_open=True), default=1.0,
                      help="clip the gradient norm to this (default 1.0)")
-    opt.add_argument("--epochs", type=_ranged(int, 1), default=10, help="passes over the corpus (default 10)")
-    opt.add_argument("--max-steps", type=_ranged(int, 1), default=None, help="stop after this many steps")
-    opt.add_argument("--time-budget", type=_ranged(float, 0.0, low_open=True), default=None, metavar="SECONDS",
+    opt.add_argument("--epochs", type=ranged(int, 1), default=10, help="passes over the corpus (default 10)")
+    opt.add_argument("--max-steps", type=ranged(int, 1), default=None, help="stop after this many steps")
+    opt.add_argument("--time-budget", type=ranged(float, 0.0, low_open=True), default=None, metavar="SECONDS",
                      help="stop after this many seconds of training; the schedule then follows time")
-    opt.add_argument("--eval-every", type=_ranged(int, 0), default=0,
+    opt.add_argument("--eval-every", type=ranged(int, 0), default=0,
                      help="also validate every N steps (default 0: after each epoch only)")
-    opt.add_argument("--save-every", type=_ranged(int, 1), default=500,
+    opt.add_argument("--save-every", type=ranged(int, 1), default=500,
                      help="write the 'last' checkpoint every N steps (default 500)")
     run = p.add_argument_group("run")
     run.add_argument("--seed", type=int, default=0, help="random seed for split, shuffling, init and dropout")
@@ -163,8 +138,3 @@ def parse_args(argv: list[str] | None = None) -> tuple[TrainConfig, set[str]]:
     values["val"] = tuple(values["val"])
     values["out"] = values["out"] or values["resume"]
     return TrainConfig(**values), given
-
-
-def main_error(prog: str, message: str) -> int:
-    print(f"{prog}: error: {message}", file=sys.stderr)
-    return 2

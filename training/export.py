@@ -20,9 +20,9 @@ from datetime import datetime, timezone
 import torch
 
 from service.artifact import ArtifactError, load_artifact, write_artifact
+from service.cli import OneLineParser
 from service.tokenizer import BOS, EOS, PAD, UNK, load_tokenizer
 from training.checkpoint import BEST, CheckpointError, load_checkpoint
-from training.config import OneLineParser
 from training.model import LanguageModel, ModelConfig
 
 PROG = "nextword-export"
