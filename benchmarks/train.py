@@ -22,7 +22,6 @@ import torch
 from torch import nn
 
 from benchmarks.texts import CORPUS
-from service.tokenizer import BOS, EOS
 from training.data import batchify, encode_lines, make_stream, windows
 from training.tokenizers import build_tokenizer
 from training.train import main as train_main

@@ -15,7 +15,6 @@ goes back to an earlier state without reading the text again.
 from __future__ import annotations
 
 from collections import deque
-from dataclasses import dataclass
 
 import torch
 from torch import Tensor
@@ -62,12 +61,8 @@ class IncrementalContext:
         return log_probs, state
 
 
-@dataclass
 class EditError(ValueError):
-    message: str
-
-    def __str__(self) -> str:
-        return self.message
+    """An edit the session refuses (its text would pass the length limit)."""
 
 
 class TypingSession:

@@ -83,7 +83,6 @@ class Suggester:
         specials = torch.zeros(vocab, dtype=torch.bool)
         specials[: len(SPECIAL_TOKENS)] = True
         pieces = [t.lstrip() for t in texts]
-        self.pieces = pieces
 
         def mask(predicate) -> Tensor:
             return torch.tensor([predicate(t) for t in texts], dtype=torch.bool) & ~specials

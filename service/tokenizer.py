@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import json
 import re
-import unicodedata
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
@@ -186,6 +185,3 @@ def is_cjk(ch: str) -> bool:
         or 0x20000 <= code <= 0x3134F  # Extensions B-G
     )
 
-
-def is_word_char(ch: str) -> bool:
-    return ch.isalnum() or ch in "'’_" or unicodedata.category(ch) == "Mn"

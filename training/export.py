@@ -11,7 +11,6 @@ export fails and leaves no file.
 
 from __future__ import annotations
 
-import argparse
 import math
 import os
 import sys

@@ -22,12 +22,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.artifact import atomic_write
+from service.tokenizer import load_tokenizer
 from training.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
 from training.data import CorpusError, batchify, encode_lines, make_stream, num_windows, read_corpus, split_lines, windows
 from training.model import LanguageModel, ModelConfig
 from training.tokenizers import TokenizerError, build_tokenizer
-from service.tokenizer import load_tokenizer
 
 PROG = "nextword-train"
 DRY_RUN_STEPS = 3
@@ -71,6 +71,9 @@ class Distributed:
 
     def close(self) -> None:
         if self.enabled and torch.distributed.is_initialized():
+            # Leave together: a rank that tears down its connections while rank 0 is still
+            # writing can abort in Gloo's teardown.
+            torch.distributed.barrier()
             torch.distributed.destroy_process_group()
 
 
@@ -399,7 +402,14 @@ def main(argv: list[str] | None = None) -> int:
     config, given = parse_args(argv)
     try:
         config, checkpoint = resolve_resume(config, given)
-        return train(config, checkpoint)
+        code = train(config, checkpoint)
+        if argv is None and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            # Under torchrun everything is written and the process group is closed: exit now.
+            # Gloo's C++ destructors at interpreter exit can abort a rank (SIGABRT) at random.
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(code)
+        return code
     except (CorpusError, TokenizerError, CheckpointError, TrainingError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1

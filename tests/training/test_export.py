@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from service.artifact import FORMAT_VERSION, ArtifactError, load_artifact
-from tests.conftest import ROOT, TINY_EN, run_cli, train_tiny
+from tests.conftest import ROOT, run_cli
 from training.checkpoint import load_checkpoint
 from training.model import LanguageModel, ModelConfig
 
