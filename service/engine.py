@@ -10,7 +10,7 @@ from service.artifact import Artifact, load_artifact
 from service.batching import BatchingModel
 from service.config import ServerConfig
 from service.generation import GenerationParams, Generator
-from service.runner import ScriptedModel
+from service.runner import ScriptedModel, resolve_device
 from service.suggest import SuggestConfig, Suggester
 
 
@@ -23,11 +23,7 @@ class Engine:
 
     @classmethod
     def load(cls, config: ServerConfig) -> "Engine":
-        device = config.device
-        if device == "auto":
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        if device == "cuda" and not torch.cuda.is_available():
-            raise ValueError("--device cuda was asked for, but no CUDA device is available")
+        device = resolve_device(config.device)
         if config.threads:
             torch.set_num_threads(config.threads)
         artifact = load_artifact(config.model, "cpu")

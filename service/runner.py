@@ -36,6 +36,15 @@ class StepModel(Protocol):
         """tokens [B, T] int64, state [L, B, S] -> (log-probabilities [B, V] after the last token, state)."""
 
 
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when available, else "cpu"; "cuda" without a CUDA device is a ValueError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
 def window_start(num_tokens: int, limit: int) -> int:
     if num_tokens <= limit:
         return 0

@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from service.artifact import atomic_write
+from service.runner import resolve_device
 from service.tokenizer import load_tokenizer
 from training.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
@@ -78,11 +79,11 @@ class Distributed:
 
 
 def pick_device(name: str) -> torch.device:
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingError("--device cuda was asked for, but no CUDA device is available")
-    if name == "auto":
-        name = "cuda" if torch.cuda.is_available() else "cpu"
-    if name == "cuda" and "LOCAL_RANK" in os.environ:
+    try:
+        name = resolve_device(name)
+    except ValueError as error:
+        raise TrainingError(str(error)) from None
+    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local process
         return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
     return torch.device(name)
 

@@ -115,6 +115,8 @@ def test_encoding_errors_replace_goes_on(tmp_path):
     result = run_cli("training.train", "--corpus", path, "--out", str(tmp_path / "o"), "--max-steps", "2",
                      "--encoding-errors", "replace", "--tokenizer", "char", *TINY_NET)
     assert result.returncode == 0, result.stderr
+    provenance = load_checkpoint(str(tmp_path / "o"))["provenance"]
+    assert provenance["train_lines"] + provenance["val_lines"] == 221  # the 220 lines and the repaired one
 
 
 @pytest.mark.parametrize("flag,value,expected", [
