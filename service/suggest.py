@@ -88,6 +88,7 @@ class Suggester:
             return torch.tensor([predicate(t) for t in texts], dtype=torch.bool) & ~specials
 
         self.word_mask = mask(lambda t: bool(_WORD.fullmatch(t)))                      # a whole word
+        self._is_word = self.word_mask.tolist()
         self.starts_word = mask(lambda t: bool(_WORD.fullmatch(t.lstrip())))          # may begin a word
         self.lead_space = mask(lambda t: t != "" and t.isspace())                     # white space alone
         ends = torch.tensor([bool(t) and not (t[0].isalnum() or t[0] in "'’_") for t in texts], dtype=torch.bool)
@@ -147,7 +148,7 @@ class Suggester:
 
     def _next_words(self, log_probs: Tensor, prefix: str, k: int) -> list[tuple[str, float]]:
         if prefix:
-            ids = torch.tensor([i for i in self._pieces_starting_with(prefix) if self.word_mask[i]], dtype=torch.long)
+            ids = torch.tensor([i for i in self._pieces_starting_with(prefix) if self._is_word[i]], dtype=torch.long)
         else:
             ids = self.word_mask.nonzero().flatten()
         if ids.numel() == 0:

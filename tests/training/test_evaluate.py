@@ -1,0 +1,167 @@
+"""Each evaluation metric and the n-gram baseline on tiny hand-made examples with known answers."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+
+from tests.conftest import TINY_EN, run_cli
+from tests.service.fakes import FakeModel, char_tokenizer, close, word_tokenizer
+from training.evaluate import Scorer, evaluate, format_table
+from training.ngram import NgramCounts, NgramStepModel
+
+A, B, C = 4, 5, 6  # ids of "a", "b", "c" after the four special tokens
+
+
+def ngram_scorer(lines, tokenizer, order=3) -> Scorer:
+    counts = NgramCounts.from_text(lines, tokenizer, order)
+    return Scorer("ngram", NgramStepModel(counts, "kneser-ney"), NgramStepModel(counts, "backoff"))
+
+
+# ---------------------------------------------------------------------------- the n-gram model
+
+def test_kneser_ney_matches_a_hand_computed_bigram():
+    counts = NgramCounts([[A, B], [A, B], [A, C]], order=2, vocab_size=7)
+    # Bigram counts: <s>->a 3, a->b 2, a->c 1, b->EOS 2, c->EOS 1: n1 = 2, n2 = 2, so D2 = 2 / (2 + 4) = 1/3.
+    # Continuation counts: a 1 (<s>), b 1 (a), c 1 (a), EOS 2 (b, c): total 5, n1 = 3, n2 = 1, D1 = 3/5.
+    # Unigram: p1(b) = (1 - 0.6)/5 + 0.6 * 4/5 * 1/5 (uniform over the 5 tokens that can follow).
+    p1_b = 0.4 / 5 + 0.6 * 4 / 5 / 5
+    expected = (2 - 1 / 3) / 3 + (1 / 3) * 2 / 3 * p1_b
+    assert close(counts.kneser_ney([A])[B], expected)
+    assert close(counts.discounts[1], 1 / 3) and close(counts.discounts[0], 0.6)
+
+
+@pytest.mark.parametrize("history", [[], [1], [1, A], [A, B], [C, C], [B, A, C]])
+def test_kneser_ney_is_a_distribution_that_never_predicts_pad_or_bos(history):
+    counts = NgramCounts([[A, B, C, A], [A, B], [C, A, B, B]], order=4, vocab_size=8)
+    p = counts.kneser_ney(history)
+    assert close(float(p.sum()), 1.0)
+    assert p[0] == 0 and p[1] == 0 and (p[2:] > 0).all()
+
+
+def test_backoff_ranks_by_the_longest_context_seen():
+    counts = NgramCounts([[A, B], [A, B], [A, C], [C, C]], order=3, vocab_size=7)
+    after_a = counts.backoff([A])
+    assert after_a[B] > after_a[C] > after_a[A]           # seen after "a" beats backed-off
+    assert close(after_a[B], 2 / 3 * 0.4)                  # bigram relative frequency, one back-off from order 3
+    assert close(counts.backoff([1, A])[B], 2 / 3)         # the trigram "<s> a b" was seen
+
+
+def test_ngram_step_model_state_keeps_the_last_tokens():
+    counts = NgramCounts([[A, B, C]], order=3, vocab_size=7)
+    model = NgramStepModel(counts)
+    import torch
+
+    log_probs, state = model.advance(torch.tensor([[1, A]]), model.init_state(1))
+    assert state[0, 0].tolist() == [1.0, float(A)]
+    assert torch.allclose(log_probs[0].exp(), torch.tensor(counts.kneser_ney([1, A]), dtype=torch.float32))
+    _, state = model.advance(torch.tensor([[B]]), state)
+    assert state[0, 0].tolist() == [float(A), float(B)]
+
+
+# ---------------------------------------------------------------------------- the metrics
+
+def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
+    tokenizer = word_tokenizer(["the", "cat", "sat"])
+    model = FakeModel(tokenizer.vocab_size, lambda history: {t: 1.0 for t in range(tokenizer.vocab_size)})
+    result = evaluate(Scorer("uniform", model, model), tokenizer, ["the cat sat", "the cat"])
+    assert close(result["perplexity"], tokenizer.vocab_size)
+    tokens, characters = 4 + 3, 12 + 8  # </s> ends each line; a line break counts as a character
+    assert close(result["bits_per_character"], tokens * math.log2(tokenizer.vocab_size) / characters)
+
+
+def test_memorised_text_scores_every_word_and_saves_the_keys_it_should():
+    tokenizer = word_tokenizer(["the", "cat", "sat"])
+    result = evaluate(ngram_scorer(["the cat sat"] * 3, tokenizer), tokenizer, ["the cat sat"])
+    assert result["units"] == "words" and result["targets"] == 3
+    assert result["top1"] == result["top3"] == result["top5"] == 1.0
+    # Each word is taken before its first letter for one key: "the " and "cat " save 3 keys each
+    # (three letters and the space, for one key), "sat" at the end of the line saves 2: 8 of 11.
+    assert close(result["ksr"], 8 / 11)
+    assert result["completion1_hit1"] == result["completion2_hit3"] == 1.0
+
+
+def test_a_word_missing_from_the_vocabulary_is_never_suggested():
+    tokenizer = word_tokenizer(["the", "cat", "sat"])
+    scorer = ngram_scorer(["the cat sat"] * 3 + ["sat"], tokenizer)
+    result = evaluate(scorer, tokenizer, ["the dog sat"])
+    assert close(result["top1"], 2 / 3) and close(result["top5"], 2 / 3)   # "dog" is <unk>
+    assert close(result["unknown_token_rate"], 1 / 3)
+    assert close(result["completion1_hit3"], 2 / 3)                      # nor completed from "d"
+    # "the " is taken before its first letter (3 keys saved); "dog " is typed (4 keys); after the
+    # unseen "<unk>" the baseline backs off to the unigram, where "sat" is first: 2 keys saved.
+    assert close(result["ksr"], 5 / 11)
+
+
+def test_completion_hits_and_ksr_depend_on_the_letters_typed_and_the_suggestions_shown():
+    # After "the", the model prefers "cat" (0.6), then "car" (0.3), then "cow" (0.1).
+    tokenizer = word_tokenizer(["the", "cat", "car", "cow"])
+    the, cat, car, cow = 4, 5, 6, 7
+
+    def table(history):
+        return {cat: 0.6, car: 0.3, cow: 0.1} if history[-1:] == (the,) else {the: 1.0}
+
+    model = FakeModel(tokenizer.vocab_size, table)
+    result = evaluate(Scorer("fake", model, model), tokenizer, ["the car"], ksr_suggestions=3)
+    assert result["targets"] == 2
+    assert result["top1"] == 0.5 and result["top3"] == 1.0          # "car" is second after "the"
+    assert result["completion1_hit1"] == 0.5                         # "c" -> cat, car, cow
+    assert result["completion2_hit1"] == 0.5 and result["completion2_hit3"] == 1.0
+    assert result["completion3_hit1"] is None                        # no word is longer than 3 letters
+    assert close(result["ksr"], 5 / 7)                               # "the " saves 3, "car" 2
+    one = evaluate(Scorer("fake", model, model), tokenizer, ["the car"], ksr_suggestions=1)
+    assert close(one["ksr"], 3 / 7)                                  # with one suggestion "car" is never shown
+
+
+def test_text_without_spaces_is_scored_by_character_and_phrase():
+    tokenizer = char_tokenizer("我昨天去了")
+    result = evaluate(ngram_scorer(["我昨天去了"] * 3, tokenizer), tokenizer, ["我昨天去了"])
+    assert result["units"] == "characters" and result["targets"] == 5
+    assert result["top1"] == 1.0
+    assert result["completion1_hit1"] is None
+    # The phrase 我昨天去 (four characters, the longest) is taken for one key, then 了: 2 keys for 5.
+    assert close(result["ksr"], 1 - 2 / 5)
+
+
+def test_format_table_shows_ratios_and_differences():
+    table = format_table({"model": {"perplexity": 40.0, "top1": 0.36}, "ngram-4": {"perplexity": 50.0, "top1": 0.3}})
+    lines = table.splitlines()
+    assert "0.80x" in next(line for line in lines if line.startswith("perplexity"))
+    assert "+6.0 pts" in next(line for line in lines if line.startswith("top-1"))
+
+
+# ---------------------------------------------------------------------------- the command
+
+def test_command_reports_model_and_baseline_as_table_and_json(tiny_word_model, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run_cli("training.evaluate", tiny_word_model, "--text", TINY_EN, "--max-lines", "20",
+                     "--baseline", "ngram", "--train", TINY_EN, "--order", "3", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "top-1 accuracy" in result.stdout and "ngram-3" in result.stdout
+    document = json.loads(out.read_text())
+    assert document["lines"] == 20
+    for name in ("model", "ngram-3"):
+        metrics = document["results"][name]
+        assert metrics["perplexity"] > 1 and 0 <= metrics["top1"] <= metrics["top3"] <= metrics["top5"] <= 1
+        assert 0 <= metrics["ksr"] < 1
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--text", "/nonexistent.txt"], "corpus file not found: /nonexistent.txt"),
+    (["--text", TINY_EN, "--baseline", "ngram"], "--baseline ngram needs --train"),
+    (["--text", TINY_EN, "--order", "7"], "7 is out of range"),
+])
+def test_command_bad_input_is_one_line(tiny_word_model, args, message):
+    result = run_cli("training.evaluate", tiny_word_model, *args)
+    assert result.returncode == 2
+    assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
+
+
+def test_command_damaged_model_is_one_line(tmp_path):
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a model")
+    result = run_cli("training.evaluate", str(bad), "--text", TINY_EN)
+    assert result.returncode == 2 and "not a nextword model file" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

@@ -1,0 +1,319 @@
+"""Judge a model on held-out text, optionally against an n-gram baseline.
+
+    python -m training.evaluate model.pt --text test.txt
+    python -m training.evaluate model.pt --text test.txt --baseline ngram --train train.txt --order 4 --json out.json
+
+Every line of the text is read on its own, from ``<s>``, as the service reads
+a request. Suggestions come from the serving code itself (service/suggest.py),
+for the network and for the baseline alike, so what is scored is what a user
+would see.
+
+Metrics
+-------
+* perplexity: per token of the model's tokenizer, ``</s>`` included;
+  bits per character: the same log-loss over the characters of the text (a
+  line break counts as one), comparable across tokenizers.
+* top-1/3/5 accuracy: before each word, is it among the first k next-word
+  suggestions? Text with spaces is scored word by word (words as the service
+  suggests them: letters, digits, inner apostrophes; punctuation is not a
+  target). Text without spaces is scored at each CJK character, and a
+  suggestion (a phrase of one or more characters, as an input method's
+  association shows it) counts when the text goes on with it.
+* keystroke savings rate (KSR) with N suggestions: the text is typed from the
+  first character to the last; before each letter of a word the first N
+  suggestions are shown (next words, then completions of the letters typed),
+  and a correct one is taken for one keystroke, which also enters the space
+  after it. ``KSR = 1 - (keys typed + keys selecting) / characters``. Without
+  spaces, each character costs one key and taking a phrase of n characters
+  costs one, so the savings come from phrases.
+* completion hit@1 and hit@3 after the first 1, 2 and 3 letters of each word
+  longer than that (text with spaces only).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import sys
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from service.artifact import ArtifactError, load_artifact
+from service.cli import OneLineParser, ranged
+from service.runner import ScriptedModel, StepModel
+from service.suggest import _WORD, SplitText, SuggestConfig, Suggester
+from service.tokenizer import BOS, EOS, UNK, Tokenizer, is_cjk
+from training.data import CorpusError, read_corpus
+from training.ngram import NgramCounts, NgramStepModel
+
+TOP_K = (1, 3, 5)
+PREFIXES = (1, 2, 3)
+
+
+@dataclass
+class Scorer:
+    """A model to judge: ``probabilities`` for perplexity, ``ranking`` for suggestions (often the same)."""
+
+    name: str
+    probabilities: StepModel
+    ranking: StepModel
+
+
+@dataclass
+class Tally:
+    nats: float = 0.0
+    tokens: int = 0
+    text_tokens: int = 0
+    unknown: int = 0
+    characters: int = 0
+    targets: int = 0
+    top: dict[int, int] = field(default_factory=lambda: {k: 0 for k in TOP_K})
+    completion_targets: dict[int, int] = field(default_factory=lambda: {n: 0 for n in PREFIXES})
+    completion_hits: dict[tuple[int, int], int] = field(default_factory=dict)
+    keys_without: int = 0
+    keys_with: int = 0
+
+    def report(self, units: str) -> dict:
+        out = {
+            "perplexity": math.exp(self.nats / self.tokens) if self.tokens else None,
+            "bits_per_character": self.nats / math.log(2) / self.characters if self.characters else None,
+            "tokens": self.tokens,
+            "unknown_token_rate": self.unknown / self.text_tokens if self.text_tokens else 0.0,
+            "targets": self.targets,
+        }
+        for k in TOP_K:
+            out[f"top{k}"] = self.top[k] / self.targets if self.targets else None
+        out["ksr"] = 1 - self.keys_with / self.keys_without if self.keys_without else None
+        for n in PREFIXES:
+            for k in (1, 3):
+                count = self.completion_targets[n]
+                hits = self.completion_hits.get((n, k), 0)
+                out[f"completion{n}_hit{k}"] = hits / count if count and units == "words" else None
+        return out
+
+
+def _walk(model: StepModel, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    """(log-probs [V], state) after ``<s>`` and each token of ``ids``: len(ids) + 1 entries."""
+    out = []
+    state = model.init_state(1)
+    for token in (BOS, *ids):
+        log_probs, state = model.advance(torch.tensor([[token]], dtype=torch.long), state)
+        out.append((log_probs[0], state))
+    return out
+
+
+class _LineReader:
+    """The model's output after any prefix of one line, from one pass over the line's tokens."""
+
+    def __init__(self, model: StepModel, tokenizer: Tokenizer, ids: list[int], walk=None) -> None:
+        self.model, self.tokenizer, self.ids = model, tokenizer, ids
+        self.walk = walk if walk is not None else _walk(model, ids)
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def after(self, context: str) -> tuple[torch.Tensor, torch.Tensor]:
+        found = self.cache.get(context)
+        if found is None:
+            ids = self.tokenizer.encode(context) if context else []
+            common = 0
+            while common < min(len(ids), len(self.ids)) and ids[common] == self.ids[common]:
+                common += 1
+            log_probs, state = self.walk[common]
+            if common < len(ids):  # a tokenizer that segments a prefix differently (SentencePiece)
+                rest = torch.tensor([ids[common:]], dtype=torch.long)
+                log_probs, state = self.model.advance(rest, state)
+                log_probs = log_probs[0]
+            found = self.cache[context] = (log_probs, state)
+        return found
+
+
+def text_without_spaces(lines: Sequence[str]) -> bool:
+    """Mostly CJK characters and few spaces: scored character by character."""
+    sample = "".join(lines[:2000])
+    cjk = sum(1 for ch in sample if is_cjk(ch))
+    return cjk > 0.3 * max(1, len(sample)) and sample.count(" ") < 0.05 * len(sample)
+
+
+def _matches(suggestion: str, target: str, tokenizer: Tokenizer) -> bool:
+    return tokenizer.normalize(suggestion) == tokenizer.normalize(target)
+
+
+def score_words(line: str, suggester: Suggester, reader: _LineReader, tally: Tally, ksr_suggestions: int) -> None:
+    tokenizer = suggester.tokenizer
+    shown = max(max(TOP_K), ksr_suggestions)
+    saved = 0
+    for match in _WORD.finditer(line):
+        word, start = match.group(), match.start()
+        ranked: dict[int, list[str]] = {}
+
+        def suggestions(typed: int) -> list[str]:
+            if typed not in ranked:
+                split = suggester.split(line[:start] + word[:typed])
+                log_probs, state = reader.after(split.context)
+                result = suggester.suggest_from(split, log_probs, state, shown)
+                ranked[typed] = [text for text, _ in result.suggestions]
+            return ranked[typed]
+
+        tally.targets += 1
+        first = suggestions(0)
+        for k in TOP_K:
+            tally.top[k] += any(_matches(s, word, tokenizer) for s in first[:k])
+        for n in PREFIXES:
+            if len(word) > n:
+                tally.completion_targets[n] += 1
+                found = suggestions(n)
+                for k in (1, 3):
+                    if any(_matches(s, word, tokenizer) for s in found[:k]):
+                        tally.completion_hits[(n, k)] = tally.completion_hits.get((n, k), 0) + 1
+        for typed in range(len(word)):
+            if any(_matches(s, word, tokenizer) for s in suggestions(typed)[:ksr_suggestions]):
+                space = 1 if line[match.end() : match.end() + 1] == " " else 0
+                saved += len(word) - typed + space - 1
+                break
+    tally.keys_without += len(line)
+    tally.keys_with += len(line) - saved
+
+
+def score_characters(line: str, suggester: Suggester, reader: _LineReader, tally: Tally, ksr_suggestions: int) -> None:
+    shown = max(max(TOP_K), ksr_suggestions)
+    ranked: dict[int, list[str]] = {}
+
+    def suggestions(position: int) -> list[str]:
+        if position not in ranked:
+            context = line[:position]
+            log_probs, state = reader.after(context)
+            split = SplitText(context=context, typed="", prefix="", phrases=True)
+            ranked[position] = [text for text, _ in suggester.suggest_from(split, log_probs, state, shown).suggestions]
+        return ranked[position]
+
+    for position, ch in enumerate(line):
+        if is_cjk(ch):
+            tally.targets += 1
+            found = suggestions(position)
+            for k in TOP_K:
+                tally.top[k] += any(line.startswith(s, position) for s in found[:k])
+    position = keys = 0
+    while position < len(line):
+        step = 1
+        if is_cjk(line[position]):
+            taken = [s for s in suggestions(position)[:ksr_suggestions] if line.startswith(s, position)]
+            step = max((len(s) for s in taken), default=1)
+        position += step
+        keys += 1
+    tally.keys_without += len(line)
+    tally.keys_with += keys
+
+
+def evaluate(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_suggestions: int = 3,
+             config: SuggestConfig = SuggestConfig()) -> dict:
+    """All metrics of one model on ``lines`` (see the module docstring)."""
+    units = "characters" if text_without_spaces(lines) else "words"
+    suggester = Suggester(scorer.ranking, tokenizer, config)
+    tally = Tally()
+    for line in lines:
+        ids = tokenizer.encode(line)
+        walk = _walk(scorer.probabilities, ids)
+        targets = [*ids, EOS]
+        for (log_probs, _), target in zip(walk, targets):
+            tally.nats -= float(log_probs[target])
+        tally.tokens += len(targets)
+        tally.text_tokens += len(ids)
+        tally.unknown += sum(1 for t in ids if t == UNK)
+        tally.characters += len(line) + 1
+        same = scorer.ranking is scorer.probabilities
+        reader = _LineReader(scorer.ranking, tokenizer, ids, walk if same else None)
+        if units == "words":
+            score_words(line, suggester, reader, tally, ksr_suggestions)
+        else:
+            score_characters(line, suggester, reader, tally, ksr_suggestions)
+    return {"units": units, **tally.report(units)}
+
+
+# ---------------------------------------------------------------------------- report
+
+_ROWS = [("perplexity", "perplexity", False), ("bits_per_character", "bits per character", False),
+         ("top1", "top-1 accuracy", True), ("top3", "top-3 accuracy", True), ("top5", "top-5 accuracy", True),
+         ("ksr", "keystroke savings", True)] + [
+    (f"completion{n}_hit{k}", f"completion hit@{k} after {n}", True) for n in PREFIXES for k in (1, 3)]
+
+
+def _cell(value, percent: bool) -> str:
+    if value is None:
+        return "n/a"
+    return f"{100 * value:.1f} %" if percent else f"{value:.3f}" if value < 10 else f"{value:.2f}"
+
+
+def format_table(results: dict[str, dict]) -> str:
+    names = list(results)
+    header = ["metric", *names] + (["ratio", "difference"] if len(names) == 2 else [])
+    rows = [header]
+    for key, label, percent in _ROWS:
+        values = [results[n].get(key) for n in names]
+        row = [label, *(_cell(v, percent) for v in values)]
+        if len(names) == 2:
+            a, b = values
+            ratio = f"{a / b:.2f}x" if a is not None and b else "n/a"
+            diff = f"{100 * (a - b):+.1f} pts" if percent and a is not None and b is not None else ""
+            row += [ratio, diff]
+        rows.append(row)
+    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = OneLineParser(prog="nextword-eval", description="Judge a nextword model on held-out text: perplexity, "
+                      "top-k next-word accuracy, keystroke savings and word completion.")
+    p.add_argument("model", help="a model file from nextword-export")
+    p.add_argument("--text", required=True, metavar="PATH", help="held-out UTF-8 text, one sequence per line")
+    p.add_argument("--baseline", choices=["ngram"], help="also score an n-gram model on the same text")
+    p.add_argument("--train", action="append", default=[], metavar="PATH",
+                   help="training text for the baseline (the model's own training split)")
+    p.add_argument("--order", type=ranged(int, 3, 5), default=4, help="n-gram order, 3 to 5 (default 4)")
+    p.add_argument("--suggestions", type=ranged(int, 1, 20), default=3,
+                   help="suggestions shown for the keystroke savings rate (default 3)")
+    p.add_argument("--max-lines", type=ranged(int, 1), default=None, help="score only the first N lines")
+    p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': standard output)")
+    p.add_argument("--threads", type=ranged(int, 1, 256), default=None, help="CPU threads for the network")
+    args = p.parse_args(argv)
+    if args.baseline and not args.train:
+        p.error("--baseline ngram needs --train PATH (the text the model was trained on)")
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    try:
+        artifact = load_artifact(args.model)
+        lines = read_corpus([args.text]).lines[: args.max_lines]
+        train_lines = read_corpus(args.train).lines if args.baseline else []
+    except (ArtifactError, CorpusError) as error:
+        print(f"nextword-eval: {error}", file=sys.stderr)
+        return 2
+    tokenizer = artifact.tokenizer
+    network = ScriptedModel(artifact.model, tokenizer.vocab_size)
+    scorers = [Scorer("model", network, network)]
+    if args.baseline:
+        counts = NgramCounts.from_text(train_lines, tokenizer, args.order)
+        scorers.append(Scorer(f"ngram-{args.order}", NgramStepModel(counts, "kneser-ney"),
+                              NgramStepModel(counts, "backoff")))
+    results: dict[str, dict] = {}
+    for scorer in scorers:
+        started = time.perf_counter()
+        results[scorer.name] = evaluate(scorer, tokenizer, lines, args.suggestions)
+        results[scorer.name]["seconds"] = round(time.perf_counter() - started, 1)
+    first = results["model"]
+    print(f"{args.text}: {len(lines)} lines, {first['targets']} {first['units']} scored, {first['tokens']} tokens "
+          f"({100 * first['unknown_token_rate']:.1f} % <unk>); keystroke savings with {args.suggestions} suggestions")
+    print(format_table(results))
+    document = {"model": args.model, "text": args.text, "lines": len(lines), "suggestions": args.suggestions,
+                "order": args.order if args.baseline else None, "results": results}
+    if args.json == "-":
+        print(json.dumps(document, indent=2))
+    elif args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
