@@ -99,7 +99,7 @@ def server_runs(model_path: str, batching: bool, seconds: float, clients: list[i
     port = free_port()
     flag = "--batching" if batching else "--no-batching"
     server = subprocess.Popen([sys.executable, "-m", "service", "--model", model_path, "--host", "127.0.0.1",
-                               "--port", str(port), flag, "--workers", "64", "--device", device], cwd=ROOT,
+                               "--port", str(port), flag, "--device", device, "--metrics-port", "0"], cwd=ROOT,
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         server.stdout.readline()  # "SERVING on port ..."

@@ -3,13 +3,13 @@
 from __future__ import annotations
 
 import argparse
-import logging
 import sys
 from dataclasses import fields
 
 from service.artifact import ArtifactError
 from service.cli import OneLineParser, ranged
 from service.config import ServerConfig
+from service.logs import configure_logging
 
 HELP = {
     "model": "the exported model file (nextword-export)",
@@ -21,7 +21,7 @@ HELP = {
     "batching": "stack concurrent requests' model steps into one forward",
     "max_batch_size": "most sequences in one batched forward",
     "max_batch_wait_ms": "wait this long for more work once a batch starts (0 = never wait)",
-    "workers": "gRPC handler threads",
+    "max_concurrent_rpcs": "calls handled at once, a Type session counting as one; more get RESOURCE_EXHAUSTED",
     "grace": "seconds in-flight calls get to finish on SIGTERM",
     "max_text_chars": "longest Suggest text, Generate prompt or Type session text, in characters",
     "max_suggestions": "most suggestions one request may ask for",
@@ -32,7 +32,19 @@ HELP = {
     "session_history": "saved states per Type session (how far back a delete is free)",
     "max_message_bytes": "largest request or response message",
     "reflection": "gRPC server reflection (for grpcurl)",
+    "tls_cert": "PEM certificate chain; with --tls-key the port accepts TLS only",
+    "tls_key": "PEM private key for --tls-cert",
+    "tls_client_ca": "PEM CA bundle; clients must show a certificate it signed (mutual TLS)",
+    "auth_token_file": "file of bearer tokens, one per line (or set NEXTWORD_AUTH_TOKEN); "
+                       "calls without one get UNAUTHENTICATED",
+    "health_without_auth": "let the health service answer without a token",
+    "metrics": "serve Prometheus metrics over HTTP",
+    "metrics_port": "port for /metrics (0 = any free port)",
+    "log_format": "json (one object per line) or text",
 }
+
+
+CHOICES = {"device": ["auto", "cpu", "cuda"], "log_format": ["json", "text"]}
 
 
 def parse_args(argv: list[str] | None) -> ServerConfig:
@@ -44,8 +56,8 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         text = f"{HELP[field.name]} (default {default})"
         if isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
-        elif field.name == "device":
-            parser.add_argument(flag, choices=["auto", "cpu", "cuda"], default=default, help=text)
+        elif field.name in CHOICES:
+            parser.add_argument(flag, choices=CHOICES[field.name], default=default, help=text)
         elif isinstance(default, (int, float)):
             parser.add_argument(flag, type=ranged(type(default), 0), default=default, help=text)
         else:
@@ -55,7 +67,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
 
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    configure_logging(config.log_format)
     from service.server import serve
 
     try:

@@ -21,6 +21,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -49,6 +50,7 @@ class BatchingModel:
         self._queue: queue.SimpleQueue[_Step | None] = queue.SimpleQueue()
         self.batches = 0          # model calls made, for tests and metrics
         self.rows = 0             # sequences stepped, for tests and metrics
+        self.on_batch: Callable[[int], None] | None = None  # called with the rows of each forward (metrics)
         self._worker = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._worker.start()
 
@@ -103,7 +105,10 @@ class BatchingModel:
                         sizes = [s.tokens.size(0) for s in group]
                         results = list(zip(log_probs.split(sizes), states.split(sizes, dim=1)))
                     self.batches += 1
-                    self.rows += sum(s.tokens.size(0) for s in group)
+                    rows = sum(s.tokens.size(0) for s in group)
+                    self.rows += rows
+                    if self.on_batch is not None:
+                        self.on_batch(rows)
                     for step, result in zip(group, results):
                         step.future.set_result(result)
                 except Exception as error:  # noqa: BLE001 - hand the failure to every caller in the batch

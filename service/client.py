@@ -6,9 +6,12 @@
     python -m service.client info
     python -m service.client health
 
+A secured server (see README, security): --token-file (or NEXTWORD_AUTH_TOKEN) for the
+bearer token, --tls-ca for the server's CA, --tls-cert/--tls-key for a client certificate.
+
 Library use:
 
-    with NextWordClient("localhost:50051") as client:
+    with NextWordClient("localhost:50051", token=..., root_certificates=...) as client:
         for suggestion in client.suggest("In the beginning").suggestions:
             print(suggestion.text, suggestion.probability)
 """
@@ -17,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Iterable, Iterator
 
@@ -29,11 +33,22 @@ from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 
 
 class NextWordClient:
-    def __init__(self, target: str = "localhost:50051", timeout: float | None = 10.0) -> None:
-        self.channel = grpc.insecure_channel(target)
+    """``token``: a bearer token sent with every call. TLS when ``tls`` or any certificate is given:
+    ``root_certificates`` (PEM) to trust the server (default: the system's roots), and
+    ``private_key`` / ``certificate_chain`` (PEM) for mutual TLS."""
+
+    def __init__(self, target: str = "localhost:50051", timeout: float | None = 10.0, token: str | None = None,
+                 tls: bool = False, root_certificates: bytes | None = None, private_key: bytes | None = None,
+                 certificate_chain: bytes | None = None) -> None:
+        if tls or root_certificates or private_key or certificate_chain:
+            credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
+            self.channel = grpc.secure_channel(target, credentials)
+        else:
+            self.channel = grpc.insecure_channel(target)
         self.stub = pb_grpc.NextWordStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
+        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
     def __enter__(self) -> "NextWordClient":
         return self
@@ -46,21 +61,23 @@ class NextWordClient:
 
     def suggest(self, text: str, num_suggestions: int = 0) -> pb.SuggestResponse:
         return self.stub.Suggest(pb.SuggestRequest(text=text, num_suggestions=num_suggestions),
-                                 timeout=self.timeout, wait_for_ready=True)
+                                 timeout=self.timeout, wait_for_ready=True, metadata=self.metadata)
 
     def generate(self, prompt: str, **params) -> Iterator[pb.GenerateResponse]:
         """Streams GenerateResponse messages; params are GenerateRequest fields (temperature, top_k, ...)."""
         return self.stub.Generate(pb.GenerateRequest(prompt=prompt, **params), timeout=self.timeout,
-                                  wait_for_ready=True)
+                                  wait_for_ready=True, metadata=self.metadata)
 
     def type(self, edits: Iterable[pb.TypeRequest], timeout: float | None = None) -> Iterator[pb.TypeResponse]:
-        return self.stub.Type(iter(edits), timeout=timeout, wait_for_ready=True)
+        return self.stub.Type(iter(edits), timeout=timeout, wait_for_ready=True, metadata=self.metadata)
 
     def info(self) -> pb.GetModelInfoResponse:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, wait_for_ready=True)
+        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, wait_for_ready=True,
+                                      metadata=self.metadata)
 
     def health(self, service: str = "") -> str:
-        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout)
+        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout,
+                                          metadata=self.metadata)
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
@@ -109,6 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--target", default="localhost:50051", help="server address (default localhost:50051)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
     parser.add_argument("--json", action="store_true", help="print responses as JSON")
+    parser.add_argument("--token-file", help="file with the bearer token (default: env NEXTWORD_AUTH_TOKEN)")
+    parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
+    parser.add_argument("--tls-ca", help="PEM CA bundle that signed the server's certificate (implies --tls)")
+    parser.add_argument("--tls-cert", help="PEM client certificate, for mutual TLS")
+    parser.add_argument("--tls-key", help="PEM key of --tls-cert")
     commands = parser.add_subparsers(dest="command", required=True)
     suggest = commands.add_parser("suggest", help="suggestions for the text before the cursor")
     suggest.add_argument("text")
@@ -127,7 +149,16 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("health", help="the server's health status")
     args = parser.parse_args(argv)
 
-    client = NextWordClient(args.target, args.timeout)
+    try:
+        token = (open(args.token_file, encoding="utf-8").read().strip() if args.token_file
+                 else os.environ.get("NEXTWORD_AUTH_TOKEN", "").strip() or None)
+        pem = {name: open(path, "rb").read() if path else None
+               for name, path in (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))}
+    except OSError as error:
+        print(f"nextword-client: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    client = NextWordClient(args.target, args.timeout, token=token, tls=args.tls, root_certificates=pem["ca"],
+                            private_key=pem["key"], certificate_chain=pem["cert"])
     try:
         if args.command == "suggest":
             response = client.suggest(args.text, args.num_suggestions)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import threading
 from concurrent import futures
@@ -13,13 +14,52 @@ from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig
 from service.engine import Engine
-from service.interceptors import LastResortInterceptor
+from service.interceptors import CallGuard
+from service.metrics import Metrics
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from service.servicer import NextWordServicer
 
 log = logging.getLogger("nextword")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextWord"].full_name  # "nextword.v1.NextWord"
+TOKEN_ENV = "NEXTWORD_AUTH_TOKEN"
+SPARE_THREADS = 16  # beyond max_concurrent_rpcs: health checks and refusals always find a thread
+
+
+def _read(path: str, what: str) -> bytes:
+    try:
+        with open(path, "rb") as handle:
+            return handle.read()
+    except OSError as error:
+        raise ValueError(f"cannot read {what} {path}: {error.strerror}") from None
+
+
+def load_tokens(config: ServerConfig) -> list[str]:
+    """Bearer tokens from auth_token_file (one per line, # comments) and the NEXTWORD_AUTH_TOKEN variable."""
+    tokens = []
+    if config.auth_token_file:
+        text = _read(config.auth_token_file, "--auth-token-file").decode("utf-8", errors="replace")
+        tokens = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        if not tokens:
+            raise ValueError(f"--auth-token-file {config.auth_token_file} has no token (one per line)")
+    if os.environ.get(TOKEN_ENV, "").strip():
+        tokens.append(os.environ[TOKEN_ENV].strip())
+    for token in tokens:
+        if len(token) < 16 or any(ch.isspace() for ch in token):
+            raise ValueError("a bearer token must have at least 16 characters and no white space")
+    return tokens
+
+
+def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    if not (config.tls_cert or config.tls_key):
+        if config.tls_client_ca:
+            raise ValueError("--tls-client-ca needs --tls-cert and --tls-key")
+        return None
+    if not (config.tls_cert and config.tls_key):
+        raise ValueError("TLS needs both --tls-cert and --tls-key")
+    pair = (_read(config.tls_key, "--tls-key"), _read(config.tls_cert, "--tls-cert"))
+    ca = _read(config.tls_client_ca, "--tls-client-ca") if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([pair], root_certificates=ca, require_client_auth=ca is not None)
 
 
 class Server:
@@ -27,13 +67,28 @@ class Server:
 
     def __init__(self, config: ServerConfig, engine: Engine) -> None:
         self.config = config
+        self.metrics = Metrics()
+        tokens = load_tokens(config)
+        credentials = server_credentials(config)
+        self.guard = CallGuard(self.metrics, tokens, config.max_concurrent_rpcs, config.health_without_auth)
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=config.workers, thread_name_prefix="rpc"),
-                                interceptors=[LastResortInterceptor()], options=options,
-                                maximum_concurrent_rpcs=config.workers * 4)
+        # One thread per call (a Type session holds its thread): the guard refuses calls beyond the limit.
+        threads = config.max_concurrent_rpcs + SPARE_THREADS
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+                                interceptors=[self.guard], options=options)
         self.servicer = NextWordServicer(engine, config)
+        self.metrics.watch(lambda: self.servicer.active_sessions, lambda: self.servicer.active_generations,
+                           lambda: getattr(engine.model, "queue_depth", 0))
+        if hasattr(engine.model, "on_batch"):
+            engine.model.on_batch = self.metrics.batch_rows.observe
+        manifest = engine.artifact.manifest
+        self.metrics.model.info({
+            "path": config.model, "format_version": str(manifest["format_version"]),
+            "tokenizer": manifest["tokenizer"]["kind"], "vocab_size": str(manifest["tokenizer"]["vocab_size"]),
+            "cell": manifest["model"]["cell"], "num_layers": str(manifest["model"]["num_layers"]),
+            "hidden_size": str(manifest["model"]["hidden_size"]), "device": str(engine.model.device)})
         pb_grpc.add_NextWordServicer_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -41,9 +96,13 @@ class Server:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
                 self.grpc)
-        self.port = self.grpc.add_insecure_port(f"{config.host}:{config.port}")
+        address = f"{config.host}:{config.port}"
+        self.tls = credentials is not None
+        self.port = self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
         if self.port == 0:
-            raise OSError(f"cannot listen on {config.host}:{config.port}")
+            raise OSError(f"cannot listen on {address}")
+        self.auth = bool(tokens)
+        self.metrics_port = self.metrics.start_http(config.host, config.metrics_port) if config.metrics else None
         self._stopped = threading.Event()
 
     def start(self) -> "Server":
@@ -57,6 +116,7 @@ class Server:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc.stop(self.config.grace if grace is None else grace).wait()
+        self.metrics.stop_http()
         self._stopped.set()
 
     def wait(self) -> None:
@@ -81,12 +141,18 @@ def serve(config: ServerConfig) -> None:
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
     manifest = engine.artifact.manifest
-    log.info("serving %s (%s, %s %dx%d) on %s:%d, device %s", config.model, manifest["tokenizer"]["kind"],
-             manifest["model"]["cell"], manifest["model"]["num_layers"], manifest["model"]["hidden_size"],
-             config.host, port, engine.model.device)
-    print(f"nextword: SERVING on port {port}. Try:\n"
-          f"  python -m service.client --target localhost:{port} suggest \"In the beginning\"\n"
-          f"  grpcurl -plaintext -d '{{\"text\": \"In the beginning\"}}' localhost:{port} nextword.v1.NextWord/Suggest",
-          flush=True)
+    log.info("serving %s (%s, %s %dx%d) on %s:%d, device %s; %s, %s; metrics %s", config.model,
+             manifest["tokenizer"]["kind"], manifest["model"]["cell"], manifest["model"]["num_layers"],
+             manifest["model"]["hidden_size"], config.host, port, engine.model.device,
+             "TLS" + (" with client certificates" if config.tls_client_ca else "") if server.tls else "plaintext",
+             "bearer tokens required" if server.auth else "no authentication",
+             f"on port {server.metrics_port} (/metrics)" if server.metrics_port else "off")
+    if server.tls or server.auth:
+        print(f"nextword: SERVING on port {port}", flush=True)
+    else:
+        print(f"nextword: SERVING on port {port}. Try:\n"
+              f"  python -m service.client --target localhost:{port} suggest \"In the beginning\"\n"
+              f"  grpcurl -plaintext -d '{{\"text\": \"In the beginning\"}}' localhost:{port} "
+              "nextword.v1.NextWord/Suggest", flush=True)
     server.wait()
     log.info("stopped")

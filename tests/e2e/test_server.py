@@ -20,6 +20,7 @@ from tests.conftest import ROOT, run_cli
 
 
 def start(model, **overrides):
+    overrides.setdefault("metrics_port", 0)
     config = ServerConfig(model=model, host="127.0.0.1", port=0, max_generate_tokens=2000, **overrides)
     engine = Engine.load(config)
     server, port = create_server(config, engine)
@@ -235,7 +236,7 @@ def test_session_limit_idle_timeout_and_count(tiny_char_model):
 
 def test_serve_command_reports_serving_then_stops_gracefully_on_sigterm(tiny_char_model):
     process = subprocess.Popen([sys.executable, "-m", "service", "--model", tiny_char_model, "--port", "0",
-                                "--host", "127.0.0.1", "--grace", "5"], cwd=ROOT, stdout=subprocess.PIPE,
+                                "--host", "127.0.0.1", "--grace", "5", "--metrics-port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
                                stderr=subprocess.PIPE, text=True)
     try:
         line = process.stdout.readline()
