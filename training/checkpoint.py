@@ -6,6 +6,8 @@ artifact that ``training/export.py`` makes from it).
 
 from __future__ import annotations
 
+import contextlib
+import glob
 import os
 import pickle
 import zipfile
@@ -27,6 +29,11 @@ class CheckpointError(ValueError):
 def save_checkpoint(path: str, payload: dict[str, Any]) -> None:
     payload = {"format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION, **payload}
     atomic_write(path, lambda handle: torch.save(payload, handle))
+    # A process killed while writing leaves its temporary file behind; the checkpoint itself is whole.
+    directory, name = os.path.split(os.path.abspath(path))
+    for stale in glob.glob(os.path.join(directory, f".{glob.escape(name)}.tmp-*")):
+        with contextlib.suppress(OSError):
+            os.unlink(stale)
 
 
 def load_checkpoint(path: str) -> dict[str, Any]:

@@ -20,8 +20,8 @@ from tests.conftest import ROOT, run_cli
 
 
 def start(model, **overrides):
-    overrides.setdefault("metrics_port", 0)
-    config = ServerConfig(model=model, host="127.0.0.1", port=0, max_generate_tokens=2000, **overrides)
+    overrides = {"metrics_port": 0, "max_generate_tokens": 2000, **overrides}
+    config = ServerConfig(model=model, host="127.0.0.1", port=0, **overrides)
     engine = Engine.load(config)
     server, port = create_server(config, engine)
     return server, port, engine

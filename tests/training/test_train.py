@@ -196,3 +196,48 @@ def test_damaged_checkpoint_gives_one_line(tmp_path):
     result = run_cli("training.train", "--resume", out)
     assert result.returncode == 1
     assert "checkpoint is damaged or not a nextword checkpoint" in error_line(result)
+
+
+KILL_WHILE_SAVING = """
+import io, sys, time, torch
+real_save = torch.save
+saves = []
+def save(obj, handle, *args, **kwargs):
+    saves.append(1)
+    if len(saves) == 3:  # the third checkpoint: half of it reaches the disk, then the process is killed
+        buffer = io.BytesIO()
+        real_save(obj, buffer, *args, **kwargs)
+        handle.write(buffer.getvalue()[: len(buffer.getvalue()) // 2])
+        handle.flush()
+        open(sys.argv[1], "w").close()
+        time.sleep(600)
+    return real_save(obj, handle, *args, **kwargs)
+torch.save = save
+from training.train import main
+sys.exit(main(sys.argv[2:]))
+"""
+
+
+def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_good_one(tmp_path):
+    out, marker = str(tmp_path / "run"), str(tmp_path / "writing")
+    process = subprocess.Popen([sys.executable, "-c", KILL_WHILE_SAVING, marker, "--corpus", TINY_EN, "--out", out,
+                                "--tokenizer", "char", "--max-steps", "50", "--save-every", "2",
+                                "--val-fraction", "0", *TINY_NET], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 120
+        while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:
+            time.sleep(0.05)
+        assert os.path.exists(marker), process.stderr.read() if process.poll() is not None else "no third save"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+        process.stderr.close()
+    leftovers = [name for name in os.listdir(out) if ".tmp-" in name]
+    assert leftovers, "the half-written checkpoint should be a temporary file"
+    good = load_checkpoint(out)  # the last complete checkpoint, untouched by the killed write
+    assert good["step"] == 4
+    result = run_cli("training.train", "--resume", out, "--max-steps", "8")
+    assert result.returncode == 0, result.stderr
+    assert load_checkpoint(out)["step"] == 8
+    assert not [name for name in os.listdir(out) if ".tmp-" in name]
