@@ -27,7 +27,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
-EXPOSE 50051
+# 50051: gRPC; 9464: Prometheus /metrics (keep it on a private network)
+EXPOSE 50051 9464
 # Through the standard gRPC health service (grpc.health.v1.Health/Check).
 HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "service.client", "--target", "localhost:50051", "--timeout", "4", "health"]
