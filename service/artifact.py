@@ -69,12 +69,44 @@ def atomic_write(path: str, write: Callable, verify: Callable[[str], None] | Non
         os.close(descriptor)
 
 
+def _digest_value(digest, value) -> None:
+    """Float tensors as float32 bytes; int8-quantised ones as their integers and scales; packed
+    parameters (int8 layers) through their serialised state; other values by their repr."""
+    if isinstance(value, torch.Tensor):
+        value = value.detach().to("cpu")
+        if value.is_quantized:
+            digest.update(value.int_repr().contiguous().numpy().tobytes())
+            value = value.q_per_channel_scales() if value.qscheme() in (
+                torch.per_channel_affine, torch.per_channel_symmetric) else torch.tensor([value.q_scale()])
+        digest.update(value.to(torch.float32).contiguous().numpy().tobytes())
+    elif isinstance(value, (tuple, list)):
+        for item in value:
+            _digest_value(digest, item)
+    elif isinstance(value, torch.ScriptObject) and hasattr(value, "__getstate__"):
+        _digest_value(digest, value.__getstate__())
+    else:
+        digest.update(repr(value).encode())
+
+
+def _packed_weights(module: torch.nn.Module):
+    """The int8 weights of a scripted quantised model, which its state_dict does not list."""
+    for name, sub in module.named_modules():
+        c = getattr(sub, "_c", None)
+        if c is None:
+            continue
+        if "_weight_bias" in c._method_names():          # int8 Linear
+            yield name, c._get_method("_weight_bias")()
+        param = getattr(sub, "param", None)
+        if isinstance(param, torch.ScriptObject):          # int8 LSTM/GRU/RNN cell parameters
+            yield name, param.__getstate__()
+
+
 def weights_digest(module: torch.nn.Module) -> str:
-    """SHA-256 over every parameter and buffer, by name, as float32 bytes."""
+    """SHA-256 over every parameter and buffer (and int8 packed weights), by name."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
+    for name, value in [*sorted(module.state_dict().items()), *_packed_weights(module)]:
         digest.update(name.encode())
-        digest.update(tensor.detach().to("cpu", torch.float32).contiguous().numpy().tobytes())
+        _digest_value(digest, value)
     return digest.hexdigest()
 
 

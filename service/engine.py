@@ -27,6 +27,9 @@ class Engine:
         if config.threads:
             torch.set_num_threads(config.threads)
         artifact = load_artifact(config.model, "cpu")
+        if artifact.manifest.get("quantization", "none") != "none" and device != "cpu":
+            raise ValueError(f"{config.model} has {artifact.manifest['quantization']} weights, which run on CPU only; "
+                             "serve it with --device cpu, or export the model without --quantize for the GPU")
         model = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda")
         if config.batching:
             model = BatchingModel(model, config.max_batch_size, config.max_batch_wait_ms / 1000.0)

@@ -159,6 +159,8 @@ class LanguageModel(nn.Module):
         self.decoder = nn.Linear(H, config.vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight  # [V, H] shared with the input
+        # dtype and device of the states; not a weight, so it stays float when the layers are quantised
+        self.register_buffer("anchor", torch.zeros(0), persistent=False)
         self._init_weights(config)
 
     def _init_weights(self, config: ModelConfig) -> None:
@@ -170,8 +172,8 @@ class LanguageModel(nn.Module):
 
     @torch.jit.export
     def init_state(self, batch_size: int) -> Tensor:
-        weight = self.decoder.weight
-        return torch.zeros(self.num_layers, batch_size, self.state_size, dtype=weight.dtype, device=weight.device)
+        return torch.zeros(self.num_layers, batch_size, self.state_size, dtype=self.anchor.dtype,
+                           device=self.anchor.device)
 
     def forward(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """tokens [B, T] int64, state [L, B, S] -> logits [B, T, V], state [L, B, S]."""

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from service.artifact import FORMAT_VERSION, ArtifactError, load_artifact
-from tests.conftest import ROOT, run_cli
+from tests.conftest import ROOT, TINY_EN, TINY_ZH, run_cli
 from training.checkpoint import load_checkpoint
 from training.model import LanguageModel, ModelConfig
 
@@ -124,3 +124,41 @@ def test_export_command(tiny_char_run, tmp_path):
     result = run_cli("training.export", str(tmp_path / "missing"), "--out", str(out))
     assert result.returncode == 1
     assert result.stderr.strip() == f"nextword-export: error: checkpoint not found: {tmp_path / 'missing'}"
+
+
+@pytest.mark.parametrize("run", ["tiny_word_run", "tiny_zh_run"])
+def test_int8_export_serves_close_to_float_and_its_checksum_covers_the_int8_weights(run, request, tmp_path):
+    from service.engine import Engine
+    from service.config import ServerConfig
+    from training.evaluate import Scorer, evaluate
+    from service.runner import ScriptedModel
+
+    run_dir = request.getfixturevalue(run)
+    paths = {}
+    for name, quantize in (("float", None), ("int8", "int8")):
+        paths[name] = str(tmp_path / f"{name}.pt")
+        result = run_cli("training.export", run_dir, "--out", paths[name], *(["--quantize", quantize] if quantize else []))
+        assert result.returncode == 0, result.stderr
+    assert load_artifact(paths["int8"]).manifest["quantization"] == "int8"
+    assert os.path.getsize(paths["int8"]) < os.path.getsize(paths["float"])
+    corpus = TINY_ZH if run == "tiny_zh_run" else TINY_EN
+    lines = open(corpus, encoding="utf-8").read().splitlines()[:30]
+    metrics = {}
+    for name, path in paths.items():
+        artifact = load_artifact(path)
+        model = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
+        metrics[name] = evaluate(Scorer(name, model, model), artifact.tokenizer, lines)
+    assert abs(metrics["int8"]["perplexity"] / metrics["float"]["perplexity"] - 1) < 0.05
+    assert abs(metrics["int8"]["top1"] - metrics["float"]["top1"]) < 0.1
+    engine = Engine.load(ServerConfig(model=paths["int8"], metrics_port=0))
+    assert engine.suggester.suggest("we " if run == "tiny_word_run" else "我", 3).suggestions
+    # the checksum covers the int8 weights, which the state_dict does not list: change one, the digest changes
+    from service.artifact import weights_digest
+
+    module = load_artifact(paths["int8"]).model
+    before = weights_digest(module)
+    packed = dict(module.named_modules())["decoder._packed_params"]._c
+    weight, bias = packed._get_method("_weight_bias")()
+    changed = torch.quantize_per_tensor(weight.dequantize() + 0.5, weight.q_scale(), 0, torch.qint8)
+    packed._get_method("set_weight_bias")(changed, bias)
+    assert weights_digest(module) != before
