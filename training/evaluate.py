@@ -2,6 +2,7 @@
 
     python -m training.evaluate model.pt --text test.txt
     python -m training.evaluate model.pt --text test.txt --baseline ngram --train train.txt --order 4 --json out.json
+    python -m training.evaluate int8.pt --text test.txt --against float.pt
 
 Every line of the text is read on its own, from ``<s>``, as the service reads
 a request. Suggestions come from the serving code itself (service/suggest.py),
@@ -269,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("model", help="a model file from nextword-export")
     p.add_argument("--text", required=True, metavar="PATH", help="held-out UTF-8 text, one sequence per line")
     p.add_argument("--baseline", choices=["ngram"], help="also score an n-gram model on the same text")
+    p.add_argument("--against", metavar="MODEL",
+                   help="also score another model file on the same text (for example float against int8)")
     p.add_argument("--train", action="append", default=[], metavar="PATH",
                    help="training text for the baseline (the model's own training split)")
     p.add_argument("--order", type=ranged(int, 3, 5), default=4, help="n-gram order, 3 to 5 (default 4)")
@@ -280,10 +283,13 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     if args.baseline and not args.train:
         p.error("--baseline ngram needs --train PATH (the text the model was trained on)")
+    if args.baseline and args.against:
+        p.error("--baseline and --against are exclusive: compare with one of them")
     if args.threads:
         torch.set_num_threads(args.threads)
     try:
         artifact = load_artifact(args.model)
+        other = load_artifact(args.against) if args.against else None
         lines = read_corpus([args.text]).lines[: args.max_lines]
         train_lines = read_corpus(args.train).lines if args.baseline else []
     except (ArtifactError, CorpusError) as error:
@@ -291,22 +297,28 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     tokenizer = artifact.tokenizer
     network = ScriptedModel(artifact.model, tokenizer.vocab_size)
-    scorers = [Scorer("model", network, network)]
+    scorers = [(Scorer("model", network, network), tokenizer)]
     if args.baseline:
         counts = NgramCounts.from_text(train_lines, tokenizer, args.order)
-        scorers.append(Scorer(f"ngram-{args.order}", NgramStepModel(counts, "kneser-ney"),
-                              NgramStepModel(counts, "backoff")))
+        scorers.append((Scorer(f"ngram-{args.order}", NgramStepModel(counts, "kneser-ney"),
+                               NgramStepModel(counts, "backoff")), tokenizer))
+    if other is not None:
+        other_network = ScriptedModel(other.model, other.tokenizer.vocab_size)
+        scorers.append((Scorer("against", other_network, other_network), other.tokenizer))
     results: dict[str, dict] = {}
-    for scorer in scorers:
+    for scorer, scorer_tokenizer in scorers:
         started = time.perf_counter()
-        results[scorer.name] = evaluate(scorer, tokenizer, lines, args.suggestions)
+        results[scorer.name] = evaluate(scorer, scorer_tokenizer, lines, args.suggestions)
         results[scorer.name]["seconds"] = round(time.perf_counter() - started, 1)
     first = results["model"]
     print(f"{args.text}: {len(lines)} lines, {first['targets']} {first['units']} scored, {first['tokens']} tokens "
           f"({100 * first['unknown_token_rate']:.1f} % <unk>); keystroke savings with {args.suggestions} suggestions")
+    if other is not None:
+        print(f"against: {args.against}" + ("" if other.tokenizer.to_bytes() == tokenizer.to_bytes() else
+              " (another tokenizer: compare bits per character, not perplexity)"))
     print(format_table(results))
     document = {"model": args.model, "text": args.text, "lines": len(lines), "suggestions": args.suggestions,
-                "order": args.order if args.baseline else None, "results": results}
+                "order": args.order if args.baseline else None, "against": args.against, "results": results}
     if args.json == "-":
         print(json.dumps(document, indent=2))
     elif args.json:

@@ -165,3 +165,20 @@ def test_command_damaged_model_is_one_line(tmp_path):
     result = run_cli("training.evaluate", str(bad), "--text", TINY_EN)
     assert result.returncode == 2 and "not a nextword model file" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_command_against_another_model_scores_both_by_the_same_code(tiny_word_model, tmp_path):
+    out = tmp_path / "eval.json"
+    result = run_cli("training.evaluate", tiny_word_model, "--text", TINY_EN, "--max-lines", "10",
+                     "--against", tiny_word_model, "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())["results"]
+    for key in ("perplexity", "top1", "top3", "ksr", "completion1_hit1"):
+        assert results["model"][key] == results["against"][key]
+    assert "1.00x" in next(line for line in result.stdout.splitlines() if line.startswith("perplexity"))
+
+
+def test_command_baseline_and_against_are_exclusive(tiny_word_model):
+    result = run_cli("training.evaluate", tiny_word_model, "--text", TINY_EN, "--against", tiny_word_model,
+                     "--baseline", "ngram", "--train", TINY_EN)
+    assert result.returncode == 2 and "exclusive" in result.stderr
