@@ -38,10 +38,13 @@ class IncrementalContext:
         window = token_ids[start:]
         common = 0
         if start == self.start:
-            for a, b in zip(window, self.window):
-                if a != b:
-                    break
-                common += 1
+            if window[: len(self.window)] == self.window:  # the usual keystroke: same or longer context
+                common = len(self.window)
+            else:
+                for a, b in zip(window, self.window):
+                    if a != b:
+                        break
+                    common += 1
         else:
             self.saved.clear()
         while self.saved and self.saved[-1][0] > common:
