@@ -19,7 +19,7 @@ from hypothesis import strategies as st
 from service.client import NextWordClient
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from tests.conftest import ROOT
-from tests.e2e.test_server import start
+from tests.e2e.test_server import held_session, start
 
 # What a keyboard may send: any Unicode scalar value (protobuf strings cannot carry lone surrogates),
 # with Chinese, emoji, combining marks, control and zero-width characters made likely.
@@ -187,13 +187,9 @@ def test_cancelled_type_session_frees_its_slot(tiny_char_model):
     server, port, _ = start(tiny_char_model, max_sessions=1)
     release = threading.Event()
 
-    def held():
-        yield pb.TypeRequest(append="we")
-        release.wait(30)
-
     try:
         with NextWordClient(f"127.0.0.1:{port}", timeout=10) as client:
-            stream = client.type(held())
+            stream = client.type(held_session(release))
             next(stream)
             assert server.servicer.active_sessions == 1
             with pytest.raises(grpc.RpcError) as caught:  # the one slot is taken

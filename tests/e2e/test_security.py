@@ -21,7 +21,7 @@ from service.config import ServerConfig
 from service.logs import JsonFormatter
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.server import create_server, load_tokens
-from tests.e2e.test_server import start
+from tests.e2e.test_server import held_session, start
 
 TOKEN = "s3cret-token-0123456789"
 
@@ -158,13 +158,9 @@ def test_concurrency_limit_refuses_with_resource_exhausted_naming_the_limit(tiny
     server, port, _ = start(tiny_char_model, max_concurrent_rpcs=2, max_sessions=8)
     release = threading.Event()
 
-    def held_edits():
-        yield pb.TypeRequest(append="we")
-        release.wait(20)
-
     try:
         with NextWordClient(f"127.0.0.1:{port}", timeout=20) as client:
-            streams = [client.type(held_edits()) for _ in range(2)]
+            streams = [client.type(held_session(release, 20)) for _ in range(2)]
             for stream in streams:
                 next(stream)  # both sessions are open and hold a slot each
             with pytest.raises(grpc.RpcError) as caught:

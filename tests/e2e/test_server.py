@@ -27,6 +27,12 @@ def start(model, **overrides):
     return server, port, engine
 
 
+def held_session(release: threading.Event, seconds: float = 30):
+    """Type edits that open a session with "we", then hold it open until ``release`` is set."""
+    yield pb.TypeRequest(append="we")
+    release.wait(seconds)
+
+
 @pytest.fixture(scope="module")
 def served(tiny_char_model):
     server, port, engine = start(tiny_char_model)
@@ -212,12 +218,7 @@ def test_session_limit_idle_timeout_and_count(tiny_char_model):
     try:
         with NextWordClient(f"127.0.0.1:{port}") as client:
             release = threading.Event()
-
-            def slow_edits():
-                yield pb.TypeRequest(append="we")
-                release.wait(10)
-
-            first = client.type(slow_edits(), timeout=20)
+            first = client.type(held_session(release, 10), timeout=20)
             assert next(first).text_length == 2
             with pytest.raises(grpc.RpcError) as error:
                 list(client.type([pb.TypeRequest(append="a")], timeout=5))
