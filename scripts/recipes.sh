@@ -13,10 +13,11 @@ VENV=${VENV:-.venv}
 name=${1:?usage: scripts/recipes.sh kjv|zh [CORPORA_DIR]}
 corpora=${2:-../shared/corpora}
 py="$VENV/bin/python"
+order=5  # the n-gram order best on validation, for both recipes
 case "$name" in
-    kjv) corpus="$corpora/kjv/kjv.txt"; order=5
+    kjv) corpus="$corpora/kjv/kjv.txt"
          flags=(--tokenizer word --lowercase --vocab-size 5000 --dropout 0.1 --epochs 10 --max-steps 9000 --eval-every 1500) ;;
-    zh)  corpus="$corpora/zh-fortunes/zh-fortunes.txt"; order=5
+    zh)  corpus="$corpora/zh-fortunes/zh-fortunes.txt"
          flags=(--tokenizer char --dropout 0.3 --epochs 10 --max-steps 3000 --eval-every 1000) ;;
     *) echo "recipes.sh: unknown recipe '$name' (kjv or zh)" >&2; exit 2 ;;
 esac

@@ -264,6 +264,12 @@ def format_table(results: dict[str, dict]) -> str:
                      for r in rows)
 
 
+def network_scorer(name: str, artifact) -> tuple[Scorer, Tokenizer]:
+    """A model file's network, for perplexity and ranking alike, with the tokenizer it reads text with."""
+    network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
+    return Scorer(name, network, network), artifact.tokenizer
+
+
 def main(argv: list[str] | None = None) -> int:
     p = OneLineParser(prog="nextword-eval", description="Judge a nextword model on held-out text: perplexity, "
                       "top-k next-word accuracy, keystroke savings and word completion.")
@@ -296,15 +302,13 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nextword-eval: {error}", file=sys.stderr)
         return 2
     tokenizer = artifact.tokenizer
-    network = ScriptedModel(artifact.model, tokenizer.vocab_size)
-    scorers = [(Scorer("model", network, network), tokenizer)]
+    scorers = [network_scorer("model", artifact)]
     if args.baseline:
         counts = NgramCounts.from_text(train_lines, tokenizer, args.order)
         scorers.append((Scorer(f"ngram-{args.order}", NgramStepModel(counts, "kneser-ney"),
                                NgramStepModel(counts, "backoff")), tokenizer))
     if other is not None:
-        other_network = ScriptedModel(other.model, other.tokenizer.vocab_size)
-        scorers.append((Scorer("against", other_network, other_network), other.tokenizer))
+        scorers.append(network_scorer("against", other))
     results: dict[str, dict] = {}
     for scorer, scorer_tokenizer in scorers:
         started = time.perf_counter()
