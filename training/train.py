@@ -254,7 +254,9 @@ def train(config: TrainConfig, checkpoint: dict | None = None) -> int:
 
     torch.manual_seed(config.seed)
     model = LanguageModel(model_config).to(device)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    # the fused kernel updates all parameters in one pass (about 5 % of a step on CPU)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                  fused=device.type in ("cpu", "cuda"))
     step, epoch, window, elapsed, best = 0, 0, 0, 0.0, math.inf
     state = None
     if checkpoint is not None:
@@ -351,7 +353,7 @@ def train(config: TrainConfig, checkpoint: dict | None = None) -> int:
                         + "Try a lower --lr or --clip.")
                 optimizer.zero_grad(set_to_none=True)
                 loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip)
+                nn.utils.clip_grad_norm_(model.parameters(), config.clip, foreach=True)
                 optimizer.step()
                 state = new_state.detach()  # truncate backpropagation here, carry the values on
                 step += 1
