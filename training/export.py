@@ -49,8 +49,12 @@ def check_parity(eager: torch.nn.Module, path: str, trials: int = 3) -> float:
             state = torch.randn(eager.init_state(batch).shape, generator=generator) * 0.5
             expected_logits, expected_state = eager(tokens, state)
             logits, new_state = loaded(tokens, state)
+            expected_last, _ = eager.forward_last(tokens, state)  # what the service runs
+            last_logits, last_state = loaded.forward_last(tokens, state)
             worst = max(worst, (logits - expected_logits).abs().max().item(),
-                        (new_state - expected_state).abs().max().item())
+                        (new_state - expected_state).abs().max().item(),
+                        (last_logits - expected_last).abs().max().item(),
+                        (last_state - expected_state).abs().max().item())
     return worst
 
 

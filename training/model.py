@@ -177,6 +177,21 @@ class LanguageModel(nn.Module):
 
     def forward(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """tokens [B, T] int64, state [L, B, S] -> logits [B, T, V], state [L, B, S]."""
+        x, new_state = self.encode(tokens, state)
+        return self.decoder(self.dropout(x)), new_state
+
+    @torch.jit.export
+    def forward_last(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """Like forward, with the logits of the last position only: [B, V].
+
+        What serving needs: the decoder (V x H, most of the work for a small model)
+        runs once per sequence instead of once per token.
+        """
+        x, new_state = self.encode(tokens, state)
+        return self.decoder(self.dropout(x[:, -1])), new_state
+
+    def encode(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens [B, T], state [L, B, S] -> the last layer's outputs [B, T, H], state [L, B, S]."""
         if self.onehot:
             x, first_state = self.first(tokens, state[0])
         else:
@@ -185,5 +200,4 @@ class LanguageModel(nn.Module):
         for i, layer in enumerate(self.rest):
             x, layer_state = layer(self.dropout(x), state[i + 1])
             states.append(layer_state)
-        logits = self.decoder(self.dropout(x))  # [B, T, V]
-        return logits, torch.stack(states, dim=0)
+        return x, torch.stack(states, dim=0)

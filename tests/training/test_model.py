@@ -82,3 +82,17 @@ def test_scripts_with_torchscript_and_gives_the_same_logits(cell, input):
     scripted = torch.jit.script(model)
     tokens = torch.randint(0, 23, (2, 5))
     torch.testing.assert_close(scripted(tokens, scripted.init_state(2))[0], model(tokens, model.init_state(2))[0])
+
+
+@pytest.mark.parametrize("cell", CELLS)
+@pytest.mark.parametrize("input", ["embedding", "onehot"])
+def test_forward_last_is_the_last_position_of_forward_eager_and_scripted(cell, input):
+    model = make(cell, input)
+    tokens = torch.randint(0, 23, (3, 9))
+    state = torch.randn(model.init_state(3).shape)
+    logits, new_state = model(tokens, state)
+    for module in (model, torch.jit.script(model)):
+        last, last_state = module.forward_last(tokens, state)
+        assert last.shape == (3, 23)
+        torch.testing.assert_close(last, logits[:, -1])
+        torch.testing.assert_close(last_state, new_state)
