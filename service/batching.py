@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from service.runner import StepModel
+from service.runner import StepModel, use_intra_op_threads
 
 
 @dataclass
@@ -41,8 +41,10 @@ class _Step:
 class BatchingModel:
     """A StepModel that batches the calls of many threads into few calls of ``model``."""
 
-    def __init__(self, model: StepModel, max_batch_size: int = 64, max_wait: float = 0.0) -> None:
+    def __init__(self, model: StepModel, max_batch_size: int = 64, max_wait: float = 0.0,
+                 threads: int | None = None) -> None:
         self.model = model
+        self.threads = threads    # the worker's intra-op threads (None: leave torch's setting)
         self.vocab_size = model.vocab_size
         self.device = getattr(model, "device", torch.device("cpu"))
         self.max_batch_size = max_batch_size
@@ -87,6 +89,8 @@ class BatchingModel:
         return steps
 
     def _run(self) -> None:
+        if self.threads:
+            use_intra_op_threads(self.threads)
         while True:
             first = self._queue.get()
             if first is None:

@@ -24,7 +24,8 @@ class Engine:
     @classmethod
     def load(cls, config: ServerConfig) -> "Engine":
         device = resolve_device(config.device)
-        if config.threads:
+        threads = config.threads or torch.get_num_threads()
+        if config.threads and not config.batching:
             torch.set_num_threads(config.threads)
         artifact = load_artifact(config.model, "cpu")
         if artifact.manifest.get("quantization", "none") != "none" and device != "cpu":
@@ -32,7 +33,7 @@ class Engine:
                              "serve it with --device cpu, or export the model without --quantize for the GPU")
         model = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda")
         if config.batching:
-            model = BatchingModel(model, config.max_batch_size, config.max_batch_wait_ms / 1000.0)
+            model = BatchingModel(model, config.max_batch_size, config.max_batch_wait_ms / 1000.0, threads)
         suggester = Suggester(model, artifact.tokenizer, SuggestConfig(max_context_tokens=config.max_context_tokens))
         generator = Generator(model, artifact.tokenizer, config.max_context_tokens)
         return cls(artifact, model, suggester, generator)

@@ -1,9 +1,17 @@
-"""Structured logs: one JSON object per line (or plain text), with the request id when there is one."""
+"""Structured logs: one JSON object per line (or plain text), with the request id when there is one.
+
+A request thread formats its line and puts it on a queue; one listener thread writes
+the lines. So a call never waits on the log's reader: a slow or stalled stderr pipe
+(a container's log driver) holds up the listener, not the requests.
+"""
 
 from __future__ import annotations
 
+import atexit
 import json
 import logging
+import logging.handlers
+import queue
 import time
 
 FIELDS = ("request_id", "method", "code", "ms", "port", "model", "device")
@@ -35,9 +43,28 @@ class TextFormatter(logging.Formatter):
         return f"{line} {extra}" if extra else line
 
 
+_listener: logging.handlers.QueueListener | None = None
+
+
 def configure_logging(log_format: str = "json", level: int = logging.INFO) -> None:
-    handler = logging.StreamHandler()
-    handler.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())
+    global _listener
+    stop_logging()
+    lines: queue.SimpleQueue = queue.SimpleQueue()
+    enqueue = logging.handlers.QueueHandler(lines)
+    enqueue.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())  # formatted by the caller
+    write = logging.StreamHandler()
+    write.setFormatter(logging.Formatter("%(message)s"))  # the line as the caller formatted it
+    _listener = logging.handlers.QueueListener(lines, write)
+    _listener.start()
     root = logging.getLogger()
-    root.handlers[:] = [handler]
+    root.handlers[:] = [enqueue]
     root.setLevel(level)
+
+
+@atexit.register
+def stop_logging() -> None:
+    """Write the lines still queued and stop the writer thread."""
+    global _listener
+    if _listener is not None:
+        _listener.stop()
+        _listener = None

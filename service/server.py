@@ -7,8 +7,10 @@ import os
 import signal
 import threading
 from concurrent import futures
+from dataclasses import replace
 
 import grpc
+import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -16,6 +18,7 @@ from service.config import ServerConfig
 from service.engine import Engine
 from service.interceptors import CallGuard
 from service.metrics import Metrics
+from service.runner import use_intra_op_threads
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from service.servicer import NextWordServicer
@@ -76,7 +79,9 @@ class Server:
                    ("grpc.so_reuseport", 0)]
         # One thread per call (a Type session holds its thread): the guard refuses calls beyond the limit.
         threads = config.max_concurrent_rpcs + SPARE_THREADS
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc"),
+        # With batching, the model worker alone runs torch's parallel regions (see use_intra_op_threads).
+        pin = (lambda: use_intra_op_threads(1)) if config.batching else None
+        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc", initializer=pin),
                                 interceptors=[self.guard], options=options)
         self.servicer = NextWordServicer(engine, config)
         self.metrics.watch(lambda: self.servicer.active_sessions, lambda: self.servicer.active_generations,
@@ -130,6 +135,9 @@ def create_server(config: ServerConfig, engine: Engine) -> tuple[Server, int]:
 
 
 def serve(config: ServerConfig) -> None:
+    if config.batching:  # the worker gets the threads; this thread, which loads and warms up, gets one
+        config = replace(config, threads=config.threads or torch.get_num_threads())
+        use_intra_op_threads(1)
     engine = Engine.load(config)
     engine.warm_up()
     server, port = create_server(config, engine)

@@ -89,6 +89,8 @@ class Suggester:
 
         self.word_mask = mask(lambda t: bool(_WORD.fullmatch(t)))                      # a whole word
         self._is_word = self.word_mask.tolist()
+        self._word_ids = self.word_mask.nonzero().flatten()
+        self._word_id_list = self._word_ids.tolist()
         self.starts_word = mask(lambda t: bool(_WORD.fullmatch(t.lstrip())))          # may begin a word
         self.lead_space = mask(lambda t: t != "" and t.isspace())                     # white space alone
         ends = torch.tensor([bool(t) and not (t[0].isalnum() or t[0] in "'’_") for t in texts], dtype=torch.bool)
@@ -148,15 +150,16 @@ class Suggester:
 
     def _next_words(self, log_probs: Tensor, prefix: str, k: int) -> list[tuple[str, float]]:
         if prefix:
-            ids = torch.tensor([i for i in self._pieces_starting_with(prefix) if self._is_word[i]], dtype=torch.long)
+            ids = [i for i in self._pieces_starting_with(prefix) if self._is_word[i]]
+            if not ids:
+                return []
+            scores = log_probs[torch.tensor(ids, dtype=torch.long)]
+            scores = scores - torch.logsumexp(scores, dim=0)  # renormalise over every word that completes the prefix
         else:
-            ids = self.word_mask.nonzero().flatten()
-        if ids.numel() == 0:
-            return []
-        scores = log_probs[ids]
-        if prefix:  # renormalise over every word that completes the prefix
-            scores = scores - torch.logsumexp(scores, dim=0)
-        top = scores.topk(min(k, ids.numel()))
+            ids, scores = self._word_id_list, log_probs[self._word_ids]
+            if not ids:
+                return []
+        top = scores.topk(min(k, len(ids)))
         return [(self.texts[ids[j]], math.exp(v)) for v, j in zip(top.values.tolist(), top.indices.tolist())]
 
     # ------------------------------------------------------------------ char and sentencepiece models

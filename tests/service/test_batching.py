@@ -5,7 +5,7 @@ import torch
 
 from service.artifact import load_artifact
 from service.batching import BatchingModel
-from service.runner import ScriptedModel
+from service.runner import ScriptedModel, use_intra_op_threads
 from service.suggest import Suggester
 
 
@@ -87,3 +87,33 @@ def _error(call):
     except RuntimeError as error:
         return str(error)
     return None
+
+
+def test_the_worker_owns_the_intra_op_threads_and_a_pinned_caller_has_one():
+    class Probe:
+        vocab_size = 5
+        seen: list[int] = []
+
+        def init_state(self, batch_size):
+            return torch.zeros(1, batch_size, 2)
+
+        def advance(self, tokens, state):
+            self.seen.append(torch.get_num_threads())
+            return torch.zeros(tokens.size(0), 5), state
+
+    main_threads = torch.get_num_threads()
+    batched = BatchingModel(Probe(), threads=3)
+    callers: list[int] = []
+
+    def caller():
+        use_intra_op_threads(1)
+        batched.advance(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 2))
+        callers.append(torch.get_num_threads())
+
+    thread = threading.Thread(target=caller)
+    thread.start()
+    thread.join()
+    batched.close()
+    assert Probe.seen == [3]          # the forward ran on the worker, with the threads it was given
+    assert callers == [1]             # the caller kept its own setting
+    assert torch.get_num_threads() == main_threads  # other threads are untouched
