@@ -9,6 +9,7 @@ import time
 
 import grpc
 import pytest
+import torch
 
 from service.client import NextWordClient
 from service.config import ServerConfig
@@ -273,3 +274,18 @@ def test_client_command_line(served):
     assert result.returncode == 0 and len(result.stdout.strip().splitlines()) == 2
     result = run_cli("service.client", "--target", target, "suggest", "")
     assert result.returncode == 1 and result.stderr.strip() == "nextword-client: INVALID_ARGUMENT: text must not be empty"
+
+
+def test_request_threads_leave_the_intra_op_threads_to_the_model_worker(tiny_char_model, monkeypatch):
+    server, port, engine = start(tiny_char_model, threads=2)
+    seen = []
+    suggest = engine.suggester.suggest
+    monkeypatch.setattr(engine.suggester, "suggest", lambda text, k: (seen.append(torch.get_num_threads()),
+                                                                       suggest(text, k))[1])
+    try:
+        with NextWordClient(f"127.0.0.1:{port}") as client:
+            assert client.suggest("she cook fresh ", 3).suggestions
+    finally:
+        server.stop(0)
+        engine.model.close()
+    assert seen == [1] and engine.model.threads == 2
