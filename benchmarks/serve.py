@@ -35,25 +35,39 @@ from service.suggest import Suggester
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def in_process(model_path: str, seconds: float, device: str) -> dict:
+def on_thread(threads: int, work):
+    """Run ``work`` on a fresh thread with ``threads`` intra-op threads, as the server's model worker runs.
+
+    The main thread keeps one intra-op thread (see main), so the OpenMP team of this thread is the
+    only one, as in the server; it ends with the thread."""
+    result = []
+
+    def run() -> None:
+        use_intra_op_threads(threads)
+        result.append(work())
+
+    thread = threading.Thread(target=run)
+    thread.start()
+    thread.join()
+    return result[0]
+
+
+def in_process(model_path: str, seconds: float, device: str, threads: int) -> dict:
     artifact = load_artifact(model_path)
     plain = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)
     texts = prompts()
-    threads = torch.get_num_threads()
-    latencies: list[float] = []
 
-    def alone() -> None:  # in a thread of its own, whose OpenMP team ends with it (see use_intra_op_threads)
-        suggester = Suggester(plain, artifact.tokenizer)
+    def alone() -> list[float]:
+        suggester, latencies = Suggester(plain, artifact.tokenizer), []
         for text in texts[:20]:
             suggester.suggest(text, 3)
         for text in texts[:300]:
             start = time.perf_counter()
             suggester.suggest(text, 3)
             latencies.append(time.perf_counter() - start)
+        return latencies
 
-    thread = threading.Thread(target=alone)
-    thread.start()
-    thread.join()
+    latencies = on_thread(threads, alone)
     # the ceiling: 64 threads through the batching worker, set up as the server sets them up
     batched = BatchingModel(plain, max_batch_size=64, threads=threads)
     together = Suggester(batched, artifact.tokenizer)
@@ -134,7 +148,9 @@ def main() -> None:
     clients = [int(c) for c in args.clients.split(",")]
     print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
           f"{args.seconds:g} s per measurement; device {args.device}", flush=True)
-    base = in_process(args.model, args.seconds, args.device)
+    threads = torch.get_num_threads()
+    use_intra_op_threads(1)  # as in the server: the thread measuring or serving the model alone has a team
+    base = in_process(args.model, args.seconds, args.device, threads)
     print(f"in-process: p50 {base['p50_ms']:.2f} ms alone; batched ceiling {base['ceiling_qps']:.0f} QPS "
           f"(64 threads, {base['mean_batch_rows']:.1f} rows per forward)", flush=True)
     batched = server_runs(args.model, True, args.seconds, clients, args.device)
@@ -149,7 +165,8 @@ def main() -> None:
     one = batched[0]
     print(f"\np50 at 1 client: {one['p50_ms']:.2f} ms over gRPC vs {base['p50_ms']:.2f} ms in-process "
           f"(+{one['p50_ms'] - base['p50_ms']:.2f} ms)")
-    short, long_ = keystrokes(args.model, 20, args.device), keystrokes(args.model, 2000, args.device)
+    short = on_thread(threads, lambda: keystrokes(args.model, 20, args.device))
+    long_ = on_thread(threads, lambda: keystrokes(args.model, 2000, args.device))
     print("\n| text typed | Type session ms/keystroke | re-encode ms/keystroke |")
     print("| --- | --- | --- |")
     for row in (short, long_):
