@@ -118,6 +118,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def load(port: int, clients: int, seconds: float, method: str = "suggest") -> dict:
+    out = subprocess.run([sys.executable, "-m", "benchmarks.load", "--target", f"127.0.0.1:{port}", "--clients",
+                          str(clients), "--seconds", str(seconds), "--method", method],
+                         cwd=ROOT, capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
 def server_runs(model_path: str, batching: bool, seconds: float, clients: list[int], device: str) -> list[dict]:
     port = free_port()
     flag = "--batching" if batching else "--no-batching"
@@ -126,12 +133,9 @@ def server_runs(model_path: str, batching: bool, seconds: float, clients: list[i
                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     try:
         server.stdout.readline()  # "SERVING on port ..."
-        results = []
-        for count in clients:
-            out = subprocess.run([sys.executable, "-m", "benchmarks.load", "--target", f"127.0.0.1:{port}",
-                                  "--clients", str(count), "--seconds", str(seconds)],
-                                 cwd=ROOT, capture_output=True, text=True, check=True)
-            results.append(json.loads(out.stdout))
+        results = [load(port, count, seconds) for count in clients]
+        if batching:  # the per-call cost without the model: GetModelInfo at the most clients
+            results.append(load(port, max(clients), seconds, "info"))
         return results
     finally:
         server.terminate()
@@ -153,7 +157,7 @@ def main() -> None:
     base = in_process(args.model, args.seconds, args.device, threads)
     print(f"in-process: p50 {base['p50_ms']:.2f} ms alone; batched ceiling {base['ceiling_qps']:.0f} QPS "
           f"(64 threads, {base['mean_batch_rows']:.1f} rows per forward)", flush=True)
-    batched = server_runs(args.model, True, args.seconds, clients, args.device)
+    *batched, info = server_runs(args.model, True, args.seconds, clients, args.device)
     unbatched = server_runs(args.model, False, args.seconds, clients, args.device)
     print("\n| clients | batching QPS | p50 ms | p99 ms | no-batching QPS | p50 ms | p99 ms | QPS / ceiling |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -162,6 +166,9 @@ def main() -> None:
               f"{off['p50_ms']:.2f} | {off['p99_ms']:.2f} | {on['qps'] / base['ceiling_qps']:.2f}x |")
         if on["errors"] or off["errors"]:
             print(f"  errors: batching {on['errors']}, no batching {off['errors']}")
+    bound = 1 / (1 / base["ceiling_qps"] + 1 / info["qps"])
+    print(f"\nGetModelInfo (no model) at {info['clients']} clients: {info['qps']:.0f} QPS; the ceiling and this "
+          f"per-call cost added give {bound:.0f} QPS, {bound / base['ceiling_qps']:.2f}x the ceiling")
     one = batched[0]
     print(f"\np50 at 1 client: {one['p50_ms']:.2f} ms over gRPC vs {base['p50_ms']:.2f} ms in-process "
           f"(+{one['p50_ms'] - base['p50_ms']:.2f} ms)")
