@@ -41,6 +41,7 @@ HELP = {
     "metrics": "serve Prometheus metrics over HTTP",
     "metrics_port": "port for /metrics (0 = any free port)",
     "log_format": "json (one object per line) or text",
+    "log_calls": "a log line per call (method, status, duration, request id); errors are logged either way",
 }
 
 

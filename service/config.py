@@ -35,3 +35,4 @@ class ServerConfig:
     metrics: bool = True               # Prometheus metrics over HTTP on metrics_port
     metrics_port: int = 9464
     log_format: str = "json"           # json: one object per line; text: for people
+    log_calls: bool = True             # a log line per call; off: startup, errors and shutdown only

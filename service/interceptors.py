@@ -8,7 +8,8 @@
    RESOURCE_EXHAUSTED naming the limit (health checks are not counted);
 4. the handler, with a last resort: an unexpected exception becomes INTERNAL with
    an error id, and the traceback goes to the log;
-5. metrics (count by status code, latency) and one structured log line per call.
+5. metrics (count by status code, latency) and one structured log line per call
+   (``log_calls``; it costs about a fifth of a trivial call's CPU on this project's machine).
 
 Typed text never reaches the log: a log line has the method, status, duration
 and request id, nothing from the request body.
@@ -45,8 +46,9 @@ class CallGuard(grpc.ServerInterceptor):
     calls ``intercept_service`` for every call, only looks it up."""
 
     def __init__(self, metrics: Metrics, tokens: Sequence[str] = (), max_concurrent_rpcs: int = 0,
-                 health_without_auth: bool = True) -> None:
+                 health_without_auth: bool = True, log_calls: bool = True) -> None:
         self.metrics = metrics
+        self.log_calls = log_calls
         self.tokens = [t.encode() for t in tokens]
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.health_without_auth = health_without_auth
@@ -102,6 +104,7 @@ class CallGuard(grpc.ServerInterceptor):
 
     def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
         is_health = method.startswith(HEALTH_PREFIX)
+        log_call = self.log_calls and not is_health
         needs_token = bool(self.tokens) and not (is_health and self.health_without_auth)
         counted = not is_health
         short = method.rsplit("/", 1)[-1]
@@ -137,7 +140,7 @@ class CallGuard(grpc.ServerInterceptor):
             elapsed = time.perf_counter() - started
             guard._count(short, code)
             latency.observe(elapsed)
-            if not is_health:
+            if log_call:
                 log.info("call", extra={"request_id": request_id, "method": short, "code": code.name,
                                         "ms": round(elapsed * 1000, 2)})
 

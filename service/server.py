@@ -73,7 +73,8 @@ class Server:
         self.metrics = Metrics()
         tokens = load_tokens(config)
         credentials = server_credentials(config)
-        self.guard = CallGuard(self.metrics, tokens, config.max_concurrent_rpcs, config.health_without_auth)
+        self.guard = CallGuard(self.metrics, tokens, config.max_concurrent_rpcs, config.health_without_auth,
+                               config.log_calls)
         options = [("grpc.max_receive_message_length", config.max_message_bytes),
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]

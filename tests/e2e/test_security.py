@@ -218,3 +218,18 @@ def test_log_lines_are_json_with_a_request_id_and_never_the_typed_text(tiny_char
     assert {e["method"] for e in calls} == {"Suggest", "Type"}
     assert all(len(e["request_id"]) >= 6 and "ms" in e for e in calls)
     assert not any("hunter2" in line or "xxxxxxxx" in line for line in lines)
+
+
+def test_no_log_calls_keeps_calls_out_of_the_log_but_not_errors(tiny_char_model, caplog, monkeypatch):
+    server, port, engine = start(tiny_char_model, log_calls=False)
+    monkeypatch.setattr(engine.suggester, "suggest", lambda text, k: 1 / 0)
+    try:
+        with caplog.at_level(logging.INFO, logger="nextword"), NextWordClient(f"127.0.0.1:{port}") as client:
+            client.stub.GetModelInfo(pb.GetModelInfoRequest())
+            with pytest.raises(grpc.RpcError) as failed:
+                client.suggest("we")
+    finally:
+        server.stop(0)
+    assert failed.value.code() == grpc.StatusCode.INTERNAL
+    messages = [record.getMessage() for record in caplog.records if record.name == "nextword"]
+    assert "call" not in messages and "internal error" in messages
