@@ -17,7 +17,7 @@ HELP = {
     "port": "port to listen on (0 = any free port)",
     "device": "auto picks cuda when available",
     "half": "float16 weights on CUDA",
-    "threads": "intra-op threads for the model worker (0 = torch's default); request threads use one",
+    "threads": "intra-op threads for the model worker (0 = torch's default); with batching, request threads use one",
     "batching": "stack concurrent requests' model steps into one forward",
     "max_batch_size": "most sequences in one batched forward",
     "max_batch_wait_ms": "wait this long for more work once a batch starts (0 = never wait)",
