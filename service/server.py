@@ -126,7 +126,10 @@ class Server:
         self._stopped.set()
 
     def wait(self) -> None:
-        self._stopped.wait()
+        # Wake now and then: Python runs signal handlers in the main thread, and a SIGTERM that the
+        # kernel delivers to another thread (gRPC's, OpenMP's) does not interrupt a wait without timeout.
+        while not self._stopped.wait(0.25):
+            pass
 
 
 def create_server(config: ServerConfig, engine: Engine) -> tuple[Server, int]:
