@@ -151,14 +151,14 @@ class Suggester:
     def _next_words(self, log_probs: Tensor, prefix: str, k: int) -> list[tuple[str, float]]:
         if prefix:
             ids = [i for i in self._pieces_starting_with(prefix) if self._is_word[i]]
-            if not ids:
-                return []
-            scores = log_probs[torch.tensor(ids, dtype=torch.long)]
-            scores = scores - torch.logsumexp(scores, dim=0)  # renormalise over every word that completes the prefix
+            index = torch.tensor(ids, dtype=torch.long)
         else:
-            ids, scores = self._word_id_list, log_probs[self._word_ids]
-            if not ids:
-                return []
+            ids, index = self._word_id_list, self._word_ids
+        if not ids:
+            return []
+        scores = log_probs[index]
+        if prefix:  # renormalise over every word that completes the prefix
+            scores = scores - torch.logsumexp(scores, dim=0)
         top = scores.topk(min(k, len(ids)))
         return [(self.texts[ids[j]], math.exp(v)) for v, j in zip(top.values.tolist(), top.indices.tolist())]
 
