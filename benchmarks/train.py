@@ -1,6 +1,6 @@
 """Training benchmark: tokens/s of training.train against a plain reference loop, same run.
 
-    python -m benchmarks.train [--steps 150]
+    python -m benchmarks.train [--steps 150] [--profile]
 
 Both train a 2-layer 200-unit LSTM (embedding 200), bptt 35, batch 20, AdamW, clipping 0.25,
 on the committed King James text with the same word vocabulary (10,000 tokens). The
@@ -44,7 +44,16 @@ class Reference(nn.Module):
         return self.decoder(self.drop(out)), hidden
 
 
-def reference_tokens_per_s(lines: list[str], steps: int) -> float:
+# where a reference step's time goes, by operator (torch.profiler's self CPU time)
+PARTS = {
+    "output layer products": ("aten::mm", "aten::addmm"),
+    "LSTM (oneDNN)": ("aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward"),
+    "softmax and cross-entropy": ("aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss_forward",
+                                  "aten::nll_loss_backward"),
+}
+
+
+def reference_tokens_per_s(lines: list[str], steps: int, profile: bool = False) -> float:
     tokenizer = build_tokenizer("word", lines, 10000, lowercase=True)
     rows = batchify(make_stream(encode_lines(tokenizer, lines)), 20)
     torch.manual_seed(0)
@@ -52,10 +61,13 @@ def reference_tokens_per_s(lines: list[str], steps: int) -> float:
     optimizer = torch.optim.AdamW(model.parameters(), lr=2e-3)
     hidden = (torch.zeros(2, 20, 200), torch.zeros(2, 20, 200))
     loss_fn = nn.CrossEntropyLoss()
-    tokens, started = 0, None
+    tokens, started, profiler = 0, None, None
     for index, inputs, targets in windows(rows, 35):
         if index == 10:  # warm-up steps are not timed
             tokens, started = 0, time.perf_counter()
+            if profile:
+                profiler = torch.profiler.profile()
+                profiler.__enter__()
         if index == steps + 10:
             break
         hidden = tuple(h.detach() for h in hidden)
@@ -66,7 +78,23 @@ def reference_tokens_per_s(lines: list[str], steps: int) -> float:
         nn.utils.clip_grad_norm_(model.parameters(), 0.25)
         optimizer.step()
         tokens += targets.numel()
-    return tokens / (time.perf_counter() - started)
+    elapsed = time.perf_counter() - started
+    if profiler is not None:
+        profiler.__exit__(None, None, None)
+        print_profile(profiler, steps)
+    return tokens / elapsed
+
+
+def print_profile(profiler, steps: int) -> None:
+    self_ms = {event.key: event.self_cpu_time_total / 1000 / steps for event in profiler.key_averages()}
+    total = sum(self_ms.values())
+    print(f"reference step: {total:.1f} ms of operator time")
+    rest = total
+    for part, names in PARTS.items():
+        ms = sum(self_ms.get(name, 0.0) for name in names)
+        rest -= ms
+        print(f"  {part}: {ms:.1f} ms ({ms / total:.0%})")
+    print(f"  everything else (optimizer, clipping, dropout, embedding): {rest:.1f} ms ({rest / total:.0%})")
 
 
 def nextword_tokens_per_s(corpus: str, steps: int) -> float:
@@ -81,6 +109,8 @@ def nextword_tokens_per_s(corpus: str, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description="nextword training benchmark")
     parser.add_argument("--steps", type=int, default=150)
+    parser.add_argument("--profile", action="store_true",
+                        help="only profile the reference loop: where its step's time goes")
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         corpus = os.path.join(scratch, "kjv.txt")
@@ -88,6 +118,9 @@ def main() -> None:
             dst.write(src.read())
         lines = [line.strip() for line in open(corpus, encoding="utf-8") if line.strip()]
         print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} timed steps each", flush=True)
+        if args.profile:
+            reference_tokens_per_s(lines, args.steps, profile=True)
+            return
         first = reference_tokens_per_s(lines, args.steps)
         ours = nextword_tokens_per_s(corpus, args.steps)
         last = reference_tokens_per_s(lines, args.steps)
