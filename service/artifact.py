@@ -2,7 +2,7 @@
 
     model.pt (zip, written by torch.jit.save)
     ├── the scripted network: forward(tokens [B, T], state [L, B, S]) -> (logits [B, T, V], state)
-    │                         init_state(batch) -> state [L, B, S]
+    │                         init_state(batch) -> state [L, B, S]  (where every text starts)
     └── extra files
         ├── manifest.json   format version, model config, tokenizer kind and special ids,
         │                   provenance (corpus names and hashes, steps, validation perplexity),

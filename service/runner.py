@@ -30,7 +30,7 @@ class StepModel(Protocol):
     vocab_size: int
 
     def init_state(self, batch_size: int) -> Tensor:
-        """Zero state [L, batch_size, S]."""
+        """The state a text starts from, [L, batch_size, S] (a new tensor)."""
 
     def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """tokens [B, T] int64, state [L, B, S] -> (log-probabilities [B, V] after the last token, state)."""
@@ -86,12 +86,13 @@ class ScriptedModel:
         self.vocab_size = vocab_size
         # forward_last computes the logits of the last position only; files exported before it have forward alone
         self._forward_last = hasattr(self.module, "forward_last")
-        self._layers, _, self._state_size = self.module.init_state(1).shape
+        # where every text starts: the file's start state (zeros in files exported before it existed)
+        self._start = self.module.init_state(1).to("cpu", torch.float32)
         self._lock = threading.Lock()  # one forward at a time: the model uses all intra-op threads
 
     def init_state(self, batch_size: int) -> Tensor:
         # States live on the CPU in float32 between steps; advance() moves them to the device.
-        return torch.zeros(self._layers, batch_size, self._state_size)
+        return self._start.repeat(1, batch_size, 1)
 
     @torch.inference_mode()
     def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:

@@ -6,6 +6,12 @@ The state of all layers travels as ONE tensor ``[L, B, K*H]`` (K = 2 for an
 LSTM: hidden and cell side by side; K = 1 for GRU and tanh RNN). One tensor per
 batch makes it easy for the service to stack and split sequences (dim 1).
 
+The state a line starts from, ``init_state``, is ``start_state``: training reads
+its lines as one stream, so the network meets ``<s>`` in the state left by the
+line before it, never in the zero state. Training stores the mean of those
+states (see ``line_start_state``) and the service starts every text from it;
+a model without one (older checkpoints) starts from zeros.
+
 One-hot input multiplies a one-hot vector by the first layer's input weights,
 which selects one column of them. We store those weights as ``input_weight``
 [V, G*H] (one row per token; G gates) and gather the row instead of doing the
@@ -15,6 +21,8 @@ gathered gate inputs.
 
 from __future__ import annotations
 
+import random
+from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
 import torch
@@ -159,8 +167,9 @@ class LanguageModel(nn.Module):
         self.decoder = nn.Linear(H, config.vocab_size)
         if config.tie_weights:
             self.decoder.weight = self.embedding.weight  # [V, H] shared with the input
-        # dtype and device of the states; not a weight, so it stays float when the layers are quantised
-        self.register_buffer("anchor", torch.zeros(0), persistent=False)
+        # where each line starts (see the module docstring); not a weight, so it stays float when the
+        # layers are quantised, and it gives the states their dtype and device
+        self.register_buffer("start_state", torch.zeros(config.num_layers, self.state_size))
         self._init_weights(config)
 
     def _init_weights(self, config: ModelConfig) -> None:
@@ -172,8 +181,18 @@ class LanguageModel(nn.Module):
 
     @torch.jit.export
     def init_state(self, batch_size: int) -> Tensor:
-        return torch.zeros(self.num_layers, batch_size, self.state_size, dtype=self.anchor.dtype,
-                           device=self.anchor.device)
+        """The state a line starts from, [L, batch_size, S] (a new tensor)."""
+        return self.start_state.unsqueeze(1).repeat(1, batch_size, 1)
+
+    def zero_state(self, batch_size: int) -> Tensor:
+        """All zeros, [L, batch_size, S]: where training's stream starts."""
+        return self.start_state.new_zeros(self.num_layers, batch_size, self.state_size)
+
+    def load_weights(self, weights: dict[str, Tensor]) -> None:
+        """load_state_dict that accepts checkpoints written before ``start_state`` existed (zeros)."""
+        weights = dict(weights)
+        weights.setdefault("start_state", torch.zeros_like(self.start_state))
+        self.load_state_dict(weights)
 
     def forward(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """tokens [B, T] int64, state [L, B, S] -> logits [B, T, V], state [L, B, S]."""
@@ -201,3 +220,28 @@ class LanguageModel(nn.Module):
             x, layer_state = layer(self.dropout(x), state[i + 1])
             states.append(layer_state)
         return x, torch.stack(states, dim=0)
+
+
+@torch.no_grad()
+def line_start_state(model: LanguageModel, sequences: Sequence[Sequence[int]], count: int = 256,
+                     seed: int = 0) -> Tensor:
+    """The mean state after ``<s> ... </s>`` over ``count`` of ``sequences`` (picked by ``seed``): [L, S].
+
+    The state training's stream is in when the next line's ``<s>`` arrives. Lines of
+    the same length run as one batch, from the zero state, without dropout.
+    """
+    if not sequences:
+        return model.start_state.new_zeros(model.start_state.shape)
+    picked = random.Random(seed).sample(range(len(sequences)), min(count, len(sequences)))
+    by_length: dict[int, list[Sequence[int]]] = {}
+    for i in picked:
+        by_length.setdefault(len(sequences[i]), []).append(sequences[i])
+    was_training = model.training
+    model.eval()
+    total = model.start_state.new_zeros(model.start_state.shape)
+    for group in by_length.values():
+        tokens = torch.tensor([list(s) for s in group], dtype=torch.long, device=total.device)
+        _, state = model.encode(tokens, model.zero_state(len(group)))
+        total += state.sum(dim=1)
+    model.train(was_training)
+    return total / len(picked)

@@ -27,7 +27,7 @@ from service.tokenizer import load_tokenizer
 from training.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
 from training.data import CorpusError, batchify, encode_lines, make_stream, num_windows, read_corpus, split_lines, windows
-from training.model import LanguageModel, ModelConfig
+from training.model import LanguageModel, ModelConfig, line_start_state
 from training.tokenizers import TokenizerError, build_tokenizer
 
 PROG = "nextword-train"
@@ -184,7 +184,7 @@ def evaluate(model: nn.Module, rows: torch.Tensor, bptt: int, device: torch.devi
              dist: Distributed, max_windows: int | None = None) -> float:
     """Mean cross-entropy per token over ``rows`` (summed over all processes)."""
     model.eval()
-    state = model.init_state(rows.size(0))
+    state = model.zero_state(rows.size(0))
     total, count = 0.0, 0
     for index, inputs, targets in windows(rows, bptt):
         if max_windows is not None and index >= max_windows:
@@ -260,7 +260,7 @@ def train(config: TrainConfig, checkpoint: dict | None = None) -> int:
     step, epoch, window, elapsed, best = 0, 0, 0, 0.0, math.inf
     state = None
     if checkpoint is not None:
-        model.load_state_dict(checkpoint["model"])
+        model.load_weights(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         step, epoch, window = checkpoint["step"], checkpoint["epoch"], checkpoint["window"]
         elapsed, best = checkpoint["elapsed"], checkpoint["best_val_loss"]
@@ -279,8 +279,10 @@ def train(config: TrainConfig, checkpoint: dict | None = None) -> int:
 
     def payload() -> dict:
         full_state = dist.gather_rows(state.detach()) if state is not None else None
+        # where served text starts: the stream's state between lines (training itself starts from zeros)
+        weights = {**model.state_dict(), "start_state": line_start_state(model, train_sequences, seed=config.seed)}
         return {"model_config": model_config.to_dict(), "train_config": config.to_dict(),
-                "tokenizer": tokenizer.to_bytes(), "model": model.state_dict(),
+                "tokenizer": tokenizer.to_bytes(), "model": weights,
                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "window": window,
                 "state": full_state.cpu() if full_state is not None else None, "elapsed": elapsed,
                 "best_val_loss": best, "provenance": provenance, "torch_version": str(torch.__version__),
@@ -328,7 +330,7 @@ def train(config: TrainConfig, checkpoint: dict | None = None) -> int:
             rows = batchify(make_stream(train_sequences, shuffle_seed=config.seed * 100003 + epoch),
                             config.batch_size, dist.rank, dist.world_size)
             if state is None or window == 0:
-                state = model.init_state(rows.size(0))
+                state = model.zero_state(rows.size(0))
             for index, inputs, targets in windows(rows, config.bptt, start=window):
                 if max_steps is not None and step >= max_steps:
                     stop_reason = "max_steps"

@@ -2,7 +2,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from training.model import LanguageModel, ModelConfig
+from training.model import LanguageModel, ModelConfig, line_start_state
 
 CELLS = ["lstm", "gru", "rnn"]
 
@@ -96,3 +96,47 @@ def test_forward_last_is_the_last_position_of_forward_eager_and_scripted(cell, i
         assert last.shape == (3, 23)
         torch.testing.assert_close(last, logits[:, -1])
         torch.testing.assert_close(last_state, new_state)
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_init_state_is_the_start_state_in_a_new_tensor_eager_and_scripted(cell):
+    model = make(cell)
+    assert torch.equal(model.init_state(3), torch.zeros(2, 3, model.state_size))  # a new model starts from zeros
+    start = torch.randn(2, model.state_size)
+    model.start_state.copy_(start)
+    for m in (model, torch.jit.script(model)):
+        state = m.init_state(3)
+        assert state.shape == (2, 3, model.state_size)
+        for b in range(3):
+            torch.testing.assert_close(state[:, b], start)
+        state.add_(1.0)  # the caller owns it: the model's start state is untouched
+        torch.testing.assert_close(m.init_state(1)[:, 0], start)
+    assert torch.equal(model.zero_state(2), torch.zeros(2, 2, model.state_size))
+
+
+def test_weights_saved_before_the_start_state_existed_load_with_zeros():
+    model = make("lstm")
+    old = {k: v for k, v in model.state_dict().items() if k != "start_state"}
+    fresh = make("lstm")
+    fresh.start_state.fill_(1.0)
+    fresh.load_weights(old)
+    assert torch.equal(fresh.start_state, torch.zeros_like(fresh.start_state))
+    with pytest.raises(RuntimeError):  # anything else missing is still an error
+        fresh.load_weights({k: v for k, v in old.items() if k != "decoder.bias"})
+
+
+@pytest.mark.parametrize("cell", CELLS)
+def test_line_start_state_is_the_mean_state_after_each_whole_line(cell):
+    model = make(cell)
+    model.train()  # dropout is switched off while it reads, and the mode is restored
+    lines = [[1, 5, 6, 2], [1, 7, 2], [1, 8, 9, 2], [1, 10, 11, 12, 13, 2]]  # two share a length: one batch
+    start = line_start_state(model, lines, count=10)
+    assert model.training
+    model.eval()
+    with torch.no_grad():
+        ends = [model(torch.tensor([line]), model.zero_state(1))[1][:, 0] for line in lines]
+    torch.testing.assert_close(start, torch.stack(ends).mean(dim=0))
+    # a sample of the lines, the same one for the same seed
+    torch.testing.assert_close(line_start_state(model, lines, count=2, seed=3),
+                               line_start_state(model, lines, count=2, seed=3))
+    assert torch.equal(line_start_state(model, [], count=2), torch.zeros(2, model.state_size))
