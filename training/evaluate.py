@@ -29,6 +29,13 @@ Metrics
   costs one, so the savings come from phrases.
 * completion hit@1 and hit@3 after the first 1, 2 and 3 letters of each word
   longer than that (text with spaces only).
+
+With ``--baseline ngram`` a second table splits top-1 accuracy by how much of
+the context the training text contains: the longest run of tokens just before
+the word (``<s>`` included, up to order - 1) that occurs in the training lines.
+Where the whole n-gram context was seen, the n-gram recalls what followed it;
+elsewhere it backs off. The column "either" counts the words that the model or
+the n-gram ranks first: what the better of the two could get at each word.
 """
 
 from __future__ import annotations
@@ -76,6 +83,8 @@ class Tally:
     completion_hits: dict[tuple[int, int], int] = field(default_factory=dict)
     keys_without: int = 0
     keys_with: int = 0
+    first_hits: list[bool] = field(default_factory=list)   # per target: ranked first?
+    contexts: list[str] = field(default_factory=list)      # per target: the text the model read before it
 
     def report(self, units: str) -> dict:
         out = {
@@ -161,6 +170,8 @@ def score_words(line: str, suggester: Suggester, reader: _LineReader, tally: Tal
         first = suggestions(0)
         for k in TOP_K:
             tally.top[k] += any(_matches(s, word, tokenizer) for s in first[:k])
+        tally.first_hits.append(any(_matches(s, word, tokenizer) for s in first[:1]))
+        tally.contexts.append(suggester.split(line[:start]).context)
         for n in PREFIXES:
             if len(word) > n:
                 tally.completion_targets[n] += 1
@@ -195,6 +206,8 @@ def score_characters(line: str, suggester: Suggester, reader: _LineReader, tally
             found = suggestions(position)
             for k in TOP_K:
                 tally.top[k] += any(line.startswith(s, position) for s in found[:k])
+            tally.first_hits.append(any(line.startswith(s, position) for s in found[:1]))
+            tally.contexts.append(line[:position])
     position = keys = 0
     while position < len(line):
         step = 1
@@ -210,6 +223,13 @@ def score_characters(line: str, suggester: Suggester, reader: _LineReader, tally
 def evaluate(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_suggestions: int = 3,
              config: SuggestConfig = SuggestConfig()) -> dict:
     """All metrics of one model on ``lines`` (see the module docstring)."""
+    units, tally = score(scorer, tokenizer, lines, ksr_suggestions, config)
+    return {"units": units, **tally.report(units)}
+
+
+def score(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_suggestions: int = 3,
+          config: SuggestConfig = SuggestConfig()) -> tuple[str, Tally]:
+    """The units scored ("words" or "characters") and the tally of every metric, per target included."""
     units = "characters" if text_without_spaces(lines) else "words"
     suggester = Suggester(scorer.ranking, tokenizer, config)
     tally = Tally()
@@ -229,7 +249,53 @@ def evaluate(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_sug
             score_words(line, suggester, reader, tally, ksr_suggestions)
         else:
             score_characters(line, suggester, reader, tally, ksr_suggestions)
-    return {"units": units, **tally.report(units)}
+    return units, tally
+
+
+def seen_context_length(context: str, tokenizer: Tokenizer, counts: NgramCounts) -> int:
+    """The longest run of tokens ending the context (``<s>`` included) that the counts contain, up to order - 1."""
+    ids = [BOS, *(tokenizer.encode(context) if context else [])]
+    seen = 0
+    for k in range(1, min(counts.order - 1, len(ids)) + 1):
+        if tuple(ids[len(ids) - k:]) not in counts.raw[k]:
+            break  # a longer run contains this one: it cannot have been seen either
+        seen = k
+    return seen
+
+
+def by_context(contexts: Sequence[str], first_hits: dict[str, Sequence[bool]], tokenizer: Tokenizer,
+               counts: NgramCounts) -> list[dict]:
+    """Top-1 accuracy of each scorer, and of either, by the context length seen in training (one row each)."""
+    rows: dict[int, dict] = {}
+    for i, context in enumerate(contexts):
+        row = rows.setdefault(seen_context_length(context, tokenizer, counts),
+                              {"targets": 0, **{name: 0 for name in first_hits}, "either": 0})
+        row["targets"] += 1
+        hits = [bool(h[i]) for h in first_hits.values()]
+        for name, hit in zip(first_hits, hits):
+            row[name] += hit
+        row["either"] += any(hits)
+    total = len(contexts)
+    return [{"context_tokens": k, "targets": row["targets"], "share": row["targets"] / total,
+             **{name: row[name] / row["targets"] for name in [*first_hits, "either"]}}
+            for k, row in sorted(rows.items())]
+
+
+def format_by_context(rows: list[dict], names: Sequence[str], order: int) -> str:
+    header = ["context seen", "share", *(f"{n} top-1" for n in names), "either top-1"]
+    table = [header]
+    for row in rows:
+        k = row["context_tokens"]
+        label = f"{k} token{'s' if k != 1 else ''}" + (" (all)" if k == order - 1 else "")
+        table.append([label, f"{100 * row['share']:.1f} %",
+                      *(f"{100 * row[n]:.1f} %" for n in [*names, "either"])])
+    if rows:
+        total = sum(r["targets"] for r in rows)
+        table.append(["all", "100.0 %", *(f"{100 * sum(r[n] * r['targets'] for r in rows) / total:.1f} %"
+                                          for n in [*names, "either"])])
+    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in table)
 
 
 # ---------------------------------------------------------------------------- report
@@ -310,9 +376,11 @@ def main(argv: list[str] | None = None) -> int:
     if other is not None:
         scorers.append(network_scorer("against", other))
     results: dict[str, dict] = {}
+    tallies: dict[str, Tally] = {}
     for scorer, scorer_tokenizer in scorers:
         started = time.perf_counter()
-        results[scorer.name] = evaluate(scorer, scorer_tokenizer, lines, args.suggestions)
+        units, tallies[scorer.name] = score(scorer, scorer_tokenizer, lines, args.suggestions)
+        results[scorer.name] = {"units": units, **tallies[scorer.name].report(units)}
         results[scorer.name]["seconds"] = round(time.perf_counter() - started, 1)
     first = results["model"]
     print(f"{args.text}: {len(lines)} lines, {first['targets']} {first['units']} scored, {first['tokens']} tokens "
@@ -323,6 +391,13 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     document = {"model": args.model, "text": args.text, "lines": len(lines), "suggestions": args.suggestions,
                 "order": args.order if args.baseline else None, "against": args.against, "results": results}
+    if args.baseline:
+        hits = {name: tally.first_hits for name, tally in tallies.items()}
+        rows = by_context(tallies["model"].contexts, hits, tokenizer, counts)
+        print(f"\ntop-1 by the longest context (tokens before the target, <s> included) that {', '.join(args.train)} "
+              f"contains; either: the model or the n-gram ranks the target first")
+        print(format_by_context(rows, list(hits), args.order))
+        document["by_context"] = rows
     if args.json == "-":
         print(json.dumps(document, indent=2))
     elif args.json:

@@ -9,7 +9,7 @@ import pytest
 
 from tests.conftest import TINY_EN, run_cli
 from tests.service.fakes import FakeModel, char_tokenizer, close, word_tokenizer
-from training.evaluate import Scorer, evaluate, format_table
+from training.evaluate import Scorer, by_context, evaluate, format_by_context, format_table, score, seen_context_length
 from training.ngram import NgramCounts, NgramStepModel
 
 A, B, C = 4, 5, 6  # ids of "a", "b", "c" after the four special tokens
@@ -125,6 +125,29 @@ def test_text_without_spaces_is_scored_by_character_and_phrase():
     assert close(result["ksr"], 1 - 2 / 5)
 
 
+def test_top1_by_the_context_seen_in_training():
+    tokenizer = word_tokenizer(["the", "cat", "sat", "dog", "ran"])
+    counts = NgramCounts.from_text(["the cat sat"], tokenizer, 4)
+    # Tokens before the target, <s> included, that end a run the training line contains (at most 3).
+    assert seen_context_length("", tokenizer, counts) == 1                   # <s>
+    assert seen_context_length("the", tokenizer, counts) == 2                # <s> the
+    assert seen_context_length("the cat", tokenizer, counts) == 3            # <s> the cat
+    assert seen_context_length("dog the cat", tokenizer, counts) == 2        # the cat, not dog the cat
+    assert seen_context_length("the dog", tokenizer, counts) == 0            # "dog" never came before anything
+    # Per target, for the text "the cat ran": an n-gram that recalls "cat" after "the" and nothing
+    # after "the cat", and a model that is right only on "ran".
+    ngram = ngram_scorer(["the cat sat"], tokenizer, order=4)
+    units, tally = score(ngram, tokenizer, ["the cat ran"])
+    assert tally.contexts == ["", "the", "the cat"] and tally.first_hits == [True, True, False]
+    rows = by_context(tally.contexts, {"model": [False, False, True], "ngram": tally.first_hits}, tokenizer, counts)
+    assert [(r["context_tokens"], r["targets"]) for r in rows] == [(1, 1), (2, 1), (3, 1)]
+    assert [r["model"] for r in rows] == [0.0, 0.0, 1.0] and [r["ngram"] for r in rows] == [1.0, 1.0, 0.0]
+    assert [r["either"] for r in rows] == [1.0, 1.0, 1.0] and close(sum(r["share"] for r in rows), 1.0)
+    table = format_by_context(rows, ["model", "ngram"], 4).splitlines()
+    assert table[-2].startswith("3 tokens (all)")
+    assert table[-1].split() == ["all", "100.0", "%", "33.3", "%", "66.7", "%", "100.0", "%"]
+
+
 def test_format_table_shows_ratios_and_differences():
     table = format_table({"model": {"perplexity": 40.0, "top1": 0.36}, "ngram-4": {"perplexity": 50.0, "top1": 0.3}})
     lines = table.splitlines()
@@ -146,6 +169,12 @@ def test_command_reports_model_and_baseline_as_table_and_json(tiny_word_model, t
         metrics = document["results"][name]
         assert metrics["perplexity"] > 1 and 0 <= metrics["top1"] <= metrics["top3"] <= metrics["top5"] <= 1
         assert 0 <= metrics["ksr"] < 1
+    assert "top-1 by the longest context" in result.stdout and "either top-1" in result.stdout
+    rows = document["by_context"]
+    assert sum(r["targets"] for r in rows) == document["results"]["model"]["targets"]
+    overall = sum(r["ngram-3"] * r["targets"] for r in rows) / sum(r["targets"] for r in rows)
+    assert close(overall, document["results"]["ngram-3"]["top1"])
+    assert all(max(r["model"], r["ngram-3"]) <= r["either"] <= r["model"] + r["ngram-3"] for r in rows)
 
 
 @pytest.mark.parametrize("args, message", [
