@@ -293,9 +293,7 @@ def format_by_context(rows: list[dict], names: Sequence[str], order: int) -> str
         total = sum(r["targets"] for r in rows)
         table.append(["all", "100.0 %", *(f"{100 * sum(r[n] * r['targets'] for r in rows) / total:.1f} %"
                                           for n in [*names, "either"])])
-    widths = [max(len(r[i]) for r in table) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in table)
+    return _aligned(table)
 
 
 # ---------------------------------------------------------------------------- report
@@ -312,6 +310,13 @@ def _cell(value, percent: bool) -> str:
     return f"{100 * value:.1f} %" if percent else f"{value:.3f}" if value < 10 else f"{value:.2f}"
 
 
+def _aligned(rows: list[list[str]]) -> str:
+    """Columns padded to their widest cell: the first to the left, the others to the right."""
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
+                     for r in rows)
+
+
 def format_table(results: dict[str, dict]) -> str:
     names = list(results)
     header = ["metric", *names] + (["ratio", "difference"] if len(names) == 2 else [])
@@ -325,9 +330,7 @@ def format_table(results: dict[str, dict]) -> str:
             diff = f"{100 * (a - b):+.1f} pts" if percent and a is not None and b is not None else ""
             row += [ratio, diff]
         rows.append(row)
-    widths = [max(len(r[i]) for r in rows) for i in range(len(header))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return _aligned(rows)
 
 
 def network_scorer(name: str, artifact) -> tuple[Scorer, Tokenizer]:
