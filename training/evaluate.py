@@ -83,8 +83,10 @@ class Tally:
     completion_hits: dict[tuple[int, int], int] = field(default_factory=dict)
     keys_without: int = 0
     keys_with: int = 0
+    lines: int = 0
     first_hits: list[bool] = field(default_factory=list)   # per target: ranked first?
-    contexts: list[str] = field(default_factory=list)      # per target: the text the model read before it
+    # per target: (line number, length of the text the model read before it, a prefix of the line)
+    context_ends: list[tuple[int, int]] = field(default_factory=list)
 
     def report(self, units: str) -> dict:
         out = {
@@ -171,7 +173,7 @@ def score_words(line: str, suggester: Suggester, reader: _LineReader, tally: Tal
         for k in TOP_K:
             tally.top[k] += any(_matches(s, word, tokenizer) for s in first[:k])
         tally.first_hits.append(any(_matches(s, word, tokenizer) for s in first[:1]))
-        tally.contexts.append(suggester.split(line[:start]).context)
+        tally.context_ends.append((tally.lines, len(suggester.split(line[:start]).context)))
         for n in PREFIXES:
             if len(word) > n:
                 tally.completion_targets[n] += 1
@@ -207,7 +209,7 @@ def score_characters(line: str, suggester: Suggester, reader: _LineReader, tally
             for k in TOP_K:
                 tally.top[k] += any(line.startswith(s, position) for s in found[:k])
             tally.first_hits.append(any(line.startswith(s, position) for s in found[:1]))
-            tally.contexts.append(line[:position])
+            tally.context_ends.append((tally.lines, position))
     position = keys = 0
     while position < len(line):
         step = 1
@@ -249,6 +251,7 @@ def score(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_sugges
             score_words(line, suggester, reader, tally, ksr_suggestions)
         else:
             score_characters(line, suggester, reader, tally, ksr_suggestions)
+        tally.lines += 1
     return units, tally
 
 
@@ -263,19 +266,19 @@ def seen_context_length(context: str, tokenizer: Tokenizer, counts: NgramCounts)
     return seen
 
 
-def by_context(contexts: Sequence[str], first_hits: dict[str, Sequence[bool]], tokenizer: Tokenizer,
-               counts: NgramCounts) -> list[dict]:
+def by_context(lines: Sequence[str], context_ends: Sequence[tuple[int, int]], first_hits: dict[str, Sequence[bool]],
+               tokenizer: Tokenizer, counts: NgramCounts) -> list[dict]:
     """Top-1 accuracy of each scorer, and of either, by the context length seen in training (one row each)."""
     rows: dict[int, dict] = {}
-    for i, context in enumerate(contexts):
-        row = rows.setdefault(seen_context_length(context, tokenizer, counts),
+    for i, (line, end) in enumerate(context_ends):
+        row = rows.setdefault(seen_context_length(lines[line][:end], tokenizer, counts),
                               {"targets": 0, **{name: 0 for name in first_hits}, "either": 0})
         row["targets"] += 1
         hits = [bool(h[i]) for h in first_hits.values()]
         for name, hit in zip(first_hits, hits):
             row[name] += hit
         row["either"] += any(hits)
-    total = len(contexts)
+    total = len(context_ends)
     return [{"context_tokens": k, "targets": row["targets"], "share": row["targets"] / total,
              **{name: row[name] / row["targets"] for name in [*first_hits, "either"]}}
             for k, row in sorted(rows.items())]
@@ -396,7 +399,7 @@ def main(argv: list[str] | None = None) -> int:
                 "order": args.order if args.baseline else None, "against": args.against, "results": results}
     if args.baseline:
         hits = {name: tally.first_hits for name, tally in tallies.items()}
-        rows = by_context(tallies["model"].contexts, hits, tokenizer, counts)
+        rows = by_context(lines, tallies["model"].context_ends, hits, tokenizer, counts)
         print(f"\ntop-1 by the longest context (tokens before the target, <s> included) that {', '.join(args.train)} "
               f"contains; either: the model or the n-gram ranks the target first")
         print(format_by_context(rows, list(hits), args.order))

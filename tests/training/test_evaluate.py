@@ -123,6 +123,11 @@ def test_text_without_spaces_is_scored_by_character_and_phrase():
     assert result["completion1_hit1"] is None
     # The phrase 我昨天去 (four characters, the longest) is taken for one key, then 了: 2 keys for 5.
     assert close(result["ksr"], 1 - 2 / 5)
+    counts = NgramCounts.from_text(["我昨天去了"], tokenizer, 3)
+    _, tally = score(ngram_scorer(["我昨天去了"] * 3, tokenizer), tokenizer, ["他", "我昨天去了"])
+    assert tally.context_ends == [(0, 0), (1, 0), (1, 1), (1, 2), (1, 3), (1, 4)]  # before each character
+    rows = by_context(["他", "我昨天去了"], tally.context_ends, {"ngram": tally.first_hits}, tokenizer, counts)
+    assert [(r["context_tokens"], r["targets"]) for r in rows] == [(1, 2), (2, 4)]  # <s>; then two tokens
 
 
 def test_top1_by_the_context_seen_in_training():
@@ -138,8 +143,9 @@ def test_top1_by_the_context_seen_in_training():
     # after "the cat", and a model that is right only on "ran".
     ngram = ngram_scorer(["the cat sat"], tokenizer, order=4)
     units, tally = score(ngram, tokenizer, ["the cat ran"])
-    assert tally.contexts == ["", "the", "the cat"] and tally.first_hits == [True, True, False]
-    rows = by_context(tally.contexts, {"model": [False, False, True], "ngram": tally.first_hits}, tokenizer, counts)
+    assert tally.context_ends == [(0, 0), (0, 3), (0, 7)] and tally.first_hits == [True, True, False]
+    rows = by_context(["the cat ran"], tally.context_ends, {"model": [False, False, True], "ngram": tally.first_hits},
+                      tokenizer, counts)
     assert [(r["context_tokens"], r["targets"]) for r in rows] == [(1, 1), (2, 1), (3, 1)]
     assert [r["model"] for r in rows] == [0.0, 0.0, 1.0] and [r["ngram"] for r in rows] == [1.0, 1.0, 0.0]
     assert [r["either"] for r in rows] == [1.0, 1.0, 1.0] and close(sum(r["share"] for r in rows), 1.0)
