@@ -279,8 +279,9 @@ def train(config: TrainConfig, checkpoint: dict | None = None) -> int:
 
     def payload() -> dict:
         full_state = dist.gather_rows(state.detach()) if state is not None else None
-        # where served text starts: the stream's state between lines (training itself starts from zeros)
-        weights = {**model.state_dict(), "start_state": line_start_state(model, train_sequences, seed=config.seed)}
+        weights = model.state_dict()
+        if dist.main:  # only its payload is written: where served text starts, the stream's state between lines
+            weights = {**weights, "start_state": line_start_state(model, train_sequences, seed=config.seed)}
         return {"model_config": model_config.to_dict(), "train_config": config.to_dict(),
                 "tokenizer": tokenizer.to_bytes(), "model": weights,
                 "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "window": window,
