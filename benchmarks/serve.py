@@ -28,7 +28,8 @@ import torch
 from benchmarks.texts import long_text, prompts
 from service.artifact import load_artifact
 from service.batching import BatchingModel
-from service.runner import ScriptedModel, use_intra_op_threads
+from service.hardware import use_intra_op_threads
+from service.runner import ScriptedModel
 from service.session import TypingSession
 from service.suggest import Suggester
 

@@ -5,7 +5,8 @@
     │                         init_state(batch) -> state [L, B, S]  (where every text starts)
     └── extra files
         ├── manifest.json   format version, model config, tokenizer kind and special ids,
-        │                   provenance (corpus names and hashes, steps, validation perplexity),
+        │                   provenance (corpus names and hashes, steps, stream validation
+        │                   perplexity),
         │                   creation time, torch version, checksums of the weights and tokenizer
         └── tokenizer.bin   service.tokenizer.Tokenizer.to_bytes()
 
@@ -18,12 +19,14 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-from dataclasses import dataclass
-from typing import Any, Callable
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field, fields, replace
+from typing import Any
 
 import torch
 
-from service.tokenizer import Tokenizer, load_tokenizer
+from service.files import atomic_write
+from service.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer
 
 FORMAT = "nextword-model"
 FORMAT_VERSION = 1
@@ -35,38 +38,118 @@ class ArtifactError(ValueError):
     """A model file cannot be loaded; the message names the file and the problem."""
 
 
+@dataclass(frozen=True)
+class TokenizerSpec:
+    kind: str                      # char | word | sentencepiece
+    vocab_size: int
+    lowercase: bool = False
+    special_ids: dict[str, int] = field(default_factory=lambda: dict(zip(("pad", "bos", "eos", "unk"),
+                                                                          (PAD, BOS, EOS, UNK))))
+
+
+@dataclass(frozen=True)
+class Provenance:
+    """Where the weights came from. ``stream_validation_perplexity`` is the training-time figure: the
+    held-out lines read as one stream, the state carried from line to line. Served text starts every
+    line from ``<s>``; nextword-eval measures that (a higher figure) on any text."""
+
+    corpus: list[str] = field(default_factory=list)
+    corpus_sha256: dict[str, str] = field(default_factory=dict)
+    train_lines: int = 0
+    val_lines: int = 0
+    steps: int = 0
+    epochs_completed: int = 0
+    stream_validation_perplexity: float | None = None
+    checkpoint: str = ""
+    train_config: dict[str, Any] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Manifest:
+    """What ``manifest.json`` holds. The one place that knows its keys: readers use the fields."""
+
+    network: dict[str, Any]        # training.model.ModelConfig as a dict (cell, num_layers, hidden_size, ...)
+    parameters: int
+    state_size: int
+    tokenizer: TokenizerSpec
+    provenance: Provenance = field(default_factory=Provenance)
+    quantization: str = "none"     # none | int8 (CPU only)
+    created: str = ""
+    torch_version: str = ""
+    weights_sha256: str = ""
+    tokenizer_sha256: str = ""
+    format_version: int = FORMAT_VERSION
+
+    @property
+    def cell(self) -> str:
+        return self.network["cell"]
+
+    @property
+    def num_layers(self) -> int:
+        return self.network["num_layers"]
+
+    @property
+    def hidden_size(self) -> int:
+        return self.network["hidden_size"]
+
+    def describe(self) -> str:
+        """One phrase for logs: 'word tokenizer, lstm 2x256'."""
+        return f"{self.tokenizer.kind} tokenizer, {self.cell} {self.num_layers}x{self.hidden_size}"
+
+    def to_dict(self) -> dict[str, Any]:
+        provenance = asdict(self.provenance)
+        return {"format": FORMAT, "format_version": self.format_version, "model": self.network,
+                "parameters": self.parameters, "quantization": self.quantization, "state_size": self.state_size,
+                "tokenizer": asdict(self.tokenizer), "provenance": provenance, "created": self.created,
+                "torch_version": self.torch_version, "weights_sha256": self.weights_sha256,
+                "tokenizer_sha256": self.tokenizer_sha256}
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
+
+    @classmethod
+    def from_json(cls, text: str | bytes, path: str = "the model file") -> "Manifest":
+        """Parse and check ``manifest.json``; an ArtifactError names ``path`` and what is wrong."""
+        try:
+            data = json.loads(text)
+        except ValueError:
+            raise ArtifactError(f"damaged model file: {path} has an unreadable {MANIFEST_FILE}") from None
+        if not isinstance(data, dict) or data.get("format") != FORMAT:
+            found = data.get("format") if isinstance(data, dict) else None
+            raise ArtifactError(f"not a nextword model file: {path} (manifest format {found!r})")
+        if data.get("format_version") != FORMAT_VERSION:
+            raise ArtifactError(f"{path} has format version {data.get('format_version')}; "
+                                f"this nextword reads version {FORMAT_VERSION}: re-export it")
+        try:
+            network, tokenizer = data["model"], data["tokenizer"]
+            provenance = dict(data.get("provenance") or {})
+            if "validation_perplexity" in provenance:  # files written before the figure was named for its kind
+                provenance["stream_validation_perplexity"] = provenance.pop("validation_perplexity")
+            known = {f.name for f in fields(Provenance)}
+            manifest = cls(
+                network=dict(network), parameters=int(data["parameters"]), state_size=int(data["state_size"]),
+                tokenizer=TokenizerSpec(kind=str(tokenizer["kind"]), vocab_size=int(tokenizer["vocab_size"]),
+                                        lowercase=bool(tokenizer.get("lowercase", False)),
+                                        special_ids=dict(tokenizer.get("special_ids") or {})),
+                provenance=Provenance(**{k: v for k, v in provenance.items() if k in known}),
+                quantization=str(data.get("quantization", "none")), created=str(data.get("created", "")),
+                torch_version=str(data.get("torch_version", "")), weights_sha256=str(data.get("weights_sha256", "")),
+                tokenizer_sha256=str(data.get("tokenizer_sha256", "")), format_version=data["format_version"])
+            missing = [key for key in ("cell", "num_layers", "hidden_size", "vocab_size") if key not in network]
+            if missing:
+                raise KeyError(f"model.{missing[0]}")
+        except (KeyError, TypeError, ValueError) as error:
+            raise ArtifactError(f"damaged model file: {path} has an incomplete {MANIFEST_FILE} "
+                                f"({type(error).__name__}: {error})") from None
+        return manifest
+
+
 @dataclass
 class Artifact:
     path: str
     model: torch.jit.ScriptModule
-    manifest: dict[str, Any]
+    manifest: Manifest
     tokenizer: Tokenizer
-
-
-def atomic_write(path: str, write: Callable, verify: Callable[[str], None] | None = None) -> None:
-    """Write ``path`` through ``write(file)`` into a temporary file, check it, then rename.
-
-    A crash at any moment leaves the old file or the new one, never half of one;
-    if ``verify(temporary_path)`` raises, no file is left behind.
-    """
-    directory = os.path.dirname(os.path.abspath(path))
-    temporary = os.path.join(directory, f".{os.path.basename(path)}.tmp-{os.getpid()}")
-    try:
-        with open(temporary, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        if verify is not None:
-            verify(temporary)
-        os.replace(temporary, path)
-    finally:
-        if os.path.exists(temporary):
-            os.unlink(temporary)
-    descriptor = os.open(directory, os.O_RDONLY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
 
 
 def _digest_value(digest, value) -> None:
@@ -110,18 +193,15 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def write_artifact(path: str, scripted: torch.jit.ScriptModule, manifest: dict[str, Any], tokenizer: Tokenizer,
-                   verify: Callable[[str], None] | None = None) -> None:
+def write_artifact(path: str, scripted: torch.jit.ScriptModule, manifest: Manifest, tokenizer: Tokenizer,
+                   verify: Callable[[str], None] | None = None) -> Manifest:
+    """Write the file (atomically; ``verify(temporary_path)`` may refuse it); returns the manifest as written."""
     tokenizer_bytes = tokenizer.to_bytes()
-    manifest = {
-        "format": FORMAT,
-        "format_version": FORMAT_VERSION,
-        **manifest,
-        "weights_sha256": weights_digest(scripted),
-        "tokenizer_sha256": hashlib.sha256(tokenizer_bytes).hexdigest(),
-    }
-    extra = {MANIFEST_FILE: json.dumps(manifest, indent=2, ensure_ascii=False), TOKENIZER_FILE: tokenizer_bytes}
+    manifest = replace(manifest, weights_sha256=weights_digest(scripted),
+                       tokenizer_sha256=hashlib.sha256(tokenizer_bytes).hexdigest())
+    extra = {MANIFEST_FILE: manifest.to_json(), TOKENIZER_FILE: tokenizer_bytes}
     atomic_write(path, lambda handle: torch.jit.save(scripted, handle, _extra_files=extra), verify)
+    return manifest
 
 
 def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
@@ -135,19 +215,11 @@ def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
         raise ArtifactError(f"not a nextword model file, or a damaged one: {path} ({first})") from None
     if not extra[MANIFEST_FILE]:
         raise ArtifactError(f"not a nextword model file: {path} has no {MANIFEST_FILE} (export it with nextword-export)")
-    try:
-        manifest = json.loads(extra[MANIFEST_FILE])
-    except ValueError:
-        raise ArtifactError(f"damaged model file: {path} has an unreadable {MANIFEST_FILE}") from None
-    if manifest.get("format") != FORMAT:
-        raise ArtifactError(f"not a nextword model file: {path} (manifest format {manifest.get('format')!r})")
-    if manifest.get("format_version") != FORMAT_VERSION:
-        raise ArtifactError(f"{path} has format version {manifest.get('format_version')}; "
-                            f"this nextword reads version {FORMAT_VERSION}: re-export it")
+    manifest = Manifest.from_json(extra[MANIFEST_FILE], path)
     tokenizer_bytes = extra[TOKENIZER_FILE]  # torch.jit.load fills extra files with bytes
-    if hashlib.sha256(tokenizer_bytes).hexdigest() != manifest.get("tokenizer_sha256"):
+    if hashlib.sha256(tokenizer_bytes).hexdigest() != manifest.tokenizer_sha256:
         raise ArtifactError(f"damaged model file: {path} (the tokenizer's checksum does not match)")
-    if weights_digest(model) != manifest.get("weights_sha256"):
+    if weights_digest(model) != manifest.weights_sha256:
         raise ArtifactError(f"damaged model file: {path} (the weights' checksum does not match)")
     try:
         tokenizer = load_tokenizer(tokenizer_bytes)

@@ -28,7 +28,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from service.runner import StepModel, use_intra_op_threads
+from service.hardware import use_intra_op_threads
+from service.runner import StepModel
 
 
 @dataclass
@@ -53,6 +54,7 @@ class BatchingModel:
         self.batches = 0          # model calls made, for tests and metrics
         self.rows = 0             # sequences stepped, for tests and metrics
         self.on_batch: Callable[[int], None] | None = None  # called with the rows of each forward (metrics)
+        self._closed = False
         self._worker = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._worker.start()
 
@@ -60,6 +62,8 @@ class BatchingModel:
         return self.model.init_state(batch_size)
 
     def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        if self._closed:
+            raise RuntimeError("the model worker has stopped")
         step = _Step(tokens, state)
         self._queue.put(step)
         return step.future.result()
@@ -68,9 +72,20 @@ class BatchingModel:
     def queue_depth(self) -> int:
         return self._queue.qsize()
 
-    def close(self) -> None:
+    def close(self, timeout: float = 5.0) -> None:
+        """Finish the steps already queued, stop the worker and join it; later steps are refused."""
+        if self._closed:
+            return
+        self._closed = True
         self._queue.put(None)
-        self._worker.join(timeout=5)
+        self._worker.join(timeout)
+        while True:  # steps queued behind the stop: fail them rather than leave their callers waiting
+            try:
+                step = self._queue.get_nowait()
+            except queue.Empty:
+                break
+            if step is not None and not step.future.done():
+                step.future.set_exception(RuntimeError("the model worker has stopped"))
 
     def _collect(self, first: _Step) -> list[_Step]:
         steps, rows = [first], first.tokens.size(0)

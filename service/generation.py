@@ -54,11 +54,11 @@ def filter_logits(log_probs: Tensor, temperature: float, top_k: int, top_p: floa
     return logits
 
 
-def pick_token(log_probs: Tensor, params: GenerationParams, generator: torch.Generator) -> int:
+def pick_token(log_probs: Tensor, params: GenerationParams, rng: torch.Generator) -> int:
     if params.temperature == 0:
         return int(log_probs.argmax())
     logits = filter_logits(log_probs, params.temperature, params.top_k, params.top_p)
-    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=generator))
+    return int(torch.multinomial(logits.softmax(dim=-1), 1, generator=rng))
 
 
 def _held_back(text: str, stops: tuple[str, ...]) -> int:
@@ -82,7 +82,7 @@ class Generator:
     def generate(self, prompt: str, params: GenerationParams,
                  cancelled: Callable[[], bool] = lambda: False) -> Iterator[GenerationEvent]:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
-        generator = torch.Generator().manual_seed(seed)
+        rng = torch.Generator().manual_seed(seed)
         ids = self.tokenizer.encode(prompt)
         log_probs, state, start = encode_context(self.model, ids, self.max_context_tokens)
         prompt_count = len(ids) - start
@@ -94,7 +94,7 @@ class Generator:
             if cancelled():
                 reason = CANCELLED
                 break
-            token = pick_token(log_probs.index_fill(0, banned, float("-inf")), params, generator)
+            token = pick_token(log_probs.index_fill(0, banned, float("-inf")), params, rng)
             count += 1
             if token == EOS:
                 reason = END_TOKEN

@@ -9,7 +9,7 @@
 4. the handler, with a last resort: an unexpected exception becomes INTERNAL with
    an error id, and the traceback goes to the log;
 5. metrics (count by status code, latency) and one structured log line per call
-   (``log_calls``: off, a trivial call is about a fifth cheaper; see README).
+   (``log_calls``; the per-call log line's cost is in docs/performance.md).
 
 Typed text never reaches the log: a log line has the method, status, duration
 and request id, nothing from the request body.
@@ -31,7 +31,6 @@ from service.metrics import Metrics
 
 log = logging.getLogger("nextword")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
-REFLECTION_PREFIX = "/grpc.reflection."
 REQUEST_ID_KEY = "x-request-id"
 _SANE_ID = re.compile(r"[A-Za-z0-9._:-]{1,64}")
 
@@ -42,8 +41,9 @@ def _code(context) -> grpc.StatusCode:
 
 
 class CallGuard(grpc.ServerInterceptor):
-    """The wrapper is built once per method and reused: the server's polling thread, which
-    calls ``intercept_service`` for every call, only looks it up."""
+    """The checks shared by every method; ``MethodGuard`` applies them to one method. A method's guard
+    and wrapper are built once and reused: the server's polling thread, which calls
+    ``intercept_service`` for every call, only looks them up."""
 
     def __init__(self, metrics: Metrics, tokens: Sequence[str] = (), max_concurrent_rpcs: int = 0,
                  health_without_auth: bool = True, log_calls: bool = True) -> None:
@@ -55,16 +55,13 @@ class CallGuard(grpc.ServerInterceptor):
         self._active = 0
         self._lock = threading.Lock()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-        self._finished: dict[tuple[str, grpc.StatusCode], object] = {}  # counter children, by method and code
         metrics.active_calls.set_function(lambda: self._active)
 
     @property
     def active(self) -> int:
         return self._active
 
-    # ------------------------------------------------------------------ checks before the handler
-
-    def _authorized(self, metadata: dict[str, str]) -> bool:
+    def authorized(self, metadata: dict[str, str]) -> bool:
         value = metadata.get("authorization", "")
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token:
@@ -73,24 +70,16 @@ class CallGuard(grpc.ServerInterceptor):
         # compare with every token, always, so timing says nothing about which one nearly matched
         return any([hmac.compare_digest(given, known) for known in self.tokens])
 
-    def _admit(self) -> bool:
+    def admit(self) -> bool:
         with self._lock:
             if self.max_concurrent_rpcs and self._active >= self.max_concurrent_rpcs:
                 return False
             self._active += 1
             return True
 
-    def _leave(self) -> None:
+    def leave(self) -> None:
         with self._lock:
             self._active -= 1
-
-    def _count(self, method: str, code: grpc.StatusCode) -> None:
-        child = self._finished.get((method, code))
-        if child is None:
-            child = self._finished[(method, code)] = self.metrics.requests.labels(method, code.name)
-        child.inc()
-
-    # ------------------------------------------------------------------ the wrapper
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -99,91 +88,110 @@ class CallGuard(grpc.ServerInterceptor):
             handler = continuation(handler_call_details)
             if handler is None:
                 return None
-            wrapped = self._wrapped[method] = self._wrap(method, handler)
+            wrapped = self._wrapped[method] = MethodGuard(self, method).wrap(handler)
         return wrapped
 
-    def _wrap(self, method: str, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+
+class MethodGuard:
+    """The guard of one method: ``before`` a call, ``fail`` when its handler raises, ``after`` it."""
+
+    def __init__(self, guard: CallGuard, method: str) -> None:
         is_health = method.startswith(HEALTH_PREFIX)
-        log_call = self.log_calls and not is_health
-        needs_token = bool(self.tokens) and not (is_health and self.health_without_auth)
-        counted = not is_health
-        short = method.rsplit("/", 1)[-1]
-        latency = self.metrics.latency.labels(short)
-        guard = self
+        self.guard = guard
+        self.name = method.rsplit("/", 1)[-1]
+        self.log_call = guard.log_calls and not is_health
+        self.needs_token = bool(guard.tokens) and not (is_health and guard.health_without_auth)
+        self.counted = not is_health   # health checks are outside the concurrency limit
+        self.latency = guard.metrics.latency.labels(self.name)
+        self._finished: dict[grpc.StatusCode, object] = {}  # counter children, by status code
 
-        def before(context) -> str:
-            """Checks; returns the request id. Aborts the call when a check fails."""
-            metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
-            given = metadata.get(REQUEST_ID_KEY, "")
-            request_id = given if _SANE_ID.fullmatch(given) else os.urandom(8).hex()
-            context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-            if needs_token and not guard._authorized(metadata):
-                context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                              "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'")
-            if counted and not guard._admit():
-                context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                              f"too many calls at once: the limit is {guard.max_concurrent_rpcs} "
-                              "(server setting max_concurrent_rpcs); retry with backoff")
-            return request_id
+    def before(self, context) -> str:
+        """Checks; returns the request id. Aborts the call when a check fails."""
+        metadata = {k: v for k, v in (context.invocation_metadata() or ()) if isinstance(v, str)}
+        given = metadata.get(REQUEST_ID_KEY, "")
+        request_id = given if _SANE_ID.fullmatch(given) else os.urandom(8).hex()
+        context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
+        if self.needs_token and not self.guard.authorized(metadata):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED,
+                          "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'")
+        if self.counted and not self.guard.admit():
+            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                          f"too many calls at once: the limit is {self.guard.max_concurrent_rpcs} "
+                          "(server setting max_concurrent_rpcs); retry with backoff")
+        return request_id
 
-        def fail(context, error: Exception, request_id: str):
-            if _code(context) != grpc.StatusCode.OK or isinstance(error, grpc.RpcError):
-                raise error
-            log.exception("internal error", extra={"request_id": request_id, "method": short})
-            context.abort(grpc.StatusCode.INTERNAL,
-                          f"internal error (request id {request_id}); the server log has the details")
+    def fail(self, context, error: Exception, request_id: str) -> None:
+        """A status the handler set (abort) passes through; anything else is INTERNAL, its traceback logged."""
+        if _code(context) != grpc.StatusCode.OK or isinstance(error, grpc.RpcError):
+            raise error
+        log.exception("internal error", extra={"request_id": request_id, "method": self.name})
+        context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details")
 
-        def after(context, request_id: str, started: float, admitted: bool, cancelled: bool = False) -> None:
-            if admitted:
-                guard._leave()
-            code = grpc.StatusCode.CANCELLED if cancelled and _code(context) == grpc.StatusCode.OK else _code(context)
-            elapsed = time.perf_counter() - started
-            guard._count(short, code)
-            latency.observe(elapsed)
-            if log_call:
-                log.info("call", extra={"request_id": request_id, "method": short, "code": code.name,
-                                        "ms": round(elapsed * 1000, 2)})
+    def after(self, context, request_id: str, started: float, admitted: bool, cancelled: bool = False) -> None:
+        if admitted:
+            self.guard.leave()
+        code = _code(context)
+        if cancelled and code == grpc.StatusCode.OK:
+            code = grpc.StatusCode.CANCELLED
+        elapsed = time.perf_counter() - started
+        self._record(code)
+        self.latency.observe(elapsed)
+        if self.log_call:
+            log.info("call", extra={"request_id": request_id, "method": self.name, "code": code.name,
+                                    "ms": round(elapsed * 1000, 2)})
 
-        def unary(inner):
-            def run(request, context):
-                started, admitted, request_id = time.perf_counter(), False, "-"
-                try:
-                    request_id = before(context)
-                    admitted = counted
-                    return inner(request, context)
-                except Exception as error:  # noqa: BLE001 - last resort by design
-                    fail(context, error, request_id)
-                finally:
-                    after(context, request_id, started, admitted)
-            return run
+    def _record(self, code: grpc.StatusCode) -> None:
+        child = self._finished.get(code)
+        if child is None:
+            child = self._finished[code] = self.guard.metrics.requests.labels(self.name, code.name)
+        child.inc()
 
-        def streaming(inner):
-            def run(request, context):
-                started, admitted, request_id, finished = time.perf_counter(), False, "-", False
-                try:
-                    request_id = before(context)
-                    admitted = counted
-                    yield from inner(request, context)
-                    finished = True
-                except GeneratorExit:  # the client went away mid-stream
-                    raise
-                except Exception as error:  # noqa: BLE001 - last resort by design
-                    finished = True
-                    fail(context, error, request_id)
-                finally:
-                    after(context, request_id, started, admitted, cancelled=not finished and not context.is_active())
-            return run
+    # ------------------------------------------------------------------ the two wrappers
 
+    def unary(self, inner):
+        """Any handler that returns one response (unary-unary, stream-unary)."""
+
+        def run(request, context):
+            started, admitted, request_id = time.perf_counter(), False, "-"
+            try:
+                request_id = self.before(context)
+                admitted = self.counted
+                return inner(request, context)
+            except Exception as error:  # noqa: BLE001 - the last resort: any error becomes a status
+                self.fail(context, error, request_id)
+            finally:
+                self.after(context, request_id, started, admitted)
+
+        return run
+
+    def streaming(self, inner):
+        """Any handler that yields responses (unary-stream, stream-stream)."""
+
+        def run(request, context):
+            started, admitted, request_id, finished = time.perf_counter(), False, "-", False
+            try:
+                request_id = self.before(context)
+                admitted = self.counted
+                yield from inner(request, context)
+                finished = True
+            except GeneratorExit:  # the client went away mid-stream
+                raise
+            except Exception as error:  # noqa: BLE001 - the last resort: any error becomes a status
+                finished = True
+                self.fail(context, error, request_id)
+            finally:
+                self.after(context, request_id, started, admitted, cancelled=not finished and not context.is_active())
+
+        return run
+
+    def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
+        decode, encode = handler.request_deserializer, handler.response_serializer
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(unary(handler.unary_unary), handler.request_deserializer,
-                                                       handler.response_serializer)
+            return grpc.unary_unary_rpc_method_handler(self.unary(handler.unary_unary), decode, encode)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(streaming(handler.unary_stream), handler.request_deserializer,
-                                                        handler.response_serializer)
+            return grpc.unary_stream_rpc_method_handler(self.streaming(handler.unary_stream), decode, encode)
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(streaming(handler.stream_stream),
-                                                         handler.request_deserializer, handler.response_serializer)
+            return grpc.stream_stream_rpc_method_handler(self.streaming(handler.stream_stream), decode, encode)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(unary(handler.stream_unary), handler.request_deserializer,
-                                                        handler.response_serializer)
+            return grpc.stream_unary_rpc_method_handler(self.unary(handler.stream_unary), decode, encode)
         return handler

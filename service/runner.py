@@ -18,6 +18,8 @@ request with the same tokens sees exactly the same window:
 from __future__ import annotations
 
 import threading
+from collections import deque
+from collections.abc import Sequence
 from typing import Protocol
 
 import torch
@@ -36,28 +38,6 @@ class StepModel(Protocol):
         """tokens [B, T] int64, state [L, B, S] -> (log-probabilities [B, V] after the last token, state)."""
 
 
-def resolve_device(name: str) -> str:
-    """"auto" -> "cuda" when available, else "cpu"; "cuda" without a CUDA device is a ValueError."""
-    if name == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda was asked for, but no CUDA device is available")
-    if name == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    return name
-
-
-def use_intra_op_threads(count: int) -> None:
-    """Give the calling thread ``count`` intra-op threads for torch's CPU kernels.
-
-    OpenMP teams belong to the thread that starts them, and when the threads of all
-    teams outnumber the cores, GNU OpenMP stops spinning between parallel regions: a
-    small forward made of many short regions then takes about twice as long (1.6 ms
-    against 3.5 ms for the default model on 2 cores). So a batching server gives the
-    model worker all the threads and every other thread one, and only one team exists.
-    """
-    torch.get_num_threads()  # torch's once-per-thread default runs now, so it cannot undo this later
-    torch.set_num_threads(count)
-
-
 def window_start(num_tokens: int, limit: int) -> int:
     if num_tokens <= limit:
         return 0
@@ -71,6 +51,99 @@ def encode_context(model: StepModel, token_ids: list[int], limit: int) -> tuple[
     tokens = torch.tensor([[BOS, *token_ids[start:]]], dtype=torch.int64)
     log_probs, state = model.advance(tokens, model.init_state(1))
     return log_probs[0], state, start
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """How many leading items ``a`` and ``b`` share."""
+    if len(a) >= len(b) and a[: len(b)] == b:  # the usual case: one more keystroke
+        return len(b)
+    count = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        count += 1
+    return count
+
+
+class PrefixStates:
+    """The model's output after prefixes of one token sequence, kept so that reading a longer or an
+    edited sequence feeds the model only the tokens after the longest prefix already read:
+
+        read  <s> I ▁like ▁eat ing        kept after 1, 3, 5 tokens (the ends of earlier reads)
+        read  <s> I ▁like ▁eaten          shares 3 tokens -> resume after 3, feed "▁eaten"
+
+    The sequences include ``<s>``. Typing sessions, evaluation and anything else that reads many
+    prefixes of a text go through here.
+    """
+
+    def __init__(self, model: StepModel, capacity: int | None = 64) -> None:
+        self.model = model
+        self.tokens: list[int] = []   # the sequence whose prefixes are kept
+        self.saved: deque[tuple[int, Tensor, Tensor]] = deque(maxlen=capacity)  # (tokens read, log-probs, state)
+        self.steps = 0                # tokens the model has read, for tests and metrics
+
+    @classmethod
+    def from_walk(cls, model: StepModel, tokens: Sequence[int], outputs: Sequence[tuple[Tensor, Tensor]]) -> "PrefixStates":
+        """Kept outputs after every prefix of ``tokens``, from ``walk`` or ``walk_batch``."""
+        prefixes = cls(model, capacity=None)
+        prefixes.tokens = list(tokens)
+        prefixes.saved.extend((count, log_probs, state) for count, (log_probs, state) in enumerate(outputs, 1))
+        return prefixes
+
+    def clear(self) -> None:
+        self.tokens = []
+        self.saved.clear()
+
+    def read(self, tokens: Sequence[int], keep: bool = True) -> tuple[Tensor, Tensor]:
+        """(log-probs [V], state [L, 1, S]) after ``tokens``. ``keep``: remember this sequence and its
+        output (and forget the kept outputs it does not share); else only read."""
+        common = common_prefix(tokens, self.tokens)
+        if keep:
+            while self.saved and self.saved[-1][0] > common:
+                self.saved.pop()
+        found = None
+        for entry in reversed(self.saved):
+            if entry[0] <= common:
+                found = entry
+                break
+        done, log_probs, state = found if found is not None else (0, None, self.model.init_state(1))
+        if done < len(tokens):
+            log_probs, state = self.model.advance(torch.tensor([tokens[done:]], dtype=torch.long), state)
+            log_probs = log_probs[0]
+            self.steps += len(tokens) - done
+        if keep:
+            if not self.saved or self.saved[-1][0] != len(tokens):
+                self.saved.append((len(tokens), log_probs, state))
+            self.tokens = list(tokens)
+        return log_probs, state
+
+    def walk(self, tokens: Sequence[int]) -> list[tuple[Tensor, Tensor]]:
+        """Read ``tokens`` one at a time; the output after each of them (len(tokens) entries)."""
+        return [self.read(tokens[: end + 1]) for end in range(len(tokens))]
+
+
+def walk_batch(model: StepModel, sequences: Sequence[Sequence[int]]) -> list[list[tuple[Tensor, Tensor]]]:
+    """What ``PrefixStates.walk`` gives for each sequence, for many sequences in one model call per position:
+
+        sequences, longest first     a b c d      position t feeds the rows still going:
+                                     e f g        [rows, 1] tokens, state[:, :rows]
+                                     h
+
+    Returns, per sequence, the (log-probs [V], state [L, 1, S]) after each of its tokens.
+    """
+    order = sorted(range(len(sequences)), key=lambda i: -len(sequences[i]))
+    ordered = [sequences[i] for i in order]
+    outputs: list[list[tuple[Tensor, Tensor]]] = [[] for _ in sequences]
+    if not ordered or not ordered[0]:
+        return outputs
+    state = model.init_state(len(ordered))
+    for position in range(len(ordered[0])):
+        rows = sum(1 for sequence in ordered if len(sequence) > position)
+        tokens = torch.tensor([[sequence[position]] for sequence in ordered[:rows]], dtype=torch.long)
+        log_probs, state = model.advance(tokens, state[:, :rows])
+        for row in range(rows):
+            outputs[order[row]].append((log_probs[row], state[:, row : row + 1]))
+    return outputs
 
 
 class ScriptedModel:

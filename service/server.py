@@ -7,10 +7,8 @@ import os
 import signal
 import threading
 from concurrent import futures
-from dataclasses import replace
 
 import grpc
-import torch
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
@@ -18,7 +16,7 @@ from service.config import ServerConfig
 from service.engine import Engine
 from service.interceptors import CallGuard
 from service.metrics import Metrics
-from service.runner import use_intra_op_threads
+from service.hardware import ThreadPlan
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from service.servicer import NextWordServicer
@@ -68,8 +66,10 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 class Server:
     """A started gRPC server with its health service; ``stop()`` drains it gracefully."""
 
-    def __init__(self, config: ServerConfig, engine: Engine) -> None:
+    def __init__(self, config: ServerConfig, engine: Engine, threads: ThreadPlan | None = None) -> None:
         self.config = config
+        self.engine = engine
+        threads = threads or ThreadPlan.for_server(config.threads, config.batching)
         self.metrics = Metrics()
         tokens = load_tokens(config)
         credentials = server_credentials(config)
@@ -79,11 +79,9 @@ class Server:
                    ("grpc.max_send_message_length", config.max_message_bytes),
                    ("grpc.so_reuseport", 0)]
         # One thread per call (a Type session holds its thread): the guard refuses calls beyond the limit.
-        threads = config.max_concurrent_rpcs + SPARE_THREADS
-        # With batching, the model worker alone runs torch's parallel regions (see use_intra_op_threads).
-        pin = (lambda: use_intra_op_threads(1)) if config.batching else None
-        self.grpc = grpc.server(futures.ThreadPoolExecutor(max_workers=threads, thread_name_prefix="rpc", initializer=pin),
-                                interceptors=[self.guard], options=options)
+        pool = futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs + SPARE_THREADS,
+                                          thread_name_prefix="rpc", initializer=threads.apply_here)
+        self.grpc = grpc.server(pool, interceptors=[self.guard], options=options)
         self.servicer = NextWordServicer(engine, config)
         self.metrics.watch(lambda: self.servicer.active_sessions, lambda: self.servicer.active_generations,
                            lambda: getattr(engine.model, "queue_depth", 0))
@@ -91,10 +89,10 @@ class Server:
             engine.model.on_batch = self.metrics.batch_rows.observe
         manifest = engine.artifact.manifest
         self.metrics.model.info({
-            "path": config.model, "format_version": str(manifest["format_version"]),
-            "tokenizer": manifest["tokenizer"]["kind"], "vocab_size": str(manifest["tokenizer"]["vocab_size"]),
-            "cell": manifest["model"]["cell"], "num_layers": str(manifest["model"]["num_layers"]),
-            "hidden_size": str(manifest["model"]["hidden_size"]), "device": str(engine.model.device)})
+            "path": config.model, "format_version": str(manifest.format_version),
+            "tokenizer": manifest.tokenizer.kind, "vocab_size": str(manifest.tokenizer.vocab_size),
+            "cell": manifest.cell, "num_layers": str(manifest.num_layers),
+            "hidden_size": str(manifest.hidden_size), "device": str(engine.model.device)})
         pb_grpc.add_NextWordServicer_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -118,10 +116,11 @@ class Server:
         return self
 
     def stop(self, grace: float | None = None) -> None:
-        """NOT_SERVING at once, then in-flight calls get ``grace`` seconds to finish."""
+        """NOT_SERVING at once, then in-flight calls get ``grace`` seconds to finish; then the model worker stops."""
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc.stop(self.config.grace if grace is None else grace).wait()
+        self.engine.close()
         self.metrics.stop_http()
         self._stopped.set()
 
@@ -132,19 +131,18 @@ class Server:
             pass
 
 
-def create_server(config: ServerConfig, engine: Engine) -> tuple[Server, int]:
+def create_server(config: ServerConfig, engine: Engine, threads: ThreadPlan | None = None) -> tuple[Server, int]:
     """A started server; port 0 in the config picks a free port, returned here."""
-    server = Server(config, engine).start()
+    server = Server(config, engine, threads).start()
     return server, server.port
 
 
 def serve(config: ServerConfig) -> None:
-    if config.batching:  # the worker gets the threads; this thread, which loads and warms up, gets one
-        config = replace(config, threads=config.threads or torch.get_num_threads())
-        use_intra_op_threads(1)
-    engine = Engine.load(config)
+    threads = ThreadPlan.for_server(config.threads, config.batching)  # see service/hardware.py
+    threads.apply_here()  # this thread loads the model and warms it up
+    engine = Engine.load(config, threads)
     engine.warm_up()
-    server, port = create_server(config, engine)
+    server, port = create_server(config, engine, threads)
 
     def on_signal(signum, frame):
         log.info("received %s: NOT_SERVING, draining for up to %.0f s", signal.Signals(signum).name, config.grace)
@@ -152,10 +150,8 @@ def serve(config: ServerConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    manifest = engine.artifact.manifest
-    log.info("serving %s (%s, %s %dx%d) on %s:%d, device %s; %s, %s; metrics %s", config.model,
-             manifest["tokenizer"]["kind"], manifest["model"]["cell"], manifest["model"]["num_layers"],
-             manifest["model"]["hidden_size"], config.host, port, engine.model.device,
+    log.info("serving %s (%s) on %s:%d, device %s; %s, %s; metrics %s", config.model,
+             engine.artifact.manifest.describe(), config.host, port, engine.model.device,
              "TLS" + (" with client certificates" if config.tls_client_ca else "") if server.tls else "plaintext",
              "bearer tokens required" if server.auth else "no authentication",
              f"on port {server.metrics_port} (/metrics)" if server.metrics_port else "off")

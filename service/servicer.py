@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import math
 import queue
 import threading
@@ -22,6 +21,8 @@ DEFAULT_SUGGESTIONS = 3
 DEFAULT_MAX_TOKENS = 64
 MAX_TEMPERATURE = 10.0
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 64
+EDIT_QUEUE = 64        # Type edits read ahead of the session
+READER_POLL = 0.25     # seconds between a blocked Type reader's checks that its call is still on
 FINISH_REASONS = {LENGTH: pb.FINISH_REASON_LENGTH, END_TOKEN: pb.FINISH_REASON_END_TOKEN,
                   STOP_STRING: pb.FINISH_REASON_STOP_STRING}
 
@@ -34,6 +35,23 @@ def to_response(result: SuggestResult) -> pb.SuggestResponse:
     return pb.SuggestResponse(
         suggestions=[pb.Suggestion(text=text, probability=p) for text, p in result.suggestions],
         completes_word=result.completes_word, prefix=result.prefix)
+
+
+def apply_edit(session: TypingSession, request: pb.TypeRequest, index: int) -> None:
+    """One Type edit; ``index`` (from 1) names it in errors."""
+    kind = request.WhichOneof("edit")
+    if kind == "append":
+        if not request.append:
+            raise Invalid(f"edit {index}: append must not be empty")
+        session.append(request.append)
+    elif kind == "delete":
+        if request.delete < 1:
+            raise Invalid(f"edit {index}: delete must be at least 1")
+        session.delete(request.delete)
+    elif kind == "reset":
+        session.reset()
+    elif kind is None and not request.num_suggestions:
+        raise Invalid(f"edit {index}: give append, delete or reset")
 
 
 class NextWordServicer(pb_grpc.NextWordServicer):
@@ -62,7 +80,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             raise Invalid(f"{field} has {len(text)} characters; the limit is {self.config.max_text_chars}")
         return text
 
-    def _count(self, value: int, default: int) -> int:
+    def _num_suggestions(self, value: int, default: int) -> int:
         if value > self.config.max_suggestions:
             raise Invalid(f"num_suggestions is {value}; it must be 0 (meaning {DEFAULT_SUGGESTIONS}) "
                           f"to {self.config.max_suggestions}")
@@ -92,7 +110,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
     def Suggest(self, request: pb.SuggestRequest, context: grpc.ServicerContext) -> pb.SuggestResponse:
         try:
             text = self._text(request.text, "text")
-            count = self._count(request.num_suggestions, DEFAULT_SUGGESTIONS)
+            count = self._num_suggestions(request.num_suggestions, DEFAULT_SUGGESTIONS)
         except Invalid as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
         return to_response(self.engine.suggester.suggest(text, count))
@@ -133,18 +151,35 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     def _type(self, request_iterator, context) -> Iterator[pb.TypeResponse]:
         session = TypingSession(self.engine.suggester, self.config.max_text_chars, self.config.session_history)
-        edits: queue.Queue = queue.Queue(maxsize=64)
+        edits: queue.Queue = queue.Queue(maxsize=EDIT_QUEUE)
+        ended = threading.Event()  # the call is over: the reader stops too
         done = object()
+
+        def offer(item) -> bool:
+            while not ended.is_set():
+                try:
+                    edits.put(item, timeout=READER_POLL)
+                    return True
+                except queue.Full:
+                    pass
+            return False
 
         def read() -> None:  # a reader thread, so that an idle stream can time out
             try:
                 for item in request_iterator:
-                    edits.put(item)
+                    if not offer(item):
+                        return
             except Exception:  # noqa: BLE001 - the stream broke or was cancelled: end the session
                 pass
-            edits.put(done)
+            offer(done)
 
         threading.Thread(target=read, daemon=True, name="type-reader").start()
+        try:
+            yield from self._edits(session, edits, done, context)
+        finally:
+            ended.set()
+
+    def _edits(self, session: TypingSession, edits: queue.Queue, done: object, context) -> Iterator[pb.TypeResponse]:
         count, index = DEFAULT_SUGGESTIONS, 0
         while True:
             try:
@@ -157,20 +192,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 return
             index += 1
             try:
-                count = self._count(request.num_suggestions, count)
-                kind = request.WhichOneof("edit")
-                if kind == "append":
-                    if not request.append:
-                        raise Invalid(f"edit {index}: append must not be empty")
-                    session.append(request.append)
-                elif kind == "delete":
-                    if request.delete < 1:
-                        raise Invalid(f"edit {index}: delete must be at least 1")
-                    session.delete(request.delete)
-                elif kind == "reset":
-                    session.reset()
-                elif kind is None and not request.num_suggestions:
-                    raise Invalid(f"edit {index}: give append, delete or reset")
+                count = self._num_suggestions(request.num_suggestions, count)
+                apply_edit(session, request, index)
             except (Invalid, EditError) as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
             yield pb.TypeResponse(edit_index=index, text_length=len(session.text),
@@ -178,15 +201,12 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         manifest = self.engine.artifact.manifest
-        model = manifest["model"]
-        provenance = manifest.get("provenance", {})
         return pb.GetModelInfoResponse(
-            format_version=manifest["format_version"], tokenizer=manifest["tokenizer"]["kind"],
-            vocab_size=manifest["tokenizer"]["vocab_size"], cell=model["cell"], num_layers=model["num_layers"],
-            hidden_size=model["hidden_size"], parameters=manifest["parameters"],
-            validation_perplexity=provenance.get("validation_perplexity") or 0.0,
-            corpus=provenance.get("corpus", []), created=manifest.get("created", ""),
+            format_version=manifest.format_version, tokenizer=manifest.tokenizer.kind,
+            vocab_size=manifest.tokenizer.vocab_size, cell=manifest.cell, num_layers=manifest.num_layers,
+            hidden_size=manifest.hidden_size, parameters=manifest.parameters,
+            stream_validation_perplexity=manifest.provenance.stream_validation_perplexity or 0.0,
+            corpus=manifest.provenance.corpus, created=manifest.created,
             device=str(self.engine.model.device), max_text_chars=self.config.max_text_chars,
             max_suggestions=self.config.max_suggestions, max_generate_tokens=self.config.max_generate_tokens,
-            max_context_tokens=self.config.max_context_tokens,
-            manifest_json=json.dumps(manifest, ensure_ascii=False))
+            max_context_tokens=self.config.max_context_tokens, manifest_json=manifest.to_json())

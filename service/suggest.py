@@ -27,6 +27,7 @@ import bisect
 import math
 import re
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 from torch import Tensor
@@ -35,7 +36,7 @@ from service.runner import StepModel, encode_context
 from service.tokenizer import EOS, SPECIAL_TOKENS, Tokenizer, is_cjk
 
 _PARTIAL_WORD = re.compile(r"[\w'’]+$")
-_WORD = re.compile(r"[\w'’]*\w[\w'’]*")
+SUGGESTED_WORD = re.compile(r"[\w'’]*\w[\w'’]*")  # a word as suggestions show it (and evaluation scores it)
 _NO_SPACE_SCRIPT = re.compile(r"[\u3000-\u303f\uff00-\uffef]")  # CJK punctuation and full-width forms
 
 
@@ -63,6 +64,24 @@ class SuggestResult:
     prefix: str = ""
 
 
+class _Hypothesis(NamedTuple):
+    """A partial word in the search."""
+
+    score: float          # log-probability of the tokens so far
+    text: str             # the text they spell
+    log_probs: Tensor     # [V] the next token's
+    state: Tensor         # [L, 1, S]
+
+
+class _Candidate(NamedTuple):
+    """A hypothesis extended by one token, before the model reads it."""
+
+    score: float
+    text: str
+    parent: int           # index of the hypothesis it extends
+    token: int
+
+
 def _logaddexp(a: float, b: float) -> float:
     if a == -math.inf:
         return b
@@ -87,11 +106,8 @@ class Suggester:
         def mask(predicate) -> Tensor:
             return torch.tensor([predicate(t) for t in texts], dtype=torch.bool) & ~specials
 
-        self.word_mask = mask(lambda t: bool(_WORD.fullmatch(t)))                      # a whole word
-        self._is_word = self.word_mask.tolist()
-        self._word_ids = self.word_mask.nonzero().flatten()
-        self._word_id_list = self._word_ids.tolist()
-        self.starts_word = mask(lambda t: bool(_WORD.fullmatch(t.lstrip())))          # may begin a word
+        self.word_mask = mask(lambda t: bool(SUGGESTED_WORD.fullmatch(t)))              # a whole word
+        self.starts_word = mask(lambda t: bool(SUGGESTED_WORD.fullmatch(t.lstrip())))   # may begin a word
         self.lead_space = mask(lambda t: t != "" and t.isspace())                     # white space alone
         ends = torch.tensor([bool(t) and not (t[0].isalnum() or t[0] in "'’_") for t in texts], dtype=torch.bool)
         ends[EOS] = True
@@ -149,18 +165,18 @@ class Suggester:
         return self._sorted_ids[low:high]
 
     def _next_words(self, log_probs: Tensor, prefix: str, k: int) -> list[tuple[str, float]]:
-        if prefix:
-            ids = [i for i in self._pieces_starting_with(prefix) if self._is_word[i]]
-            index = torch.tensor(ids, dtype=torch.long)
+        if prefix:  # the words that complete the prefix, renormalised over all of them
+            candidates = torch.tensor(self._pieces_starting_with(prefix), dtype=torch.long)
+            ids = candidates[self.word_mask[candidates]] if candidates.numel() else candidates
+            if ids.numel() == 0:
+                return []
+            scores = log_probs[ids]
+            top = (scores - torch.logsumexp(scores, dim=0)).topk(min(k, ids.numel()))
+            found = zip(top.values.tolist(), ids[top.indices].tolist())
         else:
-            ids, index = self._word_id_list, self._word_ids
-        if not ids:
-            return []
-        scores = log_probs[index]
-        if prefix:  # renormalise over every word that completes the prefix
-            scores = scores - torch.logsumexp(scores, dim=0)
-        top = scores.topk(min(k, len(ids)))
-        return [(self.texts[ids[j]], math.exp(v)) for v, j in zip(top.values.tolist(), top.indices.tolist())]
+            top = log_probs.masked_fill(~self.word_mask, -math.inf).topk(min(k, log_probs.numel()))
+            found = [(v, i) for v, i in zip(top.values.tolist(), top.indices.tolist()) if v > -math.inf]
+        return [(self.texts[i], math.exp(v)) for v, i in found]
 
     # ------------------------------------------------------------------ char and sentencepiece models
 
@@ -189,35 +205,37 @@ class Suggester:
 
     def _search_words(self, log_probs: Tensor, state: Tensor, typed: str, k: int) -> list[tuple[str, float]]:
         beam = max(self.config.beam_size, k)
-        hypotheses = [(0.0, "", log_probs, state)]   # (log-probability, generated text, log-probs [V], state)
-        finished: dict[str, float] = {}
+        hypotheses = [_Hypothesis(0.0, "", log_probs, state)]
+        finished: dict[str, float] = {}   # word -> log-probability, summed over the token paths that spell it
         for _ in range(self.config.max_word_chars + len(typed) + 1):
-            candidates: list[tuple[float, str, int, int]] = []
-            for index, (score, generated, lp, _) in enumerate(hypotheses):
-                word = generated.lstrip()
+            candidates: list[_Candidate] = []
+            for parent, hypothesis in enumerate(hypotheses):
+                word = hypothesis.text.lstrip()
                 if word and len(word) >= len(typed):
-                    end = torch.logsumexp(lp[self.ends_ids], dim=0).item()
-                    finished[word] = _logaddexp(finished.get(word, -math.inf), score + end)
+                    end = torch.logsumexp(hypothesis.log_probs[self.ends_ids], dim=0).item()
+                    finished[word] = _logaddexp(finished.get(word, -math.inf), hypothesis.score + end)
                 if len(word) >= self.config.max_word_chars:
                     continue
-                allowed = self._allowed(generated, typed)
+                allowed = self._allowed(hypothesis.text, typed)
                 if allowed.numel() == 0:
                     continue
-                top = lp[allowed].topk(min(beam, allowed.numel()))
+                top = hypothesis.log_probs[allowed].topk(min(beam, allowed.numel()))
                 for value, j in zip(top.values.tolist(), top.indices.tolist()):
                     token = int(allowed[j])
-                    candidates.append((score + value, generated + self.texts[token], index, token))
-            candidates.sort(key=lambda c: -c[0])
+                    candidates.append(_Candidate(hypothesis.score + value, hypothesis.text + self.texts[token],
+                                                 parent, token))
+            candidates.sort(key=lambda c: -c.score)
             best = sorted(finished.values(), reverse=True)
             floor = best[k - 1] if len(best) >= k else -math.inf
             # extensions only lose probability: a candidate below the k-th finished word cannot enter
-            candidates = [c for c in candidates[:beam] if c[0] > floor]
+            candidates = [c for c in candidates[:beam] if c.score > floor]
             if not candidates:
                 break
-            tokens = torch.tensor([[c[3]] for c in candidates], dtype=torch.long)
-            states = torch.cat([hypotheses[c[2]][3] for c in candidates], dim=1)
+            tokens = torch.tensor([[c.token] for c in candidates], dtype=torch.long)
+            states = torch.cat([hypotheses[c.parent].state for c in candidates], dim=1)
             next_log_probs, next_states = self.model.advance(tokens, states)
-            hypotheses = [(c[0], c[1], next_log_probs[i], next_states[:, i : i + 1]) for i, c in enumerate(candidates)]
+            hypotheses = [_Hypothesis(c.score, c.text, next_log_probs[i], next_states[:, i : i + 1])
+                          for i, c in enumerate(candidates)]
         ranked = sorted(finished.items(), key=lambda item: -item[1])
         if typed.strip():  # completing a word: renormalise over the completions found
             total = -math.inf

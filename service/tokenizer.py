@@ -11,7 +11,7 @@ need to ask which kind they have:
   written without spaces.
 
 A tokenizer serialises to bytes (``to_bytes``) so an exported artifact can
-carry it; ``load_tokenizer(kind, data)`` is the inverse. Building a tokenizer
+carry it; ``load_tokenizer(data)`` is the inverse. Building a tokenizer
 from a corpus lives in ``training/tokenizers.py``; this module only needs the
 standard library and sentencepiece.
 """
@@ -23,7 +23,6 @@ import re
 
 PAD, BOS, EOS, UNK = 0, 1, 2, 3
 SPECIAL_TOKENS = ("<pad>", "<s>", "</s>", "<unk>")
-KINDS = ("char", "word", "sentencepiece")
 
 # A word: letters/digits with inner apostrophes ("don't", "lord's"); anything
 # else that is not white space is a one-character punctuation token.
@@ -102,22 +101,24 @@ class WordTokenizer(VocabTokenizer):
         get = self.index.get
         return [get(w, UNK) for w in self.split(self.normalize(text))]
 
+    @staticmethod
+    def joined(word: str, previous: str | None) -> str:
+        """The text ``word`` adds after the token ``previous`` ("": at the start; None: after a word).
+        A space goes between words, not before closing punctuation or after opening punctuation."""
+        if previous == "" or word in _NO_SPACE_BEFORE or (previous is not None and previous in _NO_SPACE_AFTER):
+            return word
+        return " " + word
+
     def token_text(self, token_id: int) -> str:
-        # Words are shown with a leading space; the engine strips it where needed.
-        if token_id < len(SPECIAL_TOKENS):
-            return ""
-        word = self.tokens[token_id]
-        return word if word in _NO_SPACE_BEFORE else " " + word
+        # Words come with a leading space; the engine strips it where needed.
+        return self.joined(self.tokens[token_id], None) if token_id >= len(SPECIAL_TOKENS) else ""
 
     def decode(self, ids: list[int]) -> str:
-        out: list[str] = []
+        out, previous = [], ""
         for i in ids:
-            if i < len(SPECIAL_TOKENS):
-                continue
-            word = self.tokens[i]
-            if out and word not in _NO_SPACE_BEFORE and out[-1] not in _NO_SPACE_AFTER:
-                out.append(" ")
-            out.append(word)
+            if i >= len(SPECIAL_TOKENS):
+                out.append(self.joined(self.tokens[i], previous))
+                previous = self.tokens[i]
         return "".join(out)
 
 

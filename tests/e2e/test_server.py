@@ -160,7 +160,7 @@ def test_deadline_is_honoured(tiny_char_model):
 def test_model_info(client, tiny_char_model):
     info = client.info()
     assert info.tokenizer == "char" and info.cell == "lstm" and info.format_version == 1
-    assert info.corpus == ["tiny_en.txt"] and info.validation_perplexity > 1
+    assert info.corpus == ["tiny_en.txt"] and info.stream_validation_perplexity > 1
     assert info.max_suggestions == 20 and info.device == "cpu" and '"format": "nextword-model"' in info.manifest_json
 
 

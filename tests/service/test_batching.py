@@ -5,7 +5,8 @@ import torch
 
 from service.artifact import load_artifact
 from service.batching import BatchingModel
-from service.runner import ScriptedModel, use_intra_op_threads
+from service.hardware import use_intra_op_threads
+from service.runner import ScriptedModel
 from service.suggest import Suggester
 
 

@@ -1,4 +1,4 @@
-"""The engine on real (tiny) exported models: incremental state, windows, languages."""
+"""Real (tiny) exported models: incremental reading, context windows, sessions against Suggest, languages."""
 
 import random
 

@@ -1,0 +1,54 @@
+"""Where torch runs: the device, and how many CPU threads each thread of a server gets.
+
+Why a thread plan: OpenMP teams belong to the thread that starts them, and once the
+threads of all teams outnumber the cores, GNU OpenMP stops spinning between parallel
+regions, so a small forward (many short regions) slows down (docs/performance.md). A batching
+server therefore gives the model worker all the intra-op threads and every other
+thread (request threads, the main thread) one, so that only one team exists. Without
+batching, request threads run the model themselves and share torch's setting.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+def resolve_device(name: str) -> str:
+    """"auto" -> "cuda" when available, else "cpu"; "cuda" without a CUDA device is a ValueError."""
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ValueError("--device cuda was asked for, but no CUDA device is available")
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+def use_intra_op_threads(count: int) -> None:
+    """Give the calling thread ``count`` intra-op threads for torch's CPU kernels."""
+    torch.get_num_threads()  # torch's once-per-thread default runs now, so it cannot undo this later
+    torch.set_num_threads(count)
+
+
+@dataclass(frozen=True)
+class ThreadPlan:
+    """Intra-op threads per kind of thread (see the module docstring for why)."""
+
+    worker: int | None      # the model worker's (batching); None: no worker
+    others: int | None      # every other thread's; None: leave torch's setting
+
+    @classmethod
+    def for_server(cls, threads: int, batching: bool) -> "ThreadPlan":
+        """``threads``: the --threads flag (0 = torch's default for this machine)."""
+        if batching:
+            return cls(worker=threads or torch.get_num_threads(), others=1)
+        return cls(worker=None, others=threads or None)
+
+    def apply_here(self) -> None:
+        """For a thread that is not the model worker (the main thread, a request thread)."""
+        if self.others is not None:
+            use_intra_op_threads(self.others)
+
+    def apply_to_worker(self) -> None:
+        if self.worker is not None:
+            use_intra_op_threads(self.worker)
