@@ -41,218 +41,20 @@ the n-gram ranks first: what the better of the two could get at each word.
 from __future__ import annotations
 
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field
 
 import torch
+from tqdm import tqdm
 
 from service.artifact import ArtifactError, load_artifact
 from service.cli import OneLineParser, ranged
-from service.runner import ScriptedModel, StepModel
-from service.suggest import _WORD, SplitText, SuggestConfig, Suggester
-from service.tokenizer import BOS, EOS, UNK, Tokenizer, is_cjk
+from service.runner import ScriptedModel
+from service.tokenizer import BOS, Tokenizer
 from training.data import CorpusError, read_corpus
 from training.ngram import NgramCounts, NgramStepModel
-
-TOP_K = (1, 3, 5)
-PREFIXES = (1, 2, 3)
-
-
-@dataclass
-class Scorer:
-    """A model to judge: ``probabilities`` for perplexity, ``ranking`` for suggestions (often the same)."""
-
-    name: str
-    probabilities: StepModel
-    ranking: StepModel
-
-
-@dataclass
-class Tally:
-    nats: float = 0.0
-    tokens: int = 0
-    text_tokens: int = 0
-    unknown: int = 0
-    characters: int = 0
-    targets: int = 0
-    top: dict[int, int] = field(default_factory=lambda: {k: 0 for k in TOP_K})
-    completion_targets: dict[int, int] = field(default_factory=lambda: {n: 0 for n in PREFIXES})
-    completion_hits: dict[tuple[int, int], int] = field(default_factory=dict)
-    keys_without: int = 0
-    keys_with: int = 0
-    lines: int = 0
-    first_hits: list[bool] = field(default_factory=list)   # per target: ranked first?
-    # per target: (line number, length of the text the model read before it, a prefix of the line)
-    context_ends: list[tuple[int, int]] = field(default_factory=list)
-
-    def report(self, units: str) -> dict:
-        out = {
-            "perplexity": math.exp(self.nats / self.tokens) if self.tokens else None,
-            "bits_per_character": self.nats / math.log(2) / self.characters if self.characters else None,
-            "tokens": self.tokens,
-            "unknown_token_rate": self.unknown / self.text_tokens if self.text_tokens else 0.0,
-            "targets": self.targets,
-        }
-        for k in TOP_K:
-            out[f"top{k}"] = self.top[k] / self.targets if self.targets else None
-        out["ksr"] = 1 - self.keys_with / self.keys_without if self.keys_without else None
-        for n in PREFIXES:
-            for k in (1, 3):
-                count = self.completion_targets[n]
-                hits = self.completion_hits.get((n, k), 0)
-                out[f"completion{n}_hit{k}"] = hits / count if count and units == "words" else None
-        return out
-
-
-def _walk(model: StepModel, ids: Sequence[int]) -> list[tuple[torch.Tensor, torch.Tensor]]:
-    """(log-probs [V], state) after ``<s>`` and each token of ``ids``: len(ids) + 1 entries."""
-    out = []
-    state = model.init_state(1)
-    for token in (BOS, *ids):
-        log_probs, state = model.advance(torch.tensor([[token]], dtype=torch.long), state)
-        out.append((log_probs[0], state))
-    return out
-
-
-class _LineReader:
-    """The model's output after any prefix of one line, from one pass over the line's tokens."""
-
-    def __init__(self, model: StepModel, tokenizer: Tokenizer, ids: list[int], walk=None) -> None:
-        self.model, self.tokenizer, self.ids = model, tokenizer, ids
-        self.walk = walk if walk is not None else _walk(model, ids)
-        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-
-    def after(self, context: str) -> tuple[torch.Tensor, torch.Tensor]:
-        found = self.cache.get(context)
-        if found is None:
-            ids = self.tokenizer.encode(context) if context else []
-            common = 0
-            while common < min(len(ids), len(self.ids)) and ids[common] == self.ids[common]:
-                common += 1
-            log_probs, state = self.walk[common]
-            if common < len(ids):  # a tokenizer that segments a prefix differently (SentencePiece)
-                rest = torch.tensor([ids[common:]], dtype=torch.long)
-                log_probs, state = self.model.advance(rest, state)
-                log_probs = log_probs[0]
-            found = self.cache[context] = (log_probs, state)
-        return found
-
-
-def text_without_spaces(lines: Sequence[str]) -> bool:
-    """Mostly CJK characters and few spaces: scored character by character."""
-    sample = "".join(lines[:2000])
-    cjk = sum(1 for ch in sample if is_cjk(ch))
-    return cjk > 0.3 * max(1, len(sample)) and sample.count(" ") < 0.05 * len(sample)
-
-
-def _matches(suggestion: str, target: str, tokenizer: Tokenizer) -> bool:
-    return tokenizer.normalize(suggestion) == tokenizer.normalize(target)
-
-
-def score_words(line: str, suggester: Suggester, reader: _LineReader, tally: Tally, ksr_suggestions: int) -> None:
-    tokenizer = suggester.tokenizer
-    shown = max(max(TOP_K), ksr_suggestions)
-    saved = 0
-    for match in _WORD.finditer(line):
-        word, start = match.group(), match.start()
-        ranked: dict[int, list[str]] = {}
-
-        def suggestions(typed: int) -> list[str]:
-            if typed not in ranked:
-                split = suggester.split(line[:start] + word[:typed])
-                log_probs, state = reader.after(split.context)
-                result = suggester.suggest_from(split, log_probs, state, shown)
-                ranked[typed] = [text for text, _ in result.suggestions]
-            return ranked[typed]
-
-        tally.targets += 1
-        first = suggestions(0)
-        for k in TOP_K:
-            tally.top[k] += any(_matches(s, word, tokenizer) for s in first[:k])
-        tally.first_hits.append(any(_matches(s, word, tokenizer) for s in first[:1]))
-        tally.context_ends.append((tally.lines, len(suggester.split(line[:start]).context)))
-        for n in PREFIXES:
-            if len(word) > n:
-                tally.completion_targets[n] += 1
-                found = suggestions(n)
-                for k in (1, 3):
-                    if any(_matches(s, word, tokenizer) for s in found[:k]):
-                        tally.completion_hits[(n, k)] = tally.completion_hits.get((n, k), 0) + 1
-        for typed in range(len(word)):
-            if any(_matches(s, word, tokenizer) for s in suggestions(typed)[:ksr_suggestions]):
-                space = 1 if line[match.end() : match.end() + 1] == " " else 0
-                saved += len(word) - typed + space - 1
-                break
-    tally.keys_without += len(line)
-    tally.keys_with += len(line) - saved
-
-
-def score_characters(line: str, suggester: Suggester, reader: _LineReader, tally: Tally, ksr_suggestions: int) -> None:
-    shown = max(max(TOP_K), ksr_suggestions)
-    ranked: dict[int, list[str]] = {}
-
-    def suggestions(position: int) -> list[str]:
-        if position not in ranked:
-            context = line[:position]
-            log_probs, state = reader.after(context)
-            split = SplitText(context=context, typed="", prefix="", phrases=True)
-            ranked[position] = [text for text, _ in suggester.suggest_from(split, log_probs, state, shown).suggestions]
-        return ranked[position]
-
-    for position, ch in enumerate(line):
-        if is_cjk(ch):
-            tally.targets += 1
-            found = suggestions(position)
-            for k in TOP_K:
-                tally.top[k] += any(line.startswith(s, position) for s in found[:k])
-            tally.first_hits.append(any(line.startswith(s, position) for s in found[:1]))
-            tally.context_ends.append((tally.lines, position))
-    position = keys = 0
-    while position < len(line):
-        step = 1
-        if is_cjk(line[position]):
-            taken = [s for s in suggestions(position)[:ksr_suggestions] if line.startswith(s, position)]
-            step = max((len(s) for s in taken), default=1)
-        position += step
-        keys += 1
-    tally.keys_without += len(line)
-    tally.keys_with += keys
-
-
-def evaluate(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_suggestions: int = 3,
-             config: SuggestConfig = SuggestConfig()) -> dict:
-    """All metrics of one model on ``lines`` (see the module docstring)."""
-    units, tally = score(scorer, tokenizer, lines, ksr_suggestions, config)
-    return {"units": units, **tally.report(units)}
-
-
-def score(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_suggestions: int = 3,
-          config: SuggestConfig = SuggestConfig()) -> tuple[str, Tally]:
-    """The units scored ("words" or "characters") and the tally of every metric, per target included."""
-    units = "characters" if text_without_spaces(lines) else "words"
-    suggester = Suggester(scorer.ranking, tokenizer, config)
-    tally = Tally()
-    for line in lines:
-        ids = tokenizer.encode(line)
-        walk = _walk(scorer.probabilities, ids)
-        targets = [*ids, EOS]
-        for (log_probs, _), target in zip(walk, targets):
-            tally.nats -= float(log_probs[target])
-        tally.tokens += len(targets)
-        tally.text_tokens += len(ids)
-        tally.unknown += sum(1 for t in ids if t == UNK)
-        tally.characters += len(line) + 1
-        same = scorer.ranking is scorer.probabilities
-        reader = _LineReader(scorer.ranking, tokenizer, ids, walk if same else None)
-        if units == "words":
-            score_words(line, suggester, reader, tally, ksr_suggestions)
-        else:
-            score_characters(line, suggester, reader, tally, ksr_suggestions)
-        tally.lines += 1
-    return units, tally
+from training.scoring import PREFIXES, Scorer, Tally, score
 
 
 def seen_context_length(context: str, tokenizer: Tokenizer, counts: NgramCounts) -> int:
@@ -357,7 +159,10 @@ def main(argv: list[str] | None = None) -> int:
                    help="suggestions shown for the keystroke savings rate (default 3)")
     p.add_argument("--max-lines", type=ranged(int, 1), default=None, help="score only the first N lines")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': standard output)")
-    p.add_argument("--threads", type=ranged(int, 1, 256), default=None, help="CPU threads for the network")
+    p.add_argument("--threads", type=ranged(int, 1, 256), default=None,
+                   help="CPU threads for the network (default: torch's, one per core)")
+    p.add_argument("--quiet", action="store_true",
+                   help="no progress bar (there is none either when standard error is not a terminal)")
     args = p.parse_args(argv)
     if args.baseline and not args.train:
         p.error("--baseline ngram needs --train PATH (the text the model was trained on)")
@@ -385,7 +190,9 @@ def main(argv: list[str] | None = None) -> int:
     tallies: dict[str, Tally] = {}
     for scorer, scorer_tokenizer in scorers:
         started = time.perf_counter()
-        units, tallies[scorer.name] = score(scorer, scorer_tokenizer, lines, args.suggestions)
+        with tqdm(total=len(lines), desc=scorer.name, unit="line", dynamic_ncols=True, file=sys.stderr,
+                  disable=args.quiet or not sys.stderr.isatty()) as bar:
+            units, tallies[scorer.name] = score(scorer, scorer_tokenizer, lines, args.suggestions, progress=bar.update)
         results[scorer.name] = {"units": units, **tallies[scorer.name].report(units)}
         results[scorer.name]["seconds"] = round(time.perf_counter() - started, 1)
     first = results["model"]

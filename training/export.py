@@ -25,9 +25,9 @@ from datetime import datetime, timezone
 
 import torch
 
-from service.artifact import ArtifactError, load_artifact, write_artifact
+from service.artifact import ArtifactError, Manifest, Provenance, TokenizerSpec, load_artifact, write_artifact
 from service.cli import OneLineParser
-from service.tokenizer import BOS, EOS, PAD, UNK, load_tokenizer
+from service.tokenizer import load_tokenizer
 from training.checkpoint import BEST, CheckpointError, load_checkpoint
 from training.model import LanguageModel, ModelConfig
 
@@ -68,7 +68,7 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
                                                               torch.nn.Linear}, dtype=torch.qint8)
 
 
-def export(checkpoint_path: str, out: str, tolerance: float = 1e-4, quantize: str | None = None) -> dict:
+def export(checkpoint_path: str, out: str, tolerance: float = 1e-4, quantize: str | None = None) -> Manifest:
     if os.path.isdir(checkpoint_path) and os.path.exists(os.path.join(checkpoint_path, BEST)):
         checkpoint_path = os.path.join(checkpoint_path, BEST)
     checkpoint = load_checkpoint(checkpoint_path)
@@ -86,25 +86,15 @@ def export(checkpoint_path: str, out: str, tolerance: float = 1e-4, quantize: st
         warnings.simplefilter("ignore", DeprecationWarning)
         scripted = torch.jit.script(model)
     best = checkpoint.get("best_val_loss", math.inf)
-    train_config = checkpoint["train_config"]
-    manifest = {
-        "model": config.to_dict(),
-        "parameters": parameters,
-        "quantization": quantize or "none",
-        "state_size": config.state_size,
-        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size, "lowercase": tokenizer.lowercase,
-                      "special_ids": {"pad": PAD, "bos": BOS, "eos": EOS, "unk": UNK}},
-        "provenance": {
-            **checkpoint["provenance"],
-            "steps": checkpoint["step"],
-            "epochs_completed": checkpoint["epoch"],
-            "validation_perplexity": math.exp(best) if math.isfinite(best) else None,
-            "checkpoint": os.path.basename(checkpoint_path),
-            "train_config": train_config,
-        },
-        "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "torch_version": str(torch.__version__),
-    }
+    manifest = Manifest(
+        network=config.to_dict(), parameters=parameters, state_size=config.state_size,
+        quantization=quantize or "none",
+        tokenizer=TokenizerSpec(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size, lowercase=tokenizer.lowercase),
+        provenance=Provenance(
+            **checkpoint["provenance"], steps=checkpoint["step"], epochs_completed=checkpoint["epoch"],
+            stream_validation_perplexity=math.exp(best) if math.isfinite(best) else None,
+            checkpoint=os.path.basename(checkpoint_path), train_config=checkpoint["train_config"]),
+        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch_version=str(torch.__version__))
 
     def verify(temporary: str) -> None:
         difference = check_parity(model, temporary)
@@ -113,8 +103,7 @@ def export(checkpoint_path: str, out: str, tolerance: float = 1e-4, quantize: st
                               f"(tolerance {tolerance}); nothing was written")
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    write_artifact(out, scripted, manifest, tokenizer, verify=verify)
-    return manifest
+    return write_artifact(out, scripted, manifest, tokenizer, verify=verify)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -130,11 +119,11 @@ def main(argv: list[str] | None = None) -> int:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
     size = os.path.getsize(args.out) / 1e6
-    ppl = manifest["provenance"]["validation_perplexity"]
-    print(f"{PROG}: wrote {args.out} ({size:.1f} MB, {manifest['parameters']:,} parameters, "
-          f"{manifest['tokenizer']['kind']} tokenizer"
+    ppl = manifest.provenance.stream_validation_perplexity
+    print(f"{PROG}: wrote {args.out} ({size:.1f} MB, {manifest.parameters:,} parameters, "
+          f"{manifest.tokenizer.kind} tokenizer"
           + (f", {args.quantize} weights" if args.quantize else "")
-          + (f", validation perplexity {ppl:.2f}" if ppl else "") + "); it loads and matches the checkpoint")
+          + (f", stream validation perplexity {ppl:.2f}" if ppl else "") + "); it loads and matches the checkpoint")
     return 0
 
 

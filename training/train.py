@@ -5,11 +5,16 @@ The loop is truncated backpropagation through time over the stream laid out in
 detached, the loss is cross-entropy over every step, gradients are clipped.
 Under torchrun the same loop runs DistributedDataParallel, each process on its
 own rows; rank 0 alone writes.
+
+    TrainingRun(config)          data, tokenizer, model, optimizer; restore() from a checkpoint
+      .step(inputs, targets)     one window: forward, loss, backward, clip, update
+      .validate()                validation loss, logged; checkpoints saved (best when it improved)
+      .save(names)               checkpoint files (every rank joins the state gather)
+    train(config)                the loop: epochs x windows, stopping on steps, time or a signal
 """
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import signal
@@ -21,71 +26,18 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.artifact import atomic_write
-from service.runner import resolve_device
 from service.tokenizer import load_tokenizer
 from training.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
 from training.data import CorpusError, batchify, encode_lines, make_stream, num_windows, read_corpus, split_lines, windows
+from training.distributed import Distributed, TrainingError, pick_device
 from training.model import LanguageModel, ModelConfig, line_start_state
+from training.runlog import RunLog
 from training.tokenizers import TokenizerError, build_tokenizer
 
 PROG = "nextword-train"
 DRY_RUN_STEPS = 3
-
-
-class TrainingError(RuntimeError):
-    """Training cannot go on; the message says why and what was kept."""
-
-
-# --------------------------------------------------------------------------- setup
-
-class Distributed:
-    """Rank and world size under torchrun (WORLD_SIZE set), or a single process."""
-
-    def __init__(self, device: torch.device) -> None:
-        self.world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        self.rank = int(os.environ.get("RANK", "0"))
-        self.enabled = self.world_size > 1
-        if self.enabled and not torch.distributed.is_initialized():
-            backend = "nccl" if device.type == "cuda" else "gloo"
-            torch.distributed.init_process_group(backend=backend)
-
-    @property
-    def main(self) -> bool:
-        return self.rank == 0
-
-    def sum(self, *values: float) -> list[float]:
-        if not self.enabled:
-            return list(values)
-        tensor = torch.tensor(values, dtype=torch.float64)
-        torch.distributed.all_reduce(tensor)
-        return tensor.tolist()
-
-    def gather_rows(self, state: torch.Tensor) -> torch.Tensor:
-        """Each rank's state [L, b, S] -> the whole batch [L, b*W, S] (on every rank)."""
-        if not self.enabled:
-            return state
-        parts = [torch.empty_like(state) for _ in range(self.world_size)]
-        torch.distributed.all_gather(parts, state.contiguous())
-        return torch.cat(parts, dim=1)
-
-    def close(self) -> None:
-        if self.enabled and torch.distributed.is_initialized():
-            # Leave together: a rank that tears down its connections while rank 0 is still
-            # writing can abort in Gloo's teardown.
-            torch.distributed.barrier()
-            torch.distributed.destroy_process_group()
-
-
-def pick_device(name: str) -> torch.device:
-    try:
-        name = resolve_device(name)
-    except ValueError as error:
-        raise TrainingError(str(error)) from None
-    if name == "cuda" and "LOCAL_RANK" in os.environ:  # torchrun: one GPU per local process
-        return torch.device("cuda", int(os.environ["LOCAL_RANK"]))
-    return torch.device(name)
+LOG_EVERY = 20  # steps between train lines in metrics.jsonl
 
 
 def resolve_resume(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict | None]:
@@ -126,63 +78,10 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, elapsed: flo
     return config.lr * warm * (0.1 + 0.9 * 0.5 * (1.0 + math.cos(math.pi * progress)))
 
 
-# --------------------------------------------------------------------------- outputs
-
-class RunLog:
-    """metrics.jsonl, curves.png and config.json in the output directory (rank 0 only)."""
-
-    def __init__(self, out: str, enabled: bool) -> None:
-        self.out = out
-        self.enabled = enabled
-        self.path = os.path.join(out, "metrics.jsonl")
-
-    def write(self, record: dict) -> None:
-        if self.enabled:
-            with open(self.path, "a", encoding="utf-8") as handle:
-                handle.write(json.dumps(record) + "\n")
-
-    def save_config(self, config: TrainConfig, model_config: ModelConfig, tokenizer) -> None:
-        if self.enabled:
-            resolved = {"train": config.to_dict(), "model": model_config.to_dict(),
-                        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-                                      "lowercase": tokenizer.lowercase}}
-            text = json.dumps(resolved, indent=2, ensure_ascii=False).encode("utf-8")
-            atomic_write(os.path.join(self.out, "config.json"), lambda handle: handle.write(text))
-
-    def plot(self) -> None:
-        if not self.enabled or not os.path.exists(self.path):
-            return
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
-
-        train, val = [], []
-        with open(self.path, encoding="utf-8") as handle:
-            for line in handle:
-                record = json.loads(line)
-                (train if record["kind"] == "train" else val).append((record["step"], record["ppl"]))
-        figure, axes = plt.subplots(figsize=(7, 4))
-        if train:
-            axes.plot(*zip(*train), label="train")
-        if val:
-            axes.plot(*zip(*val), marker="o", label="validation")
-        axes.set_xlabel("step")
-        axes.set_ylabel("perplexity")
-        axes.set_yscale("log")
-        axes.grid(True, which="both", alpha=0.3)
-        axes.legend()
-        figure.tight_layout()
-        atomic_write(os.path.join(self.out, "curves.png"), lambda handle: figure.savefig(handle, format="png"))
-        plt.close(figure)
-
-
-# --------------------------------------------------------------------------- loop
-
 @torch.no_grad()
-def evaluate(model: nn.Module, rows: torch.Tensor, bptt: int, device: torch.device,
-             dist: Distributed, max_windows: int | None = None) -> float:
-    """Mean cross-entropy per token over ``rows`` (summed over all processes)."""
+def validation_loss(model: nn.Module, rows: torch.Tensor, bptt: int, device: torch.device,
+                    dist: Distributed, max_windows: int | None = None) -> float:
+    """Mean cross-entropy per token over ``rows`` read as one stream (summed over all processes)."""
     model.eval()
     state = model.zero_state(rows.size(0))
     total, count = 0.0, 0
@@ -195,6 +94,196 @@ def evaluate(model: nn.Module, rows: torch.Tensor, bptt: int, device: torch.devi
     model.train()
     total, count = dist.sum(total, count)
     return total / max(1.0, count)
+
+
+def stream_perplexity(loss: float | None) -> str:
+    """How logs name the validation figure: the held-out lines read as one stream (see service/artifact.py)."""
+    return f"stream validation perplexity {math.exp(min(loss, 50)):.2f}" if loss is not None else ""
+
+
+class TrainingRun:
+    """Everything one run holds: data, tokenizer, model, optimizer, its position in the stream, its outputs."""
+
+    def __init__(self, config: TrainConfig) -> None:
+        self.config = config
+        self.device = pick_device(config.device)
+        self.dist = Distributed(self.device)
+        if config.batch_size % self.dist.world_size:
+            raise TrainingError(f"--batch-size {config.batch_size} must be divisible by the number of processes "
+                                f"({self.dist.world_size})")
+        if self.dist.main:
+            os.makedirs(config.out, exist_ok=True)
+        self.corpus = read_corpus(config.corpus, config.encoding_errors)
+        self.train_lines, self.val_lines = self._split()
+        # position in the stream: steps taken, epochs done, next window, seconds trained, best validation loss
+        self.step_count, self.epoch, self.window, self.elapsed, self.best = 0, 0, 0, 0.0, math.inf
+        self.state: torch.Tensor | None = None   # [L, rows of this rank, S], carried from window to window
+
+    def _split(self) -> tuple[list[str], list[str]]:
+        config = self.config
+        if config.val:
+            return self.corpus.lines, read_corpus(config.val, config.encoding_errors).lines
+        if len(self.corpus.lines) < 2 and config.val_fraction > 0:
+            raise TrainingError("the corpus has 1 line; a validation split needs 2 or more (or pass --val PATH)")
+        return split_lines(self.corpus.lines, config.val_fraction, config.seed)
+
+    def build(self, checkpoint: dict | None) -> None:
+        """Tokenizer, token stream, model and optimizer: new, or those of ``checkpoint``."""
+        config = self.config
+        if checkpoint is not None:
+            if checkpoint["provenance"]["corpus_sha256"] != self.corpus.sha256:
+                raise TrainingError("the corpus files differ from the ones this run was trained on; "
+                                    "resume needs the same text")
+            self.tokenizer = load_tokenizer(checkpoint["tokenizer"])
+        else:
+            self.tokenizer = build_tokenizer(config.tokenizer, self.train_lines, config.vocab_size, config.min_count,
+                                             config.lowercase)
+        self.model_config = model_config_for(config, self.tokenizer.vocab_size)
+        self.train_sequences = encode_lines(self.tokenizer, self.train_lines)
+        self.val_rows = batchify(make_stream(encode_lines(self.tokenizer, self.val_lines)),
+                                 min(16, config.batch_size)) if self.val_lines else None
+        self.total_tokens = sum(len(s) for s in self.train_sequences)
+        if self.total_tokens < 2 * config.batch_size:
+            raise TrainingError(f"the training text has {self.total_tokens} tokens; --batch-size {config.batch_size} "
+                                f"needs at least {2 * config.batch_size}: give more text or a smaller --batch-size")
+        windows_per_epoch = num_windows(torch.empty(1, self.total_tokens // config.batch_size), config.bptt)
+        self.max_steps = min(config.max_steps or DRY_RUN_STEPS, DRY_RUN_STEPS) if config.dry_run else config.max_steps
+        self.total_steps = self.max_steps or config.epochs * windows_per_epoch
+
+        torch.manual_seed(config.seed)
+        self.model = LanguageModel(self.model_config).to(self.device)
+        # the fused kernel updates all parameters in one pass (its cost: docs/performance.md)
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
+                                           fused=self.device.type in ("cpu", "cuda"))
+        if checkpoint is not None:
+            self.restore(checkpoint)
+        self.wrapped = nn.parallel.DistributedDataParallel(
+            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
+            if self.dist.enabled else self.model
+        self.log = RunLog(config.out, self.dist.main)
+        self.log.save_config(config, self.model_config, self.tokenizer)
+        self.provenance = {"corpus": [os.path.basename(p) for p in config.corpus], "corpus_sha256": self.corpus.sha256,
+                           "train_lines": len(self.train_lines), "val_lines": len(self.val_lines)}
+
+    def restore(self, checkpoint: dict) -> None:
+        """Weights, optimizer, position, this rank's rows of the state, random state."""
+        self.model.load_weights(checkpoint["model"])
+        self.optimizer.load_state_dict(checkpoint["optimizer"])
+        self.step_count, self.epoch, self.window = checkpoint["step"], checkpoint["epoch"], checkpoint["window"]
+        self.elapsed, self.best = checkpoint["elapsed"], checkpoint["best_val_loss"]
+        rows = self.config.batch_size // self.dist.world_size
+        self.state = checkpoint["state"][:, self.dist.rank * rows:(self.dist.rank + 1) * rows].to(self.device)
+        torch.set_rng_state(checkpoint["rng"]["torch"])
+        if self.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.device)
+
+    def describe(self) -> str:
+        m = self.model_config
+        return (f"{self.tokenizer.kind} tokenizer, {self.tokenizer.vocab_size} tokens; {m.cell} "
+                f"{m.num_layers}x{m.hidden_size}, {sum(p.numel() for p in self.model.parameters()):,} parameters; "
+                f"{len(self.train_lines)} training lines ({self.total_tokens:,} tokens), {len(self.val_lines)} "
+                f"validation lines; device {self.device}"
+                + (f", {self.dist.world_size} processes" if self.dist.enabled else ""))
+
+    def epoch_rows(self) -> torch.Tensor:
+        """This rank's rows of the epoch's shuffled stream [rows, tokens]."""
+        stream = make_stream(self.train_sequences, shuffle_seed=self.config.seed * 100003 + self.epoch)
+        return batchify(stream, self.config.batch_size, self.dist.rank, self.dist.world_size)
+
+    def step(self, inputs: torch.Tensor, targets: torch.Tensor, lr: float) -> torch.Tensor:
+        """One window of truncated backpropagation; returns the loss (a tensor: reading it syncs a GPU)."""
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr
+        inputs = inputs.to(self.device, non_blocking=True)
+        targets = targets.to(self.device, non_blocking=True)
+        logits, new_state = self.wrapped(inputs, self.state)
+        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+        if not torch.isfinite(loss):
+            kept = os.path.join(self.config.out, LAST)
+            raise TrainingError(
+                f"the loss became {loss.item()} at step {self.step_count + 1}; stopped without saving it. "
+                + (f"The last good checkpoint is {kept}. " if os.path.exists(kept) else "No checkpoint was written yet. ")
+                + "Try a lower --lr or --clip.")
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip, foreach=True)
+        self.optimizer.step()
+        self.state = new_state.detach()  # truncate backpropagation here, carry the values on
+        self.step_count += 1
+        return loss
+
+    def payload(self) -> dict:
+        full_state = self.dist.gather_rows(self.state.detach()) if self.state is not None else None
+        weights = self.model.state_dict()
+        if self.dist.main:  # only its payload is written: where served text starts, the stream's state between lines
+            weights = {**weights, "start_state": line_start_state(self.model, self.train_sequences, seed=self.config.seed)}
+        cuda = self.device.type == "cuda"
+        return {"model_config": self.model_config.to_dict(), "train_config": self.config.to_dict(),
+                "tokenizer": self.tokenizer.to_bytes(), "model": weights, "optimizer": self.optimizer.state_dict(),
+                "step": self.step_count, "epoch": self.epoch, "window": self.window,
+                "state": full_state.cpu() if full_state is not None else None, "elapsed": self.elapsed,
+                "best_val_loss": self.best, "provenance": self.provenance, "torch_version": str(torch.__version__),
+                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}}
+
+    def save(self, names: tuple[str, ...]) -> None:
+        data = self.payload()  # every rank joins the state gather
+        if self.dist.main:
+            for name in names:
+                save_checkpoint(os.path.join(self.config.out, name), data)
+
+    def validate(self) -> float | None:
+        """Validation loss (None without validation lines); saves 'last', and 'best' when it improved."""
+        if self.val_rows is None:
+            self.save((LAST,))
+            return None
+        loss = validation_loss(self.model, self.val_rows, self.config.bptt, self.device, self.dist,
+                               2 if self.config.dry_run else None)
+        self.log.write({"kind": "val", "step": self.step_count, "epoch": self.epoch, "loss": loss,
+                        "ppl": math.exp(min(loss, 50))})
+        improved = loss < self.best
+        self.best = min(self.best, loss)
+        self.save((LAST, BEST) if improved else (LAST,))
+        self.log.plot()
+        return loss
+
+    def say(self, text: str) -> None:
+        if self.dist.main:
+            print(f"{PROG}: {text}", file=sys.stderr)
+
+
+class Progress:
+    """The tqdm bar on a terminal (rank 0), and the train lines of metrics.jsonl every LOG_EVERY steps."""
+
+    def __init__(self, run: TrainingRun) -> None:
+        self.run = run
+        self.bar = None
+        if run.dist.main and sys.stderr.isatty():
+            from tqdm import tqdm
+
+            self.bar = tqdm(total=run.total_steps, initial=min(run.step_count, run.total_steps), unit="step",
+                            dynamic_ncols=True)
+        self.tokens, self.since = 0, time.perf_counter()
+
+    def update(self, loss: torch.Tensor, tokens: int, lr: float) -> None:
+        run = self.run
+        self.tokens += tokens * run.dist.world_size
+        if run.step_count % LOG_EVERY == 0 or run.step_count == 1:
+            mean = run.dist.sum(loss.item())[0] / run.dist.world_size  # the global mean, not rank 0's
+            now = time.perf_counter()
+            tokens_per_s = self.tokens / max(1e-9, now - self.since)
+            self.tokens, self.since = 0, now
+            run.log.write({"kind": "train", "step": run.step_count, "epoch": run.epoch, "loss": mean,
+                           "ppl": math.exp(min(mean, 50)), "lr": lr, "tokens_per_s": tokens_per_s,
+                           "elapsed": run.elapsed})
+            if self.bar is not None:
+                self.bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}",
+                                     tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+        if self.bar is not None:
+            self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
 
 
 class StopFlag:
@@ -218,189 +307,48 @@ class StopFlag:
 
 
 def train(config: TrainConfig, checkpoint: dict | None = None) -> int:
-    device = pick_device(config.device)
-    dist = Distributed(device)
-    if config.batch_size % dist.world_size:
-        raise TrainingError(f"--batch-size {config.batch_size} must be divisible by the number of processes ({dist.world_size})")
-    if dist.main:
-        os.makedirs(config.out, exist_ok=True)
-
-    corpus = read_corpus(config.corpus, config.encoding_errors)
-    if config.val:
-        train_lines, val_lines = corpus.lines, read_corpus(config.val, config.encoding_errors).lines
-    else:
-        if len(corpus.lines) < 2 and config.val_fraction > 0:
-            raise TrainingError("the corpus has 1 line; a validation split needs 2 or more (or pass --val PATH)")
-        train_lines, val_lines = split_lines(corpus.lines, config.val_fraction, config.seed)
-    if checkpoint is not None:
-        if checkpoint["provenance"]["corpus_sha256"] != corpus.sha256:
-            raise TrainingError("the corpus files differ from the ones this run was trained on; resume needs the same text")
-        tokenizer = load_tokenizer(checkpoint["tokenizer"])
-    else:
-        tokenizer = build_tokenizer(config.tokenizer, train_lines, config.vocab_size, config.min_count, config.lowercase)
-    model_config = model_config_for(config, tokenizer.vocab_size)
-
-    train_sequences = encode_lines(tokenizer, train_lines)
-    val_rows = batchify(make_stream(encode_lines(tokenizer, val_lines)), min(16, config.batch_size)) if val_lines else None
-    total_tokens = sum(len(s) for s in train_sequences)
-    if total_tokens < 2 * config.batch_size:
-        raise TrainingError(f"the training text has {total_tokens} tokens; --batch-size {config.batch_size} needs "
-                            f"at least {2 * config.batch_size}: give more text or a smaller --batch-size")
-    windows_per_epoch = num_windows(torch.empty(1, total_tokens // config.batch_size), config.bptt)
-    max_steps = config.max_steps
-    if config.dry_run:
-        max_steps = min(max_steps or DRY_RUN_STEPS, DRY_RUN_STEPS)
-    total_steps = max_steps or config.epochs * windows_per_epoch
-
-    torch.manual_seed(config.seed)
-    model = LanguageModel(model_config).to(device)
-    # the fused kernel updates all parameters in one pass (about 5 % of a step on CPU)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                  fused=device.type in ("cpu", "cuda"))
-    step, epoch, window, elapsed, best = 0, 0, 0, 0.0, math.inf
-    state = None
-    if checkpoint is not None:
-        model.load_weights(checkpoint["model"])
-        optimizer.load_state_dict(checkpoint["optimizer"])
-        step, epoch, window = checkpoint["step"], checkpoint["epoch"], checkpoint["window"]
-        elapsed, best = checkpoint["elapsed"], checkpoint["best_val_loss"]
-        rows_per_rank = config.batch_size // dist.world_size
-        state = checkpoint["state"][:, dist.rank * rows_per_rank:(dist.rank + 1) * rows_per_rank].to(device)
-        torch.set_rng_state(checkpoint["rng"]["torch"])
-        if device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], device)
-    wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None) \
-        if dist.enabled else model
-
-    log = RunLog(config.out, dist.main)
-    log.save_config(config, model_config, tokenizer)
-    provenance = {"corpus": [os.path.basename(p) for p in config.corpus], "corpus_sha256": corpus.sha256,
-                  "train_lines": len(train_lines), "val_lines": len(val_lines)}
-
-    def payload() -> dict:
-        full_state = dist.gather_rows(state.detach()) if state is not None else None
-        weights = model.state_dict()
-        if dist.main:  # only its payload is written: where served text starts, the stream's state between lines
-            weights = {**weights, "start_state": line_start_state(model, train_sequences, seed=config.seed)}
-        return {"model_config": model_config.to_dict(), "train_config": config.to_dict(),
-                "tokenizer": tokenizer.to_bytes(), "model": weights,
-                "optimizer": optimizer.state_dict(), "step": step, "epoch": epoch, "window": window,
-                "state": full_state.cpu() if full_state is not None else None, "elapsed": elapsed,
-                "best_val_loss": best, "provenance": provenance, "torch_version": str(torch.__version__),
-                "rng": {"torch": torch.get_rng_state(),
-                        "cuda": torch.cuda.get_rng_state(device) if device.type == "cuda" else None}}
-
-    def save(names: tuple[str, ...]) -> None:
-        data = payload()  # every rank joins the state gather
-        if dist.main:
-            for name in names:
-                save_checkpoint(os.path.join(config.out, name), data)
-
-    def validate() -> float | None:
-        nonlocal best
-        if val_rows is None:
-            save((LAST,))
-            return None
-        loss = evaluate(model, val_rows, config.bptt, device, dist, 2 if config.dry_run else None)
-        log.write({"kind": "val", "step": step, "epoch": epoch, "loss": loss, "ppl": math.exp(min(loss, 50))})
-        improved = loss < best
-        best = min(best, loss)
-        save((LAST, BEST) if improved else (LAST,))
-        log.plot()
-        return loss
-
-    progress = None
-    if dist.main and sys.stderr.isatty():
-        from tqdm import tqdm
-
-        progress = tqdm(total=total_steps, initial=min(step, total_steps), unit="step", dynamic_ncols=True)
-    if dist.main:
-        print(f"{PROG}: {tokenizer.kind} tokenizer, {tokenizer.vocab_size} tokens; {model_config.cell} "
-              f"{model_config.num_layers}x{model_config.hidden_size}, "
-              f"{sum(p.numel() for p in model.parameters()):,} parameters; {len(train_lines)} training lines "
-              f"({total_tokens:,} tokens), {len(val_lines)} validation lines; device {device}"
-              + (f", {dist.world_size} processes" if dist.enabled else ""), file=sys.stderr)
-
-    model.train()
-    started = time.perf_counter() - elapsed
-    rate_tokens, rate_started = 0, time.perf_counter()
-    last_loss = None
+    run = TrainingRun(config)
+    run.build(checkpoint)
+    run.say(run.describe())
+    run.model.train()
+    progress = Progress(run)
+    started = time.perf_counter() - run.elapsed
     stop_reason = "done"
     with StopFlag() as stop:
-        while epoch < config.epochs and stop_reason == "done":
-            rows = batchify(make_stream(train_sequences, shuffle_seed=config.seed * 100003 + epoch),
-                            config.batch_size, dist.rank, dist.world_size)
-            if state is None or window == 0:
-                state = model.zero_state(rows.size(0))
-            for index, inputs, targets in windows(rows, config.bptt, start=window):
-                if max_steps is not None and step >= max_steps:
+        while run.epoch < config.epochs and stop_reason == "done":
+            rows = run.epoch_rows()
+            if run.state is None or run.window == 0:
+                run.state = run.model.zero_state(rows.size(0))
+            for index, inputs, targets in windows(rows, config.bptt, start=run.window):
+                if run.max_steps is not None and run.step_count >= run.max_steps:
                     stop_reason = "max_steps"
-                    break
-                if config.time_budget and elapsed >= config.time_budget:
+                elif config.time_budget and run.elapsed >= config.time_budget:
                     stop_reason = "time_budget"
-                    break
-                if stop.signal is not None:
+                elif stop.signal is not None:
                     stop_reason = "interrupted"
+                if stop_reason != "done":
                     break
-                lr = learning_rate(config, step, total_steps, elapsed)
-                for group in optimizer.param_groups:
-                    group["lr"] = lr
-                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-                logits, new_state = wrapped(inputs, state)
-                loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-                if not torch.isfinite(loss):
-                    kept = os.path.join(config.out, LAST)
-                    raise TrainingError(
-                        f"the loss became {loss.item()} at step {step + 1}; stopped without saving it. "
-                        + (f"The last good checkpoint is {kept}. " if os.path.exists(kept) else "No checkpoint was written yet. ")
-                        + "Try a lower --lr or --clip.")
-                optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                nn.utils.clip_grad_norm_(model.parameters(), config.clip, foreach=True)
-                optimizer.step()
-                state = new_state.detach()  # truncate backpropagation here, carry the values on
-                step += 1
-                window = index + 1
-                elapsed = time.perf_counter() - started
-                rate_tokens += targets.numel() * dist.world_size
-                if step % 20 == 0 or step == 1:
-                    last_loss = dist.sum(loss.item())[0] / dist.world_size  # the global mean, not rank 0's
-                    now = time.perf_counter()
-                    tokens_per_s = rate_tokens / max(1e-9, now - rate_started)
-                    rate_tokens, rate_started = 0, now
-                    log.write({"kind": "train", "step": step, "epoch": epoch, "loss": last_loss,
-                               "ppl": math.exp(min(last_loss, 50)), "lr": lr, "tokens_per_s": tokens_per_s,
-                               "elapsed": elapsed})
-                    if progress is not None:
-                        progress.set_postfix(loss=f"{last_loss:.3f}", ppl=f"{math.exp(min(last_loss, 50)):.1f}",
-                                             tok_s=f"{tokens_per_s:,.0f}", refresh=False)
-                if progress is not None:
-                    progress.update(1)
-                if step % config.save_every == 0:
-                    save((LAST,))
-                if config.eval_every and step % config.eval_every == 0:
-                    validate()
-            else:
-                # the epoch ran to its end
-                epoch, window, state = epoch + 1, 0, None
-                val_loss = validate()
-                if dist.main:
-                    print(f"{PROG}: epoch {epoch} step {step} "
-                          + (f"validation perplexity {math.exp(min(val_loss, 50)):.2f}" if val_loss is not None else ""),
-                          file=sys.stderr)
-        if progress is not None:
-            progress.close()
+                lr = learning_rate(config, run.step_count, run.total_steps, run.elapsed)
+                loss = run.step(inputs, targets, lr)
+                run.window = index + 1
+                run.elapsed = time.perf_counter() - started
+                progress.update(loss, targets.numel(), lr)
+                if run.step_count % config.save_every == 0:
+                    run.save((LAST,))
+                if config.eval_every and run.step_count % config.eval_every == 0:
+                    run.validate()
+            if stop_reason == "done":  # the epoch ran to its end
+                run.epoch, run.window, run.state = run.epoch + 1, 0, None
+                run.say(f"epoch {run.epoch} step {run.step_count} {stream_perplexity(run.validate())}")
+        progress.close()
         if stop_reason != "done":
-            val_loss = validate()
-            if dist.main:
-                ppl = f", validation perplexity {math.exp(min(val_loss, 50)):.2f}" if val_loss is not None else ""
-                print(f"{PROG}: stopped ({stop_reason.replace('_', ' ')}) at step {step}{ppl}", file=sys.stderr)
-    if dist.main:
-        where = os.path.join(config.out, BEST if os.path.exists(os.path.join(config.out, BEST)) else LAST)
-        print(f"{PROG}: checkpoint {where}", file=sys.stderr)
-        if stop_reason == "interrupted":
-            print(f"{PROG}: interrupted; continue with --resume {config.out}", file=sys.stderr)
-    dist.close()
+            ppl = stream_perplexity(run.validate())
+            run.say(f"stopped ({stop_reason.replace('_', ' ')}) at step {run.step_count}" + (f", {ppl}" if ppl else ""))
+    best = os.path.join(config.out, BEST)
+    run.say(f"checkpoint {best if os.path.exists(best) else os.path.join(config.out, LAST)}")
+    if stop_reason == "interrupted":
+        run.say(f"interrupted; continue with --resume {config.out}")
+    run.dist.close()
     return 130 if stop_reason == "interrupted" else 0
 
 

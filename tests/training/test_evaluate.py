@@ -9,7 +9,8 @@ import pytest
 
 from tests.conftest import TINY_EN, run_cli
 from tests.service.fakes import FakeModel, char_tokenizer, close, word_tokenizer
-from training.evaluate import Scorer, by_context, evaluate, format_by_context, format_table, score, seen_context_length
+from training.evaluate import by_context, format_by_context, format_table, seen_context_length
+from training.scoring import Scorer, metrics, score
 from training.ngram import NgramCounts, NgramStepModel
 
 A, B, C = 4, 5, 6  # ids of "a", "b", "c" after the four special tokens
@@ -66,7 +67,7 @@ def test_ngram_step_model_state_keeps_the_last_tokens():
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     tokenizer = word_tokenizer(["the", "cat", "sat"])
     model = FakeModel(tokenizer.vocab_size, lambda history: {t: 1.0 for t in range(tokenizer.vocab_size)})
-    result = evaluate(Scorer("uniform", model, model), tokenizer, ["the cat sat", "the cat"])
+    result = metrics(Scorer("uniform", model, model), tokenizer, ["the cat sat", "the cat"])
     assert close(result["perplexity"], tokenizer.vocab_size)
     tokens, characters = 4 + 3, 12 + 8  # </s> ends each line; a line break counts as a character
     assert close(result["bits_per_character"], tokens * math.log2(tokenizer.vocab_size) / characters)
@@ -74,7 +75,7 @@ def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
 
 def test_memorised_text_scores_every_word_and_saves_the_keys_it_should():
     tokenizer = word_tokenizer(["the", "cat", "sat"])
-    result = evaluate(ngram_scorer(["the cat sat"] * 3, tokenizer), tokenizer, ["the cat sat"])
+    result = metrics(ngram_scorer(["the cat sat"] * 3, tokenizer), tokenizer, ["the cat sat"])
     assert result["units"] == "words" and result["targets"] == 3
     assert result["top1"] == result["top3"] == result["top5"] == 1.0
     # Each word is taken before its first letter for one key: "the " and "cat " save 3 keys each
@@ -86,7 +87,7 @@ def test_memorised_text_scores_every_word_and_saves_the_keys_it_should():
 def test_a_word_missing_from_the_vocabulary_is_never_suggested():
     tokenizer = word_tokenizer(["the", "cat", "sat"])
     scorer = ngram_scorer(["the cat sat"] * 3 + ["sat"], tokenizer)
-    result = evaluate(scorer, tokenizer, ["the dog sat"])
+    result = metrics(scorer, tokenizer, ["the dog sat"])
     assert close(result["top1"], 2 / 3) and close(result["top5"], 2 / 3)   # "dog" is <unk>
     assert close(result["unknown_token_rate"], 1 / 3)
     assert close(result["completion1_hit3"], 2 / 3)                      # nor completed from "d"
@@ -104,20 +105,20 @@ def test_completion_hits_and_ksr_depend_on_the_letters_typed_and_the_suggestions
         return {cat: 0.6, car: 0.3, cow: 0.1} if history[-1:] == (the,) else {the: 1.0}
 
     model = FakeModel(tokenizer.vocab_size, table)
-    result = evaluate(Scorer("fake", model, model), tokenizer, ["the car"], ksr_suggestions=3)
+    result = metrics(Scorer("fake", model, model), tokenizer, ["the car"], ksr_suggestions=3)
     assert result["targets"] == 2
     assert result["top1"] == 0.5 and result["top3"] == 1.0          # "car" is second after "the"
     assert result["completion1_hit1"] == 0.5                         # "c" -> cat, car, cow
     assert result["completion2_hit1"] == 0.5 and result["completion2_hit3"] == 1.0
     assert result["completion3_hit1"] is None                        # no word is longer than 3 letters
     assert close(result["ksr"], 5 / 7)                               # "the " saves 3, "car" 2
-    one = evaluate(Scorer("fake", model, model), tokenizer, ["the car"], ksr_suggestions=1)
+    one = metrics(Scorer("fake", model, model), tokenizer, ["the car"], ksr_suggestions=1)
     assert close(one["ksr"], 3 / 7)                                  # with one suggestion "car" is never shown
 
 
 def test_text_without_spaces_is_scored_by_character_and_phrase():
     tokenizer = char_tokenizer("我昨天去了")
-    result = evaluate(ngram_scorer(["我昨天去了"] * 3, tokenizer), tokenizer, ["我昨天去了"])
+    result = metrics(ngram_scorer(["我昨天去了"] * 3, tokenizer), tokenizer, ["我昨天去了"])
     assert result["units"] == "characters" and result["targets"] == 5
     assert result["top1"] == 1.0
     assert result["completion1_hit1"] is None

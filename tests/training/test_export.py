@@ -34,15 +34,15 @@ def test_exported_file_gives_the_eager_models_logits(tiny_char_run, tiny_char_mo
 def test_manifest_says_what_the_model_is(tiny_char_run, tiny_char_model):
     manifest = load_artifact(tiny_char_model).manifest
     _, checkpoint = eager_model(tiny_char_run)
-    assert manifest["format_version"] == FORMAT_VERSION
-    assert manifest["model"] == checkpoint["model_config"]
-    assert manifest["tokenizer"]["kind"] == "char"
-    assert manifest["tokenizer"]["special_ids"] == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
-    assert manifest["provenance"]["corpus"] == ["tiny_en.txt"]
-    assert len(manifest["provenance"]["corpus_sha256"]["tiny_en.txt"]) == 64
-    assert manifest["provenance"]["steps"] == checkpoint["step"]
-    assert manifest["provenance"]["validation_perplexity"] > 1
-    assert manifest["torch_version"] == str(torch.__version__) and manifest["created"]
+    assert manifest.format_version == FORMAT_VERSION
+    assert manifest.network == checkpoint["model_config"]
+    assert manifest.tokenizer.kind == "char"
+    assert manifest.tokenizer.special_ids == {"pad": 0, "bos": 1, "eos": 2, "unk": 3}
+    assert manifest.provenance.corpus == ["tiny_en.txt"]
+    assert len(manifest.provenance.corpus_sha256["tiny_en.txt"]) == 64
+    assert manifest.provenance.steps == checkpoint["step"]
+    assert manifest.provenance.stream_validation_perplexity > 1
+    assert manifest.torch_version == str(torch.__version__) and manifest.created
 
 
 def test_artifact_loads_without_training(tiny_char_model):
@@ -130,7 +130,7 @@ def test_export_command(tiny_char_run, tmp_path):
 def test_int8_export_serves_close_to_float_and_its_checksum_covers_the_int8_weights(run, request, tmp_path):
     from service.engine import Engine
     from service.config import ServerConfig
-    from training.evaluate import Scorer, evaluate
+    from training.scoring import Scorer, metrics as score_metrics
     from service.runner import ScriptedModel
 
     run_dir = request.getfixturevalue(run)
@@ -139,7 +139,7 @@ def test_int8_export_serves_close_to_float_and_its_checksum_covers_the_int8_weig
         paths[name] = str(tmp_path / f"{name}.pt")
         result = run_cli("training.export", run_dir, "--out", paths[name], *(["--quantize", quantize] if quantize else []))
         assert result.returncode == 0, result.stderr
-    assert load_artifact(paths["int8"]).manifest["quantization"] == "int8"
+    assert load_artifact(paths["int8"]).manifest.quantization == "int8"
     assert os.path.getsize(paths["int8"]) < os.path.getsize(paths["float"])
     corpus = TINY_ZH if run == "tiny_zh_run" else TINY_EN
     lines = open(corpus, encoding="utf-8").read().splitlines()[:30]
@@ -147,7 +147,7 @@ def test_int8_export_serves_close_to_float_and_its_checksum_covers_the_int8_weig
     for name, path in paths.items():
         artifact = load_artifact(path)
         model = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
-        metrics[name] = evaluate(Scorer(name, model, model), artifact.tokenizer, lines)
+        metrics[name] = score_metrics(Scorer(name, model, model), artifact.tokenizer, lines)
     assert abs(metrics["int8"]["perplexity"] / metrics["float"]["perplexity"] - 1) < 0.05
     assert abs(metrics["int8"]["top1"] - metrics["float"]["top1"]) < 0.1
     engine = Engine.load(ServerConfig(model=paths["int8"], metrics_port=0))

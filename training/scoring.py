@@ -1,0 +1,211 @@
+"""Scoring a model on held-out text: every line read on its own from ``<s>``, as the service reads a
+request, and typed through the serving code (service/suggest.py), so what is counted is what a user
+would see. ``training/evaluate.py`` turns the counts into metrics and tables; the metrics are
+described there.
+
+Lines are read in groups: one model call per token position feeds every line of the group
+(``walk_batch``), and the outputs after each prefix are kept (``PrefixStates``) for the
+suggestions at every word of the line.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+
+import torch
+
+from service.runner import PrefixStates, StepModel, walk_batch
+from service.suggest import SUGGESTED_WORD, SplitText, SuggestConfig, Suggester
+from service.tokenizer import BOS, EOS, UNK, Tokenizer, is_cjk
+
+TOP_K = (1, 3, 5)
+PREFIXES = (1, 2, 3)
+LINES_AT_ONCE = 64   # lines whose tokens share one model call per position
+
+
+@dataclass
+class Scorer:
+    """A model to judge: ``probabilities`` for perplexity, ``ranking`` for suggestions (often the same)."""
+
+    name: str
+    probabilities: StepModel
+    ranking: StepModel
+
+
+@dataclass
+class Tally:
+    nats: float = 0.0
+    tokens: int = 0
+    text_tokens: int = 0
+    unknown: int = 0
+    characters: int = 0
+    targets: int = 0
+    top: dict[int, int] = field(default_factory=lambda: {k: 0 for k in TOP_K})
+    completion_targets: dict[int, int] = field(default_factory=lambda: {n: 0 for n in PREFIXES})
+    completion_hits: dict[tuple[int, int], int] = field(default_factory=dict)
+    keys_without: int = 0
+    keys_with: int = 0
+    lines: int = 0
+    first_hits: list[bool] = field(default_factory=list)   # per target: ranked first?
+    # per target: (line number, length of the text the model read before it)
+    context_ends: list[tuple[int, int]] = field(default_factory=list)
+
+    def report(self, units: str) -> dict:
+        out = {
+            "perplexity": math.exp(self.nats / self.tokens) if self.tokens else None,
+            "bits_per_character": self.nats / math.log(2) / self.characters if self.characters else None,
+            "tokens": self.tokens,
+            "unknown_token_rate": self.unknown / self.text_tokens if self.text_tokens else 0.0,
+            "targets": self.targets,
+        }
+        for k in TOP_K:
+            out[f"top{k}"] = self.top[k] / self.targets if self.targets else None
+        out["ksr"] = 1 - self.keys_with / self.keys_without if self.keys_without else None
+        for n in PREFIXES:
+            for k in (1, 3):
+                count = self.completion_targets[n]
+                hits = self.completion_hits.get((n, k), 0)
+                out[f"completion{n}_hit{k}"] = hits / count if count and units == "words" else None
+        return out
+
+
+class _LineReader:
+    """The ranking model's output after any prefix of one line, from the outputs after its tokens."""
+
+    def __init__(self, tokenizer: Tokenizer, prefixes: PrefixStates) -> None:
+        self.tokenizer, self.prefixes = tokenizer, prefixes
+        self.cache: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+
+    def after(self, context: str) -> tuple[torch.Tensor, torch.Tensor]:
+        found = self.cache.get(context)
+        if found is None:  # a tokenizer that segments a prefix differently (SentencePiece) reads the rest
+            ids = self.tokenizer.encode(context) if context else []
+            found = self.cache[context] = self.prefixes.read([BOS, *ids], keep=False)
+        return found
+
+
+def text_without_spaces(lines: Sequence[str]) -> bool:
+    """Mostly CJK characters and few spaces: scored character by character."""
+    sample = "".join(lines[:2000])
+    cjk = sum(1 for ch in sample if is_cjk(ch))
+    return cjk > 0.3 * max(1, len(sample)) and sample.count(" ") < 0.05 * len(sample)
+
+
+def _matches(suggestion: str, target: str, tokenizer: Tokenizer) -> bool:
+    return tokenizer.normalize(suggestion) == tokenizer.normalize(target)
+
+
+def score_words(line: str, suggester: Suggester, reader: _LineReader, tally: Tally, ksr_suggestions: int) -> None:
+    tokenizer = suggester.tokenizer
+    shown = max(max(TOP_K), ksr_suggestions)
+    saved = 0
+    for match in SUGGESTED_WORD.finditer(line):
+        word, start = match.group(), match.start()
+        ranked: dict[int, list[str]] = {}
+
+        def suggestions(typed: int) -> list[str]:
+            if typed not in ranked:
+                split = suggester.split(line[:start] + word[:typed])
+                log_probs, state = reader.after(split.context)
+                result = suggester.suggest_from(split, log_probs, state, shown)
+                ranked[typed] = [text for text, _ in result.suggestions]
+            return ranked[typed]
+
+        tally.targets += 1
+        first = suggestions(0)
+        for k in TOP_K:
+            tally.top[k] += any(_matches(s, word, tokenizer) for s in first[:k])
+        tally.first_hits.append(any(_matches(s, word, tokenizer) for s in first[:1]))
+        tally.context_ends.append((tally.lines, len(suggester.split(line[:start]).context)))
+        for n in PREFIXES:
+            if len(word) > n:
+                tally.completion_targets[n] += 1
+                found = suggestions(n)
+                for k in (1, 3):
+                    if any(_matches(s, word, tokenizer) for s in found[:k]):
+                        tally.completion_hits[(n, k)] = tally.completion_hits.get((n, k), 0) + 1
+        for typed in range(len(word)):
+            if any(_matches(s, word, tokenizer) for s in suggestions(typed)[:ksr_suggestions]):
+                space = 1 if line[match.end() : match.end() + 1] == " " else 0
+                saved += len(word) - typed + space - 1
+                break
+    tally.keys_without += len(line)
+    tally.keys_with += len(line) - saved
+
+
+def score_characters(line: str, suggester: Suggester, reader: _LineReader, tally: Tally, ksr_suggestions: int) -> None:
+    shown = max(max(TOP_K), ksr_suggestions)
+    ranked: dict[int, list[str]] = {}
+
+    def suggestions(position: int) -> list[str]:
+        if position not in ranked:
+            context = line[:position]
+            log_probs, state = reader.after(context)
+            split = SplitText(context=context, typed="", prefix="", phrases=True)
+            ranked[position] = [text for text, _ in suggester.suggest_from(split, log_probs, state, shown).suggestions]
+        return ranked[position]
+
+    for position, ch in enumerate(line):
+        if is_cjk(ch):
+            tally.targets += 1
+            found = suggestions(position)
+            for k in TOP_K:
+                tally.top[k] += any(line.startswith(s, position) for s in found[:k])
+            tally.first_hits.append(any(line.startswith(s, position) for s in found[:1]))
+            tally.context_ends.append((tally.lines, position))
+    position = keys = 0
+    while position < len(line):
+        step = 1
+        if is_cjk(line[position]):
+            taken = [s for s in suggestions(position)[:ksr_suggestions] if line.startswith(s, position)]
+            step = max((len(s) for s in taken), default=1)
+        position += step
+        keys += 1
+    tally.keys_without += len(line)
+    tally.keys_with += keys
+
+
+def metrics(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_suggestions: int = 3,
+            config: SuggestConfig = SuggestConfig()) -> dict:
+    """All metrics of one model on ``lines`` (described in training/evaluate.py)."""
+    units, tally = score(scorer, tokenizer, lines, ksr_suggestions, config)
+    return {"units": units, **tally.report(units)}
+
+
+def score(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_suggestions: int = 3,
+          config: SuggestConfig = SuggestConfig(), progress: Callable[[int], None] | None = None,
+          lines_at_once: int = LINES_AT_ONCE) -> tuple[str, Tally]:
+    """The units scored ("words" or "characters") and the tally of every metric, per target included.
+    ``progress(n)`` is told each time n more lines are scored."""
+    units = "characters" if text_without_spaces(lines) else "words"
+    suggester = Suggester(scorer.ranking, tokenizer, config)
+    tally = Tally()
+    for first in range(0, len(lines), lines_at_once):
+        group = lines[first : first + lines_at_once]
+        sequences = [[BOS, *tokenizer.encode(line)] for line in group]
+        walks = walk_batch(scorer.probabilities, sequences)
+        ranked = walks if scorer.ranking is scorer.probabilities else walk_batch(scorer.ranking, sequences)
+        for line, tokens, walk, ranking in zip(group, sequences, walks, ranked):
+            _count_log_loss(tally, line, tokens[1:], walk)
+            reader = _LineReader(tokenizer, PrefixStates.from_walk(scorer.ranking, tokens, ranking))
+            if units == "words":
+                score_words(line, suggester, reader, tally, ksr_suggestions)
+            else:
+                score_characters(line, suggester, reader, tally, ksr_suggestions)
+            tally.lines += 1
+        if progress is not None:
+            progress(len(group))
+    return units, tally
+
+
+def _count_log_loss(tally: Tally, line: str, ids: list[int], walk: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+    """Add the line's log-loss: each token and ``</s>``, given the output before it."""
+    targets = [*ids, EOS]
+    for (log_probs, _), target in zip(walk, targets):
+        tally.nats -= float(log_probs[target])
+    tally.tokens += len(targets)
+    tally.text_tokens += len(ids)
+    tally.unknown += sum(1 for t in ids if t == UNK)
+    tally.characters += len(line) + 1
