@@ -5,7 +5,7 @@ PORT ?= 50051
 MODEL ?= models/default.pt
 export PYTHON VENV
 
-.PHONY: serve test install install-dev proto lint smoke default-model clean
+.PHONY: serve test test-fast install install-dev proto lint smoke default-model clean
 
 install:                ## the service's dependencies and the gRPC stubs
 	scripts/install.sh serve
@@ -22,7 +22,12 @@ serve: install          ## serve the default model (or MODEL=path) on PORT
 test: install-dev       ## the whole test suite (offline, CPU)
 	$(VENV)/bin/python -m pytest -q
 
-lint: install-dev       ## hadolint on the Dockerfile
+test-fast: install-dev  ## the suite without the tests marked slow (the edit-test loop)
+	$(VENV)/bin/python -m pytest -q -m "not slow"
+
+lint: install-dev       ## ruff (lint and format check, rules in pyproject.toml) and hadolint on the Dockerfile
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 	$(VENV)/bin/hadolint Dockerfile
 
 smoke: install          ## start the server on the default model, call Suggest, stop it

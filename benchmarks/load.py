@@ -35,11 +35,14 @@ async def run(target: str, clients: int, seconds: float, warmup: float, method: 
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.NextWordStub(channel)
         if method == "info":
+
             def call(rng):
                 return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
         else:
+
             def call(rng):
                 return stub.Suggest(pb.SuggestRequest(text=rng.choice(texts)), timeout=30)
+
         await stub.Suggest(pb.SuggestRequest(text="warm up"), wait_for_ready=True)
         start = time.perf_counter()
         measure_from, stop_at = start + warmup, start + warmup + seconds
@@ -57,8 +60,14 @@ async def run(target: str, clients: int, seconds: float, warmup: float, method: 
                     latencies.append(time.perf_counter() - now)
 
         await asyncio.gather(*(client(i) for i in range(clients)))
-    return {"clients": clients, "calls": len(latencies), "errors": errors, "qps": len(latencies) / seconds,
-            "p50_ms": 1000 * percentile(latencies, 0.5), "p99_ms": 1000 * percentile(latencies, 0.99)}
+    return {
+        "clients": clients,
+        "calls": len(latencies),
+        "errors": errors,
+        "qps": len(latencies) / seconds,
+        "p50_ms": 1000 * percentile(latencies, 0.5),
+        "p99_ms": 1000 * percentile(latencies, 0.99),
+    }
 
 
 def main() -> None:

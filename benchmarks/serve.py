@@ -89,8 +89,11 @@ def in_process(model_path: str, seconds: float, device: str, threads: int) -> di
     for t in workers:
         t.join()
     batched.close()
-    return {"p50_ms": 1000 * statistics.median(latencies), "ceiling_qps": sum(calls) / seconds,
-            "mean_batch_rows": batched.rows / max(1, batched.batches)}
+    return {
+        "p50_ms": 1000 * statistics.median(latencies),
+        "ceiling_qps": sum(calls) / seconds,
+        "mean_batch_rows": batched.rows / max(1, batched.batches),
+    }
 
 
 def keystrokes(model_path: str, typed: int, device: str, count: int = 60) -> dict:
@@ -109,8 +112,11 @@ def keystrokes(model_path: str, typed: int, device: str, count: int = 60) -> dic
         start = time.perf_counter()
         suggester.suggest(session.text, 3)
         reencoded.append(time.perf_counter() - start)
-    return {"typed": typed, "session_ms": 1000 * statistics.mean(incremental),
-            "reencode_ms": 1000 * statistics.mean(reencoded)}
+    return {
+        "typed": typed,
+        "session_ms": 1000 * statistics.mean(incremental),
+        "reencode_ms": 1000 * statistics.mean(reencoded),
+    }
 
 
 def free_port() -> int:
@@ -120,18 +126,53 @@ def free_port() -> int:
 
 
 def load(port: int, clients: int, seconds: float, method: str = "suggest") -> dict:
-    out = subprocess.run([sys.executable, "-m", "benchmarks.load", "--target", f"127.0.0.1:{port}", "--clients",
-                          str(clients), "--seconds", str(seconds), "--method", method],
-                         cwd=ROOT, capture_output=True, text=True, check=True)
+    out = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "benchmarks.load",
+            "--target",
+            f"127.0.0.1:{port}",
+            "--clients",
+            str(clients),
+            "--seconds",
+            str(seconds),
+            "--method",
+            method,
+        ],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
     return json.loads(out.stdout)
 
 
 def server_runs(model_path: str, batching: bool, seconds: float, clients: list[int], device: str) -> list[dict]:
     port = free_port()
     flag = "--batching" if batching else "--no-batching"
-    server = subprocess.Popen([sys.executable, "-m", "service", "--model", model_path, "--host", "127.0.0.1",
-                               "--port", str(port), flag, "--device", device, "--metrics-port", "0"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--model",
+            model_path,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            flag,
+            "--device",
+            device,
+            "--metrics-port",
+            "0",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         server.stdout.readline()  # "SERVING on port ..."
         results = [load(port, count, seconds) for count in clients]
@@ -151,36 +192,50 @@ def main() -> None:
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
-    print(f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
-          f"{args.seconds:g} s per measurement; device {args.device}", flush=True)
+    print(
+        f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"{args.seconds:g} s per measurement; device {args.device}",
+        flush=True,
+    )
     threads = torch.get_num_threads()
     use_intra_op_threads(1)  # as in the server: the thread measuring or serving the model alone has a team
     base = in_process(args.model, args.seconds, args.device, threads)
-    print(f"in-process: p50 {base['p50_ms']:.2f} ms alone; batched ceiling {base['ceiling_qps']:.0f} QPS "
-          f"(64 threads, {base['mean_batch_rows']:.1f} rows per forward)", flush=True)
+    print(
+        f"in-process: p50 {base['p50_ms']:.2f} ms alone; batched ceiling {base['ceiling_qps']:.0f} QPS "
+        f"(64 threads, {base['mean_batch_rows']:.1f} rows per forward)",
+        flush=True,
+    )
     *batched, info = server_runs(args.model, True, args.seconds, clients, args.device)
     unbatched = server_runs(args.model, False, args.seconds, clients, args.device)
     print("\n| clients | batching QPS | p50 ms | p99 ms | no-batching QPS | p50 ms | p99 ms | QPS / ceiling |")
     print("| --- | --- | --- | --- | --- | --- | --- | --- |")
     for on, off in zip(batched, unbatched):
-        print(f"| {on['clients']} | {on['qps']:.0f} | {on['p50_ms']:.2f} | {on['p99_ms']:.2f} | {off['qps']:.0f} | "
-              f"{off['p50_ms']:.2f} | {off['p99_ms']:.2f} | {on['qps'] / base['ceiling_qps']:.2f}x |")
+        print(
+            f"| {on['clients']} | {on['qps']:.0f} | {on['p50_ms']:.2f} | {on['p99_ms']:.2f} | {off['qps']:.0f} | "
+            f"{off['p50_ms']:.2f} | {off['p99_ms']:.2f} | {on['qps'] / base['ceiling_qps']:.2f}x |"
+        )
         if on["errors"] or off["errors"]:
             print(f"  errors: batching {on['errors']}, no batching {off['errors']}")
     bound = 1 / (1 / base["ceiling_qps"] + 1 / info["qps"])
-    print(f"\nGetModelInfo (no model) at {info['clients']} clients: {info['qps']:.0f} QPS; the ceiling and this "
-          f"per-call cost added give {bound:.0f} QPS, {bound / base['ceiling_qps']:.2f}x the ceiling")
+    print(
+        f"\nGetModelInfo (no model) at {info['clients']} clients: {info['qps']:.0f} QPS; the ceiling and this "
+        f"per-call cost added give {bound:.0f} QPS, {bound / base['ceiling_qps']:.2f}x the ceiling"
+    )
     one = batched[0]
-    print(f"\np50 at 1 client: {one['p50_ms']:.2f} ms over gRPC vs {base['p50_ms']:.2f} ms in-process "
-          f"(+{one['p50_ms'] - base['p50_ms']:.2f} ms)")
+    print(
+        f"\np50 at 1 client: {one['p50_ms']:.2f} ms over gRPC vs {base['p50_ms']:.2f} ms in-process "
+        f"(+{one['p50_ms'] - base['p50_ms']:.2f} ms)"
+    )
     short = on_thread(threads, lambda: keystrokes(args.model, 20, args.device))
     long_ = on_thread(threads, lambda: keystrokes(args.model, 2000, args.device))
     print("\n| text typed | Type session ms/keystroke | re-encode ms/keystroke |")
     print("| --- | --- | --- |")
     for row in (short, long_):
         print(f"| {row['typed']} chars | {row['session_ms']:.2f} | {row['reencode_ms']:.2f} |")
-    print(f"keystroke at 2,000 chars / at 20 chars: {long_['session_ms'] / short['session_ms']:.2f}x "
-          f"(re-encoding: {long_['reencode_ms'] / short['reencode_ms']:.2f}x)")
+    print(
+        f"keystroke at 2,000 chars / at 20 chars: {long_['session_ms'] / short['session_ms']:.2f}x "
+        f"(re-encoding: {long_['reencode_ms'] / short['reencode_ms']:.2f}x)"
+    )
 
 
 if __name__ == "__main__":

@@ -52,14 +52,21 @@ async def soak(target: str, pid: int, calls: int, clients: int) -> dict:
             if kind < 0.60:
                 await stub.Suggest(pb.SuggestRequest(text=text, num_suggestions=rng.randint(0, 8)), timeout=60)
             elif kind < 0.75:
-                async for _ in stub.Generate(pb.GenerateRequest(prompt=text, max_tokens=rng.randint(1, 16),
-                                                                temperature=0.8, seed=rng.randint(0, 999)), timeout=60):
+                async for _ in stub.Generate(
+                    pb.GenerateRequest(
+                        prompt=text, max_tokens=rng.randint(1, 16), temperature=0.8, seed=rng.randint(0, 999)
+                    ),
+                    timeout=60,
+                ):
                     pass
             elif kind < 0.95:
                 edits = []
                 for _ in range(rng.randint(1, 12)):
-                    edits.append(pb.TypeRequest(delete=rng.randint(1, 3)) if rng.random() < 0.2
-                                 else pb.TypeRequest(append=rng.choice(text.split() or ["a"]) + " "))
+                    edits.append(
+                        pb.TypeRequest(delete=rng.randint(1, 3))
+                        if rng.random() < 0.2
+                        else pb.TypeRequest(append=rng.choice(text.split() or ["a"]) + " ")
+                    )
                 async for _ in stub.Type(iter(edits), timeout=60):
                     pass
             else:
@@ -77,16 +84,25 @@ async def soak(target: str, pid: int, calls: int, clients: int) -> dict:
                     codes[error.code().name] += 1
                 finished += 1
                 if finished % max(1, calls // 10) == 0:
-                    sample = {"calls": finished, "seconds": round(time.perf_counter() - started, 1),
-                              "server_rss_mib": round(rss_mib(pid), 1)}
+                    sample = {
+                        "calls": finished,
+                        "seconds": round(time.perf_counter() - started, 1),
+                        "server_rss_mib": round(rss_mib(pid), 1),
+                    }
                     samples.append(sample)
                     print(json.dumps(sample), flush=True)
 
         await asyncio.gather(*(client(i) for i in range(clients)))
     elapsed = time.perf_counter() - started
     errors = sum(n for code, n in codes.items() if code != "OK")
-    return {"calls": sum(codes.values()), "errors": errors, "codes": dict(codes), "seconds": round(elapsed, 1),
-            "calls_per_s": round(sum(codes.values()) / elapsed, 1), "rss_mib": [s["server_rss_mib"] for s in samples]}
+    return {
+        "calls": sum(codes.values()),
+        "errors": errors,
+        "codes": dict(codes),
+        "seconds": round(elapsed, 1),
+        "calls_per_s": round(sum(codes.values()) / elapsed, 1),
+        "rss_mib": [s["server_rss_mib"] for s in samples],
+    }
 
 
 def main() -> int:
@@ -95,9 +111,27 @@ def main() -> int:
     parser.add_argument("--calls", type=int, default=100_000)
     parser.add_argument("--clients", type=int, default=32)
     args = parser.parse_args()
-    server = subprocess.Popen([sys.executable, "-m", "service", "--model", args.model, "--host", "127.0.0.1",
-                               "--port", "0", "--metrics-port", "0", "--log-format", "text"], cwd=ROOT,
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--model",
+            args.model,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            "0",
+            "--metrics-port",
+            "0",
+            "--log-format",
+            "text",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         port = int(re.search(r"SERVING on port (\d+)", server.stdout.readline()).group(1))
         summary = asyncio.run(soak(f"127.0.0.1:{port}", server.pid, args.calls, args.clients))

@@ -26,9 +26,33 @@ from training.data import batchify, encode_lines, make_stream, windows
 from training.tokenizers import build_tokenizer
 from training.train import main as train_main
 
-COMMON = ["--tokenizer", "word", "--lowercase", "--vocab-size", "10000", "--num-layers", "2",
-          "--hidden-size", "200", "--embedding-size", "200", "--bptt", "35", "--batch-size", "20",
-          "--dropout", "0.2", "--clip", "0.25", "--val-fraction", "0", "--seed", "0", "--device", "cpu"]
+COMMON = [
+    "--tokenizer",
+    "word",
+    "--lowercase",
+    "--vocab-size",
+    "10000",
+    "--num-layers",
+    "2",
+    "--hidden-size",
+    "200",
+    "--embedding-size",
+    "200",
+    "--bptt",
+    "35",
+    "--batch-size",
+    "20",
+    "--dropout",
+    "0.2",
+    "--clip",
+    "0.25",
+    "--val-fraction",
+    "0",
+    "--seed",
+    "0",
+    "--device",
+    "cpu",
+]
 
 
 class Reference(nn.Module):
@@ -48,8 +72,12 @@ class Reference(nn.Module):
 PARTS = {
     "output layer products": ("aten::mm", "aten::addmm"),
     "LSTM (oneDNN)": ("aten::mkldnn_rnn_layer", "aten::mkldnn_rnn_layer_backward"),
-    "softmax and cross-entropy": ("aten::_log_softmax", "aten::_log_softmax_backward_data", "aten::nll_loss_forward",
-                                  "aten::nll_loss_backward"),
+    "softmax and cross-entropy": (
+        "aten::_log_softmax",
+        "aten::_log_softmax_backward_data",
+        "aten::nll_loss_forward",
+        "aten::nll_loss_backward",
+    ),
 }
 
 
@@ -99,8 +127,12 @@ def print_profile(profiler, steps: int) -> None:
 
 def nextword_tokens_per_s(corpus: str, steps: int) -> float:
     with tempfile.TemporaryDirectory() as out:
-        assert train_main(["--corpus", corpus, "--out", out, "--max-steps", str(steps + 20), "--save-every",
-                           "100000", *COMMON]) == 0
+        assert (
+            train_main(
+                ["--corpus", corpus, "--out", out, "--max-steps", str(steps + 20), "--save-every", "100000", *COMMON]
+            )
+            == 0
+        )
         with open(os.path.join(out, "metrics.jsonl")) as handle:
             records = [r for r in map(json.loads, handle) if r["kind"] == "train" and r["step"] > 20]
     return sum(r["tokens_per_s"] for r in records) / len(records)
@@ -109,15 +141,18 @@ def nextword_tokens_per_s(corpus: str, steps: int) -> float:
 def main() -> None:
     parser = argparse.ArgumentParser(description="nextword training benchmark")
     parser.add_argument("--steps", type=int, default=150)
-    parser.add_argument("--profile", action="store_true",
-                        help="only profile the reference loop: where its step's time goes")
+    parser.add_argument(
+        "--profile", action="store_true", help="only profile the reference loop: where its step's time goes"
+    )
     args = parser.parse_args()
     with tempfile.TemporaryDirectory() as scratch:
         corpus = os.path.join(scratch, "kjv.txt")
         with gzip.open(CORPUS, "rt", encoding="utf-8") as src, open(corpus, "w", encoding="utf-8") as dst:
             dst.write(src.read())
         lines = [line.strip() for line in open(corpus, encoding="utf-8") if line.strip()]
-        print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} timed steps each", flush=True)
+        print(
+            f"torch {torch.__version__}, {torch.get_num_threads()} threads, {args.steps} timed steps each", flush=True
+        )
         if args.profile:
             reference_tokens_per_s(lines, args.steps, profile=True)
             return

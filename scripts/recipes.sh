@@ -22,12 +22,18 @@ case "$name" in
     *) echo "recipes.sh: unknown recipe '$name' (kjv or zh)" >&2; exit 2 ;;
 esac
 [ -f "$corpus" ] || { echo "recipes.sh: corpus not found: $corpus" >&2; exit 2; }
+stage() { echo "recipes.sh [$name] $(date +%H:%M:%S) $*" >&2; }
 mkdir -p build/recipes
+stage "1/4 split $corpus into build/$name/train.txt and test.txt"
 "$py" -m training.split "$corpus" --out "build/$name" --test-fraction 0.1 --seed 0
+stage "2/4 train build/recipes/$name-run"
 "$py" -m training.train --corpus "build/$name/train.txt" --out "build/recipes/$name-run" \
     --cell lstm --num-layers 2 --batch-size 32 --bptt 35 --lr 3e-3 \
     --seed 0 --device cpu "${flags[@]}"
+stage "3/4 export build/recipes/$name.pt"
 "$py" -m training.export "build/recipes/$name-run" --out "build/recipes/$name.pt"
+stage "4/4 evaluate on build/$name/test.txt against a $order-gram"
 "$py" -m training.evaluate "build/recipes/$name.pt" --text "build/$name/test.txt" \
     --baseline ngram --train "build/$name/train.txt" --order "$order" \
     --json "build/recipes/$name-test.json" | tee "build/recipes/$name-test.txt"
+stage "done: build/recipes/$name-test.txt"

@@ -36,7 +36,7 @@ HELP = {
     "tls_key": "PEM private key for --tls-cert",
     "tls_client_ca": "PEM CA bundle; clients must show a certificate it signed (mutual TLS)",
     "auth_token_file": "file of bearer tokens, one per line (or set NEXTWORD_AUTH_TOKEN); "
-                       "calls without one get UNAUTHENTICATED",
+    "calls without one get UNAUTHENTICATED",
     "health_without_auth": "let the health service answer without a token",
     "metrics": "serve Prometheus metrics over HTTP",
     "metrics_port": "port for /metrics (0 = any free port)",

@@ -40,11 +40,12 @@ class ArtifactError(ValueError):
 
 @dataclass(frozen=True)
 class TokenizerSpec:
-    kind: str                      # char | word | sentencepiece
+    kind: str  # char | word | sentencepiece
     vocab_size: int
     lowercase: bool = False
-    special_ids: dict[str, int] = field(default_factory=lambda: dict(zip(("pad", "bos", "eos", "unk"),
-                                                                          (PAD, BOS, EOS, UNK))))
+    special_ids: dict[str, int] = field(
+        default_factory=lambda: dict(zip(("pad", "bos", "eos", "unk"), (PAD, BOS, EOS, UNK)))
+    )
 
 
 @dataclass(frozen=True)
@@ -68,12 +69,12 @@ class Provenance:
 class Manifest:
     """What ``manifest.json`` holds. The one place that knows its keys: readers use the fields."""
 
-    network: dict[str, Any]        # training.model.ModelConfig as a dict (cell, num_layers, hidden_size, ...)
+    network: dict[str, Any]  # training.model.ModelConfig as a dict (cell, num_layers, hidden_size, ...)
     parameters: int
     state_size: int
     tokenizer: TokenizerSpec
     provenance: Provenance = field(default_factory=Provenance)
-    quantization: str = "none"     # none | int8 (CPU only)
+    quantization: str = "none"  # none | int8 (CPU only)
     created: str = ""
     torch_version: str = ""
     weights_sha256: str = ""
@@ -98,17 +99,26 @@ class Manifest:
 
     def to_dict(self) -> dict[str, Any]:
         provenance = asdict(self.provenance)
-        return {"format": FORMAT, "format_version": self.format_version, "model": self.network,
-                "parameters": self.parameters, "quantization": self.quantization, "state_size": self.state_size,
-                "tokenizer": asdict(self.tokenizer), "provenance": provenance, "created": self.created,
-                "torch_version": self.torch_version, "weights_sha256": self.weights_sha256,
-                "tokenizer_sha256": self.tokenizer_sha256}
+        return {
+            "format": FORMAT,
+            "format_version": self.format_version,
+            "model": self.network,
+            "parameters": self.parameters,
+            "quantization": self.quantization,
+            "state_size": self.state_size,
+            "tokenizer": asdict(self.tokenizer),
+            "provenance": provenance,
+            "created": self.created,
+            "torch_version": self.torch_version,
+            "weights_sha256": self.weights_sha256,
+            "tokenizer_sha256": self.tokenizer_sha256,
+        }
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=2, ensure_ascii=False)
 
     @classmethod
-    def from_json(cls, text: str | bytes, path: str = "the model file") -> "Manifest":
+    def from_json(cls, text: str | bytes, path: str = "the model file") -> Manifest:
         """Parse and check ``manifest.json``; an ArtifactError names ``path`` and what is wrong."""
         try:
             data = json.loads(text)
@@ -118,8 +128,10 @@ class Manifest:
             found = data.get("format") if isinstance(data, dict) else None
             raise ArtifactError(f"not a nextword model file: {path} (manifest format {found!r})")
         if data.get("format_version") != FORMAT_VERSION:
-            raise ArtifactError(f"{path} has format version {data.get('format_version')}; "
-                                f"this nextword reads version {FORMAT_VERSION}: re-export it")
+            raise ArtifactError(
+                f"{path} has format version {data.get('format_version')}; "
+                f"this nextword reads version {FORMAT_VERSION}: re-export it"
+            )
         try:
             network, tokenizer = data["model"], data["tokenizer"]
             provenance = dict(data.get("provenance") or {})
@@ -127,20 +139,30 @@ class Manifest:
                 provenance["stream_validation_perplexity"] = provenance.pop("validation_perplexity")
             known = {f.name for f in fields(Provenance)}
             manifest = cls(
-                network=dict(network), parameters=int(data["parameters"]), state_size=int(data["state_size"]),
-                tokenizer=TokenizerSpec(kind=str(tokenizer["kind"]), vocab_size=int(tokenizer["vocab_size"]),
-                                        lowercase=bool(tokenizer.get("lowercase", False)),
-                                        special_ids=dict(tokenizer.get("special_ids") or {})),
+                network=dict(network),
+                parameters=int(data["parameters"]),
+                state_size=int(data["state_size"]),
+                tokenizer=TokenizerSpec(
+                    kind=str(tokenizer["kind"]),
+                    vocab_size=int(tokenizer["vocab_size"]),
+                    lowercase=bool(tokenizer.get("lowercase", False)),
+                    special_ids=dict(tokenizer.get("special_ids") or {}),
+                ),
                 provenance=Provenance(**{k: v for k, v in provenance.items() if k in known}),
-                quantization=str(data.get("quantization", "none")), created=str(data.get("created", "")),
-                torch_version=str(data.get("torch_version", "")), weights_sha256=str(data.get("weights_sha256", "")),
-                tokenizer_sha256=str(data.get("tokenizer_sha256", "")), format_version=data["format_version"])
+                quantization=str(data.get("quantization", "none")),
+                created=str(data.get("created", "")),
+                torch_version=str(data.get("torch_version", "")),
+                weights_sha256=str(data.get("weights_sha256", "")),
+                tokenizer_sha256=str(data.get("tokenizer_sha256", "")),
+                format_version=data["format_version"],
+            )
             missing = [key for key in ("cell", "num_layers", "hidden_size", "vocab_size") if key not in network]
             if missing:
                 raise KeyError(f"model.{missing[0]}")
         except (KeyError, TypeError, ValueError) as error:
-            raise ArtifactError(f"damaged model file: {path} has an incomplete {MANIFEST_FILE} "
-                                f"({type(error).__name__}: {error})") from None
+            raise ArtifactError(
+                f"damaged model file: {path} has an incomplete {MANIFEST_FILE} ({type(error).__name__}: {error})"
+            ) from None
         return manifest
 
 
@@ -159,8 +181,11 @@ def _digest_value(digest, value) -> None:
         value = value.detach().to("cpu")
         if value.is_quantized:
             digest.update(value.int_repr().contiguous().numpy().tobytes())
-            value = value.q_per_channel_scales() if value.qscheme() in (
-                torch.per_channel_affine, torch.per_channel_symmetric) else torch.tensor([value.q_scale()])
+            value = (
+                value.q_per_channel_scales()
+                if value.qscheme() in (torch.per_channel_affine, torch.per_channel_symmetric)
+                else torch.tensor([value.q_scale()])
+            )
         digest.update(value.to(torch.float32).contiguous().numpy().tobytes())
     elif isinstance(value, (tuple, list)):
         for item in value:
@@ -177,10 +202,10 @@ def _packed_weights(module: torch.nn.Module):
         c = getattr(sub, "_c", None)
         if c is None:
             continue
-        if "_weight_bias" in c._method_names():          # int8 Linear
+        if "_weight_bias" in c._method_names():  # int8 Linear
             yield name, c._get_method("_weight_bias")()
         param = getattr(sub, "param", None)
-        if isinstance(param, torch.ScriptObject):          # int8 LSTM/GRU/RNN cell parameters
+        if isinstance(param, torch.ScriptObject):  # int8 LSTM/GRU/RNN cell parameters
             yield name, param.__getstate__()
 
 
@@ -193,12 +218,18 @@ def weights_digest(module: torch.nn.Module) -> str:
     return digest.hexdigest()
 
 
-def write_artifact(path: str, scripted: torch.jit.ScriptModule, manifest: Manifest, tokenizer: Tokenizer,
-                   verify: Callable[[str], None] | None = None) -> Manifest:
+def write_artifact(
+    path: str,
+    scripted: torch.jit.ScriptModule,
+    manifest: Manifest,
+    tokenizer: Tokenizer,
+    verify: Callable[[str], None] | None = None,
+) -> Manifest:
     """Write the file (atomically; ``verify(temporary_path)`` may refuse it); returns the manifest as written."""
     tokenizer_bytes = tokenizer.to_bytes()
-    manifest = replace(manifest, weights_sha256=weights_digest(scripted),
-                       tokenizer_sha256=hashlib.sha256(tokenizer_bytes).hexdigest())
+    manifest = replace(
+        manifest, weights_sha256=weights_digest(scripted), tokenizer_sha256=hashlib.sha256(tokenizer_bytes).hexdigest()
+    )
     extra = {MANIFEST_FILE: manifest.to_json(), TOKENIZER_FILE: tokenizer_bytes}
     atomic_write(path, lambda handle: torch.jit.save(scripted, handle, _extra_files=extra), verify)
     return manifest
@@ -214,7 +245,9 @@ def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ArtifactError(f"not a nextword model file, or a damaged one: {path} ({first})") from None
     if not extra[MANIFEST_FILE]:
-        raise ArtifactError(f"not a nextword model file: {path} has no {MANIFEST_FILE} (export it with nextword-export)")
+        raise ArtifactError(
+            f"not a nextword model file: {path} has no {MANIFEST_FILE} (export it with nextword-export)"
+        )
     manifest = Manifest.from_json(extra[MANIFEST_FILE], path)
     tokenizer_bytes = extra[TOKENIZER_FILE]  # torch.jit.load fills extra files with bytes
     if hashlib.sha256(tokenizer_bytes).hexdigest() != manifest.tokenizer_sha256:

@@ -34,25 +34,26 @@ from service.runner import StepModel
 
 @dataclass
 class _Step:
-    tokens: Tensor                     # [b, T]
-    state: Tensor                      # [L, b, S]
+    tokens: Tensor  # [b, T]
+    state: Tensor  # [L, b, S]
     future: Future = field(default_factory=Future)
 
 
 class BatchingModel:
     """A StepModel that batches the calls of many threads into few calls of ``model``."""
 
-    def __init__(self, model: StepModel, max_batch_size: int = 64, max_wait: float = 0.0,
-                 threads: int | None = None) -> None:
+    def __init__(
+        self, model: StepModel, max_batch_size: int = 64, max_wait: float = 0.0, threads: int | None = None
+    ) -> None:
         self.model = model
-        self.threads = threads    # the worker's intra-op threads (None: leave torch's setting)
+        self.threads = threads  # the worker's intra-op threads (None: leave torch's setting)
         self.vocab_size = model.vocab_size
         self.device = getattr(model, "device", torch.device("cpu"))
         self.max_batch_size = max_batch_size
         self.max_wait = max_wait
         self._queue: queue.SimpleQueue[_Step | None] = queue.SimpleQueue()
-        self.batches = 0          # model calls made, for tests and metrics
-        self.rows = 0             # sequences stepped, for tests and metrics
+        self.batches = 0  # model calls made, for tests and metrics
+        self.rows = 0  # sequences stepped, for tests and metrics
         self.on_batch: Callable[[int], None] | None = None  # called with the rows of each forward (metrics)
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="model-worker", daemon=True)
@@ -67,6 +68,11 @@ class BatchingModel:
         step = _Step(tokens, state)
         self._queue.put(step)
         return step.future.result()
+
+    @property
+    def running(self) -> bool:
+        """The worker thread is alive (until close())."""
+        return self._worker.is_alive()
 
     @property
     def queue_depth(self) -> int:
@@ -119,8 +125,9 @@ class BatchingModel:
                     if len(group) == 1:
                         results = [self.model.advance(group[0].tokens, group[0].state)]
                     else:
-                        log_probs, states = self.model.advance(torch.cat([s.tokens for s in group]),
-                                                               torch.cat([s.state for s in group], dim=1))
+                        log_probs, states = self.model.advance(
+                            torch.cat([s.tokens for s in group]), torch.cat([s.state for s in group], dim=1)
+                        )
                         sizes = [s.tokens.size(0) for s in group]
                         results = list(zip(log_probs.split(sizes), states.split(sizes, dim=1)))
                     self.batches += 1

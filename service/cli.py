@@ -4,12 +4,13 @@ from __future__ import annotations
 
 import argparse
 import math
+from typing import NoReturn
 
 
 class OneLineParser(argparse.ArgumentParser):
     """argparse that reports a bad flag in one line and exits with status 2."""
 
-    def error(self, message: str) -> None:  # type: ignore[override]
+    def error(self, message: str) -> NoReturn:
         self.exit(2, f"{self.prog}: error: {message}\n")
 
 

@@ -18,7 +18,6 @@ Library use:
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import sys
@@ -28,6 +27,7 @@ import grpc
 from google.protobuf.json_format import MessageToDict
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from service.cli import OneLineParser
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 
@@ -37,9 +37,16 @@ class NextWordClient:
     ``root_certificates`` (PEM) to trust the server (default: the system's roots), and
     ``private_key`` / ``certificate_chain`` (PEM) for mutual TLS."""
 
-    def __init__(self, target: str = "localhost:50051", timeout: float | None = 10.0, token: str | None = None,
-                 tls: bool = False, root_certificates: bytes | None = None, private_key: bytes | None = None,
-                 certificate_chain: bytes | None = None) -> None:
+    def __init__(
+        self,
+        target: str = "localhost:50051",
+        timeout: float | None = 10.0,
+        token: str | None = None,
+        tls: bool = False,
+        root_certificates: bytes | None = None,
+        private_key: bytes | None = None,
+        certificate_chain: bytes | None = None,
+    ) -> None:
         if tls or root_certificates or private_key or certificate_chain:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
             self.channel = grpc.secure_channel(target, credentials)
@@ -50,7 +57,7 @@ class NextWordClient:
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
 
-    def __enter__(self) -> "NextWordClient":
+    def __enter__(self) -> NextWordClient:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -60,24 +67,34 @@ class NextWordClient:
         self.channel.close()
 
     def suggest(self, text: str, num_suggestions: int = 0) -> pb.SuggestResponse:
-        return self.stub.Suggest(pb.SuggestRequest(text=text, num_suggestions=num_suggestions),
-                                 timeout=self.timeout, wait_for_ready=True, metadata=self.metadata)
+        return self.stub.Suggest(
+            pb.SuggestRequest(text=text, num_suggestions=num_suggestions),
+            timeout=self.timeout,
+            wait_for_ready=True,
+            metadata=self.metadata,
+        )
 
     def generate(self, prompt: str, **params) -> Iterator[pb.GenerateResponse]:
         """Streams GenerateResponse messages; params are GenerateRequest fields (temperature, top_k, ...)."""
-        return self.stub.Generate(pb.GenerateRequest(prompt=prompt, **params), timeout=self.timeout,
-                                  wait_for_ready=True, metadata=self.metadata)
+        return self.stub.Generate(
+            pb.GenerateRequest(prompt=prompt, **params),
+            timeout=self.timeout,
+            wait_for_ready=True,
+            metadata=self.metadata,
+        )
 
     def type(self, edits: Iterable[pb.TypeRequest], timeout: float | None = None) -> Iterator[pb.TypeResponse]:
         return self.stub.Type(iter(edits), timeout=timeout, wait_for_ready=True, metadata=self.metadata)
 
     def info(self) -> pb.GetModelInfoResponse:
-        return self.stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=self.timeout, wait_for_ready=True,
-                                      metadata=self.metadata)
+        return self.stub.GetModelInfo(
+            pb.GetModelInfoRequest(), timeout=self.timeout, wait_for_ready=True, metadata=self.metadata
+        )
 
     def health(self, service: str = "") -> str:
-        response = self.health_stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=self.timeout,
-                                          metadata=self.metadata)
+        response = self.health_stub.Check(
+            health_pb2.HealthCheckRequest(service=service), timeout=self.timeout, metadata=self.metadata
+        )
         return health_pb2.HealthCheckResponse.ServingStatus.Name(response.status)
 
 
@@ -88,6 +105,7 @@ def show(response: pb.SuggestResponse) -> str:
 
 def interactive_type(client: NextWordClient, count: int) -> None:
     """Raw keystrokes on a terminal (Backspace deletes); one edit per line otherwise."""
+
     def edits() -> Iterator[pb.TypeRequest]:
         if not sys.stdin.isatty():
             for line in sys.stdin:
@@ -122,7 +140,7 @@ def interactive_type(client: NextWordClient, count: int) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="nextword-client", description="Call a nextword server.")
+    parser = OneLineParser(prog="nextword-client", description="Call a nextword server.")
     parser.add_argument("--target", default="localhost:50051", help="server address (default localhost:50051)")
     parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
     parser.add_argument("--json", action="store_true", help="print responses as JSON")
@@ -133,45 +151,73 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-key", help="PEM key of --tls-cert")
     commands = parser.add_subparsers(dest="command", required=True)
     suggest = commands.add_parser("suggest", help="suggestions for the text before the cursor")
-    suggest.add_argument("text")
-    suggest.add_argument("-n", "--num-suggestions", type=int, default=0, help="how many (default 3)")
+    suggest.add_argument("text", help="the text before the cursor; a half-typed last word is completed")
+    suggest.add_argument("-n", "--num-suggestions", type=int, default=0, help="how many (default 0: the server's 3)")
     generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
-    generate.add_argument("prompt")
-    generate.add_argument("--temperature", type=float)
-    generate.add_argument("--top-k", type=int, default=0)
-    generate.add_argument("--top-p", type=float)
-    generate.add_argument("--max-tokens", type=int, default=0)
-    generate.add_argument("--stop", action="append", default=[])
-    generate.add_argument("--seed", type=int)
+    generate.add_argument("prompt", help="the text to continue")
+    generate.add_argument("--temperature", type=float, help="0 is greedy (default: the server's 1.0)")
+    generate.add_argument(
+        "--top-k", type=int, default=0, help="sample from the k most probable tokens (default 0: all)"
+    )
+    generate.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (default: the server's 1.0)")
+    generate.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (default 0: the server's 64)")
+    generate.add_argument("--stop", action="append", default=[], help="stop before this text; repeat for several")
+    generate.add_argument("--seed", type=int, help="the same seed gives the same text (default: a random one)")
     typing = commands.add_parser("type", help="an interactive typing session")
-    typing.add_argument("-n", "--num-suggestions", type=int, default=0)
+    typing.add_argument(
+        "-n", "--num-suggestions", type=int, default=0, help="suggestions per keystroke (default 0: the server's 3)"
+    )
     commands.add_parser("info", help="what model the server runs")
     commands.add_parser("health", help="the server's health status")
     args = parser.parse_args(argv)
 
     try:
-        token = (open(args.token_file, encoding="utf-8").read().strip() if args.token_file
-                 else os.environ.get("NEXTWORD_AUTH_TOKEN", "").strip() or None)
-        pem = {name: open(path, "rb").read() if path else None
-               for name, path in (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))}
+        token = (
+            open(args.token_file, encoding="utf-8").read().strip()
+            if args.token_file
+            else os.environ.get("NEXTWORD_AUTH_TOKEN", "").strip() or None
+        )
+        pem = {
+            name: open(path, "rb").read() if path else None
+            for name, path in (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))
+        }
     except OSError as error:
         print(f"nextword-client: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
-    client = NextWordClient(args.target, args.timeout, token=token, tls=args.tls, root_certificates=pem["ca"],
-                            private_key=pem["key"], certificate_chain=pem["cert"])
+    client = NextWordClient(
+        args.target,
+        args.timeout,
+        token=token,
+        tls=args.tls,
+        root_certificates=pem["ca"],
+        private_key=pem["key"],
+        certificate_chain=pem["cert"],
+    )
     try:
         if args.command == "suggest":
             response = client.suggest(args.text, args.num_suggestions)
             print(json.dumps(MessageToDict(response), ensure_ascii=False) if args.json else show(response))
         elif args.command == "generate":
-            params = {k: v for k, v in dict(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                                            max_tokens=args.max_tokens, stop=args.stop, seed=args.seed).items()
-                      if v is not None}
+            params = {
+                k: v
+                for k, v in dict(
+                    temperature=args.temperature,
+                    top_k=args.top_k,
+                    top_p=args.top_p,
+                    max_tokens=args.max_tokens,
+                    stop=args.stop,
+                    seed=args.seed,
+                ).items()
+                if v is not None
+            }
             for response in client.generate(args.prompt, **params):
                 if response.HasField("finished"):
                     finished = response.finished
-                    print(f"\n[{pb.FinishReason.Name(finished.reason)}, {finished.prompt_tokens} prompt tokens, "
-                          f"{finished.generated_tokens} generated]", file=sys.stderr)
+                    print(
+                        f"\n[{pb.FinishReason.Name(finished.reason)}, {finished.prompt_tokens} prompt tokens, "
+                        f"{finished.generated_tokens} generated]",
+                        file=sys.stderr,
+                    )
                 else:
                     print(response.text, end="", flush=True)
         elif args.command == "type":

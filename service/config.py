@@ -10,29 +10,29 @@ class ServerConfig:
     model: str = "models/default.pt"
     host: str = "[::]"
     port: int = 50051
-    device: str = "auto"               # auto | cpu | cuda
-    half: bool = False                 # float16 weights on CUDA
-    threads: int = 0                   # torch intra-op threads; 0 = torch's default
-    batching: bool = True              # stack concurrent requests' model steps into one forward
-    max_batch_size: int = 64           # most sequences in one batched forward
-    max_batch_wait_ms: float = 0.0     # wait this long for more work once a batch starts (0 = never wait)
-    max_concurrent_rpcs: int = 256     # calls handled at once (a Type session is one); more: RESOURCE_EXHAUSTED
-    grace: float = 10.0                # seconds in-flight calls get to finish on SIGTERM
-    max_text_chars: int = 10_000       # Suggest text, Generate prompt, a Type session's text
+    device: str = "auto"  # auto | cpu | cuda
+    half: bool = False  # float16 weights on CUDA
+    threads: int = 0  # torch intra-op threads; 0 = torch's default
+    batching: bool = True  # stack concurrent requests' model steps into one forward
+    max_batch_size: int = 64  # most sequences in one batched forward
+    max_batch_wait_ms: float = 0.0  # wait this long for more work once a batch starts (0 = never wait)
+    max_concurrent_rpcs: int = 256  # calls handled at once (a Type session is one); more: RESOURCE_EXHAUSTED
+    grace: float = 10.0  # seconds in-flight calls get to finish on SIGTERM
+    max_text_chars: int = 10_000  # Suggest text, Generate prompt, a Type session's text
     max_suggestions: int = 20
     max_generate_tokens: int = 512
-    max_context_tokens: int = 1024     # longer text keeps its last tokens
-    max_sessions: int = 256            # concurrent Type streams
+    max_context_tokens: int = 1024  # longer text keeps its last tokens
+    max_sessions: int = 256  # concurrent Type streams
     session_idle_timeout: float = 300.0  # a Type stream with no edit for this long is closed
-    session_history: int = 64          # saved states per Type session (how far a delete goes back cheaply)
+    session_history: int = 64  # saved states per Type session (how far a delete goes back cheaply)
     max_message_bytes: int = 1 << 20
     reflection: bool = True
-    tls_cert: str = ""                 # PEM server certificate chain; with tls_key, the port speaks TLS only
-    tls_key: str = ""                  # PEM private key
-    tls_client_ca: str = ""            # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
-    auth_token_file: str = ""          # bearer tokens, one per line; or env NEXTWORD_AUTH_TOKEN
-    health_without_auth: bool = True   # the health service answers without a token (for probes)
-    metrics: bool = True               # Prometheus metrics over HTTP on metrics_port
+    tls_cert: str = ""  # PEM server certificate chain; with tls_key, the port speaks TLS only
+    tls_key: str = ""  # PEM private key
+    tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
+    auth_token_file: str = ""  # bearer tokens, one per line; or env NEXTWORD_AUTH_TOKEN
+    health_without_auth: bool = True  # the health service answers without a token (for probes)
+    metrics: bool = True  # Prometheus metrics over HTTP on metrics_port
     metrics_port: int = 9464
-    log_format: str = "json"           # json: one object per line; text: for people
-    log_calls: bool = True             # a log line per call; off: startup, errors and shutdown only
+    log_format: str = "json"  # json: one object per line; text: for people
+    log_calls: bool = True  # a log line per call; off: startup, errors and shutdown only

@@ -21,16 +21,20 @@ class Engine:
     generator: Generator
 
     @classmethod
-    def load(cls, config: ServerConfig, threads: ThreadPlan | None = None) -> "Engine":
+    def load(cls, config: ServerConfig, threads: ThreadPlan | None = None) -> Engine:
         """``threads``: the server's thread plan (by default the one ``config`` implies)."""
         threads = threads or ThreadPlan.for_server(config.threads, config.batching)
         device = resolve_device(config.device)
         artifact = load_artifact(config.model, "cpu")
         quantization = artifact.manifest.quantization
         if quantization != "none" and device != "cpu":
-            raise ValueError(f"{config.model} has {quantization} weights, which run on CPU only; "
-                             "serve it with --device cpu, or export the model without --quantize for the GPU")
-        model = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda")
+            raise ValueError(
+                f"{config.model} has {quantization} weights, which run on CPU only; "
+                "serve it with --device cpu, or export the model without --quantize for the GPU"
+            )
+        model = ScriptedModel(
+            artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda"
+        )
         if config.batching:
             model = BatchingModel(model, config.max_batch_size, config.max_batch_wait_ms / 1000.0, threads.worker)
         suggester = Suggester(model, artifact.tokenizer, SuggestConfig(max_context_tokens=config.max_context_tokens))

@@ -23,12 +23,12 @@ LENGTH, END_TOKEN, STOP_STRING, CANCELLED = "length", "end_token", "stop_string"
 
 @dataclass(frozen=True)
 class GenerationParams:
-    temperature: float = 1.0       # 0 = greedy
-    top_k: int = 0                 # 0 = all tokens
-    top_p: float = 1.0             # nucleus mass, (0, 1]
+    temperature: float = 1.0  # 0 = greedy
+    top_k: int = 0  # 0 = all tokens
+    top_p: float = 1.0  # nucleus mass, (0, 1]
     max_tokens: int = 64
     stop: tuple[str, ...] = ()
-    seed: int | None = None        # None = a random seed
+    seed: int | None = None  # None = a random seed
 
 
 @dataclass(frozen=True)
@@ -79,8 +79,9 @@ class Generator:
     max_context_tokens: int = 1024
     banned: tuple[int, ...] = field(default=(PAD, BOS, UNK))
 
-    def generate(self, prompt: str, params: GenerationParams,
-                 cancelled: Callable[[], bool] = lambda: False) -> Iterator[GenerationEvent]:
+    def generate(
+        self, prompt: str, params: GenerationParams, cancelled: Callable[[], bool] = lambda: False
+    ) -> Iterator[GenerationEvent]:
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         rng = torch.Generator().manual_seed(seed)
         ids = self.tokenizer.encode(prompt)

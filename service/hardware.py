@@ -16,7 +16,7 @@ import torch
 
 
 def resolve_device(name: str) -> str:
-    """"auto" -> "cuda" when available, else "cpu"; "cuda" without a CUDA device is a ValueError."""
+    """ "auto" -> "cuda" when available, else "cpu"; "cuda" without a CUDA device is a ValueError."""
     if name == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda was asked for, but no CUDA device is available")
     if name == "auto":
@@ -34,11 +34,11 @@ def use_intra_op_threads(count: int) -> None:
 class ThreadPlan:
     """Intra-op threads per kind of thread (see the module docstring for why)."""
 
-    worker: int | None      # the model worker's (batching); None: no worker
-    others: int | None      # every other thread's; None: leave torch's setting
+    worker: int | None  # the model worker's (batching); None: no worker
+    others: int | None  # every other thread's; None: leave torch's setting
 
     @classmethod
-    def for_server(cls, threads: int, batching: bool) -> "ThreadPlan":
+    def for_server(cls, threads: int, batching: bool) -> ThreadPlan:
         """``threads``: the --threads flag (0 = torch's default for this machine)."""
         if batching:
             return cls(worker=threads or torch.get_num_threads(), others=1)

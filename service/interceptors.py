@@ -45,8 +45,14 @@ class CallGuard(grpc.ServerInterceptor):
     and wrapper are built once and reused: the server's polling thread, which calls
     ``intercept_service`` for every call, only looks them up."""
 
-    def __init__(self, metrics: Metrics, tokens: Sequence[str] = (), max_concurrent_rpcs: int = 0,
-                 health_without_auth: bool = True, log_calls: bool = True) -> None:
+    def __init__(
+        self,
+        metrics: Metrics,
+        tokens: Sequence[str] = (),
+        max_concurrent_rpcs: int = 0,
+        health_without_auth: bool = True,
+        log_calls: bool = True,
+    ) -> None:
         self.metrics = metrics
         self.log_calls = log_calls
         self.tokens = [t.encode() for t in tokens]
@@ -101,7 +107,7 @@ class MethodGuard:
         self.name = method.rsplit("/", 1)[-1]
         self.log_call = guard.log_calls and not is_health
         self.needs_token = bool(guard.tokens) and not (is_health and guard.health_without_auth)
-        self.counted = not is_health   # health checks are outside the concurrency limit
+        self.counted = not is_health  # health checks are outside the concurrency limit
         self.latency = guard.metrics.latency.labels(self.name)
         self._finished: dict[grpc.StatusCode, object] = {}  # counter children, by status code
 
@@ -112,12 +118,16 @@ class MethodGuard:
         request_id = given if _SANE_ID.fullmatch(given) else os.urandom(8).hex()
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
         if self.needs_token and not self.guard.authorized(metadata):
-            context.abort(grpc.StatusCode.UNAUTHENTICATED,
-                          "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'")
+            context.abort(
+                grpc.StatusCode.UNAUTHENTICATED,
+                "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'",
+            )
         if self.counted and not self.guard.admit():
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"too many calls at once: the limit is {self.guard.max_concurrent_rpcs} "
-                          "(server setting max_concurrent_rpcs); retry with backoff")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many calls at once: the limit is {self.guard.max_concurrent_rpcs} "
+                "(server setting max_concurrent_rpcs); retry with backoff",
+            )
         return request_id
 
     def fail(self, context, error: Exception, request_id: str) -> None:
@@ -125,7 +135,9 @@ class MethodGuard:
         if _code(context) != grpc.StatusCode.OK or isinstance(error, grpc.RpcError):
             raise error
         log.exception("internal error", extra={"request_id": request_id, "method": self.name})
-        context.abort(grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details")
+        context.abort(
+            grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details"
+        )
 
     def after(self, context, request_id: str, started: float, admitted: bool, cancelled: bool = False) -> None:
         if admitted:
@@ -137,8 +149,15 @@ class MethodGuard:
         self._record(code)
         self.latency.observe(elapsed)
         if self.log_call:
-            log.info("call", extra={"request_id": request_id, "method": self.name, "code": code.name,
-                                    "ms": round(elapsed * 1000, 2)})
+            log.info(
+                "call",
+                extra={
+                    "request_id": request_id,
+                    "method": self.name,
+                    "code": code.name,
+                    "ms": round(elapsed * 1000, 2),
+                },
+            )
 
     def _record(self, code: grpc.StatusCode) -> None:
         child = self._finished.get(code)

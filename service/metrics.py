@@ -26,20 +26,25 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("nextword_requests", "Calls finished, by method and gRPC status code",
-                                ["method", "code"], registry=r)
-        self.latency = Histogram("nextword_request_seconds", "Call latency in seconds", ["method"],
-                                 buckets=LATENCY_BUCKETS, registry=r)
+        self.requests = Counter(
+            "nextword_requests", "Calls finished, by method and gRPC status code", ["method", "code"], registry=r
+        )
+        self.latency = Histogram(
+            "nextword_request_seconds", "Call latency in seconds", ["method"], buckets=LATENCY_BUCKETS, registry=r
+        )
         self.active_calls = Gauge("nextword_active_calls", "Calls being handled", registry=r)
         self.active_sessions = Gauge("nextword_active_sessions", "Open Type sessions", registry=r)
         self.active_generations = Gauge("nextword_active_generations", "Running Generate streams", registry=r)
-        self.batch_rows = Histogram("nextword_batch_rows", "Sequences per batched forward of the model",
-                                    buckets=BATCH_BUCKETS, registry=r)
+        self.batch_rows = Histogram(
+            "nextword_batch_rows", "Sequences per batched forward of the model", buckets=BATCH_BUCKETS, registry=r
+        )
         self.queue_depth = Gauge("nextword_queue_depth", "Model steps waiting for the model worker", registry=r)
         self.model = Info("nextword_model", "The served model", registry=r)
         self._http = None
 
-    def watch(self, sessions: Callable[[], int], generations: Callable[[], int], queue_depth: Callable[[], int]) -> None:
+    def watch(
+        self, sessions: Callable[[], int], generations: Callable[[], int], queue_depth: Callable[[], int]
+    ) -> None:
         self.active_sessions.set_function(sessions)
         self.active_generations.set_function(generations)
         self.queue_depth.set_function(queue_depth)

@@ -78,12 +78,14 @@ class PrefixStates:
 
     def __init__(self, model: StepModel, capacity: int | None = 64) -> None:
         self.model = model
-        self.tokens: list[int] = []   # the sequence whose prefixes are kept
+        self.tokens: list[int] = []  # the sequence whose prefixes are kept
         self.saved: deque[tuple[int, Tensor, Tensor]] = deque(maxlen=capacity)  # (tokens read, log-probs, state)
-        self.steps = 0                # tokens the model has read, for tests and metrics
+        self.steps = 0  # tokens the model has read, for tests and metrics
 
     @classmethod
-    def from_walk(cls, model: StepModel, tokens: Sequence[int], outputs: Sequence[tuple[Tensor, Tensor]]) -> "PrefixStates":
+    def from_walk(
+        cls, model: StepModel, tokens: Sequence[int], outputs: Sequence[tuple[Tensor, Tensor]]
+    ) -> PrefixStates:
         """Kept outputs after every prefix of ``tokens``, from ``walk`` or ``walk_batch``."""
         prefixes = cls(model, capacity=None)
         prefixes.tokens = list(tokens)
@@ -149,8 +151,9 @@ def walk_batch(model: StepModel, sequences: Sequence[Sequence[int]]) -> list[lis
 class ScriptedModel:
     """The exported TorchScript network on one device; safe to call from many threads."""
 
-    def __init__(self, module: torch.jit.ScriptModule, vocab_size: int, device: str | torch.device = "cpu",
-                 half: bool = False) -> None:
+    def __init__(
+        self, module: torch.jit.ScriptModule, vocab_size: int, device: str | torch.device = "cpu", half: bool = False
+    ) -> None:
         self.device = torch.device(device)
         self.module = module.to(self.device)
         self.dtype = torch.float16 if half else torch.float32

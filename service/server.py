@@ -14,9 +14,9 @@ from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig
 from service.engine import Engine
+from service.hardware import ThreadPlan
 from service.interceptors import CallGuard
 from service.metrics import Metrics
-from service.hardware import ThreadPlan
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from service.servicer import NextWordServicer
@@ -73,43 +73,62 @@ class Server:
         self.metrics = Metrics()
         tokens = load_tokens(config)
         credentials = server_credentials(config)
-        self.guard = CallGuard(self.metrics, tokens, config.max_concurrent_rpcs, config.health_without_auth,
-                               config.log_calls)
-        options = [("grpc.max_receive_message_length", config.max_message_bytes),
-                   ("grpc.max_send_message_length", config.max_message_bytes),
-                   ("grpc.so_reuseport", 0)]
+        self.guard = CallGuard(
+            self.metrics, tokens, config.max_concurrent_rpcs, config.health_without_auth, config.log_calls
+        )
+        options = [
+            ("grpc.max_receive_message_length", config.max_message_bytes),
+            ("grpc.max_send_message_length", config.max_message_bytes),
+            ("grpc.so_reuseport", 0),
+        ]
         # One thread per call (a Type session holds its thread): the guard refuses calls beyond the limit.
-        pool = futures.ThreadPoolExecutor(max_workers=config.max_concurrent_rpcs + SPARE_THREADS,
-                                          thread_name_prefix="rpc", initializer=threads.apply_here)
+        pool = futures.ThreadPoolExecutor(
+            max_workers=config.max_concurrent_rpcs + SPARE_THREADS,
+            thread_name_prefix="rpc",
+            initializer=threads.apply_here,
+        )
         self.grpc = grpc.server(pool, interceptors=[self.guard], options=options)
         self.servicer = NextWordServicer(engine, config)
-        self.metrics.watch(lambda: self.servicer.active_sessions, lambda: self.servicer.active_generations,
-                           lambda: getattr(engine.model, "queue_depth", 0))
+        self.metrics.watch(
+            lambda: self.servicer.active_sessions,
+            lambda: self.servicer.active_generations,
+            lambda: getattr(engine.model, "queue_depth", 0),
+        )
         if hasattr(engine.model, "on_batch"):
             engine.model.on_batch = self.metrics.batch_rows.observe
         manifest = engine.artifact.manifest
-        self.metrics.model.info({
-            "path": config.model, "format_version": str(manifest.format_version),
-            "tokenizer": manifest.tokenizer.kind, "vocab_size": str(manifest.tokenizer.vocab_size),
-            "cell": manifest.cell, "num_layers": str(manifest.num_layers),
-            "hidden_size": str(manifest.hidden_size), "device": str(engine.model.device)})
+        self.metrics.model.info(
+            {
+                "path": config.model,
+                "format_version": str(manifest.format_version),
+                "tokenizer": manifest.tokenizer.kind,
+                "vocab_size": str(manifest.tokenizer.vocab_size),
+                "cell": manifest.cell,
+                "num_layers": str(manifest.num_layers),
+                "hidden_size": str(manifest.hidden_size),
+                "device": str(engine.model.device),
+            }
+        )
         pb_grpc.add_NextWordServicer_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if config.reflection:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
-                self.grpc)
+                self.grpc,
+            )
         address = f"{config.host}:{config.port}"
         self.tls = credentials is not None
-        self.port = self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
+        self.port = (
+            self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
+        )
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self.auth = bool(tokens)
         self.metrics_port = self.metrics.start_http(config.host, config.metrics_port) if config.metrics else None
         self._stopped = threading.Event()
 
-    def start(self) -> "Server":
+    def start(self) -> Server:
         self.grpc.start()
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
@@ -150,17 +169,26 @@ def serve(config: ServerConfig) -> None:
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
-    log.info("serving %s (%s) on %s:%d, device %s; %s, %s; metrics %s", config.model,
-             engine.artifact.manifest.describe(), config.host, port, engine.model.device,
-             "TLS" + (" with client certificates" if config.tls_client_ca else "") if server.tls else "plaintext",
-             "bearer tokens required" if server.auth else "no authentication",
-             f"on port {server.metrics_port} (/metrics)" if server.metrics_port else "off")
+    log.info(
+        "serving %s (%s) on %s:%d, device %s; %s, %s; metrics %s",
+        config.model,
+        engine.artifact.manifest.describe(),
+        config.host,
+        port,
+        engine.model.device,
+        "TLS" + (" with client certificates" if config.tls_client_ca else "") if server.tls else "plaintext",
+        "bearer tokens required" if server.auth else "no authentication",
+        f"on port {server.metrics_port} (/metrics)" if server.metrics_port else "off",
+    )
     if server.tls or server.auth:
         print(f"nextword: SERVING on port {port}", flush=True)
     else:
-        print(f"nextword: SERVING on port {port}. Try:\n"
-              f"  python -m service.client --target localhost:{port} suggest \"In the beginning\"\n"
-              f"  grpcurl -plaintext -d '{{\"text\": \"In the beginning\"}}' localhost:{port} "
-              "nextword.v1.NextWord/Suggest", flush=True)
+        print(
+            f"nextword: SERVING on port {port}. Try:\n"
+            f'  python -m service.client --target localhost:{port} suggest "In the beginning"\n'
+            f'  grpcurl -plaintext -d \'{{"text": "In the beginning"}}\' localhost:{port} '
+            "nextword.v1.NextWord/Suggest",
+            flush=True,
+        )
     server.wait()
     log.info("stopped")

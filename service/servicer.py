@@ -21,10 +21,13 @@ DEFAULT_SUGGESTIONS = 3
 DEFAULT_MAX_TOKENS = 64
 MAX_TEMPERATURE = 10.0
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 64
-EDIT_QUEUE = 64        # Type edits read ahead of the session
-READER_POLL = 0.25     # seconds between a blocked Type reader's checks that its call is still on
-FINISH_REASONS = {LENGTH: pb.FINISH_REASON_LENGTH, END_TOKEN: pb.FINISH_REASON_END_TOKEN,
-                  STOP_STRING: pb.FINISH_REASON_STOP_STRING}
+EDIT_QUEUE = 64  # Type edits read ahead of the session
+READER_POLL = 0.25  # seconds between a blocked Type reader's checks that its call is still on
+FINISH_REASONS = {
+    LENGTH: pb.FINISH_REASON_LENGTH,
+    END_TOKEN: pb.FINISH_REASON_END_TOKEN,
+    STOP_STRING: pb.FINISH_REASON_STOP_STRING,
+}
 
 
 class Invalid(ValueError):
@@ -34,7 +37,9 @@ class Invalid(ValueError):
 def to_response(result: SuggestResult) -> pb.SuggestResponse:
     return pb.SuggestResponse(
         suggestions=[pb.Suggestion(text=text, probability=p) for text, p in result.suggestions],
-        completes_word=result.completes_word, prefix=result.prefix)
+        completes_word=result.completes_word,
+        prefix=result.prefix,
+    )
 
 
 def apply_edit(session: TypingSession, request: pb.TypeRequest, index: int) -> None:
@@ -82,8 +87,10 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     def _num_suggestions(self, value: int, default: int) -> int:
         if value > self.config.max_suggestions:
-            raise Invalid(f"num_suggestions is {value}; it must be 0 (meaning {DEFAULT_SUGGESTIONS}) "
-                          f"to {self.config.max_suggestions}")
+            raise Invalid(
+                f"num_suggestions is {value}; it must be 0 (meaning {DEFAULT_SUGGESTIONS}) "
+                f"to {self.config.max_suggestions}"
+            )
         return value or default
 
     def _params(self, request: pb.GenerateRequest) -> GenerationParams:
@@ -101,9 +108,13 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             if not 1 <= len(stop) <= MAX_STOP_CHARS:
                 raise Invalid(f"a stop string has {len(stop)} characters; each must have 1 to {MAX_STOP_CHARS}")
         return GenerationParams(
-            temperature=temperature, top_k=request.top_k, top_p=top_p,
+            temperature=temperature,
+            top_k=request.top_k,
+            top_p=top_p,
             max_tokens=request.max_tokens or min(DEFAULT_MAX_TOKENS, self.config.max_generate_tokens),
-            stop=tuple(request.stop), seed=request.seed if request.HasField("seed") else None)
+            stop=tuple(request.stop),
+            seed=request.seed if request.HasField("seed") else None,
+        )
 
     # ------------------------------------------------------------------ RPCs
 
@@ -128,9 +139,13 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 if event.finish_reason is None:
                     yield pb.GenerateResponse(text=event.text)
                 elif event.finish_reason in FINISH_REASONS:
-                    yield pb.GenerateResponse(finished=pb.GenerateFinished(
-                        reason=FINISH_REASONS[event.finish_reason], prompt_tokens=event.prompt_tokens,
-                        generated_tokens=event.generated_tokens))
+                    yield pb.GenerateResponse(
+                        finished=pb.GenerateFinished(
+                            reason=FINISH_REASONS[event.finish_reason],
+                            prompt_tokens=event.prompt_tokens,
+                            generated_tokens=event.generated_tokens,
+                        )
+                    )
                 # cancelled: the client is gone (cancel or deadline), nothing to send
         finally:
             with self._lock:
@@ -138,8 +153,10 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     def Type(self, request_iterator, context: grpc.ServicerContext) -> Iterator[pb.TypeResponse]:
         if not self._sessions.acquire(blocking=False):
-            context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
-                          f"too many typing sessions: the limit is {self.config.max_sessions} at once")
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"too many typing sessions: the limit is {self.config.max_sessions} at once",
+            )
         with self._lock:
             self._active_sessions += 1
         try:
@@ -185,9 +202,11 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             try:
                 request = edits.get(timeout=self.config.session_idle_timeout)
             except queue.Empty:
-                context.abort(grpc.StatusCode.DEADLINE_EXCEEDED,
-                              f"typing session idle for more than {self.config.session_idle_timeout:g} s; "
-                              "the limit is server setting session_idle_timeout")
+                context.abort(
+                    grpc.StatusCode.DEADLINE_EXCEEDED,
+                    f"typing session idle for more than {self.config.session_idle_timeout:g} s; "
+                    "the limit is server setting session_idle_timeout",
+                )
             if request is done or not context.is_active():
                 return
             index += 1
@@ -196,17 +215,27 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 apply_edit(session, request, index)
             except (Invalid, EditError) as error:
                 context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            yield pb.TypeResponse(edit_index=index, text_length=len(session.text),
-                                  suggestions=to_response(session.suggest(count)))
+            yield pb.TypeResponse(
+                edit_index=index, text_length=len(session.text), suggestions=to_response(session.suggest(count))
+            )
 
     def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         manifest = self.engine.artifact.manifest
         return pb.GetModelInfoResponse(
-            format_version=manifest.format_version, tokenizer=manifest.tokenizer.kind,
-            vocab_size=manifest.tokenizer.vocab_size, cell=manifest.cell, num_layers=manifest.num_layers,
-            hidden_size=manifest.hidden_size, parameters=manifest.parameters,
+            format_version=manifest.format_version,
+            tokenizer=manifest.tokenizer.kind,
+            vocab_size=manifest.tokenizer.vocab_size,
+            cell=manifest.cell,
+            num_layers=manifest.num_layers,
+            hidden_size=manifest.hidden_size,
+            parameters=manifest.parameters,
             stream_validation_perplexity=manifest.provenance.stream_validation_perplexity or 0.0,
-            corpus=manifest.provenance.corpus, created=manifest.created,
-            device=str(self.engine.model.device), max_text_chars=self.config.max_text_chars,
-            max_suggestions=self.config.max_suggestions, max_generate_tokens=self.config.max_generate_tokens,
-            max_context_tokens=self.config.max_context_tokens, manifest_json=manifest.to_json())
+            corpus=manifest.provenance.corpus,
+            created=manifest.created,
+            device=str(self.engine.model.device),
+            max_text_chars=self.config.max_text_chars,
+            max_suggestions=self.config.max_suggestions,
+            max_generate_tokens=self.config.max_generate_tokens,
+            max_context_tokens=self.config.max_context_tokens,
+            manifest_json=manifest.to_json(),
+        )

@@ -58,8 +58,9 @@ class TypingSession:
 
     def append(self, text: str) -> None:
         if len(self.text) + len(text) > self.max_chars:
-            raise EditError(f"the session's text would be {len(self.text) + len(text)} characters; "
-                            f"the limit is {self.max_chars}")
+            raise EditError(
+                f"the session's text would be {len(self.text) + len(text)} characters; the limit is {self.max_chars}"
+            )
         self.text += text
 
     def delete(self, count: int) -> None:

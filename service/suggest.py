@@ -42,19 +42,19 @@ _NO_SPACE_SCRIPT = re.compile(r"[\u3000-\u303f\uff00-\uffef]")  # CJK punctuatio
 
 @dataclass(frozen=True)
 class SuggestConfig:
-    max_context_tokens: int = 1024   # longer text keeps its last tokens (see service/runner.py)
-    beam_size: int = 8               # hypotheses kept per step of the word search
-    max_word_chars: int = 24         # the word search gives up on longer words
-    max_phrase_chars: int = 4        # longest phrase for text without spaces
-    phrase_threshold: float = 0.25   # extend a phrase while the next token is at least this probable
+    max_context_tokens: int = 1024  # longer text keeps its last tokens (see service/runner.py)
+    beam_size: int = 8  # hypotheses kept per step of the word search
+    max_word_chars: int = 24  # the word search gives up on longer words
+    max_phrase_chars: int = 4  # longest phrase for text without spaces
+    phrase_threshold: float = 0.25  # extend a phrase while the next token is at least this probable
 
 
 @dataclass(frozen=True)
 class SplitText:
-    context: str        # the text the model reads
-    typed: str          # what follows the context: white space and the half-typed word
-    prefix: str         # the half-typed word, as typed ("" when none)
-    phrases: bool       # text without spaces: suggest phrases
+    context: str  # the text the model reads
+    typed: str  # what follows the context: white space and the half-typed word
+    prefix: str  # the half-typed word, as typed ("" when none)
+    phrases: bool  # text without spaces: suggest phrases
 
 
 @dataclass(frozen=True)
@@ -67,10 +67,10 @@ class SuggestResult:
 class _Hypothesis(NamedTuple):
     """A partial word in the search."""
 
-    score: float          # log-probability of the tokens so far
-    text: str             # the text they spell
-    log_probs: Tensor     # [V] the next token's
-    state: Tensor         # [L, 1, S]
+    score: float  # log-probability of the tokens so far
+    text: str  # the text they spell
+    log_probs: Tensor  # [V] the next token's
+    state: Tensor  # [L, 1, S]
 
 
 class _Candidate(NamedTuple):
@@ -78,7 +78,7 @@ class _Candidate(NamedTuple):
 
     score: float
     text: str
-    parent: int           # index of the hypothesis it extends
+    parent: int  # index of the hypothesis it extends
     token: int
 
 
@@ -106,12 +106,12 @@ class Suggester:
         def mask(predicate) -> Tensor:
             return torch.tensor([predicate(t) for t in texts], dtype=torch.bool) & ~specials
 
-        self.word_mask = mask(lambda t: bool(SUGGESTED_WORD.fullmatch(t)))              # a whole word
-        self.starts_word = mask(lambda t: bool(SUGGESTED_WORD.fullmatch(t.lstrip())))   # may begin a word
-        self.lead_space = mask(lambda t: t != "" and t.isspace())                     # white space alone
+        self.word_mask = mask(lambda t: bool(SUGGESTED_WORD.fullmatch(t)))  # a whole word
+        self.starts_word = mask(lambda t: bool(SUGGESTED_WORD.fullmatch(t.lstrip())))  # may begin a word
+        self.lead_space = mask(lambda t: t != "" and t.isspace())  # white space alone
         ends = torch.tensor([bool(t) and not (t[0].isalnum() or t[0] in "'’_") for t in texts], dtype=torch.bool)
         ends[EOS] = True
-        self.ends_ids = ends.nonzero().flatten()                                      # a boundary follows
+        self.ends_ids = ends.nonzero().flatten()  # a boundary follows
         self.cjk_ids = mask(lambda t: t.strip() != "" and all(is_cjk(c) for c in t.strip())).nonzero().flatten()
         # For prefix constraints: pieces sorted for "starts with r", and by exact piece for "is a prefix of r".
         order = sorted((p, i) for i, p in enumerate(pieces) if p and not specials[i])
@@ -133,7 +133,7 @@ class Suggester:
         prefix = match.group() if match else ""
         before = text[: len(text) - len(prefix)]
         context = before.rstrip()
-        typed = text[len(context):] if context else prefix
+        typed = text[len(context) :] if context else prefix
         return SplitText(context=context, typed=typed, prefix=prefix, phrases=False)
 
     def context_ids(self, split: SplitText) -> list[int]:
@@ -154,7 +154,7 @@ class Suggester:
         else:
             found = self._search_words(log_probs, state, self.tokenizer.normalize(split.typed).lstrip(), k)
         if split.prefix:  # keep what was typed, case included: "App" -> "Apple"
-            found = [(split.prefix + word[len(prefix):], p) for word, p in found]
+            found = [(split.prefix + word[len(prefix) :], p) for word, p in found]
         return SuggestResult(found, completes_word=bool(split.prefix), prefix=split.prefix)
 
     # ------------------------------------------------------------------ word models
@@ -195,7 +195,7 @@ class Suggester:
             base = self.word_mask  # word characters only: the word goes on
         else:
             base = self.starts_word | self.lead_space if generated == "" else self.starts_word
-        remaining = typed[len(word):]
+        remaining = typed[len(word) :]
         if remaining:
             compatible = self._compatible(remaining)
             if generated == "":
@@ -206,7 +206,7 @@ class Suggester:
     def _search_words(self, log_probs: Tensor, state: Tensor, typed: str, k: int) -> list[tuple[str, float]]:
         beam = max(self.config.beam_size, k)
         hypotheses = [_Hypothesis(0.0, "", log_probs, state)]
-        finished: dict[str, float] = {}   # word -> log-probability, summed over the token paths that spell it
+        finished: dict[str, float] = {}  # word -> log-probability, summed over the token paths that spell it
         for _ in range(self.config.max_word_chars + len(typed) + 1):
             candidates: list[_Candidate] = []
             for parent, hypothesis in enumerate(hypotheses):
@@ -222,8 +222,9 @@ class Suggester:
                 top = hypothesis.log_probs[allowed].topk(min(beam, allowed.numel()))
                 for value, j in zip(top.values.tolist(), top.indices.tolist()):
                     token = int(allowed[j])
-                    candidates.append(_Candidate(hypothesis.score + value, hypothesis.text + self.texts[token],
-                                                 parent, token))
+                    candidates.append(
+                        _Candidate(hypothesis.score + value, hypothesis.text + self.texts[token], parent, token)
+                    )
             candidates.sort(key=lambda c: -c.score)
             best = sorted(finished.values(), reverse=True)
             floor = best[k - 1] if len(best) >= k else -math.inf
@@ -234,8 +235,10 @@ class Suggester:
             tokens = torch.tensor([[c.token] for c in candidates], dtype=torch.long)
             states = torch.cat([hypotheses[c.parent].state for c in candidates], dim=1)
             next_log_probs, next_states = self.model.advance(tokens, states)
-            hypotheses = [_Hypothesis(c.score, c.text, next_log_probs[i], next_states[:, i : i + 1])
-                          for i, c in enumerate(candidates)]
+            hypotheses = [
+                _Hypothesis(c.score, c.text, next_log_probs[i], next_states[:, i : i + 1])
+                for i, c in enumerate(candidates)
+            ]
         ranked = sorted(finished.items(), key=lambda item: -item[1])
         if typed.strip():  # completing a word: renormalise over the completions found
             total = -math.inf
@@ -252,7 +255,9 @@ class Suggester:
             return []
         limit = self.config.max_phrase_chars
         top = log_probs[ids].topk(min(ids.numel(), max(3 * k, 10)))
-        live = [(v, self.texts[int(ids[j])].strip(), int(ids[j])) for v, j in zip(top.values.tolist(), top.indices.tolist())]
+        live = [
+            (v, self.texts[int(ids[j])].strip(), int(ids[j])) for v, j in zip(top.values.tolist(), top.indices.tolist())
+        ]
         live = [c for c in live if len(c[1]) <= limit]
         done: list[tuple[float, str]] = []
         states = state.expand(-1, len(live), -1).contiguous()

@@ -132,14 +132,12 @@ class SentencePieceTokenizer(Tokenizer):
         self.model_bytes = model_bytes
         self.processor = spm.SentencePieceProcessor(model_proto=model_bytes)
         size = self.processor.get_piece_size()
-        ids = (self.processor.pad_id(), self.processor.bos_id(),
-               self.processor.eos_id(), self.processor.unk_id())
+        ids = (self.processor.pad_id(), self.processor.bos_id(), self.processor.eos_id(), self.processor.unk_id())
         if ids != (PAD, BOS, EOS, UNK):
             raise ValueError(f"sentencepiece model has special ids {ids}, expected {(PAD, BOS, EOS, UNK)}")
         # Surface text of each piece: the word-boundary mark becomes a space.
         self._texts = [
-            "" if i < len(SPECIAL_TOKENS) else self.processor.id_to_piece(i).replace("\u2581", " ")
-            for i in range(size)
+            "" if i < len(SPECIAL_TOKENS) else self.processor.id_to_piece(i).replace("\u2581", " ") for i in range(size)
         ]
 
     @property
@@ -179,10 +177,9 @@ def is_cjk(ch: str) -> bool:
         return False
     code = ord(ch)
     return (
-        0x3040 <= code <= 0x30FF      # Hiragana, Katakana
-        or 0x3400 <= code <= 0x4DBF   # CJK Extension A
-        or 0x4E00 <= code <= 0x9FFF   # CJK Unified Ideographs
-        or 0xF900 <= code <= 0xFAFF   # CJK Compatibility Ideographs
+        0x3040 <= code <= 0x30FF  # Hiragana, Katakana
+        or 0x3400 <= code <= 0x4DBF  # CJK Extension A
+        or 0x4E00 <= code <= 0x9FFF  # CJK Unified Ideographs
+        or 0xF900 <= code <= 0xFAFF  # CJK Compatibility Ideographs
         or 0x20000 <= code <= 0x3134F  # Extensions B-G
     )
-

@@ -13,14 +13,32 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_EN = os.path.join(DATA, "tiny_en.txt")
 TINY_ZH = os.path.join(DATA, "tiny_zh.txt")
 # A tiny network that trains in seconds on the tiny corpora.
-TINY_NET = ["--hidden-size", "32", "--num-layers", "1", "--batch-size", "8", "--bptt", "16",
-            "--warmup-steps", "5", "--dropout", "0.0"]
+TINY_NET = [
+    "--hidden-size",
+    "32",
+    "--num-layers",
+    "1",
+    "--batch-size",
+    "8",
+    "--bptt",
+    "16",
+    "--warmup-steps",
+    "5",
+    "--dropout",
+    "0.0",
+]
 
 
 def run_cli(module: str, *args: str, timeout: float = 240, env: dict | None = None) -> subprocess.CompletedProcess:
     """Run ``python -m module args`` as a user would; returns the finished process."""
-    return subprocess.run([sys.executable, "-m", module, *args], capture_output=True, text=True,
-                          timeout=timeout, cwd=ROOT, env={**os.environ, **(env or {})})
+    return subprocess.run(
+        [sys.executable, "-m", module, *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        cwd=ROOT,
+        env={**os.environ, **(env or {})},
+    )
 
 
 def train_tiny(out: str, corpus: str = TINY_EN, *extra: str) -> str:
@@ -33,20 +51,54 @@ def train_tiny(out: str, corpus: str = TINY_EN, *extra: str) -> str:
 
 @pytest.fixture(scope="session")
 def tiny_word_run(tmp_path_factory) -> str:
-    return train_tiny(str(tmp_path_factory.mktemp("word")), TINY_EN, "--tokenizer", "word", "--lowercase",
-                      "--max-steps", "150", "--lr", "1e-2", "--hidden-size", "48")
+    return train_tiny(
+        str(tmp_path_factory.mktemp("word")),
+        TINY_EN,
+        "--tokenizer",
+        "word",
+        "--lowercase",
+        "--max-steps",
+        "150",
+        "--lr",
+        "1e-2",
+        "--hidden-size",
+        "48",
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_char_run(tmp_path_factory) -> str:
-    return train_tiny(str(tmp_path_factory.mktemp("char")), TINY_EN, "--tokenizer", "char", "--lowercase",
-                      "--max-steps", "250", "--lr", "1e-2", "--hidden-size", "64", "--bptt", "32")
+    return train_tiny(
+        str(tmp_path_factory.mktemp("char")),
+        TINY_EN,
+        "--tokenizer",
+        "char",
+        "--lowercase",
+        "--max-steps",
+        "250",
+        "--lr",
+        "1e-2",
+        "--hidden-size",
+        "64",
+        "--bptt",
+        "32",
+    )
 
 
 @pytest.fixture(scope="session")
 def tiny_zh_run(tmp_path_factory) -> str:
-    return train_tiny(str(tmp_path_factory.mktemp("zh")), TINY_ZH, "--tokenizer", "char",
-                      "--max-steps", "200", "--lr", "1e-2", "--hidden-size", "48")
+    return train_tiny(
+        str(tmp_path_factory.mktemp("zh")),
+        TINY_ZH,
+        "--tokenizer",
+        "char",
+        "--max-steps",
+        "200",
+        "--lr",
+        "1e-2",
+        "--hidden-size",
+        "48",
+    )
 
 
 def export_run(run: str, path: str) -> str:
@@ -69,3 +121,24 @@ def tiny_word_model(tiny_word_run, tmp_path_factory) -> str:
 @pytest.fixture(scope="session")
 def tiny_zh_model(tiny_zh_run, tmp_path_factory) -> str:
     return export_run(tiny_zh_run, str(tmp_path_factory.mktemp("models") / "zh.pt"))
+
+
+# A test is slow when it needs a trained model (the fixtures above train one per session), or lives
+# where every test starts a server or processes. Tests that start a command are marked where they
+# are written. `pytest -m "not slow"` (make test-fast) leaves them all out.
+TRAINED_FIXTURES = {
+    "tiny_word_run",
+    "tiny_char_run",
+    "tiny_zh_run",
+    "tiny_word_model",
+    "tiny_char_model",
+    "tiny_zh_model",
+}
+SLOW_MODULES = ("tests/e2e/", "tests/training/test_distributed.py")
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:
+        path = os.path.relpath(str(item.path), ROOT)
+        if path.startswith(SLOW_MODULES) or TRAINED_FIXTURES & set(getattr(item, "fixturenames", ())):
+            item.add_marker(pytest.mark.slow)

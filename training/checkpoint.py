@@ -50,6 +50,7 @@ def load_checkpoint(path: str) -> dict[str, Any]:
         raise CheckpointError(f"not a nextword checkpoint: {path}")
     if payload.get("version") != CHECKPOINT_VERSION:
         raise CheckpointError(
-            f"checkpoint {path} has format version {payload.get('version')}; this nextword reads version {CHECKPOINT_VERSION}"
+            f"checkpoint {path} has format version {payload.get('version')}; "
+            f"this nextword reads version {CHECKPOINT_VERSION}"
         )
     return payload

@@ -24,9 +24,9 @@ class TrainConfig:
     cell: str = "lstm"
     num_layers: int = 2
     hidden_size: int = 512
-    embedding_size: int | None = None   # None: same as hidden_size
+    embedding_size: int | None = None  # None: same as hidden_size
     dropout: float = 0.2
-    tie_weights: bool | None = None     # None: on for embedding input
+    tie_weights: bool | None = None  # None: on for embedding input
     batch_size: int = 32
     bptt: int = 35
     lr: float = 2e-3
@@ -47,7 +47,7 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, values: dict) -> "TrainConfig":
+    def from_dict(cls, values: dict) -> TrainConfig:
         known = {f.name for f in fields(cls)}
         values = {k: v for k, v in values.items() if k in known}
         for key in ("corpus", "val"):
@@ -61,59 +61,133 @@ def build_parser() -> argparse.ArgumentParser:
         description="Train a recurrent next-word language model on UTF-8 text (one sequence per line).",
     )
     io = p.add_argument_group("data")
-    io.add_argument("--corpus", action="append", default=[], metavar="PATH",
-                    help="UTF-8 training text, one sequence per line; repeat for several files")
-    io.add_argument("--out", metavar="DIR", help="output directory for checkpoints, metrics and config "
-                    "(default: the --resume directory)")
-    io.add_argument("--val", action="append", default=[], metavar="PATH",
-                    help="validation text; without it --val-fraction of the corpus lines is held out")
-    io.add_argument("--val-fraction", type=ranged(float, 0.0, 0.5), default=0.1,
-                    help="fraction of corpus lines held out for validation, split at random by --seed (default 0.1)")
-    io.add_argument("--encoding-errors", choices=["strict", "replace"], default="strict",
-                    help="what to do with invalid UTF-8: stop with the file and line (strict), or replace it with U+FFFD")
+    io.add_argument(
+        "--corpus",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="UTF-8 training text, one sequence per line; repeat for several files",
+    )
+    io.add_argument(
+        "--out",
+        metavar="DIR",
+        help="output directory for checkpoints, metrics and config (default: the --resume directory)",
+    )
+    io.add_argument(
+        "--val",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="validation text; without it --val-fraction of the corpus lines is held out",
+    )
+    io.add_argument(
+        "--val-fraction",
+        type=ranged(float, 0.0, 0.5),
+        default=0.1,
+        help="fraction of corpus lines held out for validation, split at random by --seed (default 0.1)",
+    )
+    io.add_argument(
+        "--encoding-errors",
+        choices=["strict", "replace"],
+        default="strict",
+        help="what to do with invalid UTF-8: stop with the file and line (strict), or replace it with "
+        "U+FFFD (default strict)",
+    )
     tok = p.add_argument_group("tokens")
-    tok.add_argument("--tokenizer", choices=["char", "word", "sentencepiece"], default="sentencepiece",
-                     help="char: each character; word: words and punctuation; sentencepiece: learned "
-                          "subwords, also for text without spaces (default)")
-    tok.add_argument("--vocab-size", type=ranged(int, 6), default=None,
-                     help="largest vocabulary including the 4 special tokens (default: "
-                          + ", ".join(f"{k} {v}" for k, v in DEFAULT_VOCAB_SIZE.items()) + ")")
-    tok.add_argument("--min-count", type=ranged(int, 1), default=1,
-                     help="char and word: drop tokens seen fewer times than this (default 1)")
+    tok.add_argument(
+        "--tokenizer",
+        choices=["char", "word", "sentencepiece"],
+        default="sentencepiece",
+        help="char: each character; word: words and punctuation; sentencepiece: learned "
+        "subwords, also for text without spaces (default)",
+    )
+    tok.add_argument(
+        "--vocab-size",
+        type=ranged(int, 6),
+        default=None,
+        help="largest vocabulary including the 4 special tokens (default: "
+        + ", ".join(f"{k} {v}" for k, v in DEFAULT_VOCAB_SIZE.items())
+        + ")",
+    )
+    tok.add_argument(
+        "--min-count",
+        type=ranged(int, 1),
+        default=1,
+        help="char and word: drop tokens seen fewer times than this (default 1)",
+    )
     tok.add_argument("--lowercase", action="store_true", help="lower-case all text before tokenizing")
     net = p.add_argument_group("network")
-    net.add_argument("--input", choices=["embedding", "onehot"], default="embedding",
-                     help="embedding lookup, or one-hot input (a gather of the first layer's weights)")
-    net.add_argument("--cell", choices=["lstm", "gru", "rnn"], default="lstm", help="recurrent cell (rnn is tanh)")
+    net.add_argument(
+        "--input",
+        choices=["embedding", "onehot"],
+        default="embedding",
+        help="embedding lookup, or one-hot input (a gather of the first layer's weights) (default embedding)",
+    )
+    net.add_argument(
+        "--cell", choices=["lstm", "gru", "rnn"], default="lstm", help="recurrent cell, rnn is tanh (default lstm)"
+    )
     net.add_argument("--num-layers", type=ranged(int, 1, 16), default=2, help="recurrent layers (default 2)")
     net.add_argument("--hidden-size", type=ranged(int, 1, 8192), default=512, help="units per layer (default 512)")
-    net.add_argument("--embedding-size", type=ranged(int, 1, 8192), default=None,
-                     help="embedding width (default: --hidden-size)")
+    net.add_argument(
+        "--embedding-size", type=ranged(int, 1, 8192), default=None, help="embedding width (default: --hidden-size)"
+    )
     net.add_argument("--dropout", type=ranged(float, 0.0, 0.95), default=0.2, help="dropout (default 0.2)")
-    net.add_argument("--tie-weights", action=argparse.BooleanOptionalAction, default=None,
-                     help="share the embedding with the output layer (default: on for embedding input)")
+    net.add_argument(
+        "--tie-weights",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="share the embedding with the output layer (default: on for embedding input)",
+    )
     opt = p.add_argument_group("optimisation")
     opt.add_argument("--batch-size", type=ranged(int, 1, 65536), default=32, help="sequences per batch (default 32)")
-    opt.add_argument("--bptt", type=ranged(int, 1, 100000), default=35,
-                     help="truncated backpropagation length in tokens (default 35)")
-    opt.add_argument("--lr", type=ranged(float, 0.0, low_open=True), default=2e-3,
-                     help="peak AdamW learning rate; linear warm-up, then cosine decay to 10%% (default 2e-3)")
+    opt.add_argument(
+        "--bptt",
+        type=ranged(int, 1, 100000),
+        default=35,
+        help="truncated backpropagation length in tokens (default 35)",
+    )
+    opt.add_argument(
+        "--lr",
+        type=ranged(float, 0.0, low_open=True),
+        default=2e-3,
+        help="peak AdamW learning rate; linear warm-up, then cosine decay to 10%% (default 2e-3)",
+    )
     opt.add_argument("--weight-decay", type=ranged(float, 0.0), default=0.0, help="AdamW weight decay (default 0)")
     opt.add_argument("--warmup-steps", type=ranged(int, 0), default=100, help="warm-up steps (default 100)")
-    opt.add_argument("--clip", type=ranged(float, 0.0, low_open=True), default=1.0,
-                     help="clip the gradient norm to this (default 1.0)")
+    opt.add_argument(
+        "--clip",
+        type=ranged(float, 0.0, low_open=True),
+        default=1.0,
+        help="clip the gradient norm to this (default 1.0)",
+    )
     opt.add_argument("--epochs", type=ranged(int, 1), default=10, help="passes over the corpus (default 10)")
     opt.add_argument("--max-steps", type=ranged(int, 1), default=None, help="stop after this many steps")
-    opt.add_argument("--time-budget", type=ranged(float, 0.0, low_open=True), default=None, metavar="SECONDS",
-                     help="stop after this many seconds of training; the schedule then follows time")
-    opt.add_argument("--eval-every", type=ranged(int, 0), default=0,
-                     help="also validate every N steps (default 0: after each epoch only)")
-    opt.add_argument("--save-every", type=ranged(int, 1), default=500,
-                     help="write the 'last' checkpoint every N steps (default 500)")
+    opt.add_argument(
+        "--time-budget",
+        type=ranged(float, 0.0, low_open=True),
+        default=None,
+        metavar="SECONDS",
+        help="stop after this many seconds of training; the schedule then follows time",
+    )
+    opt.add_argument(
+        "--eval-every",
+        type=ranged(int, 0),
+        default=0,
+        help="also validate every N steps (default 0: after each epoch only)",
+    )
+    opt.add_argument(
+        "--save-every", type=ranged(int, 1), default=500, help="write the 'last' checkpoint every N steps (default 500)"
+    )
     run = p.add_argument_group("run")
-    run.add_argument("--seed", type=int, default=0, help="random seed for split, shuffling, init and dropout")
-    run.add_argument("--device", choices=["auto", "cpu", "cuda"], default="auto",
-                     help="auto picks cuda when available")
+    run.add_argument(
+        "--seed", type=int, default=0, help="random seed for split, shuffling, init and dropout (default 0)"
+    )
+    run.add_argument(
+        "--device",
+        choices=["auto", "cpu", "cuda"],
+        default="auto",
+        help="auto picks cuda when available (default auto)",
+    )
     run.add_argument("--dry-run", action="store_true", help="a few steps on a little data, to check the setup")
     run.add_argument("--resume", metavar="DIR", help="continue the run whose checkpoints are in DIR")
     return p

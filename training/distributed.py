@@ -59,5 +59,3 @@ class Distributed:
             # writing can abort in Gloo's teardown.
             torch.distributed.barrier()
             torch.distributed.destroy_process_group()
-
-

@@ -62,28 +62,41 @@ def seen_context_length(context: str, tokenizer: Tokenizer, counts: NgramCounts)
     ids = [BOS, *(tokenizer.encode(context) if context else [])]
     seen = 0
     for k in range(1, min(counts.order - 1, len(ids)) + 1):
-        if tuple(ids[len(ids) - k:]) not in counts.raw[k]:
+        if tuple(ids[len(ids) - k :]) not in counts.raw[k]:
             break  # a longer run contains this one: it cannot have been seen either
         seen = k
     return seen
 
 
-def by_context(lines: Sequence[str], context_ends: Sequence[tuple[int, int]], first_hits: dict[str, Sequence[bool]],
-               tokenizer: Tokenizer, counts: NgramCounts) -> list[dict]:
+def by_context(
+    lines: Sequence[str],
+    context_ends: Sequence[tuple[int, int]],
+    first_hits: dict[str, Sequence[bool]],
+    tokenizer: Tokenizer,
+    counts: NgramCounts,
+) -> list[dict]:
     """Top-1 accuracy of each scorer, and of either, by the context length seen in training (one row each)."""
     rows: dict[int, dict] = {}
     for i, (line, end) in enumerate(context_ends):
-        row = rows.setdefault(seen_context_length(lines[line][:end], tokenizer, counts),
-                              {"targets": 0, **{name: 0 for name in first_hits}, "either": 0})
+        row = rows.setdefault(
+            seen_context_length(lines[line][:end], tokenizer, counts),
+            {"targets": 0, **{name: 0 for name in first_hits}, "either": 0},
+        )
         row["targets"] += 1
         hits = [bool(h[i]) for h in first_hits.values()]
         for name, hit in zip(first_hits, hits):
             row[name] += hit
         row["either"] += any(hits)
     total = len(context_ends)
-    return [{"context_tokens": k, "targets": row["targets"], "share": row["targets"] / total,
-             **{name: row[name] / row["targets"] for name in [*first_hits, "either"]}}
-            for k, row in sorted(rows.items())]
+    return [
+        {
+            "context_tokens": k,
+            "targets": row["targets"],
+            "share": row["targets"] / total,
+            **{name: row[name] / row["targets"] for name in [*first_hits, "either"]},
+        }
+        for k, row in sorted(rows.items())
+    ]
 
 
 def format_by_context(rows: list[dict], names: Sequence[str], order: int) -> str:
@@ -92,21 +105,29 @@ def format_by_context(rows: list[dict], names: Sequence[str], order: int) -> str
     for row in rows:
         k = row["context_tokens"]
         label = f"{k} token{'s' if k != 1 else ''}" + (" (all)" if k == order - 1 else "")
-        table.append([label, f"{100 * row['share']:.1f} %",
-                      *(f"{100 * row[n]:.1f} %" for n in [*names, "either"])])
+        table.append([label, f"{100 * row['share']:.1f} %", *(f"{100 * row[n]:.1f} %" for n in [*names, "either"])])
     if rows:
         total = sum(r["targets"] for r in rows)
-        table.append(["all", "100.0 %", *(f"{100 * sum(r[n] * r['targets'] for r in rows) / total:.1f} %"
-                                          for n in [*names, "either"])])
+        table.append(
+            [
+                "all",
+                "100.0 %",
+                *(f"{100 * sum(r[n] * r['targets'] for r in rows) / total:.1f} %" for n in [*names, "either"]),
+            ]
+        )
     return _aligned(table)
 
 
 # ---------------------------------------------------------------------------- report
 
-_ROWS = [("perplexity", "perplexity", False), ("bits_per_character", "bits per character", False),
-         ("top1", "top-1 accuracy", True), ("top3", "top-3 accuracy", True), ("top5", "top-5 accuracy", True),
-         ("ksr", "keystroke savings", True)] + [
-    (f"completion{n}_hit{k}", f"completion hit@{k} after {n}", True) for n in PREFIXES for k in (1, 3)]
+_ROWS = [
+    ("perplexity", "perplexity", False),
+    ("bits_per_character", "bits per character", False),
+    ("top1", "top-1 accuracy", True),
+    ("top3", "top-3 accuracy", True),
+    ("top5", "top-5 accuracy", True),
+    ("ksr", "keystroke savings", True),
+] + [(f"completion{n}_hit{k}", f"completion hit@{k} after {n}", True) for n in PREFIXES for k in (1, 3)]
 
 
 def _cell(value, percent: bool) -> str:
@@ -118,8 +139,9 @@ def _cell(value, percent: bool) -> str:
 def _aligned(rows: list[list[str]]) -> str:
     """Columns padded to their widest cell: the first to the left, the others to the right."""
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    return "\n".join("  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths)))
-                     for r in rows)
+    return "\n".join(
+        "  ".join(c.ljust(w) if i == 0 else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))) for r in rows
+    )
 
 
 def format_table(results: dict[str, dict]) -> str:
@@ -145,24 +167,46 @@ def network_scorer(name: str, artifact) -> tuple[Scorer, Tokenizer]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = OneLineParser(prog="nextword-eval", description="Judge a nextword model on held-out text: perplexity, "
-                      "top-k next-word accuracy, keystroke savings and word completion.")
+    p = OneLineParser(
+        prog="nextword-eval",
+        description="Judge a nextword model on held-out text: perplexity, "
+        "top-k next-word accuracy, keystroke savings and word completion.",
+    )
     p.add_argument("model", help="a model file from nextword-export")
     p.add_argument("--text", required=True, metavar="PATH", help="held-out UTF-8 text, one sequence per line")
     p.add_argument("--baseline", choices=["ngram"], help="also score an n-gram model on the same text")
-    p.add_argument("--against", metavar="MODEL",
-                   help="also score another model file on the same text (for example float against int8)")
-    p.add_argument("--train", action="append", default=[], metavar="PATH",
-                   help="training text for the baseline (the model's own training split)")
+    p.add_argument(
+        "--against",
+        metavar="MODEL",
+        help="also score another model file on the same text (for example float against int8)",
+    )
+    p.add_argument(
+        "--train",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="training text for the baseline (the model's own training split)",
+    )
     p.add_argument("--order", type=ranged(int, 3, 5), default=4, help="n-gram order, 3 to 5 (default 4)")
-    p.add_argument("--suggestions", type=ranged(int, 1, 20), default=3,
-                   help="suggestions shown for the keystroke savings rate (default 3)")
+    p.add_argument(
+        "--suggestions",
+        type=ranged(int, 1, 20),
+        default=3,
+        help="suggestions shown for the keystroke savings rate (default 3)",
+    )
     p.add_argument("--max-lines", type=ranged(int, 1), default=None, help="score only the first N lines")
     p.add_argument("--json", metavar="PATH", help="also write the results as JSON to PATH ('-': standard output)")
-    p.add_argument("--threads", type=ranged(int, 1, 256), default=None,
-                   help="CPU threads for the network (default: torch's, one per core)")
-    p.add_argument("--quiet", action="store_true",
-                   help="no progress bar (there is none either when standard error is not a terminal)")
+    p.add_argument(
+        "--threads",
+        type=ranged(int, 1, 256),
+        default=None,
+        help="CPU threads for the network (default: torch's, one per core)",
+    )
+    p.add_argument(
+        "--quiet",
+        action="store_true",
+        help="no progress bar (there is none either when standard error is not a terminal)",
+    )
     args = p.parse_args(argv)
     if args.baseline and not args.train:
         p.error("--baseline ngram needs --train PATH (the text the model was trained on)")
@@ -182,33 +226,60 @@ def main(argv: list[str] | None = None) -> int:
     scorers = [network_scorer("model", artifact)]
     if args.baseline:
         counts = NgramCounts.from_text(train_lines, tokenizer, args.order)
-        scorers.append((Scorer(f"ngram-{args.order}", NgramStepModel(counts, "kneser-ney"),
-                               NgramStepModel(counts, "backoff")), tokenizer))
+        scorers.append(
+            (
+                Scorer(f"ngram-{args.order}", NgramStepModel(counts, "kneser-ney"), NgramStepModel(counts, "backoff")),
+                tokenizer,
+            )
+        )
     if other is not None:
         scorers.append(network_scorer("against", other))
     results: dict[str, dict] = {}
     tallies: dict[str, Tally] = {}
     for scorer, scorer_tokenizer in scorers:
         started = time.perf_counter()
-        with tqdm(total=len(lines), desc=scorer.name, unit="line", dynamic_ncols=True, file=sys.stderr,
-                  disable=args.quiet or not sys.stderr.isatty()) as bar:
+        with tqdm(
+            total=len(lines),
+            desc=scorer.name,
+            unit="line",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=args.quiet or not sys.stderr.isatty(),
+        ) as bar:
             units, tallies[scorer.name] = score(scorer, scorer_tokenizer, lines, args.suggestions, progress=bar.update)
         results[scorer.name] = {"units": units, **tallies[scorer.name].report(units)}
         results[scorer.name]["seconds"] = round(time.perf_counter() - started, 1)
     first = results["model"]
-    print(f"{args.text}: {len(lines)} lines, {first['targets']} {first['units']} scored, {first['tokens']} tokens "
-          f"({100 * first['unknown_token_rate']:.1f} % <unk>); keystroke savings with {args.suggestions} suggestions")
+    print(
+        f"{args.text}: {len(lines)} lines, {first['targets']} {first['units']} scored, {first['tokens']} tokens "
+        f"({100 * first['unknown_token_rate']:.1f} % <unk>); keystroke savings with {args.suggestions} suggestions"
+    )
     if other is not None:
-        print(f"against: {args.against}" + ("" if other.tokenizer.to_bytes() == tokenizer.to_bytes() else
-              " (another tokenizer: compare bits per character, not perplexity)"))
+        print(
+            f"against: {args.against}"
+            + (
+                ""
+                if other.tokenizer.to_bytes() == tokenizer.to_bytes()
+                else " (another tokenizer: compare bits per character, not perplexity)"
+            )
+        )
     print(format_table(results))
-    document = {"model": args.model, "text": args.text, "lines": len(lines), "suggestions": args.suggestions,
-                "order": args.order if args.baseline else None, "against": args.against, "results": results}
+    document = {
+        "model": args.model,
+        "text": args.text,
+        "lines": len(lines),
+        "suggestions": args.suggestions,
+        "order": args.order if args.baseline else None,
+        "against": args.against,
+        "results": results,
+    }
     if args.baseline:
         hits = {name: tally.first_hits for name, tally in tallies.items()}
         rows = by_context(lines, tallies["model"].context_ends, hits, tokenizer, counts)
-        print(f"\ntop-1 by the longest context (tokens before the target, <s> included) that {', '.join(args.train)} "
-              f"contains; either: the model or the n-gram ranks the target first")
+        print(
+            f"\ntop-1 by the longest context (tokens before the target, <s> included) that {', '.join(args.train)} "
+            f"contains; either: the model or the n-gram ranks the target first"
+        )
         print(format_by_context(rows, list(hits), args.order))
         document["by_context"] = rows
     if args.json == "-":

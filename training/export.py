@@ -21,7 +21,7 @@ import math
 import os
 import sys
 import warnings
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import torch
 
@@ -51,10 +51,13 @@ def check_parity(eager: torch.nn.Module, path: str, trials: int = 3) -> float:
             logits, new_state = loaded(tokens, state)
             expected_last, _ = eager.forward_last(tokens, state)  # what the service runs
             last_logits, last_state = loaded.forward_last(tokens, state)
-            worst = max(worst, (logits - expected_logits).abs().max().item(),
-                        (new_state - expected_state).abs().max().item(),
-                        (last_logits - expected_last).abs().max().item(),
-                        (last_state - expected_state).abs().max().item())
+            worst = max(
+                worst,
+                (logits - expected_logits).abs().max().item(),
+                (new_state - expected_state).abs().max().item(),
+                (last_logits - expected_last).abs().max().item(),
+                (last_state - expected_state).abs().max().item(),
+            )
     return worst
 
 
@@ -64,8 +67,9 @@ QUANTIZATIONS = ("int8",)
 def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():  # torch.ao announces its successor (torchao); the pinned torch has it
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN,
-                                                              torch.nn.Linear}, dtype=torch.qint8)
+        return torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN, torch.nn.Linear}, dtype=torch.qint8
+        )
 
 
 def export(checkpoint_path: str, out: str, tolerance: float = 1e-4, quantize: str | None = None) -> Manifest:
@@ -87,20 +91,30 @@ def export(checkpoint_path: str, out: str, tolerance: float = 1e-4, quantize: st
         scripted = torch.jit.script(model)
     best = checkpoint.get("best_val_loss", math.inf)
     manifest = Manifest(
-        network=config.to_dict(), parameters=parameters, state_size=config.state_size,
+        network=config.to_dict(),
+        parameters=parameters,
+        state_size=config.state_size,
         quantization=quantize or "none",
         tokenizer=TokenizerSpec(kind=tokenizer.kind, vocab_size=tokenizer.vocab_size, lowercase=tokenizer.lowercase),
         provenance=Provenance(
-            **checkpoint["provenance"], steps=checkpoint["step"], epochs_completed=checkpoint["epoch"],
+            **checkpoint["provenance"],
+            steps=checkpoint["step"],
+            epochs_completed=checkpoint["epoch"],
             stream_validation_perplexity=math.exp(best) if math.isfinite(best) else None,
-            checkpoint=os.path.basename(checkpoint_path), train_config=checkpoint["train_config"]),
-        created=datetime.now(timezone.utc).isoformat(timespec="seconds"), torch_version=str(torch.__version__))
+            checkpoint=os.path.basename(checkpoint_path),
+            train_config=checkpoint["train_config"],
+        ),
+        created=datetime.now(UTC).isoformat(timespec="seconds"),
+        torch_version=str(torch.__version__),
+    )
 
     def verify(temporary: str) -> None:
         difference = check_parity(model, temporary)
         if not difference <= tolerance:
-            raise ExportError(f"the exported model differs from the trained one by {difference:.3g} "
-                              f"(tolerance {tolerance}); nothing was written")
+            raise ExportError(
+                f"the exported model differs from the trained one by {difference:.3g} "
+                f"(tolerance {tolerance}); nothing was written"
+            )
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
     return write_artifact(out, scripted, manifest, tokenizer, verify=verify)
@@ -110,8 +124,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog=PROG, description="Export a training checkpoint to one TorchScript model file.")
     parser.add_argument("checkpoint", help="a checkpoint file, or a run directory (its best checkpoint)")
     parser.add_argument("--out", required=True, metavar="PATH", help="the model file to write, e.g. model.pt")
-    parser.add_argument("--quantize", choices=QUANTIZATIONS,
-                        help="int8: dynamic int8 weights for faster CPU serving (CPU only)")
+    parser.add_argument(
+        "--quantize",
+        choices=QUANTIZATIONS,
+        help="int8: dynamic int8 weights for faster CPU serving, CPU only (default: float weights)",
+    )
     args = parser.parse_args(argv)
     try:
         manifest = export(args.checkpoint, args.out, quantize=args.quantize)
@@ -120,10 +137,13 @@ def main(argv: list[str] | None = None) -> int:
         return 1
     size = os.path.getsize(args.out) / 1e6
     ppl = manifest.provenance.stream_validation_perplexity
-    print(f"{PROG}: wrote {args.out} ({size:.1f} MB, {manifest.parameters:,} parameters, "
-          f"{manifest.tokenizer.kind} tokenizer"
-          + (f", {args.quantize} weights" if args.quantize else "")
-          + (f", stream validation perplexity {ppl:.2f}" if ppl else "") + "); it loads and matches the checkpoint")
+    print(
+        f"{PROG}: wrote {args.out} ({size:.1f} MB, {manifest.parameters:,} parameters, "
+        f"{manifest.tokenizer.kind} tokenizer"
+        + (f", {args.quantize} weights" if args.quantize else "")
+        + (f", stream validation perplexity {ppl:.2f}" if ppl else "")
+        + "); it loads and matches the checkpoint"
+    )
     return 0
 
 

@@ -35,8 +35,8 @@ GATES = {"lstm": 4, "gru": 3, "rnn": 1}
 @dataclass(frozen=True)
 class ModelConfig:
     vocab_size: int
-    cell: str = "lstm"            # lstm | gru | rnn (tanh)
-    input: str = "embedding"      # embedding | onehot
+    cell: str = "lstm"  # lstm | gru | rnn (tanh)
+    input: str = "embedding"  # embedding | onehot
     num_layers: int = 2
     hidden_size: int = 512
     embedding_size: int = 512
@@ -108,7 +108,7 @@ class OneHotLayer(nn.Module):
         gates = GATES[cell] * hidden_size
         self.cell = cell
         self.hidden_size = hidden_size
-        bound = hidden_size ** -0.5
+        bound = hidden_size**-0.5
         self.input_weight = nn.Parameter(torch.empty(vocab_size, gates).uniform_(-bound, bound))
         self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size).uniform_(-bound, bound))
         self.bias_ih = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
@@ -223,8 +223,9 @@ class LanguageModel(nn.Module):
 
 
 @torch.no_grad()
-def line_start_state(model: LanguageModel, sequences: Sequence[Sequence[int]], count: int = 256,
-                     seed: int = 0) -> Tensor:
+def line_start_state(
+    model: LanguageModel, sequences: Sequence[Sequence[int]], count: int = 256, seed: int = 0
+) -> Tensor:
     """The mean state after ``<s> ... </s>`` over ``count`` of ``sequences`` (picked by ``seed``): [L, S].
 
     The state training's stream is in when the next line's ``<s>`` arrives. Lines of

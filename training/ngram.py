@@ -68,8 +68,8 @@ class NgramCounts:
             raise ValueError(f"n-gram order must be between 1 and 9, not {order}")
         self.order = order
         self.vocab_size = vocab_size
-        raw: list[dict[tuple, Counter]] = [defaultdict(Counter) for _ in range(order)]      # index k: context length k
-        preceded: list[dict[tuple, set]] = [defaultdict(set) for _ in range(order)]        # distinct left neighbours
+        raw: list[dict[tuple, Counter]] = [defaultdict(Counter) for _ in range(order)]  # index k: context length k
+        preceded: list[dict[tuple, set]] = [defaultdict(set) for _ in range(order)]  # distinct left neighbours
         for ids in sequences:
             tokens = [BOS, *ids, EOS]
             for end in range(1, len(tokens)):
@@ -102,7 +102,7 @@ class NgramCounts:
         self.unigram_frequency = unigram
 
     @classmethod
-    def from_text(cls, lines: Iterable[str], tokenizer, order: int) -> "NgramCounts":
+    def from_text(cls, lines: Iterable[str], tokenizer, order: int) -> NgramCounts:
         return cls((tokenizer.encode(line) for line in lines), order, tokenizer.vocab_size)
 
     def kneser_ney(self, history: Sequence[int]) -> np.ndarray:

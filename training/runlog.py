@@ -10,7 +10,6 @@ from training.config import TrainConfig
 from training.model import ModelConfig
 
 
-
 class RunLog:
     """metrics.jsonl, curves.png and config.json in the output directory (rank 0 only)."""
 
@@ -26,9 +25,15 @@ class RunLog:
 
     def save_config(self, config: TrainConfig, model_config: ModelConfig, tokenizer) -> None:
         if self.enabled:
-            resolved = {"train": config.to_dict(), "model": model_config.to_dict(),
-                        "tokenizer": {"kind": tokenizer.kind, "vocab_size": tokenizer.vocab_size,
-                                      "lowercase": tokenizer.lowercase}}
+            resolved = {
+                "train": config.to_dict(),
+                "model": model_config.to_dict(),
+                "tokenizer": {
+                    "kind": tokenizer.kind,
+                    "vocab_size": tokenizer.vocab_size,
+                    "lowercase": tokenizer.lowercase,
+                },
+            }
             text = json.dumps(resolved, indent=2, ensure_ascii=False).encode("utf-8")
             atomic_write(os.path.join(self.out, "config.json"), lambda handle: handle.write(text))
 

@@ -22,7 +22,7 @@ from service.tokenizer import BOS, EOS, UNK, Tokenizer, is_cjk
 
 TOP_K = (1, 3, 5)
 PREFIXES = (1, 2, 3)
-LINES_AT_ONCE = 64   # lines whose tokens share one model call per position
+LINES_AT_ONCE = 64  # lines whose tokens share one model call per position
 
 
 @dataclass
@@ -48,7 +48,7 @@ class Tally:
     keys_without: int = 0
     keys_with: int = 0
     lines: int = 0
-    first_hits: list[bool] = field(default_factory=list)   # per target: ranked first?
+    first_hits: list[bool] = field(default_factory=list)  # per target: ranked first?
     # per target: (line number, length of the text the model read before it)
     context_ends: list[tuple[int, int]] = field(default_factory=list)
 
@@ -97,22 +97,29 @@ def _matches(suggestion: str, target: str, tokenizer: Tokenizer) -> bool:
     return tokenizer.normalize(suggestion) == tokenizer.normalize(target)
 
 
+class _WordSuggestions:
+    """What is shown while one word is typed, by the number of its letters typed (each asked once)."""
+
+    def __init__(self, suggester: Suggester, reader: _LineReader, before: str, word: str, shown: int) -> None:
+        self.suggester, self.reader, self.before, self.word, self.shown = suggester, reader, before, word, shown
+        self.ranked: dict[int, list[str]] = {}
+
+    def __call__(self, typed: int) -> list[str]:
+        if typed not in self.ranked:
+            split = self.suggester.split(self.before + self.word[:typed])
+            log_probs, state = self.reader.after(split.context)
+            result = self.suggester.suggest_from(split, log_probs, state, self.shown)
+            self.ranked[typed] = [text for text, _ in result.suggestions]
+        return self.ranked[typed]
+
+
 def score_words(line: str, suggester: Suggester, reader: _LineReader, tally: Tally, ksr_suggestions: int) -> None:
     tokenizer = suggester.tokenizer
     shown = max(max(TOP_K), ksr_suggestions)
     saved = 0
     for match in SUGGESTED_WORD.finditer(line):
         word, start = match.group(), match.start()
-        ranked: dict[int, list[str]] = {}
-
-        def suggestions(typed: int) -> list[str]:
-            if typed not in ranked:
-                split = suggester.split(line[:start] + word[:typed])
-                log_probs, state = reader.after(split.context)
-                result = suggester.suggest_from(split, log_probs, state, shown)
-                ranked[typed] = [text for text, _ in result.suggestions]
-            return ranked[typed]
-
+        suggestions = _WordSuggestions(suggester, reader, line[:start], word, shown)
         tally.targets += 1
         first = suggestions(0)
         for k in TOP_K:
@@ -167,16 +174,27 @@ def score_characters(line: str, suggester: Suggester, reader: _LineReader, tally
     tally.keys_with += keys
 
 
-def metrics(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_suggestions: int = 3,
-            config: SuggestConfig = SuggestConfig()) -> dict:
+def metrics(
+    scorer: Scorer,
+    tokenizer: Tokenizer,
+    lines: Sequence[str],
+    ksr_suggestions: int = 3,
+    config: SuggestConfig = SuggestConfig(),
+) -> dict:
     """All metrics of one model on ``lines`` (described in training/evaluate.py)."""
     units, tally = score(scorer, tokenizer, lines, ksr_suggestions, config)
     return {"units": units, **tally.report(units)}
 
 
-def score(scorer: Scorer, tokenizer: Tokenizer, lines: Sequence[str], ksr_suggestions: int = 3,
-          config: SuggestConfig = SuggestConfig(), progress: Callable[[int], None] | None = None,
-          lines_at_once: int = LINES_AT_ONCE) -> tuple[str, Tally]:
+def score(
+    scorer: Scorer,
+    tokenizer: Tokenizer,
+    lines: Sequence[str],
+    ksr_suggestions: int = 3,
+    config: SuggestConfig = SuggestConfig(),
+    progress: Callable[[int], None] | None = None,
+    lines_at_once: int = LINES_AT_ONCE,
+) -> tuple[str, Tally]:
     """The units scored ("words" or "characters") and the tally of every metric, per target included.
     ``progress(n)`` is told each time n more lines are scored."""
     units = "characters" if text_without_spaces(lines) else "words"

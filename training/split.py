@@ -21,8 +21,12 @@ def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="python -m training.split", description=__doc__.split("\n\n")[0])
     parser.add_argument("corpus", help="UTF-8 text, one sequence per line")
     parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/train.txt and DIR/test.txt")
-    parser.add_argument("--test-fraction", type=ranged(float, 0.0, 0.9, low_open=True), default=0.1,
-                        help="fraction of lines for the test file (default 0.1)")
+    parser.add_argument(
+        "--test-fraction",
+        type=ranged(float, 0.0, 0.9, low_open=True),
+        default=0.1,
+        help="fraction of lines for the test file (default 0.1)",
+    )
     parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
     args = parser.parse_args(argv)
     try:

@@ -69,7 +69,10 @@ def _train_sentencepiece(lines: Sequence[str], vocab_size: int) -> bytes:
             model_type="unigram",
             character_coverage=0.9995,  # keeps rare Han characters out of <unk> mostly
             normalization_rule_name="identity",  # keep what people typed (NFKC would turn ！ into !)
-            pad_id=0, bos_id=1, eos_id=2, unk_id=3,
+            pad_id=0,
+            bos_id=1,
+            eos_id=2,
+            unk_id=3,
             hard_vocab_limit=False,  # a small corpus gets a smaller vocabulary, not an error
             input_sentence_size=2_000_000,
             shuffle_input_sentence=True,

@@ -29,7 +29,16 @@ from torch import nn
 from service.tokenizer import load_tokenizer
 from training.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
-from training.data import CorpusError, batchify, encode_lines, make_stream, num_windows, read_corpus, split_lines, windows
+from training.data import (
+    CorpusError,
+    batchify,
+    encode_lines,
+    make_stream,
+    num_windows,
+    read_corpus,
+    split_lines,
+    windows,
+)
 from training.distributed import Distributed, TrainingError, pick_device
 from training.model import LanguageModel, ModelConfig, line_start_state
 from training.runlog import RunLog
@@ -46,24 +55,38 @@ def resolve_resume(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, d
         return config, None
     checkpoint = load_checkpoint(config.resume)
     saved = TrainConfig.from_dict(checkpoint["train_config"])
-    changed = sorted(k for k in given - {"resume"} if k not in RESUMABLE_OVERRIDES
-                     and getattr(config, k) != getattr(saved, k))
+    changed = sorted(
+        k for k in given - {"resume"} if k not in RESUMABLE_OVERRIDES and getattr(config, k) != getattr(saved, k)
+    )
     if changed:
         flags = ", ".join("--" + k.replace("_", "-") for k in changed)
-        raise TrainingError(f"{flags} cannot change on --resume; only "
-                            + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_OVERRIDES) + " can")
+        raise TrainingError(
+            f"{flags} cannot change on --resume; only "
+            + ", ".join("--" + k.replace("_", "-") for k in RESUMABLE_OVERRIDES)
+            + " can"
+        )
     overrides = {k: getattr(config, k) for k in given if k in RESUMABLE_OVERRIDES}
     return replace(saved, resume=config.resume, **overrides), checkpoint
 
 
 def model_config_for(config: TrainConfig, vocab_size: int) -> ModelConfig:
     embedding = config.embedding_size or config.hidden_size
-    tie = config.tie_weights if config.tie_weights is not None else (
-        config.input == "embedding" and embedding == config.hidden_size)
+    tie = (
+        config.tie_weights
+        if config.tie_weights is not None
+        else (config.input == "embedding" and embedding == config.hidden_size)
+    )
     try:
-        return ModelConfig(vocab_size=vocab_size, cell=config.cell, input=config.input,
-                           num_layers=config.num_layers, hidden_size=config.hidden_size,
-                           embedding_size=embedding, dropout=config.dropout, tie_weights=tie)
+        return ModelConfig(
+            vocab_size=vocab_size,
+            cell=config.cell,
+            input=config.input,
+            num_layers=config.num_layers,
+            hidden_size=config.hidden_size,
+            embedding_size=embedding,
+            dropout=config.dropout,
+            tie_weights=tie,
+        )
     except ValueError as error:
         raise TrainingError(str(error)) from None
 
@@ -79,8 +102,14 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, elapsed: flo
 
 
 @torch.no_grad()
-def validation_loss(model: nn.Module, rows: torch.Tensor, bptt: int, device: torch.device,
-                    dist: Distributed, max_windows: int | None = None) -> float:
+def validation_loss(
+    model: nn.Module,
+    rows: torch.Tensor,
+    bptt: int,
+    device: torch.device,
+    dist: Distributed,
+    max_windows: int | None = None,
+) -> float:
     """Mean cross-entropy per token over ``rows`` read as one stream (summed over all processes)."""
     model.eval()
     state = model.zero_state(rows.size(0))
@@ -109,15 +138,17 @@ class TrainingRun:
         self.device = pick_device(config.device)
         self.dist = Distributed(self.device)
         if config.batch_size % self.dist.world_size:
-            raise TrainingError(f"--batch-size {config.batch_size} must be divisible by the number of processes "
-                                f"({self.dist.world_size})")
+            raise TrainingError(
+                f"--batch-size {config.batch_size} must be divisible by the number of processes "
+                f"({self.dist.world_size})"
+            )
         if self.dist.main:
             os.makedirs(config.out, exist_ok=True)
         self.corpus = read_corpus(config.corpus, config.encoding_errors)
         self.train_lines, self.val_lines = self._split()
         # position in the stream: steps taken, epochs done, next window, seconds trained, best validation loss
         self.step_count, self.epoch, self.window, self.elapsed, self.best = 0, 0, 0, 0.0, math.inf
-        self.state: torch.Tensor | None = None   # [L, rows of this rank, S], carried from window to window
+        self.state: torch.Tensor | None = None  # [L, rows of this rank, S], carried from window to window
 
     def _split(self) -> tuple[list[str], list[str]]:
         config = self.config
@@ -132,20 +163,27 @@ class TrainingRun:
         config = self.config
         if checkpoint is not None:
             if checkpoint["provenance"]["corpus_sha256"] != self.corpus.sha256:
-                raise TrainingError("the corpus files differ from the ones this run was trained on; "
-                                    "resume needs the same text")
+                raise TrainingError(
+                    "the corpus files differ from the ones this run was trained on; resume needs the same text"
+                )
             self.tokenizer = load_tokenizer(checkpoint["tokenizer"])
         else:
-            self.tokenizer = build_tokenizer(config.tokenizer, self.train_lines, config.vocab_size, config.min_count,
-                                             config.lowercase)
+            self.tokenizer = build_tokenizer(
+                config.tokenizer, self.train_lines, config.vocab_size, config.min_count, config.lowercase
+            )
         self.model_config = model_config_for(config, self.tokenizer.vocab_size)
         self.train_sequences = encode_lines(self.tokenizer, self.train_lines)
-        self.val_rows = batchify(make_stream(encode_lines(self.tokenizer, self.val_lines)),
-                                 min(16, config.batch_size)) if self.val_lines else None
+        self.val_rows = (
+            batchify(make_stream(encode_lines(self.tokenizer, self.val_lines)), min(16, config.batch_size))
+            if self.val_lines
+            else None
+        )
         self.total_tokens = sum(len(s) for s in self.train_sequences)
         if self.total_tokens < 2 * config.batch_size:
-            raise TrainingError(f"the training text has {self.total_tokens} tokens; --batch-size {config.batch_size} "
-                                f"needs at least {2 * config.batch_size}: give more text or a smaller --batch-size")
+            raise TrainingError(
+                f"the training text has {self.total_tokens} tokens; --batch-size {config.batch_size} "
+                f"needs at least {2 * config.batch_size}: give more text or a smaller --batch-size"
+            )
         windows_per_epoch = num_windows(torch.empty(1, self.total_tokens // config.batch_size), config.bptt)
         self.max_steps = min(config.max_steps or DRY_RUN_STEPS, DRY_RUN_STEPS) if config.dry_run else config.max_steps
         self.total_steps = self.max_steps or config.epochs * windows_per_epoch
@@ -153,17 +191,29 @@ class TrainingRun:
         torch.manual_seed(config.seed)
         self.model = LanguageModel(self.model_config).to(self.device)
         # the fused kernel updates all parameters in one pass (its cost: docs/performance.md)
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=config.lr, weight_decay=config.weight_decay,
-                                           fused=self.device.type in ("cpu", "cuda"))
+        self.optimizer = torch.optim.AdamW(
+            self.model.parameters(),
+            lr=config.lr,
+            weight_decay=config.weight_decay,
+            fused=self.device.type in ("cpu", "cuda"),
+        )
         if checkpoint is not None:
             self.restore(checkpoint)
-        self.wrapped = nn.parallel.DistributedDataParallel(
-            self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None) \
-            if self.dist.enabled else self.model
+        self.wrapped = (
+            nn.parallel.DistributedDataParallel(
+                self.model, device_ids=[self.device.index] if self.device.type == "cuda" else None
+            )
+            if self.dist.enabled
+            else self.model
+        )
         self.log = RunLog(config.out, self.dist.main)
         self.log.save_config(config, self.model_config, self.tokenizer)
-        self.provenance = {"corpus": [os.path.basename(p) for p in config.corpus], "corpus_sha256": self.corpus.sha256,
-                           "train_lines": len(self.train_lines), "val_lines": len(self.val_lines)}
+        self.provenance = {
+            "corpus": [os.path.basename(p) for p in config.corpus],
+            "corpus_sha256": self.corpus.sha256,
+            "train_lines": len(self.train_lines),
+            "val_lines": len(self.val_lines),
+        }
 
     def restore(self, checkpoint: dict) -> None:
         """Weights, optimizer, position, this rank's rows of the state, random state."""
@@ -172,18 +222,20 @@ class TrainingRun:
         self.step_count, self.epoch, self.window = checkpoint["step"], checkpoint["epoch"], checkpoint["window"]
         self.elapsed, self.best = checkpoint["elapsed"], checkpoint["best_val_loss"]
         rows = self.config.batch_size // self.dist.world_size
-        self.state = checkpoint["state"][:, self.dist.rank * rows:(self.dist.rank + 1) * rows].to(self.device)
+        self.state = checkpoint["state"][:, self.dist.rank * rows : (self.dist.rank + 1) * rows].to(self.device)
         torch.set_rng_state(checkpoint["rng"]["torch"])
         if self.device.type == "cuda" and checkpoint["rng"].get("cuda") is not None:
             torch.cuda.set_rng_state(checkpoint["rng"]["cuda"], self.device)
 
     def describe(self) -> str:
         m = self.model_config
-        return (f"{self.tokenizer.kind} tokenizer, {self.tokenizer.vocab_size} tokens; {m.cell} "
-                f"{m.num_layers}x{m.hidden_size}, {sum(p.numel() for p in self.model.parameters()):,} parameters; "
-                f"{len(self.train_lines)} training lines ({self.total_tokens:,} tokens), {len(self.val_lines)} "
-                f"validation lines; device {self.device}"
-                + (f", {self.dist.world_size} processes" if self.dist.enabled else ""))
+        return (
+            f"{self.tokenizer.kind} tokenizer, {self.tokenizer.vocab_size} tokens; {m.cell} "
+            f"{m.num_layers}x{m.hidden_size}, {sum(p.numel() for p in self.model.parameters()):,} parameters; "
+            f"{len(self.train_lines)} training lines ({self.total_tokens:,} tokens), {len(self.val_lines)} "
+            f"validation lines; device {self.device}"
+            + (f", {self.dist.world_size} processes" if self.dist.enabled else "")
+        )
 
     def epoch_rows(self) -> torch.Tensor:
         """This rank's rows of the epoch's shuffled stream [rows, tokens]."""
@@ -202,8 +254,13 @@ class TrainingRun:
             kept = os.path.join(self.config.out, LAST)
             raise TrainingError(
                 f"the loss became {loss.item()} at step {self.step_count + 1}; stopped without saving it. "
-                + (f"The last good checkpoint is {kept}. " if os.path.exists(kept) else "No checkpoint was written yet. ")
-                + "Try a lower --lr or --clip.")
+                + (
+                    f"The last good checkpoint is {kept}. "
+                    if os.path.exists(kept)
+                    else "No checkpoint was written yet. "
+                )
+                + "Try a lower --lr or --clip."
+            )
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip, foreach=True)
@@ -216,14 +273,27 @@ class TrainingRun:
         full_state = self.dist.gather_rows(self.state.detach()) if self.state is not None else None
         weights = self.model.state_dict()
         if self.dist.main:  # only its payload is written: where served text starts, the stream's state between lines
-            weights = {**weights, "start_state": line_start_state(self.model, self.train_sequences, seed=self.config.seed)}
+            weights = {
+                **weights,
+                "start_state": line_start_state(self.model, self.train_sequences, seed=self.config.seed),
+            }
         cuda = self.device.type == "cuda"
-        return {"model_config": self.model_config.to_dict(), "train_config": self.config.to_dict(),
-                "tokenizer": self.tokenizer.to_bytes(), "model": weights, "optimizer": self.optimizer.state_dict(),
-                "step": self.step_count, "epoch": self.epoch, "window": self.window,
-                "state": full_state.cpu() if full_state is not None else None, "elapsed": self.elapsed,
-                "best_val_loss": self.best, "provenance": self.provenance, "torch_version": str(torch.__version__),
-                "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None}}
+        return {
+            "model_config": self.model_config.to_dict(),
+            "train_config": self.config.to_dict(),
+            "tokenizer": self.tokenizer.to_bytes(),
+            "model": weights,
+            "optimizer": self.optimizer.state_dict(),
+            "step": self.step_count,
+            "epoch": self.epoch,
+            "window": self.window,
+            "state": full_state.cpu() if full_state is not None else None,
+            "elapsed": self.elapsed,
+            "best_val_loss": self.best,
+            "provenance": self.provenance,
+            "torch_version": str(torch.__version__),
+            "rng": {"torch": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state(self.device) if cuda else None},
+        }
 
     def save(self, names: tuple[str, ...]) -> None:
         data = self.payload()  # every rank joins the state gather
@@ -236,10 +306,12 @@ class TrainingRun:
         if self.val_rows is None:
             self.save((LAST,))
             return None
-        loss = validation_loss(self.model, self.val_rows, self.config.bptt, self.device, self.dist,
-                               2 if self.config.dry_run else None)
-        self.log.write({"kind": "val", "step": self.step_count, "epoch": self.epoch, "loss": loss,
-                        "ppl": math.exp(min(loss, 50))})
+        loss = validation_loss(
+            self.model, self.val_rows, self.config.bptt, self.device, self.dist, 2 if self.config.dry_run else None
+        )
+        self.log.write(
+            {"kind": "val", "step": self.step_count, "epoch": self.epoch, "loss": loss, "ppl": math.exp(min(loss, 50))}
+        )
         improved = loss < self.best
         self.best = min(self.best, loss)
         self.save((LAST, BEST) if improved else (LAST,))
@@ -260,8 +332,9 @@ class Progress:
         if run.dist.main and sys.stderr.isatty():
             from tqdm import tqdm
 
-            self.bar = tqdm(total=run.total_steps, initial=min(run.step_count, run.total_steps), unit="step",
-                            dynamic_ncols=True)
+            self.bar = tqdm(
+                total=run.total_steps, initial=min(run.step_count, run.total_steps), unit="step", dynamic_ncols=True
+            )
         self.tokens, self.since = 0, time.perf_counter()
 
     def update(self, loss: torch.Tensor, tokens: int, lr: float) -> None:
@@ -272,12 +345,25 @@ class Progress:
             now = time.perf_counter()
             tokens_per_s = self.tokens / max(1e-9, now - self.since)
             self.tokens, self.since = 0, now
-            run.log.write({"kind": "train", "step": run.step_count, "epoch": run.epoch, "loss": mean,
-                           "ppl": math.exp(min(mean, 50)), "lr": lr, "tokens_per_s": tokens_per_s,
-                           "elapsed": run.elapsed})
+            run.log.write(
+                {
+                    "kind": "train",
+                    "step": run.step_count,
+                    "epoch": run.epoch,
+                    "loss": mean,
+                    "ppl": math.exp(min(mean, 50)),
+                    "lr": lr,
+                    "tokens_per_s": tokens_per_s,
+                    "elapsed": run.elapsed,
+                }
+            )
             if self.bar is not None:
-                self.bar.set_postfix(loss=f"{mean:.3f}", ppl=f"{math.exp(min(mean, 50)):.1f}",
-                                     tok_s=f"{tokens_per_s:,.0f}", refresh=False)
+                self.bar.set_postfix(
+                    loss=f"{mean:.3f}",
+                    ppl=f"{math.exp(min(mean, 50)):.1f}",
+                    tok_s=f"{tokens_per_s:,.0f}",
+                    refresh=False,
+                )
         if self.bar is not None:
             self.bar.update(1)
 
@@ -292,7 +378,7 @@ class StopFlag:
     def __init__(self) -> None:
         self.signal: int | None = None
 
-    def __enter__(self) -> "StopFlag":
+    def __enter__(self) -> StopFlag:
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
 

@@ -31,10 +31,15 @@ texts = st.one_of(
 )
 uint32 = st.integers(0, 2**32 - 1)
 # Outcomes a client may see for bad input or limits; never INTERNAL or UNKNOWN.
-CLEAN = {grpc.StatusCode.OK, grpc.StatusCode.INVALID_ARGUMENT, grpc.StatusCode.RESOURCE_EXHAUSTED,
-         grpc.StatusCode.DEADLINE_EXCEEDED}
-FUZZ = settings(max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                         HealthCheck.too_slow])
+CLEAN = {
+    grpc.StatusCode.OK,
+    grpc.StatusCode.INVALID_ARGUMENT,
+    grpc.StatusCode.RESOURCE_EXHAUSTED,
+    grpc.StatusCode.DEADLINE_EXCEEDED,
+}
+FUZZ = settings(
+    max_examples=40, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow]
+)
 
 
 @pytest.fixture(scope="module")
@@ -65,9 +70,15 @@ def test_fuzz_suggest(fuzzed, text, count):
 
 
 @FUZZ
-@given(prompt=texts, temperature=st.one_of(st.none(), st.floats(width=32)), top_k=uint32,
-       top_p=st.one_of(st.none(), st.floats(width=32)), max_tokens=st.integers(0, 100),
-       stop=st.lists(texts, max_size=10), seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)))
+@given(
+    prompt=texts,
+    temperature=st.one_of(st.none(), st.floats(width=32)),
+    top_k=uint32,
+    top_p=st.one_of(st.none(), st.floats(width=32)),
+    max_tokens=st.integers(0, 100),
+    stop=st.lists(texts, max_size=10),
+    seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+)
 def test_fuzz_generate(fuzzed, prompt, temperature, top_k, top_p, max_tokens, stop, seed):
     _, client = fuzzed
     request = pb.GenerateRequest(prompt=prompt, top_k=top_k, max_tokens=max_tokens, stop=stop)
@@ -78,13 +89,16 @@ def test_fuzz_generate(fuzzed, prompt, temperature, top_k, top_p, max_tokens, st
     assert client.health() == "SERVING"
 
 
-edits = st.lists(st.one_of(
-    st.builds(lambda t, n: pb.TypeRequest(append=t, num_suggestions=n), texts, st.integers(0, 25)),
-    st.builds(lambda d: pb.TypeRequest(delete=d), st.one_of(st.integers(0, 50), uint32)),
-    st.just(pb.TypeRequest(reset=True)),
-    st.just(pb.TypeRequest(reset=False)),
-    st.builds(lambda n: pb.TypeRequest(num_suggestions=n), uint32),
-), max_size=25)
+edits = st.lists(
+    st.one_of(
+        st.builds(lambda t, n: pb.TypeRequest(append=t, num_suggestions=n), texts, st.integers(0, 25)),
+        st.builds(lambda d: pb.TypeRequest(delete=d), st.one_of(st.integers(0, 50), uint32)),
+        st.just(pb.TypeRequest(reset=True)),
+        st.just(pb.TypeRequest(reset=False)),
+        st.builds(lambda n: pb.TypeRequest(num_suggestions=n), uint32),
+    ),
+    max_size=25,
+)
 
 
 @FUZZ
@@ -133,8 +147,10 @@ def mixed_calls(client: NextWordClient, count: int, seed: int) -> int:
             elif kind < 0.75:
                 list(client.generate(rng.choice(words), max_tokens=rng.randint(1, 8), seed=rng.randint(0, 99)))
             elif kind < 0.95:
-                steps = [pb.TypeRequest(append=rng.choice(words)) if rng.random() < 0.8 else pb.TypeRequest(delete=1)
-                         for _ in range(rng.randint(1, 10))]
+                steps = [
+                    pb.TypeRequest(append=rng.choice(words)) if rng.random() < 0.8 else pb.TypeRequest(delete=1)
+                    for _ in range(rng.randint(1, 10))
+                ]
                 list(client.type(steps, timeout=30))
             else:
                 client.info()
@@ -159,12 +175,28 @@ def run_load(port: int, calls: int, threads: int = 8) -> int:
 
 
 def test_bounded_soak_has_no_errors_and_memory_stops_growing(tiny_char_model):
-    process = subprocess.Popen([sys.executable, "-m", "service", "--model", tiny_char_model, "--port", "0",
-                                "--host", "127.0.0.1", "--metrics-port", "0"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--model",
+            tiny_char_model,
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--metrics-port",
+            "0",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
     try:
         port = int(re.search(r"SERVING on port (\d+)", process.stdout.readline()).group(1))
-        assert run_load(port, 800) == 0          # warm-up: allocator pools, caches, thread stacks
+        assert run_load(port, 800) == 0  # warm-up: allocator pools, caches, thread stacks
         after_warm_up = rss_bytes(process.pid)
         samples = []
         for _ in range(3):
@@ -207,10 +239,29 @@ def test_cancelled_type_session_frees_its_slot(tiny_char_model):
 
 
 def test_sigterm_with_calls_in_flight_each_ends_cleanly(tiny_char_model):
-    process = subprocess.Popen([sys.executable, "-m", "service", "--model", tiny_char_model, "--port", "0",
-                                "--host", "127.0.0.1", "--grace", "3", "--metrics-port", "0",
-                                "--max-generate-tokens", "100000"], cwd=ROOT,
-                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--model",
+            tiny_char_model,
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--grace",
+            "3",
+            "--metrics-port",
+            "0",
+            "--max-generate-tokens",
+            "100000",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     outcomes: list[str] = []
     lock = threading.Lock()
 
@@ -235,6 +286,7 @@ def test_sigterm_with_calls_in_flight_each_ends_cleanly(tiny_char_model):
                 for _ in range(400):
                     time.sleep(0.05)
                     yield pb.TypeRequest(append="e")
+
             list(client.type(edits()))
 
         def short_generation():
@@ -250,6 +302,7 @@ def test_sigterm_with_calls_in_flight_each_ends_cleanly(tiny_char_model):
                 for ch in "e shall":
                     time.sleep(0.05)
                     yield pb.TypeRequest(append=ch)
+
             list(client.type(edits()))
 
         def suggests():
@@ -257,8 +310,14 @@ def test_sigterm_with_calls_in_flight_each_ends_cleanly(tiny_char_model):
             for _ in range(40):  # no wait_for_ready: once the port closes, UNAVAILABLE at once
                 client.stub.Suggest(pb.SuggestRequest(text="we "), timeout=10)
 
-        calls = [("long", long_session), ("short", short_generation), ("short", short_generation),
-                 ("session", session), ("session", session), ("suggest", suggests)]
+        calls = [
+            ("long", long_session),
+            ("short", short_generation),
+            ("short", short_generation),
+            ("session", session),
+            ("session", session),
+            ("suggest", suggests),
+        ]
         threads = [threading.Thread(target=record, args=(name, lambda c=call: c())) for name, call in calls]
         for thread in threads:
             thread.start()

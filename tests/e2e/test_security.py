@@ -31,22 +31,31 @@ def _name(common: str) -> x509.Name:
 
 
 def _certificate(subject: str, key, issuer_name, issuer_key, ca: bool, server: bool = False) -> x509.Certificate:
-    now = datetime.datetime.now(datetime.timezone.utc)
-    builder = (x509.CertificateBuilder().subject_name(_name(subject)).issuer_name(issuer_name)
-               .public_key(key.public_key()).serial_number(x509.random_serial_number())
-               .not_valid_before(now - datetime.timedelta(minutes=5)).not_valid_after(now + datetime.timedelta(days=1))
-               .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True))
+    now = datetime.datetime.now(datetime.UTC)
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(_name(subject))
+        .issuer_name(issuer_name)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - datetime.timedelta(minutes=5))
+        .not_valid_after(now + datetime.timedelta(days=1))
+        .add_extension(x509.BasicConstraints(ca=ca, path_length=None), critical=True)
+    )
     if server:
-        builder = builder.add_extension(x509.SubjectAlternativeName(
-            [x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]), critical=False)
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.DNSName("localhost"), x509.IPAddress(ipaddress.ip_address("127.0.0.1"))]),
+            critical=False,
+        )
     return builder.sign(issuer_key, hashes.SHA256())
 
 
 def _pem(item) -> bytes:
     if isinstance(item, x509.Certificate):
         return item.public_bytes(serialization.Encoding.PEM)
-    return item.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                              serialization.NoEncryption())
+    return item.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
 
 
 @pytest.fixture(scope="module")
@@ -75,8 +84,9 @@ def secured(tiny_char_model, pki, tmp_path_factory):
     paths, _ = pki
     tokens = tmp_path_factory.mktemp("auth") / "tokens"
     tokens.write_text(f"# one token per line\n{TOKEN}\n")
-    server, port, _ = start(tiny_char_model, tls_cert=paths["server.crt"], tls_key=paths["server.key"],
-                            auth_token_file=str(tokens))
+    server, port, _ = start(
+        tiny_char_model, tls_cert=paths["server.crt"], tls_key=paths["server.key"], auth_token_file=str(tokens)
+    )
     yield server, port
     server.stop(0)
 
@@ -102,8 +112,10 @@ def test_without_a_valid_token_calls_are_unauthenticated_but_health_answers(secu
 def test_tls_client_that_does_not_trust_the_server_cannot_connect(secured, pki):
     _, files = pki
     port = secured[1]
-    for client in (NextWordClient(f"localhost:{port}", timeout=5, token=TOKEN, root_certificates=files["other-ca.crt"]),
-                   NextWordClient(f"localhost:{port}", timeout=5, token=TOKEN)):  # plaintext to a TLS port
+    for client in (
+        NextWordClient(f"localhost:{port}", timeout=5, token=TOKEN, root_certificates=files["other-ca.crt"]),
+        NextWordClient(f"localhost:{port}", timeout=5, token=TOKEN),
+    ):  # plaintext to a TLS port
         with client, pytest.raises(grpc.RpcError) as caught:
             client.stub.Suggest(pb.SuggestRequest(text="we"), timeout=5, metadata=client.metadata)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
@@ -111,26 +123,37 @@ def test_tls_client_that_does_not_trust_the_server_cannot_connect(secured, pki):
 
 def test_mutual_tls_needs_a_client_certificate_signed_by_the_client_ca(tiny_char_model, pki):
     paths, files = pki
-    server, port, _ = start(tiny_char_model, tls_cert=paths["server.crt"], tls_key=paths["server.key"],
-                            tls_client_ca=paths["ca.crt"])
+    server, port, _ = start(
+        tiny_char_model, tls_cert=paths["server.crt"], tls_key=paths["server.key"], tls_client_ca=paths["ca.crt"]
+    )
     try:
-        with NextWordClient(f"localhost:{port}", timeout=5, root_certificates=files["ca.crt"]) as anonymous, \
-                pytest.raises(grpc.RpcError) as caught:
+        with (
+            NextWordClient(f"localhost:{port}", timeout=5, root_certificates=files["ca.crt"]) as anonymous,
+            pytest.raises(grpc.RpcError) as caught,
+        ):
             anonymous.stub.Suggest(pb.SuggestRequest(text="we"), timeout=5)
         assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
-        with NextWordClient(f"localhost:{port}", timeout=10, root_certificates=files["ca.crt"],
-                            private_key=files["client.key"], certificate_chain=files["client.crt"]) as known:
+        with NextWordClient(
+            f"localhost:{port}",
+            timeout=10,
+            root_certificates=files["ca.crt"],
+            private_key=files["client.key"],
+            certificate_chain=files["client.crt"],
+        ) as known:
             assert known.suggest("we ").suggestions
     finally:
         server.stop(0)
 
 
-@pytest.mark.parametrize("overrides, message", [
-    ({"tls_cert": "/nonexistent/server.crt", "tls_key": "/nonexistent/server.key"}, "cannot read --tls-key"),
-    ({"tls_cert": "x.crt"}, "TLS needs both --tls-cert and --tls-key"),
-    ({"tls_client_ca": "ca.crt"}, "--tls-client-ca needs --tls-cert and --tls-key"),
-    ({"auth_token_file": "/nonexistent/tokens"}, "cannot read --auth-token-file /nonexistent/tokens"),
-])
+@pytest.mark.parametrize(
+    "overrides, message",
+    [
+        ({"tls_cert": "/nonexistent/server.crt", "tls_key": "/nonexistent/server.key"}, "cannot read --tls-key"),
+        ({"tls_cert": "x.crt"}, "TLS needs both --tls-cert and --tls-key"),
+        ({"tls_client_ca": "ca.crt"}, "--tls-client-ca needs --tls-cert and --tls-key"),
+        ({"auth_token_file": "/nonexistent/tokens"}, "cannot read --auth-token-file /nonexistent/tokens"),
+    ],
+)
 def test_security_settings_errors_name_the_problem(tiny_char_model, overrides, message):
     from service.engine import Engine
 
@@ -144,7 +167,10 @@ def test_tokens_come_from_the_file_and_the_environment_and_must_be_long(tmp_path
     path.write_text("# comment\n\nfirst-token-0123456789\nsecond-token-0123456789\n")
     monkeypatch.setenv("NEXTWORD_AUTH_TOKEN", "third-token-0123456789")
     assert load_tokens(ServerConfig(auth_token_file=str(path))) == [
-        "first-token-0123456789", "second-token-0123456789", "third-token-0123456789"]
+        "first-token-0123456789",
+        "second-token-0123456789",
+        "third-token-0123456789",
+    ]
     monkeypatch.setenv("NEXTWORD_AUTH_TOKEN", "short")
     with pytest.raises(ValueError, match="at least 16 characters"):
         load_tokens(ServerConfig())
@@ -203,8 +229,9 @@ def test_log_lines_are_json_with_a_request_id_and_never_the_typed_text(tiny_char
     secret = "my password is hunter2"
     try:
         with caplog.at_level(logging.INFO, logger="nextword"), NextWordClient(f"127.0.0.1:{port}") as client:
-            response, call = client.stub.Suggest.with_call(pb.SuggestRequest(text=secret),
-                                                           metadata=(("x-request-id", "abc-123"),))
+            response, call = client.stub.Suggest.with_call(
+                pb.SuggestRequest(text=secret), metadata=(("x-request-id", "abc-123"),)
+            )
             assert dict(call.trailing_metadata())["x-request-id"] == "abc-123"
             list(client.type([pb.TypeRequest(append=secret)]))
             with pytest.raises(grpc.RpcError):

@@ -70,9 +70,13 @@ def collect(stream):
 @pytest.mark.parametrize("params", [dict(temperature=0), dict(seed=11, top_k=5, top_p=0.9)])
 def test_streamed_generate_equals_one_piece(client, served, params):
     pieces, finished = collect(client.generate("we like", max_tokens=40, **params))
-    engine_params = GenerationParams(max_tokens=40, temperature=params.get("temperature", 1.0),
-                                     top_k=params.get("top_k", 0), top_p=params.get("top_p", 1.0),
-                                     seed=params.get("seed"))
+    engine_params = GenerationParams(
+        max_tokens=40,
+        temperature=params.get("temperature", 1.0),
+        top_k=params.get("top_k", 0),
+        top_p=params.get("top_p", 1.0),
+        seed=params.get("seed"),
+    )
     expected = "".join(e.text for e in served[2].generator.generate("we like", engine_params))
     assert len(pieces) > 1 and "".join(pieces) == expected
     assert finished.reason in (pb.FINISH_REASON_LENGTH, pb.FINISH_REASON_END_TOKEN)
@@ -85,13 +89,24 @@ def test_generate_stop_string(client):
 
 
 def test_type_answers_equal_suggest_including_after_deletes(client):
-    edits = [pb.TypeRequest(append=c) for c in "we like gre"] + [pb.TypeRequest(delete=3),
-             pb.TypeRequest(append="co", num_suggestions=5), pb.TypeRequest(delete=100),
-             pb.TypeRequest(append="the old"), pb.TypeRequest(reset=True), pb.TypeRequest(append="my ")]
+    edits = [pb.TypeRequest(append=c) for c in "we like gre"] + [
+        pb.TypeRequest(delete=3),
+        pb.TypeRequest(append="co", num_suggestions=5),
+        pb.TypeRequest(delete=100),
+        pb.TypeRequest(append="the old"),
+        pb.TypeRequest(reset=True),
+        pb.TypeRequest(append="my "),
+    ]
     texts, text = [], ""
     for edit in edits:
         kind = edit.WhichOneof("edit")
-        text = text + edit.append if kind == "append" else text[: max(0, len(text) - edit.delete)] if kind == "delete" else ""
+        text = (
+            text + edit.append
+            if kind == "append"
+            else text[: max(0, len(text) - edit.delete)]
+            if kind == "delete"
+            else ""
+        )
         texts.append(text)
     responses = list(client.type(edits, timeout=30))
     assert [r.edit_index for r in responses] == list(range(1, len(edits) + 1))
@@ -103,8 +118,9 @@ def test_type_answers_equal_suggest_including_after_deletes(client):
             expected = client.suggest(text, count)  # same words; probabilities equal up to float rounding
             got = response.suggestions
             assert (got.completes_word, got.prefix) == (expected.completes_word, expected.prefix)
-            assert [(x.text, pytest.approx(x.probability, rel=1e-5)) for x in got.suggestions] == \
-                [(x.text, x.probability) for x in expected.suggestions]
+            assert [(x.text, pytest.approx(x.probability, rel=1e-5)) for x in got.suggestions] == [
+                (x.text, x.probability) for x in expected.suggestions
+            ]
         else:
             assert len(response.suggestions.suggestions) == 0
 
@@ -142,8 +158,9 @@ def test_deadline_is_honoured(tiny_char_model):
         with NextWordClient(f"127.0.0.1:{port}") as client:
             start_time = time.time()
             with pytest.raises(grpc.RpcError) as error:
-                collect(client.stub.Generate(pb.GenerateRequest(prompt="we", max_tokens=2000, temperature=0),
-                                             timeout=0.3))
+                collect(
+                    client.stub.Generate(pb.GenerateRequest(prompt="we", max_tokens=2000, temperature=0), timeout=0.3)
+                )
             assert error.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert time.time() - start_time < 2
             deadline = time.time() + 5
@@ -178,10 +195,22 @@ def test_health_and_reflection(client, served):
 INVALID = [
     ("Suggest", pb.SuggestRequest(text=""), "text must not be empty"),
     ("Suggest", pb.SuggestRequest(text="a" * 10001), "text has 10001 characters; the limit is 10000"),
-    ("Suggest", pb.SuggestRequest(text="hi", num_suggestions=21), "num_suggestions is 21; it must be 0 (meaning 3) to 20"),
+    (
+        "Suggest",
+        pb.SuggestRequest(text="hi", num_suggestions=21),
+        "num_suggestions is 21; it must be 0 (meaning 3) to 20",
+    ),
     ("Generate", pb.GenerateRequest(prompt=""), "prompt must not be empty"),
-    ("Generate", pb.GenerateRequest(prompt="a", temperature=-1), "temperature is -1.0; it must be from 0 to 10 (0 is greedy)"),
-    ("Generate", pb.GenerateRequest(prompt="a", temperature=float("nan")), "temperature is nan; it must be from 0 to 10 (0 is greedy)"),
+    (
+        "Generate",
+        pb.GenerateRequest(prompt="a", temperature=-1),
+        "temperature is -1.0; it must be from 0 to 10 (0 is greedy)",
+    ),
+    (
+        "Generate",
+        pb.GenerateRequest(prompt="a", temperature=float("nan")),
+        "temperature is nan; it must be from 0 to 10 (0 is greedy)",
+    ),
     ("Generate", pb.GenerateRequest(prompt="a", top_p=0), "top_p is 0.0; it must be in (0, 1]"),
     ("Generate", pb.GenerateRequest(prompt="a", top_p=1.5), "top_p is 1.5; it must be in (0, 1]"),
     ("Generate", pb.GenerateRequest(prompt="a", max_tokens=2001), "max_tokens is 2001; the limit is 2000"),
@@ -200,13 +229,16 @@ def test_validation_errors(client, method, request_message, message):
     assert error.value.details() == message
 
 
-@pytest.mark.parametrize("edits,message", [
-    ([pb.TypeRequest()], "edit 1: give append, delete or reset"),
-    ([pb.TypeRequest(append="")], "edit 1: append must not be empty"),
-    ([pb.TypeRequest(append="a"), pb.TypeRequest(delete=0)], "edit 2: delete must be at least 1"),
-    ([pb.TypeRequest(append="a" * 10001)], "the session's text would be 10001 characters; the limit is 10000"),
-    ([pb.TypeRequest(append="a", num_suggestions=99)], "num_suggestions is 99; it must be 0 (meaning 3) to 20"),
-])
+@pytest.mark.parametrize(
+    "edits,message",
+    [
+        ([pb.TypeRequest()], "edit 1: give append, delete or reset"),
+        ([pb.TypeRequest(append="")], "edit 1: append must not be empty"),
+        ([pb.TypeRequest(append="a"), pb.TypeRequest(delete=0)], "edit 2: delete must be at least 1"),
+        ([pb.TypeRequest(append="a" * 10001)], "the session's text would be 10001 characters; the limit is 10000"),
+        ([pb.TypeRequest(append="a", num_suggestions=99)], "num_suggestions is 99; it must be 0 (meaning 3) to 20"),
+    ],
+)
 def test_type_validation_errors_are_status_codes(client, edits, message):
     with pytest.raises(grpc.RpcError) as error:
         list(client.type(edits, timeout=10))
@@ -237,9 +269,27 @@ def test_session_limit_idle_timeout_and_count(tiny_char_model):
 
 
 def test_serve_command_reports_serving_then_stops_gracefully_on_sigterm(tiny_char_model):
-    process = subprocess.Popen([sys.executable, "-m", "service", "--model", tiny_char_model, "--port", "0",
-                                "--host", "127.0.0.1", "--grace", "5", "--metrics-port", "0"], cwd=ROOT, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "service",
+            "--model",
+            tiny_char_model,
+            "--port",
+            "0",
+            "--host",
+            "127.0.0.1",
+            "--grace",
+            "5",
+            "--metrics-port",
+            "0",
+        ],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         line = process.stdout.readline()
         port = int(re.search(r"SERVING on port (\d+)", line).group(1))
@@ -255,37 +305,57 @@ def test_serve_command_reports_serving_then_stops_gracefully_on_sigterm(tiny_cha
         process.kill()
     result = run_cli("service", "--model", "/nonexistent/model.pt", "--port", "0")
     assert result.returncode == 1
-    assert result.stderr.strip().splitlines()[-1] == "nextword-serve: error: model file not found: /nonexistent/model.pt"
+    assert (
+        result.stderr.strip().splitlines()[-1] == "nextword-serve: error: model file not found: /nonexistent/model.pt"
+    )
 
 
 def test_client_command_line(served):
     target = f"127.0.0.1:{served[1]}"
     result = run_cli("service.client", "--target", target, "suggest", "she cook fresh ")
     assert result.returncode == 0 and result.stdout.startswith("bread (")
-    result = run_cli("service.client", "--target", target, "generate", "we like", "--temperature", "0",
-                     "--max-tokens", "10")
+    result = run_cli(
+        "service.client", "--target", target, "generate", "we like", "--temperature", "0", "--max-tokens", "10"
+    )
     assert result.returncode == 0 and len(result.stdout) >= 5 and "FINISH_REASON" in result.stderr
     result = run_cli("service.client", "--target", target, "health")
     assert result.returncode == 0 and result.stdout.strip() == "SERVING"
     result = run_cli("service.client", "--target", target, "info")
     assert result.returncode == 0 and '"tokenizer": "char"' in result.stdout
-    result = subprocess.run([sys.executable, "-m", "service.client", "--target", target, "type"], input="we\nli\n",
-                            capture_output=True, text=True, cwd=ROOT, timeout=60)
+    result = subprocess.run(
+        [sys.executable, "-m", "service.client", "--target", target, "type"],
+        input="we\nli\n",
+        capture_output=True,
+        text=True,
+        cwd=ROOT,
+        timeout=60,
+    )
     assert result.returncode == 0 and len(result.stdout.strip().splitlines()) == 2
     result = run_cli("service.client", "--target", target, "suggest", "")
-    assert result.returncode == 1 and result.stderr.strip() == "nextword-client: INVALID_ARGUMENT: text must not be empty"
+    assert (
+        result.returncode == 1 and result.stderr.strip() == "nextword-client: INVALID_ARGUMENT: text must not be empty"
+    )
 
 
 def test_request_threads_leave_the_intra_op_threads_to_the_model_worker(tiny_char_model, monkeypatch):
     server, port, engine = start(tiny_char_model, threads=2)
     seen = []
     suggest = engine.suggester.suggest
-    monkeypatch.setattr(engine.suggester, "suggest", lambda text, k: (seen.append(torch.get_num_threads()),
-                                                                       suggest(text, k))[1])
+    monkeypatch.setattr(
+        engine.suggester, "suggest", lambda text, k: (seen.append(torch.get_num_threads()), suggest(text, k))[1]
+    )
     try:
         with NextWordClient(f"127.0.0.1:{port}") as client:
             assert client.suggest("she cook fresh ", 3).suggestions
     finally:
         server.stop(0)
-        engine.model.close()
     assert seen == [1] and engine.model.threads == 2
+
+
+def test_stop_ends_the_model_worker_too(tiny_char_model):
+    server, port, engine = start(tiny_char_model)
+    assert engine.model.running
+    server.stop(0)
+    assert not engine.model.running
+    with pytest.raises(RuntimeError, match="the model worker has stopped"):
+        engine.suggester.suggest("we ", 3)

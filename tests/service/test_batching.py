@@ -41,8 +41,12 @@ def test_batched_steps_equal_unbatched_ones(models):
     inputs = []
     for i in range(24):  # mixed lengths and batch sizes, as contexts, beams and keystrokes give
         rows, length = 1 + i % 3, 1 if i % 2 else 1 + i % 5
-        inputs.append((torch.randint(4, plain.vocab_size, (rows, length), generator=generator),
-                       torch.randn(plain.init_state(rows).shape, generator=generator) * 0.3))
+        inputs.append(
+            (
+                torch.randint(4, plain.vocab_size, (rows, length), generator=generator),
+                torch.randn(plain.init_state(rows).shape, generator=generator) * 0.3,
+            )
+        )
     before = batched.batches
     results = run_threads(len(inputs), lambda i: batched.advance(*inputs[i]))
     for (tokens, state), (log_probs, new_state) in zip(inputs, results):
@@ -76,8 +80,9 @@ def test_a_failure_reaches_every_caller_in_the_batch():
             raise RuntimeError("device lost")
 
     batched = BatchingModel(Broken(), max_wait=0.02)
-    errors = run_threads(4, lambda i: _error(lambda: batched.advance(torch.zeros(1, 1, dtype=torch.long),
-                                                                      torch.zeros(1, 1, 2))))
+    errors = run_threads(
+        4, lambda i: _error(lambda: batched.advance(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 2)))
+    )
     assert errors == ["device lost"] * 4
     batched.close()
 
@@ -115,6 +120,6 @@ def test_the_worker_owns_the_intra_op_threads_and_a_pinned_caller_has_one():
     thread.start()
     thread.join()
     batched.close()
-    assert Probe.seen == [3]          # the forward ran on the worker, with the threads it was given
-    assert callers == [1]             # the caller kept its own setting
+    assert Probe.seen == [3]  # the forward ran on the worker, with the threads it was given
+    assert callers == [1]  # the caller kept its own setting
     assert torch.get_num_threads() == main_threads  # other threads are untouched

@@ -1,7 +1,16 @@
 import torch
 
-from service.generation import CANCELLED, END_TOKEN, LENGTH, STOP_STRING, GenerationParams, Generator, filter_logits
-from service.tokenizer import EOS
+from service.generation import (
+    CANCELLED,
+    END_TOKEN,
+    LENGTH,
+    STOP_STRING,
+    GenerationParams,
+    Generator,
+    filter_logits,
+    pick_token,
+)
+from service.tokenizer import BOS, EOS, PAD, UNK
 from tests.service.fakes import FakeModel, char_tokenizer
 
 TOK = char_tokenizer("abc ")
@@ -72,10 +81,16 @@ def test_cancel_stops_generation():
     assert events[-1].finish_reason == CANCELLED and events[-1].generated_tokens == 4
 
 
-def test_pieces_join_to_the_same_text_as_one_piece():
-    events = list(generator().generate("a", GenerationParams(max_tokens=30, seed=5)))
+def test_streamed_pieces_are_the_seeded_draws_in_order():
+    params = GenerationParams(max_tokens=30, seed=5)
+    events = list(generator().generate("a", params))
     assert len([e for e in events if e.text]) > 1
-    assert "".join(e.text for e in events) == run(generator(), max_tokens=30, seed=5)[0]
+    # the same draws, made by hand: the fake's distribution does not depend on the history
+    log_probs = FakeModel(TOK.vocab_size, table).advance(torch.tensor([[A]]), torch.zeros(1, 1, 1))[0][0]
+    log_probs = log_probs.index_fill(0, torch.tensor([PAD, BOS, UNK]), float("-inf"))
+    rng = torch.Generator().manual_seed(5)
+    expected = "".join(TOK.token_text(pick_token(log_probs, params, rng)) for _ in range(30))
+    assert "".join(e.text for e in events) == expected
 
 
 def test_filter_logits_top_p_keeps_the_smallest_set_reaching_p():

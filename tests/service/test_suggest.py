@@ -15,11 +15,11 @@ def char_table(history):
     text = "".join(TOK.token_text(t) for t in history if t > 3)
     word = text.split(" ")[-1] if " " in text else None
     if word is None:
-        return {SP: 1.0}              # after the context: a space
+        return {SP: 1.0}  # after the context: a space
     if word == "":
         return {A: 0.6, B: 0.4}
     if word in ("aa", "ab", "ba"):
-        return {SP: 0.9, DOT: 0.1}    # the word ends (space or full stop)
+        return {SP: 0.9, DOT: 0.1}  # the word ends (space or full stop)
     if word == "a":
         return {A: 0.5, B: 0.5}
     if word == "b":

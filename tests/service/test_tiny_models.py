@@ -56,11 +56,15 @@ def test_a_delete_goes_back_without_reading_the_text_again(tiny_char_model):
     assert context.steps == before + 2
 
 
+@pytest.mark.slow  # its models come from getfixturevalue, which the slow rule in conftest does not see
 @pytest.mark.parametrize("model_name", ["tiny_char_model", "tiny_word_model", "tiny_zh_model"])
 def test_typing_session_answers_equal_suggest_after_random_edits(model_name, request):
     s = engine(request.getfixturevalue(model_name))
-    text_source = "我们昨天去了书店。妈妈今天买了苹果！" if model_name == "tiny_zh_model" else \
-        "the old man likes fresh bread. my friend wants green tea at night."
+    text_source = (
+        "我们昨天去了书店。妈妈今天买了苹果！"
+        if model_name == "tiny_zh_model"
+        else "the old man likes fresh bread. my friend wants green tea at night."
+    )
     session = TypingSession(s, max_chars=1000)
     rng = random.Random(0)
     position = 0

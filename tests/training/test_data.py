@@ -18,7 +18,7 @@ def test_batch_layout_rows_are_contiguous_slices_and_windows_cover_them():
     assert rows.shape == (4, 6)
     assert rows[1].tolist() == [6, 7, 8, 9, 10, 11]  # row r is stream[r*6:(r+1)*6]
     seen = [w for _, w, _ in windows(rows, bptt=2)]
-    assert num_windows(rows, 2) == len(seen) == 3   # 5 predictable columns in windows of 2, 2, 1
+    assert num_windows(rows, 2) == len(seen) == 3  # 5 predictable columns in windows of 2, 2, 1
     assert torch.equal(torch.cat(seen, dim=1), rows[:, :5])
 
 
@@ -31,8 +31,7 @@ def test_process_shards_partition_the_global_batch():
 def test_each_line_is_wrapped_in_start_and_end_tokens():
     tokenizer = build_tokenizer("char", ["ab", "ba"])
     sequences = encode_lines(tokenizer, ["ab", "b"])
-    assert [list(s) for s in sequences] == [
-        [BOS, *tokenizer.encode("ab"), EOS], [BOS, *tokenizer.encode("b"), EOS]]
+    assert [list(s) for s in sequences] == [[BOS, *tokenizer.encode("ab"), EOS], [BOS, *tokenizer.encode("b"), EOS]]
     stream = make_stream(sequences)
     assert stream.tolist() == [BOS, *tokenizer.encode("ab"), EOS, BOS, *tokenizer.encode("b"), EOS]
 

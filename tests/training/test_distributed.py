@@ -10,8 +10,7 @@ import torch
 from tests.conftest import ROOT, TINY_EN, TINY_NET
 from training.checkpoint import load_checkpoint
 
-ARGS = ["--corpus", TINY_EN, "--tokenizer", "char", *TINY_NET, "--max-steps", "40", "--seed", "3",
-        "--save-every", "20"]
+ARGS = ["--corpus", TINY_EN, "--tokenizer", "char", *TINY_NET, "--max-steps", "40", "--seed", "3", "--save-every", "20"]
 
 
 def losses(out):
@@ -20,8 +19,20 @@ def losses(out):
 
 
 def torchrun(out, *extra):
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2",
-               "-m", "training.train", *ARGS, "--out", out, *extra]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        "2",
+        "-m",
+        "training.train",
+        *ARGS,
+        "--out",
+        out,
+        *extra,
+    ]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     result = subprocess.run(command, capture_output=True, text=True, cwd=ROOT, timeout=240, env=env)
     assert result.returncode == 0, result.stderr[-3000:]

@@ -10,8 +10,8 @@ import pytest
 from tests.conftest import TINY_EN, run_cli
 from tests.service.fakes import FakeModel, char_tokenizer, close, word_tokenizer
 from training.evaluate import by_context, format_by_context, format_table, seen_context_length
-from training.scoring import Scorer, metrics, score
 from training.ngram import NgramCounts, NgramStepModel
+from training.scoring import Scorer, metrics, score
 
 A, B, C = 4, 5, 6  # ids of "a", "b", "c" after the four special tokens
 
@@ -22,6 +22,7 @@ def ngram_scorer(lines, tokenizer, order=3) -> Scorer:
 
 
 # ---------------------------------------------------------------------------- the n-gram model
+
 
 def test_kneser_ney_matches_a_hand_computed_bigram():
     counts = NgramCounts([[A, B], [A, B], [A, C]], order=2, vocab_size=7)
@@ -45,9 +46,9 @@ def test_kneser_ney_is_a_distribution_that_never_predicts_pad_or_bos(history):
 def test_backoff_ranks_by_the_longest_context_seen():
     counts = NgramCounts([[A, B], [A, B], [A, C], [C, C]], order=3, vocab_size=7)
     after_a = counts.backoff([A])
-    assert after_a[B] > after_a[C] > after_a[A]           # seen after "a" beats backed-off
-    assert close(after_a[B], 2 / 3 * 0.4)                  # bigram relative frequency, one back-off from order 3
-    assert close(counts.backoff([1, A])[B], 2 / 3)         # the trigram "<s> a b" was seen
+    assert after_a[B] > after_a[C] > after_a[A]  # seen after "a" beats backed-off
+    assert close(after_a[B], 2 / 3 * 0.4)  # bigram relative frequency, one back-off from order 3
+    assert close(counts.backoff([1, A])[B], 2 / 3)  # the trigram "<s> a b" was seen
 
 
 def test_ngram_step_model_state_keeps_the_last_tokens():
@@ -63,6 +64,7 @@ def test_ngram_step_model_state_keeps_the_last_tokens():
 
 
 # ---------------------------------------------------------------------------- the metrics
+
 
 def test_perplexity_of_a_uniform_model_is_the_vocabulary_size():
     tokenizer = word_tokenizer(["the", "cat", "sat"])
@@ -88,9 +90,9 @@ def test_a_word_missing_from_the_vocabulary_is_never_suggested():
     tokenizer = word_tokenizer(["the", "cat", "sat"])
     scorer = ngram_scorer(["the cat sat"] * 3 + ["sat"], tokenizer)
     result = metrics(scorer, tokenizer, ["the dog sat"])
-    assert close(result["top1"], 2 / 3) and close(result["top5"], 2 / 3)   # "dog" is <unk>
+    assert close(result["top1"], 2 / 3) and close(result["top5"], 2 / 3)  # "dog" is <unk>
     assert close(result["unknown_token_rate"], 1 / 3)
-    assert close(result["completion1_hit3"], 2 / 3)                      # nor completed from "d"
+    assert close(result["completion1_hit3"], 2 / 3)  # nor completed from "d"
     # "the " is taken before its first letter (3 keys saved); "dog " is typed (4 keys); after the
     # unseen "<unk>" the baseline backs off to the unigram, where "sat" is first: 2 keys saved.
     assert close(result["ksr"], 5 / 11)
@@ -107,13 +109,13 @@ def test_completion_hits_and_ksr_depend_on_the_letters_typed_and_the_suggestions
     model = FakeModel(tokenizer.vocab_size, table)
     result = metrics(Scorer("fake", model, model), tokenizer, ["the car"], ksr_suggestions=3)
     assert result["targets"] == 2
-    assert result["top1"] == 0.5 and result["top3"] == 1.0          # "car" is second after "the"
-    assert result["completion1_hit1"] == 0.5                         # "c" -> cat, car, cow
+    assert result["top1"] == 0.5 and result["top3"] == 1.0  # "car" is second after "the"
+    assert result["completion1_hit1"] == 0.5  # "c" -> cat, car, cow
     assert result["completion2_hit1"] == 0.5 and result["completion2_hit3"] == 1.0
-    assert result["completion3_hit1"] is None                        # no word is longer than 3 letters
-    assert close(result["ksr"], 5 / 7)                               # "the " saves 3, "car" 2
+    assert result["completion3_hit1"] is None  # no word is longer than 3 letters
+    assert close(result["ksr"], 5 / 7)  # "the " saves 3, "car" 2
     one = metrics(Scorer("fake", model, model), tokenizer, ["the car"], ksr_suggestions=1)
-    assert close(one["ksr"], 3 / 7)                                  # with one suggestion "car" is never shown
+    assert close(one["ksr"], 3 / 7)  # with one suggestion "car" is never shown
 
 
 def test_text_without_spaces_is_scored_by_character_and_phrase():
@@ -135,18 +137,23 @@ def test_top1_by_the_context_seen_in_training():
     tokenizer = word_tokenizer(["the", "cat", "sat", "dog", "ran"])
     counts = NgramCounts.from_text(["the cat sat"], tokenizer, 4)
     # Tokens before the target, <s> included, that end a run the training line contains (at most 3).
-    assert seen_context_length("", tokenizer, counts) == 1                   # <s>
-    assert seen_context_length("the", tokenizer, counts) == 2                # <s> the
-    assert seen_context_length("the cat", tokenizer, counts) == 3            # <s> the cat
-    assert seen_context_length("dog the cat", tokenizer, counts) == 2        # the cat, not dog the cat
-    assert seen_context_length("the dog", tokenizer, counts) == 0            # "dog" never came before anything
+    assert seen_context_length("", tokenizer, counts) == 1  # <s>
+    assert seen_context_length("the", tokenizer, counts) == 2  # <s> the
+    assert seen_context_length("the cat", tokenizer, counts) == 3  # <s> the cat
+    assert seen_context_length("dog the cat", tokenizer, counts) == 2  # the cat, not dog the cat
+    assert seen_context_length("the dog", tokenizer, counts) == 0  # "dog" never came before anything
     # Per target, for the text "the cat ran": an n-gram that recalls "cat" after "the" and nothing
     # after "the cat", and a model that is right only on "ran".
     ngram = ngram_scorer(["the cat sat"], tokenizer, order=4)
     units, tally = score(ngram, tokenizer, ["the cat ran"])
     assert tally.context_ends == [(0, 0), (0, 3), (0, 7)] and tally.first_hits == [True, True, False]
-    rows = by_context(["the cat ran"], tally.context_ends, {"model": [False, False, True], "ngram": tally.first_hits},
-                      tokenizer, counts)
+    rows = by_context(
+        ["the cat ran"],
+        tally.context_ends,
+        {"model": [False, False, True], "ngram": tally.first_hits},
+        tokenizer,
+        counts,
+    )
     assert [(r["context_tokens"], r["targets"]) for r in rows] == [(1, 1), (2, 1), (3, 1)]
     assert [r["model"] for r in rows] == [0.0, 0.0, 1.0] and [r["ngram"] for r in rows] == [1.0, 1.0, 0.0]
     assert [r["either"] for r in rows] == [1.0, 1.0, 1.0] and close(sum(r["share"] for r in rows), 1.0)
@@ -164,10 +171,26 @@ def test_format_table_shows_ratios_and_differences():
 
 # ---------------------------------------------------------------------------- the command
 
+
+@pytest.mark.slow
 def test_command_reports_model_and_baseline_as_table_and_json(tiny_word_model, tmp_path):
     out = tmp_path / "eval.json"
-    result = run_cli("training.evaluate", tiny_word_model, "--text", TINY_EN, "--max-lines", "20",
-                     "--baseline", "ngram", "--train", TINY_EN, "--order", "3", "--json", str(out))
+    result = run_cli(
+        "training.evaluate",
+        tiny_word_model,
+        "--text",
+        TINY_EN,
+        "--max-lines",
+        "20",
+        "--baseline",
+        "ngram",
+        "--train",
+        TINY_EN,
+        "--order",
+        "3",
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     assert "top-1 accuracy" in result.stdout and "ngram-3" in result.stdout
     document = json.loads(out.read_text())
@@ -184,17 +207,22 @@ def test_command_reports_model_and_baseline_as_table_and_json(tiny_word_model, t
     assert all(max(r["model"], r["ngram-3"]) <= r["either"] <= r["model"] + r["ngram-3"] for r in rows)
 
 
-@pytest.mark.parametrize("args, message", [
-    (["--text", "/nonexistent.txt"], "corpus file not found: /nonexistent.txt"),
-    (["--text", TINY_EN, "--baseline", "ngram"], "--baseline ngram needs --train"),
-    (["--text", TINY_EN, "--order", "7"], "7 is out of range"),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "args, message",
+    [
+        (["--text", "/nonexistent.txt"], "corpus file not found: /nonexistent.txt"),
+        (["--text", TINY_EN, "--baseline", "ngram"], "--baseline ngram needs --train"),
+        (["--text", TINY_EN, "--order", "7"], "7 is out of range"),
+    ],
+)
 def test_command_bad_input_is_one_line(tiny_word_model, args, message):
     result = run_cli("training.evaluate", tiny_word_model, *args)
     assert result.returncode == 2
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_command_damaged_model_is_one_line(tmp_path):
     bad = tmp_path / "bad.pt"
     bad.write_bytes(b"not a model")
@@ -203,10 +231,21 @@ def test_command_damaged_model_is_one_line(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
 
 
+@pytest.mark.slow
 def test_command_against_another_model_scores_both_by_the_same_code(tiny_word_model, tmp_path):
     out = tmp_path / "eval.json"
-    result = run_cli("training.evaluate", tiny_word_model, "--text", TINY_EN, "--max-lines", "10",
-                     "--against", tiny_word_model, "--json", str(out))
+    result = run_cli(
+        "training.evaluate",
+        tiny_word_model,
+        "--text",
+        TINY_EN,
+        "--max-lines",
+        "10",
+        "--against",
+        tiny_word_model,
+        "--json",
+        str(out),
+    )
     assert result.returncode == 0, result.stderr
     results = json.loads(out.read_text())["results"]
     for key in ("perplexity", "top1", "top3", "ksr", "completion1_hit1"):
@@ -214,7 +253,18 @@ def test_command_against_another_model_scores_both_by_the_same_code(tiny_word_mo
     assert "1.00x" in next(line for line in result.stdout.splitlines() if line.startswith("perplexity"))
 
 
+@pytest.mark.slow
 def test_command_baseline_and_against_are_exclusive(tiny_word_model):
-    result = run_cli("training.evaluate", tiny_word_model, "--text", TINY_EN, "--against", tiny_word_model,
-                     "--baseline", "ngram", "--train", TINY_EN)
+    result = run_cli(
+        "training.evaluate",
+        tiny_word_model,
+        "--text",
+        TINY_EN,
+        "--against",
+        tiny_word_model,
+        "--baseline",
+        "ngram",
+        "--train",
+        TINY_EN,
+    )
     assert result.returncode == 2 and "exclusive" in result.stderr

@@ -45,11 +45,14 @@ def test_manifest_says_what_the_model_is(tiny_char_run, tiny_char_model):
     assert manifest.torch_version == str(torch.__version__) and manifest.created
 
 
+@pytest.mark.slow
 def test_artifact_loads_without_training(tiny_char_model):
-    code = ("import sys; sys.modules['training'] = None\n"
-            "from service.artifact import load_artifact\n"
-            f"a = load_artifact({tiny_char_model!r})\n"
-            "print(a.tokenizer.kind, a.tokenizer.decode(a.tokenizer.encode('the garden')))")
+    code = (
+        "import sys; sys.modules['training'] = None\n"
+        "from service.artifact import load_artifact\n"
+        f"a = load_artifact({tiny_char_model!r})\n"
+        "print(a.tokenizer.kind, a.tokenizer.decode(a.tokenizer.encode('the garden')))"
+    )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "char the garden"
@@ -116,6 +119,7 @@ def test_export_that_does_not_match_leaves_no_file(tiny_char_run, tmp_path, monk
     assert os.listdir(tmp_path) == []
 
 
+@pytest.mark.slow
 def test_export_command(tiny_char_run, tmp_path):
     out = tmp_path / "m.pt"
     result = run_cli("training.export", tiny_char_run, "--out", str(out))
@@ -126,18 +130,22 @@ def test_export_command(tiny_char_run, tmp_path):
     assert result.stderr.strip() == f"nextword-export: error: checkpoint not found: {tmp_path / 'missing'}"
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("run", ["tiny_word_run", "tiny_zh_run"])
 def test_int8_export_serves_close_to_float_and_its_checksum_covers_the_int8_weights(run, request, tmp_path):
-    from service.engine import Engine
     from service.config import ServerConfig
-    from training.scoring import Scorer, metrics as score_metrics
+    from service.engine import Engine
     from service.runner import ScriptedModel
+    from training.scoring import Scorer
+    from training.scoring import metrics as score_metrics
 
     run_dir = request.getfixturevalue(run)
     paths = {}
     for name, quantize in (("float", None), ("int8", "int8")):
         paths[name] = str(tmp_path / f"{name}.pt")
-        result = run_cli("training.export", run_dir, "--out", paths[name], *(["--quantize", quantize] if quantize else []))
+        result = run_cli(
+            "training.export", run_dir, "--out", paths[name], *(["--quantize", quantize] if quantize else [])
+        )
         assert result.returncode == 0, result.stderr
     assert load_artifact(paths["int8"]).manifest.quantization == "int8"
     assert os.path.getsize(paths["int8"]) < os.path.getsize(paths["float"])

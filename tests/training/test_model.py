@@ -9,8 +9,9 @@ CELLS = ["lstm", "gru", "rnn"]
 
 def make(cell, input="embedding", layers=2, **kw):
     torch.manual_seed(0)
-    config = ModelConfig(vocab_size=23, cell=cell, input=input, num_layers=layers, hidden_size=16,
-                         embedding_size=16, dropout=0.0, **kw)
+    config = ModelConfig(
+        vocab_size=23, cell=cell, input=input, num_layers=layers, hidden_size=16, embedding_size=16, dropout=0.0, **kw
+    )
     return LanguageModel(config).eval()
 
 
@@ -137,6 +138,7 @@ def test_line_start_state_is_the_mean_state_after_each_whole_line(cell):
         ends = [model(torch.tensor([line]), model.zero_state(1))[1][:, 0] for line in lines]
     torch.testing.assert_close(start, torch.stack(ends).mean(dim=0))
     # a sample of the lines, the same one for the same seed
-    torch.testing.assert_close(line_start_state(model, lines, count=2, seed=3),
-                               line_start_state(model, lines, count=2, seed=3))
+    torch.testing.assert_close(
+        line_start_state(model, lines, count=2, seed=3), line_start_state(model, lines, count=2, seed=3)
+    )
     assert torch.equal(line_start_state(model, [], count=2), torch.zeros(2, model.state_size))

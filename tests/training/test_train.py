@@ -29,12 +29,24 @@ def test_loss_falls_and_outputs_are_written(tiny_word_run):
     assert config["train"]["tokenizer"] == "word" and config["model"]["hidden_size"] == 48
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("tokenizer", ["char", "word", "sentencepiece"])
 @pytest.mark.parametrize("cell,input", [("lstm", "embedding"), ("gru", "onehot"), ("rnn", "embedding")])
 def test_every_tokenizer_and_cell_trains(tmp_path, tokenizer, cell, input):
-    out = train_tiny(str(tmp_path), TINY_ZH if tokenizer == "sentencepiece" else TINY_EN,
-                     "--tokenizer", tokenizer, "--cell", cell, "--input", input, "--max-steps", "4",
-                     "--vocab-size", "150")
+    out = train_tiny(
+        str(tmp_path),
+        TINY_ZH if tokenizer == "sentencepiece" else TINY_EN,
+        "--tokenizer",
+        tokenizer,
+        "--cell",
+        cell,
+        "--input",
+        input,
+        "--max-steps",
+        "4",
+        "--vocab-size",
+        "150",
+    )
     checkpoint = load_checkpoint(out)
     assert checkpoint["step"] == 4
     assert checkpoint["model_config"]["cell"] == cell and checkpoint["model_config"]["input"] == input
@@ -58,6 +70,7 @@ class StopAfter:
         return signal.SIGINT if self.reads > self.steps else None
 
 
+@pytest.mark.slow
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
     import training.train as train_module
 
@@ -76,6 +89,7 @@ def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypa
         torch.testing.assert_close(b["model"][name], tensor, rtol=0, atol=0, msg=name)
 
 
+@pytest.mark.slow
 def test_dry_run_runs_a_few_steps(tmp_path):
     result = run_cli("training.train", "--corpus", TINY_EN, "--out", str(tmp_path), "--dry-run", *TINY_NET)
     assert result.returncode == 0, result.stderr
@@ -88,17 +102,35 @@ def error_line(result):
     return lines[0]
 
 
-@pytest.mark.parametrize("make_corpus,expected", [
-    (lambda d: os.path.join(d, "missing.txt"), "corpus file not found: .*missing.txt"),
-    (lambda d: write(d, "empty.txt", b"\n  \n"), "corpus file is empty .*empty.txt"),
-    (lambda d: write(d, "bad.txt", b"good line\nbad \xff line\n"), r"bad.txt: line 2 is not valid UTF-8 .*--encoding-errors replace"),
-    (lambda d: write(d, "one.txt", "a" * 50 + "\n"), "vocabulary too small to train"),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "make_corpus,expected",
+    [
+        (lambda d: os.path.join(d, "missing.txt"), "corpus file not found: .*missing.txt"),
+        (lambda d: write(d, "empty.txt", b"\n  \n"), "corpus file is empty .*empty.txt"),
+        (
+            lambda d: write(d, "bad.txt", b"good line\nbad \xff line\n"),
+            r"bad.txt: line 2 is not valid UTF-8 .*--encoding-errors replace",
+        ),
+        (lambda d: write(d, "one.txt", "a" * 50 + "\n"), "vocabulary too small to train"),
+    ],
+)
 def test_bad_corpus_gives_one_line_and_nonzero_exit(tmp_path, make_corpus, expected):
-    result = run_cli("training.train", "--corpus", make_corpus(str(tmp_path)), "--out", str(tmp_path / "o"),
-                     "--tokenizer", "char", "--val-fraction", "0", *TINY_NET)
+    result = run_cli(
+        "training.train",
+        "--corpus",
+        make_corpus(str(tmp_path)),
+        "--out",
+        str(tmp_path / "o"),
+        "--tokenizer",
+        "char",
+        "--val-fraction",
+        "0",
+        *TINY_NET,
+    )
     assert result.returncode != 0
     import re
+
     assert re.search(expected, error_line(result)), result.stderr
 
 
@@ -109,33 +141,62 @@ def write(directory, name, content):
     return path
 
 
+@pytest.mark.slow
 def test_encoding_errors_replace_goes_on(tmp_path):
     text = open(TINY_EN, "rb").read() + b"bad \xff line\n"
     path = write(str(tmp_path), "mixed.txt", text)
-    result = run_cli("training.train", "--corpus", path, "--out", str(tmp_path / "o"), "--max-steps", "2",
-                     "--encoding-errors", "replace", "--tokenizer", "char", *TINY_NET)
+    result = run_cli(
+        "training.train",
+        "--corpus",
+        path,
+        "--out",
+        str(tmp_path / "o"),
+        "--max-steps",
+        "2",
+        "--encoding-errors",
+        "replace",
+        "--tokenizer",
+        "char",
+        *TINY_NET,
+    )
     assert result.returncode == 0, result.stderr
     provenance = load_checkpoint(str(tmp_path / "o"))["provenance"]
     assert provenance["train_lines"] + provenance["val_lines"] == 221  # the 220 lines and the repaired one
 
 
-@pytest.mark.parametrize("flag,value,expected", [
-    ("--hidden-size", "0", "argument --hidden-size: 0 is out of range: must be >= 1"),
-    ("--dropout", "1.5", "argument --dropout: 1.5 is out of range: must be <= 0.95"),
-    ("--lr", "nan", "argument --lr: 'nan' must be a finite number"),
-    ("--batch-size", "many", "argument --batch-size: 'many' is not a valid int"),
-    ("--tokenizer", "bytes", "argument --tokenizer: invalid choice"),
-])
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "flag,value,expected",
+    [
+        ("--hidden-size", "0", "argument --hidden-size: 0 is out of range: must be >= 1"),
+        ("--dropout", "1.5", "argument --dropout: 1.5 is out of range: must be <= 0.95"),
+        ("--lr", "nan", "argument --lr: 'nan' must be a finite number"),
+        ("--batch-size", "many", "argument --batch-size: 'many' is not a valid int"),
+        ("--tokenizer", "bytes", "argument --tokenizer: invalid choice"),
+    ],
+)
 def test_flag_out_of_range_gives_one_line(tmp_path, flag, value, expected):
     result = run_cli("training.train", "--corpus", TINY_EN, "--out", str(tmp_path), flag, value)
     assert result.returncode == 2
     assert expected in error_line(result)
 
 
+@pytest.mark.slow
 def test_batch_too_large_for_the_text(tmp_path):
     path = write(str(tmp_path), "small.txt", "ab ba\nba ab\n")
-    result = run_cli("training.train", "--corpus", path, "--out", str(tmp_path / "o"), "--tokenizer", "char",
-                     "--val-fraction", "0", "--batch-size", "64")
+    result = run_cli(
+        "training.train",
+        "--corpus",
+        path,
+        "--out",
+        str(tmp_path / "o"),
+        "--tokenizer",
+        "char",
+        "--val-fraction",
+        "0",
+        "--batch-size",
+        "64",
+    )
     assert result.returncode == 1
     assert "needs at least 128" in error_line(result)
 
@@ -156,8 +217,23 @@ def test_infinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkey
 
     monkeypatch.setattr(train_module, "F", types.SimpleNamespace(cross_entropy=poisoned))
     out = str(tmp_path)
-    code = train_module.main(["--corpus", TINY_EN, "--out", out, "--tokenizer", "char", "--max-steps", "50",
-                              "--save-every", "3", "--val-fraction", "0", *TINY_NET])
+    code = train_module.main(
+        [
+            "--corpus",
+            TINY_EN,
+            "--out",
+            out,
+            "--tokenizer",
+            "char",
+            "--max-steps",
+            "50",
+            "--save-every",
+            "3",
+            "--val-fraction",
+            "0",
+            *TINY_NET,
+        ]
+    )
     assert code == 1
     line = capsys.readouterr().err.strip().splitlines()[-1]
     assert line.startswith("nextword-train: error: the loss became nan at step 6")
@@ -167,11 +243,28 @@ def test_infinite_loss_stops_and_keeps_the_last_good_checkpoint(tmp_path, monkey
     assert all(torch.isfinite(t).all() for t in kept["model"].values())
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_and_exits_cleanly_and_the_run_resumes(tmp_path):
     out = str(tmp_path / "run")
-    process = subprocess.Popen([sys.executable, "-m", "training.train", "--corpus", TINY_EN, "--out", out,
-                                "--tokenizer", "char", "--epochs", "1000", *TINY_NET],
-                               cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "training.train",
+            "--corpus",
+            TINY_EN,
+            "--out",
+            out,
+            "--tokenizer",
+            "char",
+            "--epochs",
+            "1000",
+            *TINY_NET,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     deadline = time.time() + 60
     while not os.path.exists(os.path.join(out, "metrics.jsonl")) and time.time() < deadline:
         time.sleep(0.1)
@@ -183,10 +276,12 @@ def test_ctrl_c_saves_and_exits_cleanly_and_the_run_resumes(tmp_path):
     step = load_checkpoint(out)["step"]
     assert step > 0
     from training.train import main
+
     assert main(["--resume", out, "--max-steps", str(step + 2)]) == 0
     assert load_checkpoint(out)["step"] == step + 2
 
 
+@pytest.mark.slow
 def test_damaged_checkpoint_gives_one_line(tmp_path):
     out = train_tiny(str(tmp_path), TINY_EN, "--tokenizer", "char", "--max-steps", "1")
     path = os.path.join(out, LAST)
@@ -218,11 +313,33 @@ sys.exit(main(sys.argv[2:]))
 """
 
 
+@pytest.mark.slow
 def test_sigkill_while_writing_a_checkpoint_resumes_from_the_last_good_one(tmp_path):
     out, marker = str(tmp_path / "run"), str(tmp_path / "writing")
-    process = subprocess.Popen([sys.executable, "-c", KILL_WHILE_SAVING, marker, "--corpus", TINY_EN, "--out", out,
-                                "--tokenizer", "char", "--max-steps", "50", "--save-every", "2",
-                                "--val-fraction", "0", *TINY_NET], cwd=ROOT, stderr=subprocess.PIPE, text=True)
+    process = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            KILL_WHILE_SAVING,
+            marker,
+            "--corpus",
+            TINY_EN,
+            "--out",
+            out,
+            "--tokenizer",
+            "char",
+            "--max-steps",
+            "50",
+            "--save-every",
+            "2",
+            "--val-fraction",
+            "0",
+            *TINY_NET,
+        ],
+        cwd=ROOT,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.time() + 120
         while not os.path.exists(marker) and process.poll() is None and time.time() < deadline:

@@ -1,0 +1,87 @@
+"""The interceptor on a fake context: request ids, tokens, the concurrency limit, error mapping, metrics."""
+
+import logging
+from types import SimpleNamespace
+
+import grpc
+import pytest
+
+from service.interceptors import REQUEST_ID_KEY, CallGuard
+from service.metrics import Metrics
+from tests.service.fakes import Aborted, FakeContext
+
+TOKEN = "a-token-of-enough-length"
+
+
+def guarded(handler, method="/nextword.v1.NextWord/Suggest", **options):
+    """(the wrapped unary handler, the guard) for ``handler(request, context)``."""
+    guard = CallGuard(Metrics(), **options)
+    details = SimpleNamespace(method=method)
+    wrapped = guard.intercept_service(lambda _: grpc.unary_unary_rpc_method_handler(handler), details)
+    return wrapped.unary_unary, guard
+
+
+def count(guard: CallGuard, code: str, method: str = "Suggest") -> float:
+    value = guard.metrics.registry.get_sample_value("nextword_requests_total", {"method": method, "code": code})
+    return value or 0.0
+
+
+def test_a_sane_request_id_is_kept_and_an_insane_one_replaced():
+    call, _ = guarded(lambda request, context: "ok")
+    context = FakeContext([(REQUEST_ID_KEY, "client-42")])
+    assert call(None, context) == "ok" and context.trailing == ((REQUEST_ID_KEY, "client-42"),)
+    context = FakeContext([(REQUEST_ID_KEY, "no spaces allowed")])
+    call(None, context)
+    made = context.trailing[0][1]
+    assert len(made) == 16 and int(made, 16) >= 0
+
+
+def test_tokens_are_required_except_for_health():
+    call, guard = guarded(lambda request, context: "ok", tokens=[TOKEN])
+    context = FakeContext([("authorization", "Bearer wrong-token-0123456789")])
+    with pytest.raises(Aborted):
+        call(None, context)
+    assert context.status == grpc.StatusCode.UNAUTHENTICATED and count(guard, "UNAUTHENTICATED") == 1
+    assert call(None, FakeContext([("authorization", f"Bearer {TOKEN}")])) == "ok"
+    health, _ = guarded(lambda request, context: "serving", method="/grpc.health.v1.Health/Check", tokens=[TOKEN])
+    assert health(None, FakeContext()) == "serving"
+
+
+def test_calls_beyond_the_limit_are_refused_while_one_runs():
+    inner = {}
+
+    def handler(request, context):
+        if request == "outer":  # a second call arrives while this one runs
+            inner["context"] = FakeContext()
+            with pytest.raises(Aborted):
+                call("inner", inner["context"])
+        return "done"
+
+    call, guard = guarded(handler, max_concurrent_rpcs=1)
+    assert call("outer", FakeContext()) == "done"
+    assert inner["context"].status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the limit is 1" in inner["context"].details
+    assert guard.active == 0 and count(guard, "OK") == 1 and count(guard, "RESOURCE_EXHAUSTED") == 1
+
+
+def test_an_abort_passes_through_and_an_exception_becomes_internal(caplog):
+    def invalid(request, context):
+        context.abort(grpc.StatusCode.INVALID_ARGUMENT, "text must not be empty")
+
+    call, guard = guarded(invalid)
+    context = FakeContext()
+    with pytest.raises(Aborted):
+        call(None, context)
+    assert context.details == "text must not be empty" and count(guard, "INVALID_ARGUMENT") == 1
+
+    def broken(request, context):
+        raise ValueError("a bug")
+
+    call, guard = guarded(broken)
+    context = FakeContext([(REQUEST_ID_KEY, "req-7")])
+    with caplog.at_level(logging.ERROR, logger="nextword"), pytest.raises(Aborted):
+        call("private text", context)
+    assert context.status == grpc.StatusCode.INTERNAL and "request id req-7" in context.details
+    assert count(guard, "INTERNAL") == 1 and guard.active == 0
+    record = caplog.records[-1]
+    assert record.request_id == "req-7" and record.exc_info and "private text" not in caplog.text
