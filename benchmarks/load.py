@@ -1,11 +1,15 @@
 """Asynchronous gRPC load generator: C clients call Suggest back to back for S seconds.
 
     python -m benchmarks.load --target localhost:50051 --clients 64 --seconds 10 [--method info]
+        [--deadline-ms 100] [--generate-streams 8]
 
 ``--method info`` calls GetModelInfo instead: a call that never reaches the model, which
-measures what gRPC, the server's interceptor and Python cost per call.
+measures what gRPC, the server's interceptor and Python cost per call. ``--deadline-ms`` gives
+every call that deadline (overload: what counts is the OK answers per second, the goodput).
+``--generate-streams N`` keeps N Generate streams of 512 tokens running beside the clients.
 
-Prints one JSON line: calls, errors, QPS, p50 and p99 latency in ms.
+Prints one JSON line: OK calls, errors, QPS of OK answers, p50, p99 and the slowest OK latency in
+ms, the count of each status code, and the Generate tokens streamed.
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import asyncio
 import json
 import random
 import time
+from collections import Counter
 
 import grpc
 
@@ -28,45 +33,77 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else float("nan")
 
 
-async def run(target: str, clients: int, seconds: float, warmup: float, method: str = "suggest") -> dict:
+async def run(
+    target: str,
+    clients: int,
+    seconds: float,
+    warmup: float,
+    method: str = "suggest",
+    deadline_ms: float | None = None,
+    generate_streams: int = 0,
+) -> dict:
     texts = prompts()
     latencies: list[float] = []
-    errors = 0
+    codes: Counter = Counter()
+    streamed = 0
+    timeout = deadline_ms / 1000 if deadline_ms else 30
     async with grpc.aio.insecure_channel(target) as channel:
         stub = pb_grpc.NextWordStub(channel)
         if method == "info":
 
             def call(rng):
-                return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30)
+                return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
         else:
 
             def call(rng):
-                return stub.Suggest(pb.SuggestRequest(text=rng.choice(texts)), timeout=30)
+                return stub.Suggest(pb.SuggestRequest(text=rng.choice(texts)), timeout=timeout)
 
         await stub.Suggest(pb.SuggestRequest(text="warm up"), wait_for_ready=True)
         start = time.perf_counter()
         measure_from, stop_at = start + warmup, start + warmup + seconds
 
         async def client(seed: int) -> None:
-            nonlocal errors
             rng = random.Random(seed)
             while (now := time.perf_counter()) < stop_at:
                 try:
                     await call(rng)
-                except grpc.aio.AioRpcError:
-                    errors += 1
-                    continue
+                    code = grpc.StatusCode.OK
+                except grpc.aio.AioRpcError as error:
+                    code = error.code()
                 if now >= measure_from:
-                    latencies.append(time.perf_counter() - now)
+                    codes[code.name] += 1
+                    if code == grpc.StatusCode.OK:
+                        latencies.append(time.perf_counter() - now)
 
+        async def generate(seed: int) -> None:
+            nonlocal streamed
+            rng = random.Random(seed)
+            while time.perf_counter() < stop_at:
+                request = pb.GenerateRequest(prompt=rng.choice(texts), max_tokens=512, seed=seed)
+                stream = stub.Generate(request, timeout=120)
+                async for message in stream:
+                    streamed += bool(message.text)
+                    if time.perf_counter() >= stop_at:
+                        stream.cancel()
+                        break
+
+        generators = [asyncio.ensure_future(generate(i)) for i in range(generate_streams)]
         await asyncio.gather(*(client(i) for i in range(clients)))
+        for task in generators:
+            task.cancel()
+        await asyncio.gather(*generators, return_exceptions=True)
     return {
         "clients": clients,
+        "deadline_ms": deadline_ms,
+        "generate_streams": generate_streams,
         "calls": len(latencies),
-        "errors": errors,
+        "errors": sum(count for code, count in codes.items() if code != "OK"),
         "qps": len(latencies) / seconds,
         "p50_ms": 1000 * percentile(latencies, 0.5),
         "p99_ms": 1000 * percentile(latencies, 0.99),
+        "max_ok_ms": 1000 * max(latencies, default=float("nan")),
+        "codes": dict(codes),
+        "generated_pieces": streamed,
     }
 
 
@@ -77,8 +114,13 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--warmup", type=float, default=1.0)
     parser.add_argument("--method", choices=["suggest", "info"], default="suggest")
+    parser.add_argument("--deadline-ms", type=float, default=None, help="each call's deadline (default: 30 s)")
+    parser.add_argument("--generate-streams", type=int, default=0, help="512-token Generate streams beside the load")
     args = parser.parse_args()
-    print(json.dumps(asyncio.run(run(args.target, args.clients, args.seconds, args.warmup, args.method))))
+    result = run(
+        args.target, args.clients, args.seconds, args.warmup, args.method, args.deadline_ms, args.generate_streams
+    )
+    print(json.dumps(asyncio.run(result)))
 
 
 if __name__ == "__main__":

@@ -14,6 +14,7 @@ Measured in one run, on the same artifact:
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import socket
@@ -22,6 +23,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
 
 import torch
 
@@ -125,49 +127,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def load(port: int, clients: int, seconds: float, method: str = "suggest") -> dict:
-    out = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "benchmarks.load",
-            "--target",
-            f"127.0.0.1:{port}",
-            "--clients",
-            str(clients),
-            "--seconds",
-            str(seconds),
-            "--method",
-            method,
-        ],
-        cwd=ROOT,
-        capture_output=True,
-        text=True,
-        check=True,
-    )
+def load(port: int, clients: int, seconds: float, *flags: str) -> dict:
+    """benchmarks/load.py against the server on ``port``, in its own process; its JSON result."""
+    target = f"127.0.0.1:{port}"
+    command = [sys.executable, "-m", "benchmarks.load", "--target", target, "--clients", str(clients)]
+    out = subprocess.run([*command, "--seconds", str(seconds), *flags], cwd=ROOT, capture_output=True, text=True)
+    if out.returncode != 0:
+        raise RuntimeError(f"the load generator failed: {out.stderr.strip().splitlines()[-1:]}")
     return json.loads(out.stdout)
 
 
-def server_runs(model_path: str, batching: bool, seconds: float, clients: list[int], device: str) -> list[dict]:
+@contextlib.contextmanager
+def serving(model_path: str, *flags: str) -> Iterator[int]:
+    """A server process on the model (metrics on a free port); yields its port once it serves."""
     port = free_port()
-    flag = "--batching" if batching else "--no-batching"
+    command = [sys.executable, "-m", "service", "--model", model_path, "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--model",
-            model_path,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-            flag,
-            "--device",
-            device,
-            "--metrics-port",
-            "0",
-        ],
+        [*command, "--metrics-port", "0", *flags],
         cwd=ROOT,
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
@@ -175,13 +151,19 @@ def server_runs(model_path: str, batching: bool, seconds: float, clients: list[i
     )
     try:
         server.stdout.readline()  # "SERVING on port ..."
-        results = [load(port, count, seconds) for count in clients]
-        if batching:  # the per-call cost without the model: GetModelInfo at the most clients
-            results.append(load(port, max(clients), seconds, "info"))
-        return results
+        yield port
     finally:
         server.terminate()
         server.wait(timeout=30)
+
+
+def server_runs(model_path: str, batching: bool, seconds: float, clients: list[int], device: str) -> list[dict]:
+    flag = "--batching" if batching else "--no-batching"
+    with serving(model_path, flag, "--device", device) as port:
+        results = [load(port, count, seconds) for count in clients]
+        if batching:  # the per-call cost without the model: GetModelInfo at the most clients
+            results.append(load(port, max(clients), seconds, "--method", "info"))
+        return results
 
 
 def main() -> None:

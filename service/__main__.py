@@ -20,6 +20,7 @@ HELP = {
     "threads": "intra-op threads for the model worker (0 = torch's default); with batching, request threads use one",
     "batching": "stack concurrent requests' model steps into one forward",
     "max_batch_size": "most sequences in one batched forward",
+    "drop_ended": "with batching, skip a queued model step whose caller cancelled or passed its deadline",
     "max_batch_wait_ms": "wait this long for more work once a batch starts (0 = never wait)",
     "max_concurrent_rpcs": "calls handled at once, a Type session counting as one; more get RESOURCE_EXHAUSTED",
     "grace": "seconds in-flight calls get to finish on SIGTERM",

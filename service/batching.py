@@ -14,6 +14,10 @@ stack along the batch dimension:
 ``max_wait`` = 0 runs at once with whatever is queued: a lone request is never
 delayed. A larger value waits up to that long for more rows once the first
 request of a batch arrives.
+
+A step whose caller has cancelled or passed its deadline while it waited is not
+computed (``drop_ended``): under overload the model spends its time on answers
+that someone will receive.
 """
 
 from __future__ import annotations
@@ -28,6 +32,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
+from service import calls
+from service.calls import CallEnded
 from service.hardware import use_intra_op_threads
 from service.runner import StepModel
 
@@ -36,6 +42,7 @@ from service.runner import StepModel
 class _Step:
     tokens: Tensor  # [b, T]
     state: Tensor  # [L, b, S]
+    wanted: Callable[[], CallEnded | None] | None = None  # the caller's check (service/calls.py)
     future: Future = field(default_factory=Future)
 
 
@@ -43,9 +50,15 @@ class BatchingModel:
     """A StepModel that batches the calls of many threads into few calls of ``model``."""
 
     def __init__(
-        self, model: StepModel, max_batch_size: int = 64, max_wait: float = 0.0, threads: int | None = None
+        self,
+        model: StepModel,
+        max_batch_size: int = 64,
+        max_wait: float = 0.0,
+        threads: int | None = None,
+        drop_ended: bool = True,
     ) -> None:
         self.model = model
+        self.drop_ended = drop_ended  # skip steps whose caller cancelled or passed its deadline
         self.threads = threads  # the worker's intra-op threads (None: leave torch's setting)
         self.vocab_size = model.vocab_size
         self.device = getattr(model, "device", torch.device("cpu"))
@@ -54,6 +67,7 @@ class BatchingModel:
         self._queue: queue.SimpleQueue[_Step | None] = queue.SimpleQueue()
         self.batches = 0  # model calls made, for tests and metrics
         self.rows = 0  # sequences stepped, for tests and metrics
+        self.dropped = 0  # steps skipped because their caller had gone
         self.on_batch: Callable[[int], None] | None = None  # called with the rows of each forward (metrics)
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="model-worker", daemon=True)
@@ -65,7 +79,7 @@ class BatchingModel:
     def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         if self._closed:
             raise RuntimeError("the model worker has stopped")
-        step = _Step(tokens, state)
+        step = _Step(tokens, state, calls.still_wanted() if self.drop_ended else None)
         self._queue.put(step)
         return step.future.result()
 
@@ -109,6 +123,18 @@ class BatchingModel:
             rows += step.tokens.size(0)
         return steps
 
+    def _still_wanted(self, group: list[_Step]) -> list[_Step]:
+        """The steps whose callers still wait; the others end at once with the reason (CallEnded)."""
+        kept = []
+        for step in group:
+            ended = step.wanted() if step.wanted is not None else None
+            if ended is None:
+                kept.append(step)
+            else:
+                self.dropped += 1
+                step.future.set_exception(ended)
+        return kept
+
     def _run(self) -> None:
         if self.threads:
             use_intra_op_threads(self.threads)
@@ -121,6 +147,9 @@ class BatchingModel:
             for step in steps:
                 by_length.setdefault(step.tokens.size(1), []).append(step)
             for group in by_length.values():
+                group = self._still_wanted(group)
+                if not group:
+                    continue
                 try:
                     if len(group) == 1:
                         results = [self.model.advance(group[0].tokens, group[0].state)]

@@ -15,6 +15,7 @@ class ServerConfig:
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     batching: bool = True  # stack concurrent requests' model steps into one forward
     max_batch_size: int = 64  # most sequences in one batched forward
+    drop_ended: bool = True  # skip queued model steps whose caller cancelled or passed its deadline
     max_batch_wait_ms: float = 0.0  # wait this long for more work once a batch starts (0 = never wait)
     max_concurrent_rpcs: int = 256  # calls handled at once (a Type session is one); more: RESOURCE_EXHAUSTED
     grace: float = 10.0  # seconds in-flight calls get to finish on SIGTERM

@@ -36,7 +36,9 @@ class Engine:
             artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda"
         )
         if config.batching:
-            model = BatchingModel(model, config.max_batch_size, config.max_batch_wait_ms / 1000.0, threads.worker)
+            model = BatchingModel(
+                model, config.max_batch_size, config.max_batch_wait_ms / 1000.0, threads.worker, config.drop_ended
+            )
         suggester = Suggester(model, artifact.tokenizer, SuggestConfig(max_context_tokens=config.max_context_tokens))
         generator = Generator(model, artifact.tokenizer, config.max_context_tokens)
         return cls(artifact, model, suggester, generator)

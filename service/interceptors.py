@@ -1,5 +1,7 @@
 """What every RPC goes through before and after its handler (one interceptor, in this order):
 
+0. the request is decoded here, not by gRPC (service/decoding.py): malformed bytes are
+   INVALID_ARGUMENT, counted and logged like any other call;
 1. a request id: the client's ``x-request-id`` metadata when it is sane, else a new one;
    it comes back in the trailing metadata and is in every log line about the call;
 2. authentication: ``authorization: Bearer <token>`` against the configured tokens
@@ -27,6 +29,9 @@ from collections.abc import Sequence
 
 import grpc
 
+from service import calls
+from service.calls import CallEnded
+from service.decoding import MalformedRequest, RequestDecoder
 from service.metrics import Metrics
 
 log = logging.getLogger("nextword")
@@ -128,18 +133,27 @@ class MethodGuard:
                 f"too many calls at once: the limit is {self.guard.max_concurrent_rpcs} "
                 "(server setting max_concurrent_rpcs); retry with backoff",
             )
+        calls.begin(context)
         return request_id
 
     def fail(self, context, error: Exception, request_id: str) -> None:
-        """A status the handler set (abort) passes through; anything else is INTERNAL, its traceback logged."""
+        """A status the handler set (abort) passes through; malformed bytes are INVALID_ARGUMENT; work dropped
+        for a caller who is gone ends as that caller's status; anything else is INTERNAL, its traceback logged."""
         if _code(context) != grpc.StatusCode.OK or isinstance(error, grpc.RpcError):
             raise error
+        if isinstance(error, MalformedRequest):
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        if isinstance(error, CallEnded):
+            context.abort(
+                grpc.StatusCode.DEADLINE_EXCEEDED if error.deadline else grpc.StatusCode.CANCELLED, str(error)
+            )
         log.exception("internal error", extra={"request_id": request_id, "method": self.name})
         context.abort(
             grpc.StatusCode.INTERNAL, f"internal error (request id {request_id}); the server log has the details"
         )
 
     def after(self, context, request_id: str, started: float, admitted: bool, cancelled: bool = False) -> None:
+        calls.end()
         if admitted:
             self.guard.leave()
         code = _code(context)
@@ -167,15 +181,16 @@ class MethodGuard:
 
     # ------------------------------------------------------------------ the two wrappers
 
-    def unary(self, inner):
-        """Any handler that returns one response (unary-unary, stream-unary)."""
+    def unary(self, inner, decode):
+        """Any handler that returns one response (unary-unary, stream-unary); ``decode`` turns the raw request
+        (bytes, or an iterator of bytes) into messages."""
 
         def run(request, context):
             started, admitted, request_id = time.perf_counter(), False, "-"
             try:
                 request_id = self.before(context)
                 admitted = self.counted
-                return inner(request, context)
+                return inner(decode(request), context)
             except Exception as error:  # noqa: BLE001 - the last resort: any error becomes a status
                 self.fail(context, error, request_id)
             finally:
@@ -183,7 +198,7 @@ class MethodGuard:
 
         return run
 
-    def streaming(self, inner):
+    def streaming(self, inner, decode):
         """Any handler that yields responses (unary-stream, stream-stream)."""
 
         def run(request, context):
@@ -191,7 +206,7 @@ class MethodGuard:
             try:
                 request_id = self.before(context)
                 admitted = self.counted
-                yield from inner(request, context)
+                yield from inner(decode(request), context)
                 finished = True
             except GeneratorExit:  # the client went away mid-stream
                 raise
@@ -204,13 +219,21 @@ class MethodGuard:
         return run
 
     def wrap(self, handler: grpc.RpcMethodHandler) -> grpc.RpcMethodHandler:
-        decode, encode = handler.request_deserializer, handler.response_serializer
+        """The same handler with the guard around it; gRPC hands it raw bytes, which the guard decodes."""
+        encode = handler.response_serializer
+        decoder = RequestDecoder(handler.request_deserializer) if handler.request_deserializer else None
+        one = decoder.one if decoder else _unchanged
+        many = decoder.stream if decoder else _unchanged
         if handler.unary_unary:
-            return grpc.unary_unary_rpc_method_handler(self.unary(handler.unary_unary), decode, encode)
+            return grpc.unary_unary_rpc_method_handler(self.unary(handler.unary_unary, one), None, encode)
         if handler.unary_stream:
-            return grpc.unary_stream_rpc_method_handler(self.streaming(handler.unary_stream), decode, encode)
+            return grpc.unary_stream_rpc_method_handler(self.streaming(handler.unary_stream, one), None, encode)
         if handler.stream_stream:
-            return grpc.stream_stream_rpc_method_handler(self.streaming(handler.stream_stream), decode, encode)
+            return grpc.stream_stream_rpc_method_handler(self.streaming(handler.stream_stream, many), None, encode)
         if handler.stream_unary:
-            return grpc.stream_unary_rpc_method_handler(self.unary(handler.stream_unary), decode, encode)
+            return grpc.stream_unary_rpc_method_handler(self.unary(handler.stream_unary, many), None, encode)
         return handler
+
+
+def _unchanged(request):
+    return request

@@ -10,6 +10,7 @@ from collections.abc import Iterator
 import grpc
 
 from service.config import ServerConfig
+from service.decoding import MalformedRequest
 from service.engine import Engine
 from service.generation import END_TOKEN, LENGTH, STOP_STRING, GenerationParams
 from service.pb.nextword.v1 import nextword_pb2 as pb
@@ -67,6 +68,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self._active_sessions = 0
         self._active_generations = 0
         self._lock = threading.Lock()
+        self._model_info = self._describe()
 
     @property
     def active_sessions(self) -> int:
@@ -186,6 +188,9 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 for item in request_iterator:
                     if not offer(item):
                         return
+            except MalformedRequest as error:  # the session ends with INVALID_ARGUMENT
+                offer(error)
+                return
             except Exception:  # noqa: BLE001 - the stream broke or was cancelled: end the session
                 pass
             offer(done)
@@ -209,6 +214,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 )
             if request is done or not context.is_active():
                 return
+            if isinstance(request, MalformedRequest):
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"edit {index + 1}: {request}")
             index += 1
             try:
                 count = self._num_suggestions(request.num_suggestions, count)
@@ -220,6 +227,10 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             )
 
     def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
+        return self._model_info
+
+    def _describe(self) -> pb.GetModelInfoResponse:
+        """The model and the limits in force: fixed while the server runs, so built once."""
         manifest = self.engine.artifact.manifest
         return pb.GetModelInfoResponse(
             format_version=manifest.format_version,

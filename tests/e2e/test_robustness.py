@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import os
 import random
-import re
 import signal
 import subprocess
-import sys
 import threading
 import time
 
@@ -18,8 +16,7 @@ from hypothesis import strategies as st
 
 from service.client import NextWordClient
 from service.pb.nextword.v1 import nextword_pb2 as pb
-from tests.conftest import ROOT
-from tests.e2e.test_server import held_session, start
+from tests.e2e.test_server import held_session, serve_process, start
 
 # What a keyboard may send: any Unicode scalar value (protobuf strings cannot carry lone surrogates),
 # with Chinese, emoji, combining marks, control and zero-width characters made likely.
@@ -175,27 +172,8 @@ def run_load(port: int, calls: int, threads: int = 8) -> int:
 
 
 def test_bounded_soak_has_no_errors_and_memory_stops_growing(tiny_char_model):
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--model",
-            tiny_char_model,
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--metrics-port",
-            "0",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
+    process, port = serve_process(tiny_char_model)
     try:
-        port = int(re.search(r"SERVING on port (\d+)", process.stdout.readline()).group(1))
         assert run_load(port, 800) == 0  # warm-up: allocator pools, caches, thread stacks
         after_warm_up = rss_bytes(process.pid)
         samples = []
@@ -239,29 +217,8 @@ def test_cancelled_type_session_frees_its_slot(tiny_char_model):
 
 
 def test_sigterm_with_calls_in_flight_each_ends_cleanly(tiny_char_model):
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--model",
-            tiny_char_model,
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--grace",
-            "3",
-            "--metrics-port",
-            "0",
-            "--max-generate-tokens",
-            "100000",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    flags = ("--grace", "3", "--max-generate-tokens", "100000")
+    process, port = serve_process(tiny_char_model, *flags, stderr=subprocess.PIPE)
     outcomes: list[str] = []
     lock = threading.Lock()
 
@@ -275,7 +232,6 @@ def test_sigterm_with_calls_in_flight_each_ends_cleanly(tiny_char_model):
             outcomes.append(f"{name}:{result}")
 
     try:
-        port = int(re.search(r"SERVING on port (\d+)", process.stdout.readline()).group(1))
         client = NextWordClient(f"127.0.0.1:{port}", timeout=30)
         started = threading.Barrier(7)
 

@@ -28,6 +28,20 @@ def start(model, **overrides):
     return server, port, engine
 
 
+def serve_process(model: str, *flags: str, stderr=subprocess.DEVNULL) -> tuple[subprocess.Popen, int]:
+    """``python -m service`` on a free port, as a user starts it; (the process, its port) once it serves."""
+    command = [sys.executable, "-m", "service", "--model", model, "--port", "0", "--host", "127.0.0.1"]
+    process = subprocess.Popen(
+        [*command, "--metrics-port", "0", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
+    )
+    line = process.stdout.readline()
+    match = re.search(r"SERVING on port (\d+)", line)
+    if match is None:
+        process.kill()
+        raise AssertionError(f"the server did not start: {line!r}")
+    return process, int(match.group(1))
+
+
 def held_session(release: threading.Event, seconds: float = 30):
     """Type edits that open a session with "we", then hold it open until ``release`` is set."""
     yield pb.TypeRequest(append="we")
@@ -269,30 +283,8 @@ def test_session_limit_idle_timeout_and_count(tiny_char_model):
 
 
 def test_serve_command_reports_serving_then_stops_gracefully_on_sigterm(tiny_char_model):
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "service",
-            "--model",
-            tiny_char_model,
-            "--port",
-            "0",
-            "--host",
-            "127.0.0.1",
-            "--grace",
-            "5",
-            "--metrics-port",
-            "0",
-        ],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
+    process, port = serve_process(tiny_char_model, "--grace", "5", stderr=subprocess.PIPE)
     try:
-        line = process.stdout.readline()
-        port = int(re.search(r"SERVING on port (\d+)", line).group(1))
         with NextWordClient(f"127.0.0.1:{port}") as client:
             assert client.health() == "SERVING"
             stream = client.generate("we", max_tokens=400, seed=1)

@@ -79,6 +79,9 @@ class FakeContext:
     def is_active(self) -> bool:
         return self.active
 
+    def time_remaining(self):
+        return None  # no deadline
+
 
 def fake_engine(model=None, tokenizer=None):
     """An Engine over a FakeModel and a char tokenizer, with a manifest that says so."""

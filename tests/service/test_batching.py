@@ -1,4 +1,5 @@
 import threading
+import time
 
 import pytest
 import torch
@@ -123,3 +124,67 @@ def test_the_worker_owns_the_intra_op_threads_and_a_pinned_caller_has_one():
     assert Probe.seen == [3]  # the forward ran on the worker, with the threads it was given
     assert callers == [1]  # the caller kept its own setting
     assert torch.get_num_threads() == main_threads  # other threads are untouched
+
+
+class GatedModel:
+    """A StepModel whose first step waits for ``gate``; counts the rows it computes."""
+
+    vocab_size = 8
+    device = torch.device("cpu")
+
+    def __init__(self) -> None:
+        self.gate = threading.Event()
+        self.rows = 0
+
+    def init_state(self, batch_size):
+        return torch.zeros(1, batch_size, 1)
+
+    def advance(self, tokens, state):
+        self.gate.wait(5)
+        self.rows += tokens.size(0)
+        return torch.zeros(tokens.size(0), self.vocab_size), state
+
+
+def test_steps_of_callers_who_are_gone_are_dropped_before_the_model_runs_them():
+    from service import calls
+    from service.calls import CallEnded
+    from tests.service.fakes import FakeContext
+
+    class Expired(FakeContext):
+        def time_remaining(self):
+            return 0.0
+
+    model = GatedModel()
+    batched = BatchingModel(model)
+    outcomes = {}
+
+    def call(name, context, length):
+        calls.begin(context)
+        try:
+            outcomes[name] = batched.advance(torch.zeros(1, length, dtype=torch.long), torch.zeros(1, 1, 1))
+        except CallEnded as error:
+            outcomes[name] = error
+        finally:
+            calls.end()
+
+    first = threading.Thread(target=call, args=("first", None, 1))  # no call: always computed
+    first.start()
+    while batched.queue_depth:  # the worker has taken it and waits at the gate
+        time.sleep(0.001)
+    waiting = [
+        threading.Thread(target=call, args=("expired", Expired(), 2)),
+        threading.Thread(target=call, args=("cancelled", FakeContext(active=False), 2)),
+        threading.Thread(target=call, args=("live", FakeContext(), 2)),
+    ]
+    for thread in waiting:
+        thread.start()
+    while batched.queue_depth < 3:
+        time.sleep(0.001)
+    model.gate.set()
+    for thread in [first, *waiting]:
+        thread.join(5)
+    batched.close()
+    assert isinstance(outcomes["expired"], CallEnded) and outcomes["expired"].deadline
+    assert isinstance(outcomes["cancelled"], CallEnded) and not outcomes["cancelled"].deadline
+    assert not isinstance(outcomes["live"], Exception) and not isinstance(outcomes["first"], Exception)
+    assert model.rows == 2 and batched.dropped == 2

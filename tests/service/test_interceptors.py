@@ -85,3 +85,51 @@ def test_an_abort_passes_through_and_an_exception_becomes_internal(caplog):
     assert count(guard, "INTERNAL") == 1 and guard.active == 0
     record = caplog.records[-1]
     assert record.request_id == "req-7" and record.exc_info and "private text" not in caplog.text
+
+
+def test_malformed_bytes_are_invalid_argument_naming_the_type_and_never_the_payload(caplog):
+    from service.pb.nextword.v1 import nextword_pb2 as pb
+
+    guard = CallGuard(Metrics())
+    handler = grpc.unary_unary_rpc_method_handler(
+        lambda request, context: request.text, request_deserializer=pb.SuggestRequest.FromString
+    )
+    details = SimpleNamespace(method="/nextword.v1.NextWord/Suggest")
+    call = guard.intercept_service(lambda _: handler, details).unary_unary
+    good = pb.SuggestRequest(text="secret words").SerializeToString()
+    assert call(good, FakeContext()) == "secret words"
+    with caplog.at_level(logging.INFO, logger="nextword"):
+        for data, reason in [
+            (good.replace(b"secret", b"s\xffcret"), "String field had bad UTF-8"),
+            (good[:-3], "Wire format was corrupt"),
+            (b"\x01\x02\x03\x04\x05", ""),
+        ]:
+            context = FakeContext()
+            with pytest.raises(Aborted):
+                call(data, context)
+            assert context.status == grpc.StatusCode.INVALID_ARGUMENT
+            assert context.details.startswith("request is not a valid nextword.v1.SuggestRequest: ")
+            assert reason in context.details and "secret" not in context.details and "cret" not in context.details
+    assert count(guard, "INVALID_ARGUMENT") == 3
+    assert not any(record.exc_info for record in caplog.records) and "secret" not in caplog.text
+
+
+def test_a_malformed_message_in_a_request_stream_is_invalid_argument():
+    from service.pb.nextword.v1 import nextword_pb2 as pb
+
+    guard = CallGuard(Metrics())
+
+    def handler(requests, context):
+        for request in requests:
+            yield request.append
+
+    method = grpc.stream_stream_rpc_method_handler(handler, request_deserializer=pb.TypeRequest.FromString)
+    details = SimpleNamespace(method="/nextword.v1.NextWord/Type")
+    call = guard.intercept_service(lambda _: method, details).stream_stream
+    context = FakeContext()
+    answers = []
+    with pytest.raises(Aborted):
+        for answer in call(iter([pb.TypeRequest(append="ok").SerializeToString(), b"\xff\xff"]), context):
+            answers.append(answer)
+    assert answers == ["ok"] and context.status == grpc.StatusCode.INVALID_ARGUMENT
+    assert "nextword.v1.TypeRequest" in context.details and count(guard, "INVALID_ARGUMENT", "Type") == 1

@@ -1,0 +1,47 @@
+"""The call each request thread is serving, so that model work queued for a caller who is gone
+(cancelled, or past its deadline) can be dropped before the model computes it.
+
+The interceptor marks the thread's call when a handler starts and clears it when it ends; the
+batching worker asks ``still_wanted()``'s check before each step it runs. Under overload this
+keeps the model on work whose answer someone will receive.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable
+
+_local = threading.local()
+
+
+class CallEnded(Exception):
+    """The caller cancelled, or its deadline passed, before the model ran this step."""
+
+    def __init__(self, deadline: bool) -> None:
+        super().__init__("the deadline passed before the model ran" if deadline else "the call was cancelled")
+        self.deadline = deadline
+
+
+def begin(context) -> None:
+    _local.context = context
+
+
+def end() -> None:
+    _local.context = None
+
+
+def _gone(context) -> CallEnded | None:
+    remaining = context.time_remaining()
+    if remaining is not None and remaining <= 0:
+        return CallEnded(deadline=True)
+    if not context.is_active():
+        return CallEnded(deadline=False)
+    return None
+
+
+def still_wanted() -> Callable[[], CallEnded | None] | None:
+    """For the current thread's call: a check that returns why it ended, or None while it is on."""
+    context = getattr(_local, "context", None)
+    if context is None:
+        return None
+    return lambda: _gone(context)
