@@ -35,15 +35,19 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=8.0)
     parser.add_argument("--clients", type=int, default=256, help="clients with deadlines (default 256)")
     parser.add_argument("--deadline-ms", type=float, default=100.0, help="their deadline (default 100)")
+    parser.add_argument("--server-flag", action="append", default=[], help="one more server flag (repeatable)")
+    parser.add_argument("--skip-isolation", action="store_true", help="leave out the Generate measurement")
     args = parser.parse_args()
     deadline = ["--deadline-ms", str(args.deadline_ms)]
     results = {}
-    with serving(args.model, "--no-log-calls") as port:
+    flags = ["--no-log-calls", *args.server_flag]
+    with serving(args.model, *flags) as port:
         results["reference"] = measure(port, 64, args.seconds)
         results["dropping"] = measure(port, args.clients, args.seconds, *deadline)
-        results["alone"] = measure(port, 8, args.seconds)
-        results["beside"] = measure(port, 8, args.seconds, "--generate-streams", "8")
-    with serving(args.model, "--no-log-calls", "--no-drop-ended") as port:
+        if not args.skip_isolation:
+            results["alone"] = measure(port, 8, args.seconds)
+            results["beside"] = measure(port, 8, args.seconds, "--generate-streams", "8")
+    with serving(args.model, *flags, "--no-drop-ended") as port:
         results["not dropping"] = measure(port, args.clients, args.seconds, *deadline)
     reference = results["reference"]["qps"]
     for name in ("dropping", "not dropping"):
@@ -53,6 +57,8 @@ def main() -> None:
             f"{r['qps'] / reference:.2f}x the 64-client QPS without deadlines ({reference:.0f}); slowest OK "
             f"{r['max_ok_ms']:.1f} ms; codes {r['codes']}"
         )
+    if args.skip_isolation:
+        return
     alone, beside = results["alone"], results["beside"]
     print(
         f"Suggest at 8 clients: p50 {alone['p50_ms']:.1f} / p99 {alone['p99_ms']:.1f} ms alone; "
