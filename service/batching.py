@@ -69,6 +69,7 @@ class BatchingModel:
         self.rows = 0  # sequences stepped, for tests and metrics
         self.dropped = 0  # steps skipped because their caller had gone
         self.on_batch: Callable[[int], None] | None = None  # called with the rows of each forward (metrics)
+        self.on_drop: Callable[[], None] | None = None  # called for each step skipped (metrics)
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._worker.start()
@@ -132,6 +133,8 @@ class BatchingModel:
                 kept.append(step)
             else:
                 self.dropped += 1
+                if self.on_drop is not None:
+                    self.on_drop()
                 step.future.set_exception(ended)
         return kept
 

@@ -7,6 +7,7 @@
     nextword_active_generations                running Generate streams
     nextword_batch_rows                        sequences per batched forward of the model
     nextword_queue_depth                       model steps waiting for the model worker
+    nextword_dropped_steps_total               queued model steps skipped: their caller had cancelled or timed out
     nextword_model_info{...}                   the served model (tokenizer, cell, size, device)
 
 Each server has its own registry, so several can live in one process (tests).
@@ -39,6 +40,9 @@ class Metrics:
             "nextword_batch_rows", "Sequences per batched forward of the model", buckets=BATCH_BUCKETS, registry=r
         )
         self.queue_depth = Gauge("nextword_queue_depth", "Model steps waiting for the model worker", registry=r)
+        self.dropped_steps = Counter(
+            "nextword_dropped_steps", "Queued model steps skipped because their caller had gone", registry=r
+        )
         self.model = Info("nextword_model", "The served model", registry=r)
         self._http = None
 

@@ -96,6 +96,7 @@ class Server:
         )
         if hasattr(engine.model, "on_batch"):
             engine.model.on_batch = self.metrics.batch_rows.observe
+            engine.model.on_drop = self.metrics.dropped_steps.inc
         manifest = engine.artifact.manifest
         self.metrics.model.info(
             {

@@ -156,6 +156,8 @@ def test_steps_of_callers_who_are_gone_are_dropped_before_the_model_runs_them():
 
     model = GatedModel()
     batched = BatchingModel(model)
+    drops = []
+    batched.on_drop = lambda: drops.append(1)  # the server counts them in nextword_dropped_steps_total
     outcomes = {}
 
     def call(name, context, length):
@@ -187,4 +189,4 @@ def test_steps_of_callers_who_are_gone_are_dropped_before_the_model_runs_them():
     assert isinstance(outcomes["expired"], CallEnded) and outcomes["expired"].deadline
     assert isinstance(outcomes["cancelled"], CallEnded) and not outcomes["cancelled"].deadline
     assert not isinstance(outcomes["live"], Exception) and not isinstance(outcomes["first"], Exception)
-    assert model.rows == 2 and batched.dropped == 2
+    assert model.rows == 2 and batched.dropped == 2 and len(drops) == 2
