@@ -16,6 +16,7 @@ HELP = {
     "host": "address to listen on ([::] = every interface)",
     "port": "port to listen on (0 = any free port)",
     "device": "auto picks cuda when available",
+    "ngram": "serve the network mixed with the model file's n-gram memory (--no-ngram: the network alone)",
     "half": "float16 weights on CUDA",
     "threads": "intra-op threads for the model worker (0 = torch's default); with batching, request threads use one",
     "batching": "stack concurrent requests' model steps into one forward",

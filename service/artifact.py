@@ -26,12 +26,14 @@ from typing import Any
 import torch
 
 from service.files import atomic_write
+from service.memory import NgramMemory
 from service.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer
 
 FORMAT = "nextword-model"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.bin"
+MEMORY_FILE = "memory.npz"
 
 
 class ArtifactError(ValueError):
@@ -66,6 +68,18 @@ class Provenance:
 
 
 @dataclass(frozen=True)
+class MemorySpec:
+    """The n-gram memory (service/memory.py) and how the service mixes it with the network (service/mix.py)."""
+
+    order: int  # n: contexts of up to n - 1 tokens
+    min_count: int  # n-grams of 3+ tokens seen fewer times were pruned
+    entries: int  # followers stored, over all orders
+    weights: list[float]  # the memory's mixing weight by the longest context seen, 0 .. order - 1
+    sha256: str = ""  # of the memory's bytes
+    fitted_on: str = ""  # what the weights were fitted on, and the perplexities there
+
+
+@dataclass(frozen=True)
 class Manifest:
     """What ``manifest.json`` holds. The one place that knows its keys: readers use the fields."""
 
@@ -79,6 +93,7 @@ class Manifest:
     torch_version: str = ""
     weights_sha256: str = ""
     tokenizer_sha256: str = ""
+    memory: MemorySpec | None = None  # None: the network alone (files exported without a memory)
     format_version: int = FORMAT_VERSION
 
     @property
@@ -112,6 +127,7 @@ class Manifest:
             "torch_version": self.torch_version,
             "weights_sha256": self.weights_sha256,
             "tokenizer_sha256": self.tokenizer_sha256,
+            **({"memory": asdict(self.memory)} if self.memory is not None else {}),
         }
 
     def to_json(self) -> str:
@@ -154,6 +170,7 @@ class Manifest:
                 torch_version=str(data.get("torch_version", "")),
                 weights_sha256=str(data.get("weights_sha256", "")),
                 tokenizer_sha256=str(data.get("tokenizer_sha256", "")),
+                memory=MemorySpec(**data["memory"]) if data.get("memory") else None,
                 format_version=data["format_version"],
             )
             missing = [key for key in ("cell", "num_layers", "hidden_size", "vocab_size") if key not in network]
@@ -172,6 +189,7 @@ class Artifact:
     model: torch.jit.ScriptModule
     manifest: Manifest
     tokenizer: Tokenizer
+    memory: NgramMemory | None = None
 
 
 def _digest_value(digest, value) -> None:
@@ -224,13 +242,21 @@ def write_artifact(
     manifest: Manifest,
     tokenizer: Tokenizer,
     verify: Callable[[str], None] | None = None,
+    memory: NgramMemory | None = None,
 ) -> Manifest:
-    """Write the file (atomically; ``verify(temporary_path)`` may refuse it); returns the manifest as written."""
+    """Write the file (atomically; ``verify(temporary_path)`` may refuse it); returns the manifest as written.
+    With ``memory``, ``manifest.memory`` must describe it; its checksum is filled in here."""
     tokenizer_bytes = tokenizer.to_bytes()
     manifest = replace(
         manifest, weights_sha256=weights_digest(scripted), tokenizer_sha256=hashlib.sha256(tokenizer_bytes).hexdigest()
     )
-    extra = {MANIFEST_FILE: manifest.to_json(), TOKENIZER_FILE: tokenizer_bytes}
+    extra = {TOKENIZER_FILE: tokenizer_bytes}
+    if memory is not None:
+        extra[MEMORY_FILE] = memory.to_bytes()
+        manifest = replace(
+            manifest, memory=replace(manifest.memory, sha256=hashlib.sha256(extra[MEMORY_FILE]).hexdigest())
+        )
+    extra[MANIFEST_FILE] = manifest.to_json()
     atomic_write(path, lambda handle: torch.jit.save(scripted, handle, _extra_files=extra), verify)
     return manifest
 
@@ -238,7 +264,7 @@ def write_artifact(
 def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
     if not os.path.isfile(path):
         raise ArtifactError(f"model file not found: {path}")
-    extra = {MANIFEST_FILE: "", TOKENIZER_FILE: ""}
+    extra = {MANIFEST_FILE: "", TOKENIZER_FILE: "", MEMORY_FILE: ""}
     try:
         model = torch.jit.load(path, map_location=device, _extra_files=extra)
     except (RuntimeError, ValueError, OSError) as error:
@@ -258,5 +284,16 @@ def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
         tokenizer = load_tokenizer(tokenizer_bytes)
     except (ValueError, RuntimeError) as error:
         raise ArtifactError(f"damaged model file: {path} (tokenizer: {error})") from None
+    memory = None
+    if manifest.memory is not None:
+        data = extra[MEMORY_FILE]
+        if hashlib.sha256(data).hexdigest() != manifest.memory.sha256:
+            raise ArtifactError(f"damaged model file: {path} (the n-gram memory's checksum does not match)")
+        try:
+            memory = NgramMemory.from_bytes(data)
+        except ValueError as error:
+            raise ArtifactError(f"damaged model file: {path} ({error})") from None
+        if memory.vocab_size != tokenizer.vocab_size or memory.order != len(manifest.memory.weights):
+            raise ArtifactError(f"damaged model file: {path} (the n-gram memory does not fit the model)")
     model.eval()
-    return Artifact(path=path, model=model, manifest=manifest, tokenizer=tokenizer)
+    return Artifact(path=path, model=model, manifest=manifest, tokenizer=tokenizer, memory=memory)

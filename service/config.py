@@ -11,6 +11,7 @@ class ServerConfig:
     host: str = "[::]"
     port: int = 50051
     device: str = "auto"  # auto | cpu | cuda
+    ngram: bool = True  # mix the network with the file's n-gram memory (when it has one)
     half: bool = False  # float16 weights on CUDA
     threads: int = 0  # torch intra-op threads; 0 = torch's default
     batching: bool = True  # stack concurrent requests' model steps into one forward

@@ -9,6 +9,8 @@ from service.batching import BatchingModel
 from service.config import ServerConfig
 from service.generation import GenerationParams, Generator
 from service.hardware import ThreadPlan, resolve_device
+from service.memory import MemoryModel
+from service.mix import MixedModel
 from service.runner import ScriptedModel
 from service.suggest import SuggestConfig, Suggester
 
@@ -16,7 +18,7 @@ from service.suggest import SuggestConfig, Suggester
 @dataclass
 class Engine:
     artifact: Artifact
-    model: ScriptedModel | BatchingModel
+    model: ScriptedModel | MixedModel | BatchingModel
     suggester: Suggester
     generator: Generator
 
@@ -32,9 +34,12 @@ class Engine:
                 f"{config.model} has {quantization} weights, which run on CPU only; "
                 "serve it with --device cpu, or export the model without --quantize for the GPU"
             )
-        model = ScriptedModel(
+        network = ScriptedModel(
             artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda"
         )
+        model = network
+        if artifact.memory is not None and config.ngram:
+            model = MixedModel(network, MemoryModel(artifact.memory), artifact.manifest.memory.weights)
         if config.batching:
             model = BatchingModel(
                 model, config.max_batch_size, config.max_batch_wait_ms / 1000.0, threads.worker, config.drop_ended
@@ -49,6 +54,12 @@ class Engine:
             self.suggester.suggest(text, 3)
         for _ in self.generator.generate("The", GenerationParams(temperature=0, max_tokens=4)):
             pass
+
+    @property
+    def mixed(self) -> bool:
+        """The served distribution is the network mixed with the n-gram memory."""
+        inner = self.model.model if isinstance(self.model, BatchingModel) else self.model
+        return isinstance(inner, MixedModel)
 
     def close(self) -> None:
         """Stop the model worker (batching), after the calls that use it have ended."""

@@ -100,7 +100,7 @@ class Generator:
             if token == EOS:
                 reason = END_TOKEN
                 break
-            piece = self.tokenizer.token_text(token)
+            piece = self.tokenizer.display_text(token)
             if trim_leading and not text:
                 piece = piece.lstrip()
             text += piece

@@ -249,4 +249,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             max_generate_tokens=self.config.max_generate_tokens,
             max_context_tokens=self.config.max_context_tokens,
             manifest_json=manifest.to_json(),
+            components=["network", "ngram-memory"] if self.engine.mixed else ["network"],
+            ngram_weights=manifest.memory.weights if self.engine.mixed else [],
+            ngram_order=manifest.memory.order if self.engine.mixed else 0,
         )

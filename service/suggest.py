@@ -98,6 +98,9 @@ class Suggester:
         if tokenizer.kind == "word":
             texts = [t.strip() for t in texts]
         self.texts = texts
+        # words as they are shown: their written forms when the file has them ("lord" -> "LORD")
+        self.written = getattr(tokenizer, "written", None) is not None
+        self.shown = [tokenizer.display_text(i).strip() for i in range(tokenizer.vocab_size)] if self.written else texts
         vocab = len(texts)
         specials = torch.zeros(vocab, dtype=torch.bool)
         specials[: len(SPECIAL_TOKENS)] = True
@@ -153,7 +156,8 @@ class Suggester:
             found = self._next_words(log_probs, prefix, k)
         else:
             found = self._search_words(log_probs, state, self.tokenizer.normalize(split.typed).lstrip(), k)
-        if split.prefix:  # keep what was typed, case included: "App" -> "Apple"
+        if split.prefix and not (self.written and self.tokenizer.kind == "word"):
+            # keep what was typed, case included: "App" -> "Apple" (written forms replace it: "mo" -> "Moses")
             found = [(split.prefix + word[len(prefix) :], p) for word, p in found]
         return SuggestResult(found, completes_word=bool(split.prefix), prefix=split.prefix)
 
@@ -176,7 +180,7 @@ class Suggester:
         else:
             top = log_probs.masked_fill(~self.word_mask, -math.inf).topk(min(k, log_probs.numel()))
             found = [(v, i) for v, i in zip(top.values.tolist(), top.indices.tolist()) if v > -math.inf]
-        return [(self.texts[i], math.exp(v)) for v, i in found]
+        return [(self.shown[i], math.exp(v)) for v, i in found]
 
     # ------------------------------------------------------------------ char and sentencepiece models
 

@@ -56,6 +56,10 @@ class Tokenizer:
     def token_text(self, token_id: int) -> str:
         raise NotImplementedError
 
+    def display_text(self, token_id: int) -> str:
+        """What token i adds to the text shown to people (see WordTokenizer: written forms)."""
+        return self.token_text(token_id)
+
     def to_bytes(self) -> bytes:
         raise NotImplementedError
 
@@ -63,12 +67,16 @@ class Tokenizer:
 class VocabTokenizer(Tokenizer):
     """A fixed list of token strings; ids are positions in the list."""
 
-    def __init__(self, tokens: list[str], lowercase: bool = False) -> None:
+    def __init__(self, tokens: list[str], lowercase: bool = False, written: list[str] | None = None) -> None:
         super().__init__(lowercase)
         if tuple(tokens[: len(SPECIAL_TOKENS)]) != SPECIAL_TOKENS:
             raise ValueError(f"vocabulary must start with {SPECIAL_TOKENS}")
+        if written is not None and len(written) != len(tokens):
+            raise ValueError(f"{len(written)} written forms for {len(tokens)} tokens")
         self.tokens = list(tokens)
         self.index = {t: i for i, t in enumerate(self.tokens)}
+        # each token as people write it, most often, in the training text ("lord" -> "LORD"); None: as is
+        self.written = list(written) if written is not None else None
 
     @property
     def vocab_size(self) -> int:
@@ -76,6 +84,8 @@ class VocabTokenizer(Tokenizer):
 
     def to_bytes(self) -> bytes:
         payload = {"kind": self.kind, "lowercase": self.lowercase, "tokens": self.tokens}
+        if self.written is not None:
+            payload["written"] = self.written
         return json.dumps(payload, ensure_ascii=False).encode("utf-8")
 
 
@@ -112,6 +122,11 @@ class WordTokenizer(VocabTokenizer):
     def token_text(self, token_id: int) -> str:
         # Words come with a leading space; the engine strips it where needed.
         return self.joined(self.tokens[token_id], None) if token_id >= len(SPECIAL_TOKENS) else ""
+
+    def display_text(self, token_id: int) -> str:
+        if self.written is None or token_id < len(SPECIAL_TOKENS):
+            return self.token_text(token_id)
+        return self.joined(self.written[token_id], None)
 
     def decode(self, ids: list[int]) -> str:
         out, previous = [], ""
@@ -168,7 +183,7 @@ def load_tokenizer(data: bytes) -> Tokenizer:
     cls = {"char": CharTokenizer, "word": WordTokenizer}.get(meta.get("kind"))
     if cls is None:
         raise ValueError(f"unknown tokenizer kind {meta.get('kind')!r}")
-    return cls(meta["tokens"], lowercase=meta["lowercase"])
+    return cls(meta["tokens"], lowercase=meta["lowercase"], written=meta.get("written"))
 
 
 def is_cjk(ch: str) -> bool:

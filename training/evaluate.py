@@ -50,6 +50,8 @@ from tqdm import tqdm
 
 from service.artifact import ArtifactError, load_artifact
 from service.cli import OneLineParser, ranged
+from service.memory import MemoryModel
+from service.mix import MixedModel
 from service.runner import ScriptedModel
 from service.tokenizer import BOS, Tokenizer
 from training.data import CorpusError, read_corpus
@@ -160,10 +162,13 @@ def format_table(results: dict[str, dict]) -> str:
     return _aligned(rows)
 
 
-def network_scorer(name: str, artifact) -> tuple[Scorer, Tokenizer]:
-    """A model file's network, for perplexity and ranking alike, with the tokenizer it reads text with."""
-    network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
-    return Scorer(name, network, network), artifact.tokenizer
+def network_scorer(name: str, artifact, ngram: bool = True) -> tuple[Scorer, Tokenizer]:
+    """What a model file serves, for perplexity and ranking alike: the network mixed with the file's n-gram
+    memory (``ngram`` and the file has one) or the network alone; with the tokenizer it reads text with."""
+    model = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
+    if ngram and artifact.memory is not None:
+        model = MixedModel(model, MemoryModel(artifact.memory), artifact.manifest.memory.weights)
+    return Scorer(name, model, model), artifact.tokenizer
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -203,6 +208,11 @@ def main(argv: list[str] | None = None) -> int:
         help="CPU threads for the network (default: torch's, one per core)",
     )
     p.add_argument(
+        "--no-ngram",
+        action="store_true",
+        help="score the network alone, not mixed with the file's n-gram memory (default: as served)",
+    )
+    p.add_argument(
         "--quiet",
         action="store_true",
         help="no progress bar (there is none either when standard error is not a terminal)",
@@ -223,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nextword-eval: {error}", file=sys.stderr)
         return 2
     tokenizer = artifact.tokenizer
-    scorers = [network_scorer("model", artifact)]
+    scorers = [network_scorer("model", artifact, ngram=not args.no_ngram)]
     if args.baseline:
         counts = NgramCounts.from_text(train_lines, tokenizer, args.order)
         scorers.append(
@@ -233,7 +243,7 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     if other is not None:
-        scorers.append(network_scorer("against", other))
+        scorers.append(network_scorer("against", other, ngram=not args.no_ngram))
     results: dict[str, dict] = {}
     tallies: dict[str, Tally] = {}
     for scorer, scorer_tokenizer in scorers:

@@ -21,17 +21,38 @@ import math
 import os
 import sys
 import warnings
+from collections import Counter
+from collections.abc import Sequence
+from dataclasses import replace
 from datetime import UTC, datetime
 
 import torch
 
-from service.artifact import ArtifactError, Manifest, Provenance, TokenizerSpec, load_artifact, write_artifact
-from service.cli import OneLineParser
+from service.artifact import (
+    ArtifactError,
+    Manifest,
+    MemorySpec,
+    Provenance,
+    TokenizerSpec,
+    load_artifact,
+    write_artifact,
+)
+from service.cli import OneLineParser, ranged
+from service.memory import NgramMemory
+from service.runner import ScriptedModel
 from service.tokenizer import load_tokenizer
 from training.checkpoint import BEST, CheckpointError, load_checkpoint
+from training.config import TrainConfig
+from training.data import CorpusError, read_corpus, split_lines
+from training.mixing import collect, fit_weights
+from training.mixing import perplexity as mix_perplexity
 from training.model import LanguageModel, ModelConfig
+from training.ngram import NgramCounts, to_memory
 
 PROG = "nextword-export"
+DEFAULT_ORDER = 4  # the n-gram memory's order
+DEFAULT_MIN_COUNT = 2  # n-grams of 3+ tokens seen once are left out
+MAX_FIT_LINES = 2000  # validation lines the mixing weights are fitted on
 
 
 class ExportError(RuntimeError):
@@ -72,7 +93,68 @@ def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
         )
 
 
-def export(checkpoint_path: str, out: str, tolerance: float = 1e-4, quantize: str | None = None) -> Manifest:
+def training_lines(checkpoint: dict, corpus: Sequence[str] = ()) -> tuple[list[str], list[str]]:
+    """The checkpoint's training and validation lines, split as training split them; ``corpus`` replaces
+    the corpus paths it recorded (files moved). The text must be the text it was trained on."""
+    config = TrainConfig.from_dict(checkpoint["train_config"])
+    paths = list(corpus) or list(config.corpus)
+    try:
+        text = read_corpus(paths, config.encoding_errors)
+    except CorpusError as error:
+        raise ExportError(
+            f"{error} (the n-gram memory is built from the training text: give it with --corpus "
+            "PATH, or export with --ngram-order 0)"
+        ) from None
+    if sorted(text.sha256.values()) != sorted(checkpoint["provenance"]["corpus_sha256"].values()):
+        raise ExportError(f"{', '.join(paths)} differ from the text this model was trained on")
+    if config.val:
+        return text.lines, read_corpus(config.val, config.encoding_errors).lines
+    return split_lines(text.lines, config.val_fraction, config.seed)
+
+
+def written_forms(tokenizer, lines: Sequence[str]) -> list[str] | None:
+    """For a lower-cased word vocabulary: each word's most frequent written form in ``lines``
+    ("lord" -> "LORD", "moses" -> "Moses"); None for other tokenizers."""
+    if tokenizer.kind != "word" or not tokenizer.lowercase:
+        return None
+    seen: dict[str, Counter] = {}
+    for line in lines:
+        for word in tokenizer.split(line):
+            seen.setdefault(word.lower(), Counter())[word] += 1
+    return [seen[t].most_common(1)[0][0] if t in seen else t for t in tokenizer.tokens]
+
+
+def build_memory(
+    model: torch.nn.Module, tokenizer, checkpoint: dict, order: int, min_count: int, corpus: Sequence[str] = ()
+) -> tuple[NgramMemory, MemorySpec]:
+    """The n-gram memory of the training lines, and its mixing weights fitted on the validation lines; the
+    tokenizer learns its words' written forms from the same lines."""
+    train, validation = training_lines(checkpoint, corpus)
+    written = written_forms(tokenizer, train)
+    if written is not None:
+        tokenizer.written = written
+    memory = to_memory(NgramCounts.from_text(train, tokenizer, order), min_count)
+    sequences = [tokenizer.encode(line) for line in validation[:MAX_FIT_LINES]]
+    network = ScriptedModel(model, tokenizer.vocab_size)
+    evidence = collect(network, memory, sequences)
+    weights = fit_weights(evidence, order)
+    fitted_on = (
+        f"{len(sequences)} validation lines, {len(evidence.seen)} tokens: perplexity "
+        f"{mix_perplexity(evidence, None):.2f} network, {mix_perplexity(evidence, weights):.2f} mixed"
+    )
+    spec = MemorySpec(order=order, min_count=min_count, entries=memory.entries(), weights=weights, fitted_on=fitted_on)
+    return memory, spec
+
+
+def export(
+    checkpoint_path: str,
+    out: str,
+    tolerance: float = 1e-4,
+    quantize: str | None = None,
+    ngram_order: int = DEFAULT_ORDER,
+    ngram_min_count: int = DEFAULT_MIN_COUNT,
+    corpus: Sequence[str] = (),
+) -> Manifest:
     if os.path.isdir(checkpoint_path) and os.path.exists(os.path.join(checkpoint_path, BEST)):
         checkpoint_path = os.path.join(checkpoint_path, BEST)
     checkpoint = load_checkpoint(checkpoint_path)
@@ -107,6 +189,10 @@ def export(checkpoint_path: str, out: str, tolerance: float = 1e-4, quantize: st
         created=datetime.now(UTC).isoformat(timespec="seconds"),
         torch_version=str(torch.__version__),
     )
+    memory = None
+    if ngram_order:
+        memory, spec = build_memory(model, tokenizer, checkpoint, ngram_order, ngram_min_count, corpus)
+        manifest = replace(manifest, memory=spec)
 
     def verify(temporary: str) -> None:
         difference = check_parity(model, temporary)
@@ -117,7 +203,7 @@ def export(checkpoint_path: str, out: str, tolerance: float = 1e-4, quantize: st
             )
 
     os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    return write_artifact(out, scripted, manifest, tokenizer, verify=verify)
+    return write_artifact(out, scripted, manifest, tokenizer, verify=verify, memory=memory)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -129,9 +215,35 @@ def main(argv: list[str] | None = None) -> int:
         choices=QUANTIZATIONS,
         help="int8: dynamic int8 weights for faster CPU serving, CPU only (default: float weights)",
     )
+    parser.add_argument(
+        "--ngram-order",
+        type=ranged(int, 0, 6),
+        default=DEFAULT_ORDER,
+        help=f"the n-gram memory's order, mixed with the network when served; 0: none (default {DEFAULT_ORDER})",
+    )
+    parser.add_argument(
+        "--ngram-min-count",
+        type=ranged(int, 1),
+        default=DEFAULT_MIN_COUNT,
+        help=f"leave out n-grams of 3 or more tokens seen fewer times: a smaller file (default {DEFAULT_MIN_COUNT})",
+    )
+    parser.add_argument(
+        "--corpus",
+        action="append",
+        default=[],
+        metavar="PATH",
+        help="the training text, when it is no longer where training read it (repeat for several)",
+    )
     args = parser.parse_args(argv)
     try:
-        manifest = export(args.checkpoint, args.out, quantize=args.quantize)
+        manifest = export(
+            args.checkpoint,
+            args.out,
+            quantize=args.quantize,
+            ngram_order=args.ngram_order,
+            ngram_min_count=args.ngram_min_count,
+            corpus=args.corpus,
+        )
     except (CheckpointError, ArtifactError, ExportError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
         return 1
@@ -144,6 +256,12 @@ def main(argv: list[str] | None = None) -> int:
         + (f", stream validation perplexity {ppl:.2f}" if ppl else "")
         + "); it loads and matches the checkpoint"
     )
+    if manifest.memory is not None:
+        m = manifest.memory
+        print(
+            f"{PROG}: n-gram memory of order {m.order}, {m.entries:,} entries; mixing weights by context seen "
+            f"{', '.join(f'{w:.3f}' for w in m.weights)}; fitted on {m.fitted_on}"
+        )
     return 0
 
 

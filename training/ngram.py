@@ -31,6 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.memory import MemoryOrder, NgramMemory, pack
 from service.tokenizer import BOS, EOS, PAD
 
 SCORINGS = ("kneser-ney", "backoff")
@@ -159,3 +160,49 @@ class NgramStepModel:
                 rows.append(np.maximum(self.counts.backoff(history), _FLOOR))
         with np.errstate(divide="ignore"):  # <pad> and <s> have probability 0
             return torch.from_numpy(np.log(np.stack(rows))).float(), new_state
+
+
+def to_memory(counts: NgramCounts, min_count: int = 1) -> NgramMemory:
+    """The Kneser-Ney model of ``counts`` as the arrays a model file stores (service/memory.py).
+
+    ``min_count`` prunes: n-grams of three or more tokens seen fewer times are left out, and their
+    probability goes to the shorter context (the distribution still sums to one). Shorter n-grams
+    are always kept.
+    """
+    orders = []
+    for k, table in enumerate(counts.kn):
+        raw = counts.raw[k]
+        discount = counts.discounts[k]
+        contexts = sorted(table)
+        keys, gammas, offsets, ids, probs = [], [], [0], [], []
+        for context in contexts:
+            followers = table[context]
+            keep = np.ones(len(followers.ids), dtype=bool)
+            if k >= 2 and min_count > 1:  # prune by how often the n-gram itself occurred
+                seen = raw[context]
+                occurred = dict(zip(seen.ids.tolist(), seen.counts.tolist()))
+                keep = np.array([occurred.get(int(t), 0) >= min_count for t in followers.ids], dtype=bool)
+                if not keep.any():
+                    continue
+            p = np.maximum(followers.counts[keep] - discount, 0.0) / followers.total
+            keys.append(context)
+            gammas.append(max(0.0, 1.0 - float(p.sum())))
+            ids.append(followers.ids[keep])
+            probs.append(p)
+            offsets.append(offsets[-1] + int(keep.sum()))
+        packed = pack(np.array(keys, dtype=np.int64).reshape(len(keys), k), counts.vocab_size)
+        order = np.argsort(packed, kind="stable")
+        starts, ends = np.array(offsets[:-1])[order], np.array(offsets[1:])[order]
+        flat_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+        flat_probs = np.concatenate(probs) if probs else np.empty(0)
+        index = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(order) else np.empty(0, int)
+        orders.append(
+            MemoryOrder(
+                keys=packed[order],
+                gamma=np.array(gammas, dtype=np.float32)[order],
+                offsets=np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64),
+                ids=flat_ids[index].astype(np.int32),
+                probs=flat_probs[index].astype(np.float32),
+            )
+        )
+    return NgramMemory(orders, counts.vocab_size)

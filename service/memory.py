@@ -1,0 +1,174 @@
+"""The n-gram memory stored in a model file: what followed each context in the training text.
+
+A network generalises; an n-gram recalls. Where a whole context occurred in training, the n-gram
+knows verbatim what came next, so the service mixes the two (service/mix.py). training/ builds the
+memory at export (interpolated Kneser-Ney over the model's own tokens, the training split only);
+this module reads it and answers, for a batch of histories at once, the next token's probability
+over the whole vocabulary.
+
+The arrays, per context length k = 0 .. order-1 (the file's ``memory.npz``):
+
+    keys_k     uint64 [C]      each context packed as sum(token_i * V**i), sorted
+    gamma_k    float32 [C]     the weight left for the shorter context (backoff mass)
+    offsets_k  int64 [C + 1]   where each context's followers start in ids_k / probs_k
+    ids_k      int32 [F]       the tokens seen after the context
+    probs_k    float32 [F]     their discounted probabilities, max(count - D, 0) / total
+
+    P(w | h) = probs_k(h, w) + gamma_k(h) * P(w | h shortened), down to the uniform distribution,
+    k being the longest context of h that was seen (every shorter one was seen too).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import zipfile
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.tokenizer import BOS, PAD
+
+NO_TOKEN = -1.0  # an empty place in a history (a text shorter than order - 1 tokens)
+
+
+def pack(contexts: np.ndarray, vocab_size: int) -> np.ndarray:
+    """[N, k] token ids -> [N] uint64 keys (k = 0 gives zeros)."""
+    keys = np.zeros(len(contexts), dtype=np.uint64)
+    for column in range(contexts.shape[1]):
+        keys = keys * np.uint64(vocab_size) + contexts[:, column].astype(np.uint64)
+    return keys
+
+
+@dataclass
+class MemoryOrder:
+    keys: np.ndarray
+    gamma: np.ndarray
+    offsets: np.ndarray
+    ids: np.ndarray
+    probs: np.ndarray
+
+
+class NgramMemory:
+    def __init__(self, orders: list[MemoryOrder], vocab_size: int) -> None:
+        self.orders = orders
+        self.order = len(orders)
+        self.vocab_size = vocab_size
+        uniform = np.ones(vocab_size, dtype=np.float32)
+        uniform[[PAD, BOS]] = 0.0
+        self.uniform = uniform / uniform.sum()
+
+    @property
+    def width(self) -> int:
+        """Tokens of history it reads: order - 1 (at least one place, so the state is never empty)."""
+        return max(1, self.order - 1)
+
+    # ------------------------------------------------------------------ the file's bytes
+
+    def to_bytes(self) -> bytes:
+        arrays = {"vocab_size": np.array([self.vocab_size], dtype=np.int64)}
+        for k, o in enumerate(self.orders):
+            arrays.update(
+                {
+                    f"keys_{k}": o.keys,
+                    f"gamma_{k}": o.gamma,
+                    f"offsets_{k}": o.offsets,
+                    f"ids_{k}": o.ids,
+                    f"probs_{k}": o.probs,
+                }
+            )
+        buffer = io.BytesIO()
+        np.savez(buffer, **arrays)
+        return buffer.getvalue()
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> NgramMemory:
+        """Raises ValueError for bytes that are not a memory."""
+        try:
+            with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
+                vocab_size = int(arrays["vocab_size"][0])
+                orders, k = [], 0
+                while f"keys_{k}" in arrays:
+                    orders.append(
+                        MemoryOrder(*(arrays[f"{name}_{k}"] for name in ("keys", "gamma", "offsets", "ids", "probs")))
+                    )
+                    k += 1
+        except (OSError, KeyError, ValueError, EOFError, zipfile.BadZipFile) as error:
+            raise ValueError(f"unreadable n-gram memory ({type(error).__name__})") from None
+        if not orders:
+            raise ValueError("the n-gram memory has no orders")
+        return cls(orders, vocab_size)
+
+    def digest(self) -> str:
+        return hashlib.sha256(self.to_bytes()).hexdigest()
+
+    def entries(self) -> int:
+        return sum(len(o.ids) for o in self.orders)
+
+    # ------------------------------------------------------------------ queries
+
+    def seen(self, histories: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """For histories [B, width] (NO_TOKEN where empty): the longest context length seen [B], and per
+        order k the index of each row's context in that order's arrays (-1 where unseen)."""
+        rows = histories.shape[0]
+        longest = np.zeros(rows, dtype=np.int64)
+        found_at: list[np.ndarray] = []
+        alive = np.ones(rows, dtype=bool)
+        for k, o in enumerate(self.orders):
+            index = np.full(rows, -1, dtype=np.int64)
+            if k == 0:
+                index[:] = 0 if len(o.keys) else -1
+            else:
+                context = histories[:, histories.shape[1] - k :]
+                alive &= (context >= 0).all(axis=1)
+                keys = pack(np.where(context >= 0, context, 0).astype(np.int64), self.vocab_size)
+                at = np.minimum(np.searchsorted(o.keys, keys), max(0, len(o.keys) - 1))
+                hit = alive & (len(o.keys) > 0) & (o.keys[at] == keys) if len(o.keys) else np.zeros(rows, bool)
+                index[hit] = at[hit]
+            alive &= index >= 0
+            longest[alive] = k
+            found_at.append(index)
+        return longest, found_at
+
+    def probabilities(self, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[B, width] histories -> ([B, V] next-token probabilities (float32), [B] longest context seen)."""
+        longest, found_at = self.seen(histories)
+        p = np.tile(self.uniform, (histories.shape[0], 1))
+        for o, index in zip(self.orders, found_at):
+            rows = np.nonzero(index >= 0)[0]
+            if len(rows) == 0:
+                break
+            contexts = index[rows]
+            p[rows] *= o.gamma[contexts][:, None]
+            starts, ends = o.offsets[contexts], o.offsets[contexts + 1]
+            lengths = ends - starts
+            flat = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(rows) else np.empty(0, int)
+            p[np.repeat(rows, lengths), o.ids[flat]] += o.probs[flat]
+        return p, longest
+
+
+class MemoryModel:
+    """The memory behind the engine's StepModel interface (service/runner.py): its state is the last
+    ``width`` tokens read, as floats [1, B, width], NO_TOKEN where the text is shorter."""
+
+    def __init__(self, memory: NgramMemory) -> None:
+        self.memory = memory
+        self.vocab_size = memory.vocab_size
+        self.width = memory.width
+
+    def init_state(self, batch_size: int) -> Tensor:
+        return torch.full((1, batch_size, self.width), NO_TOKEN)
+
+    def read(self, tokens: Tensor, state: Tensor) -> np.ndarray:
+        """The histories after ``tokens`` [B, T]: [B, width] int64."""
+        joined = torch.cat([state[0], tokens.to(state.dtype)], dim=1)
+        return joined[:, joined.size(1) - self.width :].numpy().astype(np.int64)
+
+    def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        histories = self.read(tokens, state)
+        probabilities, _ = self.memory.probabilities(histories)
+        with np.errstate(divide="ignore"):
+            log_probs = torch.from_numpy(np.log(probabilities))
+        return log_probs, torch.from_numpy(histories.astype(np.float32)).unsqueeze(0)

@@ -1,0 +1,55 @@
+"""The served distribution: the network mixed with the n-gram memory of its training text.
+
+    P(w | h) = lambda_k * P_memory(w | h) + (1 - lambda_k) * P_network(w | h)
+
+k is the longest context of h that the memory has seen (0 .. order - 1): where the whole context
+occurred in training the memory recalls what followed it, and its weight is high; where little of
+it did, the network carries the answer. The weights, one per k, are fitted at export by EM on the
+validation lines (training/mixing.py) and stored in the manifest.
+
+``MixedModel`` is a StepModel, so suggestions, sessions, generation and the batcher use it as they
+use the network. Its state is the network's [L, B, S] with one more layer [1, B, S] whose first
+``width`` places hold the memory's history (service/memory.py):
+
+    state [L + 1, B, S]:  layers 0 .. L-1  the network's
+                          layer L          history tokens | zeros
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from service.memory import NO_TOKEN, MemoryModel
+from service.runner import StepModel
+
+
+class MixedModel:
+    def __init__(self, network: StepModel, memory: MemoryModel, weights: list[float]) -> None:
+        if len(weights) != memory.memory.order:
+            raise ValueError(f"{len(weights)} mixing weights for a memory of order {memory.memory.order}")
+        self.network = network
+        self.memory = memory
+        self.weights = np.asarray(weights, dtype=np.float32)
+        self.vocab_size = network.vocab_size
+        self.device = getattr(network, "device", torch.device("cpu"))
+        self._size = network.init_state(1).size(2)
+        if self._size < memory.width:
+            raise ValueError(f"the network's state ({self._size} values) cannot carry {memory.width} history tokens")
+
+    def init_state(self, batch_size: int) -> Tensor:
+        history = torch.zeros(1, batch_size, self._size)
+        history[:, :, : self.memory.width] = NO_TOKEN
+        return torch.cat([self.network.init_state(batch_size), history])
+
+    def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        width = self.memory.width
+        network_log_probs, network_state = self.network.advance(tokens, state[:-1])
+        histories = self.memory.read(tokens, state[-1:, :, :width])
+        memory_probs, longest = self.memory.memory.probabilities(histories)
+        weight = torch.from_numpy(self.weights[longest]).unsqueeze(1)  # [B, 1]
+        mixed = weight * torch.from_numpy(memory_probs) + (1 - weight) * network_log_probs.exp()
+        history = torch.zeros(1, tokens.size(0), self._size)
+        history[0, :, :width] = torch.from_numpy(histories.astype(np.float32))
+        return mixed.clamp_min(1e-30).log(), torch.cat([network_state, history])

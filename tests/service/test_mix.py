@@ -1,0 +1,107 @@
+"""The n-gram memory and the mix, with known answers."""
+
+import numpy as np
+import pytest
+import torch
+
+from service.memory import MemoryModel, NgramMemory
+from service.mix import MixedModel
+from service.session import TypingSession
+from service.suggest import Suggester
+from service.tokenizer import BOS
+from tests.conftest import TINY_EN
+from training.mixing import Evidence, fit_weights
+from training.ngram import NgramCounts, to_memory
+from training.tokenizers import build_tokenizer
+
+LINES = open(TINY_EN, encoding="utf-8").read().splitlines()
+
+
+@pytest.fixture(scope="module")
+def word_memory():
+    tokenizer = build_tokenizer("word", LINES, lowercase=True)
+    counts = NgramCounts.from_text(LINES, tokenizer, 4)
+    return tokenizer, counts, NgramMemory.from_bytes(to_memory(counts).to_bytes())
+
+
+class Uniform:
+    """A stand-in network: uniform next tokens, a state of one layer of 8 zeros."""
+
+    def __init__(self, vocab_size):
+        self.vocab_size = vocab_size
+
+    def init_state(self, batch_size):
+        return torch.zeros(1, batch_size, 8)
+
+    def advance(self, tokens, state):
+        return torch.full((tokens.size(0), self.vocab_size), -float(np.log(self.vocab_size))), state + 1
+
+
+def test_the_stored_memory_gives_the_kneser_ney_probabilities_of_training_ngram(word_memory):
+    tokenizer, counts, memory = word_memory
+    histories, expected = [], []
+    for line in LINES[:60]:
+        ids = [BOS, *tokenizer.encode(line)]
+        for end in range(1, len(ids) + 1):
+            history = ids[max(0, end - 3) : end]
+            histories.append([-1] * (3 - len(history)) + history)
+            expected.append(counts.kneser_ney(history))
+    histories.append([-1, -1, -1])  # nothing read yet: the unigram level
+    expected.append(counts.kneser_ney([]))
+    probabilities, longest = memory.probabilities(np.array(histories))
+    np.testing.assert_allclose(probabilities, np.stack(expected), atol=1e-6)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
+    assert longest.max() == 3 and longest[-1] == 0
+
+
+def test_pruning_keeps_a_distribution_and_shrinks_the_memory(word_memory):
+    tokenizer, counts, memory = word_memory
+    pruned = to_memory(counts, min_count=3)
+    assert pruned.entries() < memory.entries()
+    history = np.array([[BOS, *tokenizer.encode("the old")]])
+    np.testing.assert_allclose(pruned.probabilities(history)[0].sum(), 1.0, atol=1e-5)
+
+
+def test_a_damaged_memory_is_refused():
+    with pytest.raises(ValueError, match="unreadable n-gram memory"):
+        NgramMemory.from_bytes(b"PK\x03\x04 not an archive")
+
+
+@pytest.mark.parametrize("weight", [0.0, 1.0])
+def test_the_mix_with_weight_0_or_1_is_each_component(word_memory, weight):
+    tokenizer, _, memory = word_memory
+    network, model = Uniform(tokenizer.vocab_size), MemoryModel(memory)
+    mixed = MixedModel(network, model, [weight] * memory.order)
+    tokens = torch.tensor([[BOS, *tokenizer.encode("the old man")]])
+    log_probs, state = mixed.advance(tokens, mixed.init_state(1))
+    alone = (model if weight == 1.0 else network).advance(tokens, (model if weight == 1.0 else network).init_state(1))
+    torch.testing.assert_close(log_probs.exp(), alone[0].float().exp(), atol=1e-6, rtol=1e-5)
+    assert state.shape == (2, 1, 8) and state[-1, 0, :3].tolist() == tokens[0, -3:].float().tolist()
+
+
+def test_em_recovers_the_weights_of_a_synthetic_mixture():
+    rng = np.random.default_rng(0)
+    truth = [0.1, 0.4, 0.8]
+    p_memory, p_network = np.array([0.7, 0.2, 0.1]), np.array([0.1, 0.3, 0.6])  # two sources over 3 tokens
+    seen = rng.integers(0, 3, 100_000)
+    from_memory = rng.random(len(seen)) < np.array(truth)[seen]
+    tokens = np.where(from_memory, rng.choice(3, len(seen), p=p_memory), rng.choice(3, len(seen), p=p_network))
+    evidence = Evidence(network=p_network[tokens], memory=p_memory[tokens], seen=seen)
+    weights = fit_weights(evidence, order=3, iterations=200)
+    assert weights == pytest.approx(truth, abs=0.02)
+
+
+def test_a_session_answers_as_suggest_with_the_mix_on(tiny_word_model):
+    from service.artifact import load_artifact
+    from service.runner import ScriptedModel
+    from tests.service.test_tiny_models import same
+
+    artifact = load_artifact(tiny_word_model)
+    assert artifact.memory is not None
+    network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
+    mixed = MixedModel(network, MemoryModel(artifact.memory), artifact.manifest.memory.weights)
+    suggester = Suggester(mixed, artifact.tokenizer)
+    session = TypingSession(suggester, max_chars=1000)
+    for ch in "the old man likes fresh bread. my friend wants gr":
+        session.append(ch)
+        same(session.suggest(3), suggester.suggest(session.text, 3))

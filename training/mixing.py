@@ -1,0 +1,78 @@
+"""Fitting the mix of network and n-gram memory on the validation lines (at export).
+
+For every token of the validation lines (each line read from ``<s>``, as served): the network's
+probability of it, the memory's, and the longest context the memory has seen before it. Then EM
+on the log-likelihood, one weight per seen-context length, as SRILM's compute-best-mix does for a
+single weight:
+
+    r_i      = lambda_k P_memory(w_i) / (lambda_k P_memory(w_i) + (1 - lambda_k) P_network(w_i))
+    lambda_k = mean of r_i over the tokens whose context length is k
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from service.memory import NO_TOKEN, NgramMemory
+from service.runner import StepModel
+from service.tokenizer import BOS, EOS
+
+
+@dataclass
+class Evidence:
+    network: np.ndarray  # [N] the network's probability of each token
+    memory: np.ndarray  # [N] the memory's
+    seen: np.ndarray  # [N] the longest context the memory had seen before it
+
+
+@torch.inference_mode()
+def collect(
+    network: StepModel, memory: NgramMemory, sequences: Sequence[Sequence[int]], lines_at_once: int = 64
+) -> Evidence:
+    """Read each token sequence ``<s> ids </s>`` through both models, lines_at_once lines per model call."""
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    width = memory.width
+    for first in range(0, len(sequences), lines_at_once):
+        group = sorted(([BOS, *s, EOS] for s in sequences[first : first + lines_at_once]), key=len, reverse=True)
+        state = network.init_state(len(group))
+        histories = np.full((len(group), width), int(NO_TOKEN), dtype=np.int64)
+        for position in range(len(group[0]) - 1):
+            rows = sum(1 for s in group if len(s) > position + 1)
+            tokens = [s[position] for s in group[:rows]]
+            targets = np.array([s[position + 1] for s in group[:rows]])
+            log_probs, state = network.advance(torch.tensor(tokens).view(-1, 1), state[:, :rows])
+            histories = np.concatenate([histories[:rows, 1:], np.array(tokens).reshape(-1, 1)], axis=1)
+            probabilities, longest = memory.probabilities(histories)
+            picked = log_probs[torch.arange(rows), torch.from_numpy(targets)].exp().numpy()
+            parts.append((picked, probabilities[np.arange(rows), targets], longest))
+    return Evidence(*(np.concatenate(column) for column in zip(*parts)))
+
+
+def fit_weights(evidence: Evidence, order: int, iterations: int = 30) -> list[float]:
+    """One memory weight per seen-context length (0 .. order - 1); 0.5 where no token had that length."""
+    weights = []
+    for k in range(order):
+        chosen = evidence.seen == k
+        network, memory = evidence.network[chosen].astype(np.float64), evidence.memory[chosen].astype(np.float64)
+        weight = 0.5
+        if chosen.any():
+            for _ in range(iterations):
+                share = weight * memory / np.maximum(weight * memory + (1 - weight) * network, 1e-300)
+                weight = float(share.mean())
+        weights.append(round(weight, 6))
+    return weights
+
+
+def perplexity(evidence: Evidence, weights: Sequence[float] | None) -> float:
+    """Per-token perplexity of the mix with ``weights`` (None: the network alone)."""
+    if weights is None:
+        p = evidence.network
+    else:
+        w = np.asarray(weights)[evidence.seen]
+        p = w * evidence.memory + (1 - w) * evidence.network
+    return math.exp(-float(np.log(np.maximum(p, 1e-30)).mean()))
