@@ -31,6 +31,8 @@ from benchmarks.texts import long_text, prompts
 from service.artifact import load_artifact
 from service.batching import BatchingModel
 from service.hardware import use_intra_op_threads
+from service.memory import MemoryModel
+from service.mix import MixedModel
 from service.runner import ScriptedModel
 from service.session import TypingSession
 from service.suggest import Suggester
@@ -55,9 +57,17 @@ def on_thread(threads: int, work):
     return result[0]
 
 
-def in_process(model_path: str, seconds: float, device: str, threads: int) -> dict:
+def served(artifact, device: str, ngram: bool = True):
+    """The StepModel the server runs for this file: the network mixed with its memory, or alone."""
+    network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)
+    if ngram and artifact.memory is not None:
+        return MixedModel(network, MemoryModel(artifact.memory), artifact.manifest.memory.weights)
+    return network
+
+
+def in_process(model_path: str, seconds: float, device: str, threads: int, ngram: bool = True) -> dict:
     artifact = load_artifact(model_path)
-    plain = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)
+    plain = served(artifact, device, ngram)
     texts = prompts()
 
     def alone() -> list[float]:
@@ -100,7 +110,7 @@ def in_process(model_path: str, seconds: float, device: str, threads: int) -> di
 
 def keystrokes(model_path: str, typed: int, device: str, count: int = 60) -> dict:
     artifact = load_artifact(model_path)
-    suggester = Suggester(ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device), artifact.tokenizer)
+    suggester = Suggester(served(artifact, device), artifact.tokenizer)
     text = long_text(typed + count)
     session = TypingSession(suggester, max_chars=100_000)
     session.append(text[:typed])
@@ -157,9 +167,11 @@ def serving(model_path: str, *flags: str) -> Iterator[int]:
         server.wait(timeout=30)
 
 
-def server_runs(model_path: str, batching: bool, seconds: float, clients: list[int], device: str) -> list[dict]:
+def server_runs(
+    model_path: str, batching: bool, seconds: float, clients: list[int], device: str, *flags: str
+) -> list[dict]:
     flag = "--batching" if batching else "--no-batching"
-    with serving(model_path, flag, "--device", device) as port:
+    with serving(model_path, flag, "--device", device, *flags) as port:
         results = [load(port, count, seconds) for count in clients]
         if batching:  # the per-call cost without the model: GetModelInfo at the most clients
             results.append(load(port, max(clients), seconds, "--method", "info"))
@@ -217,6 +229,22 @@ def main() -> None:
     print(
         f"keystroke at 2,000 chars / at 20 chars: {long_['session_ms'] / short['session_ms']:.2f}x "
         f"(re-encoding: {long_['reencode_ms'] / short['reencode_ms']:.2f}x)"
+    )
+    if load_artifact(args.model).memory is not None:
+        compare_network_alone(args, clients, threads, base, batched)
+
+
+def compare_network_alone(args, clients: list[int], threads: int, mixed: dict, mixed_runs: list[dict]) -> None:
+    """The served mix against the network alone (--no-ngram), in-process and over gRPC."""
+    alone = in_process(args.model, args.seconds, args.device, threads, ngram=False)
+    alone_runs = server_runs(args.model, True, args.seconds, clients, args.device, "--no-ngram")[:-1]
+    print("\n| | in-process p50 ms | " + " | ".join(f"{c} clients QPS" for c in clients) + " |")
+    print("| --- | --- | " + " | ".join("---" for _ in clients) + " |")
+    for name, base, runs in (("mix (served)", mixed, mixed_runs), ("network alone (--no-ngram)", alone, alone_runs)):
+        print(f"| {name} | {base['p50_ms']:.2f} | " + " | ".join(f"{r['qps']:.0f}" for r in runs) + " |")
+    print(
+        f"mix / network alone: in-process p50 {mixed['p50_ms'] / alone['p50_ms']:.2f}x; "
+        f"{clients[-1]}-client QPS {mixed_runs[-1]['qps'] / alone_runs[-1]['qps']:.2f}x"
     )
 
 

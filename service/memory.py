@@ -80,7 +80,7 @@ class NgramMemory:
                 }
             )
         buffer = io.BytesIO()
-        np.savez(buffer, **arrays)
+        np.savez_compressed(buffer, **arrays)
         return buffer.getvalue()
 
     @classmethod

@@ -147,14 +147,15 @@ def _aligned(rows: list[list[str]]) -> str:
 
 
 def format_table(results: dict[str, dict]) -> str:
+    """One column per scorer; with two or more, the first against the second as a ratio and a difference."""
     names = list(results)
-    header = ["metric", *names] + (["ratio", "difference"] if len(names) == 2 else [])
+    header = ["metric", *names] + ([f"{names[0]} / {names[1]}", "difference"] if len(names) >= 2 else [])
     rows = [header]
     for key, label, percent in _ROWS:
         values = [results[n].get(key) for n in names]
         row = [label, *(_cell(v, percent) for v in values)]
-        if len(names) == 2:
-            a, b = values
+        if len(names) >= 2:
+            a, b = values[:2]
             ratio = f"{a / b:.2f}x" if a is not None and b else "n/a"
             diff = f"{100 * (a - b):+.1f} pts" if percent and a is not None and b is not None else ""
             row += [ratio, diff]
@@ -242,6 +243,8 @@ def main(argv: list[str] | None = None) -> int:
                 tokenizer,
             )
         )
+    if args.baseline and artifact.memory is not None and not args.no_ngram:
+        scorers.append(network_scorer("network", artifact, ngram=False))  # the mix's other component, alone
     if other is not None:
         scorers.append(network_scorer("against", other, ngram=not args.no_ngram))
     results: dict[str, dict] = {}

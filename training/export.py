@@ -50,8 +50,8 @@ from training.model import LanguageModel, ModelConfig
 from training.ngram import NgramCounts, to_memory
 
 PROG = "nextword-export"
-DEFAULT_ORDER = 4  # the n-gram memory's order
-DEFAULT_MIN_COUNT = 2  # n-grams of 3+ tokens seen once are left out
+DEFAULT_ORDER = 5  # the n-gram memory's order
+DEFAULT_MIN_COUNT = 1  # keep every n-gram (a larger value gives a smaller file)
 MAX_FIT_LINES = 2000  # validation lines the mixing weights are fitted on
 
 

@@ -167,6 +167,9 @@ def test_format_table_shows_ratios_and_differences():
     lines = table.splitlines()
     assert "0.80x" in next(line for line in lines if line.startswith("perplexity"))
     assert "+6.0 pts" in next(line for line in lines if line.startswith("top-1"))
+    three = format_table({"model": {"top1": 0.36}, "ngram-4": {"top1": 0.3}, "network": {"top1": 0.33}})
+    assert "model / ngram-4" in three.splitlines()[0]
+    assert "1.20x" in next(line for line in three.splitlines() if line.startswith("top-1"))
 
 
 # ---------------------------------------------------------------------------- the command
@@ -195,7 +198,8 @@ def test_command_reports_model_and_baseline_as_table_and_json(tiny_word_model, t
     assert "top-1 accuracy" in result.stdout and "ngram-3" in result.stdout
     document = json.loads(out.read_text())
     assert document["lines"] == 20
-    for name in ("model", "ngram-3"):
+    assert set(document["results"]) == {"model", "ngram-3", "network"}  # the mix, the baseline, the network alone
+    for name in ("model", "ngram-3", "network"):
         metrics = document["results"][name]
         assert metrics["perplexity"] > 1 and 0 <= metrics["top1"] <= metrics["top3"] <= metrics["top5"] <= 1
         assert 0 <= metrics["ksr"] < 1

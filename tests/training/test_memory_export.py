@@ -18,10 +18,10 @@ pytestmark = pytest.mark.slow
 def test_export_stores_the_memory_and_fits_weights_on_validation(tiny_word_run, tmp_path):
     manifest = export(tiny_word_run, str(tmp_path / "m.pt"))
     spec = manifest.memory
-    assert spec.order == 4 and spec.entries > 0 and len(spec.weights) == 4
+    assert spec.order == 5 and spec.entries > 0 and len(spec.weights) == 5
     assert all(0.0 <= w <= 1.0 for w in spec.weights) and "validation lines" in spec.fitted_on
     artifact = load_artifact(str(tmp_path / "m.pt"))
-    assert artifact.memory.entries() == spec.entries and artifact.memory.order == 4
+    assert artifact.memory.entries() == spec.entries and artifact.memory.order == 5
 
 
 def test_a_damaged_memory_is_refused_with_one_line(tiny_word_run, tmp_path):
@@ -54,7 +54,7 @@ def test_served_with_the_mix_and_without_and_info_says_which(tiny_word_run, tmp_
         finally:
             server.stop(0)
         assert list(info.components) == (["network", "ngram-memory"] if ngram else ["network"])
-        assert (len(info.ngram_weights), info.ngram_order) == ((4, 4) if ngram else (0, 0))
+        assert (len(info.ngram_weights), info.ngram_order) == ((5, 5) if ngram else (0, 0))
     assert answers[True] != answers[False]
 
 
