@@ -20,6 +20,7 @@ The arrays, per context length k = 0 .. order-1 (the file's ``memory.npz``):
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import zipfile
@@ -111,41 +112,64 @@ class NgramMemory:
 
     def seen(self, histories: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """For histories [B, width] (NO_TOKEN where empty): the longest context length seen [B], and per
-        order k the index of each row's context in that order's arrays (-1 where unseen)."""
-        rows = histories.shape[0]
+        order k >= 1 the index of each row's context in that order's arrays (-1 where unseen)."""
+        rows, width = histories.shape
         longest = np.zeros(rows, dtype=np.int64)
         found_at: list[np.ndarray] = []
         alive = np.ones(rows, dtype=bool)
-        for k, o in enumerate(self.orders):
+        keys = np.zeros(rows, dtype=np.uint64)
+        power = np.uint64(1)
+        for k in range(1, self.order):
+            token = histories[:, width - k]
+            alive &= token >= 0
+            # the context of the last k tokens, packed: its first token is the most significant place
+            keys = keys + np.where(token >= 0, token, 0).astype(np.uint64) * power
+            power = power * np.uint64(self.vocab_size)
+            o = self.orders[k]
             index = np.full(rows, -1, dtype=np.int64)
-            if k == 0:
-                index[:] = 0 if len(o.keys) else -1
-            else:
-                context = histories[:, histories.shape[1] - k :]
-                alive &= (context >= 0).all(axis=1)
-                keys = pack(np.where(context >= 0, context, 0).astype(np.int64), self.vocab_size)
-                at = np.minimum(np.searchsorted(o.keys, keys), max(0, len(o.keys) - 1))
-                hit = alive & (len(o.keys) > 0) & (o.keys[at] == keys) if len(o.keys) else np.zeros(rows, bool)
+            if len(o.keys) and alive.any():
+                at = np.minimum(np.searchsorted(o.keys, keys), len(o.keys) - 1)
+                hit = alive & (o.keys[at] == keys)
                 index[hit] = at[hit]
             alive &= index >= 0
             longest[alive] = k
             found_at.append(index)
+            if not alive.any():
+                break
         return longest, found_at
 
+    @functools.cached_property
+    def base(self) -> np.ndarray:
+        """P(w) with no context: the unigram level over the uniform distribution [V]."""
+        o = self.orders[0]
+        p = self.uniform * (o.gamma[0] if len(o.gamma) else 1.0)
+        if len(o.ids):
+            np.add.at(p, o.ids[o.offsets[0] : o.offsets[1]], o.probs[o.offsets[0] : o.offsets[1]])
+        return p.astype(np.float32)
+
     def probabilities(self, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[B, width] histories -> ([B, V] next-token probabilities (float32), [B] longest context seen)."""
+        """[B, width] histories -> ([B, V] next-token probabilities (float32), [B] longest context seen).
+
+        The interpolation unrolled: P = sum over seen k of (product of gamma above k) * probs_k, plus the
+        product of every gamma times the base: one dense product and a sparse add per order."""
         longest, found_at = self.seen(histories)
-        p = np.tile(self.uniform, (histories.shape[0], 1))
-        for o, index in zip(self.orders, found_at):
-            rows = np.nonzero(index >= 0)[0]
-            if len(rows) == 0:
-                break
-            contexts = index[rows]
-            p[rows] *= o.gamma[contexts][:, None]
+        rows = histories.shape[0]
+        scale = np.ones(rows, dtype=np.float32)  # the product of the gammas of the orders above, so far
+        parts = []
+        for o, index in reversed(list(zip(self.orders[1:], found_at))):
+            hit = np.nonzero(index >= 0)[0]
+            if len(hit) == 0:
+                continue
+            contexts = index[hit]
             starts, ends = o.offsets[contexts], o.offsets[contexts + 1]
-            lengths = ends - starts
-            flat = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(rows) else np.empty(0, int)
-            p[np.repeat(rows, lengths), o.ids[flat]] += o.probs[flat]
+            flat = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
+            parts.append(
+                (np.repeat(hit, ends - starts), o.ids[flat], o.probs[flat] * np.repeat(scale[hit], ends - starts))
+            )
+            scale[hit] *= o.gamma[contexts]
+        p = scale[:, None] * self.base[None, :]
+        for at_rows, ids, values in parts:
+            p[at_rows, ids] += values
         return p, longest
 
 
