@@ -134,12 +134,14 @@ class GatedModel:
 
     def __init__(self) -> None:
         self.gate = threading.Event()
+        self.entered = threading.Event()  # the worker is inside advance, holding its first batch
         self.rows = 0
 
     def init_state(self, batch_size):
         return torch.zeros(1, batch_size, 1)
 
     def advance(self, tokens, state):
+        self.entered.set()
         self.gate.wait(5)
         self.rows += tokens.size(0)
         return torch.zeros(tokens.size(0), self.vocab_size), state
@@ -171,8 +173,7 @@ def test_steps_of_callers_who_are_gone_are_dropped_before_the_model_runs_them():
 
     first = threading.Thread(target=call, args=("first", None, 1))  # no call: always computed
     first.start()
-    while batched.queue_depth:  # the worker has taken it and waits at the gate
-        time.sleep(0.001)
+    assert model.entered.wait(5)  # the worker has taken it alone and waits at the gate
     waiting = [
         threading.Thread(target=call, args=("expired", Expired(), 2)),
         threading.Thread(target=call, args=("cancelled", FakeContext(active=False), 2)),
@@ -180,8 +181,10 @@ def test_steps_of_callers_who_are_gone_are_dropped_before_the_model_runs_them():
     ]
     for thread in waiting:
         thread.start()
-    while batched.queue_depth < 3:
+    deadline = time.monotonic() + 5
+    while batched.queue_depth < 3 and time.monotonic() < deadline:  # all three wait behind the gate
         time.sleep(0.001)
+    assert batched.queue_depth == 3
     model.gate.set()
     for thread in [first, *waiting]:
         thread.join(5)
