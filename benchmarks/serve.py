@@ -31,8 +31,7 @@ from benchmarks.texts import long_text, prompts
 from service.artifact import load_artifact
 from service.batching import BatchingModel
 from service.hardware import use_intra_op_threads
-from service.memory import MemoryModel
-from service.mix import MixedModel
+from service.mix import served_model
 from service.runner import ScriptedModel
 from service.session import TypingSession
 from service.suggest import Suggester
@@ -57,17 +56,9 @@ def on_thread(threads: int, work):
     return result[0]
 
 
-def served(artifact, device: str, ngram: bool = True):
-    """The StepModel the server runs for this file: the network mixed with its memory, or alone."""
-    network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)
-    if ngram and artifact.memory is not None:
-        return MixedModel(network, MemoryModel(artifact.memory), artifact.manifest.memory.weights)
-    return network
-
-
 def in_process(model_path: str, seconds: float, device: str, threads: int, ngram: bool = True) -> dict:
     artifact = load_artifact(model_path)
-    plain = served(artifact, device, ngram)
+    plain = served_model(ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device), artifact, ngram)
     texts = prompts()
 
     def alone() -> list[float]:
@@ -110,7 +101,8 @@ def in_process(model_path: str, seconds: float, device: str, threads: int, ngram
 
 def keystrokes(model_path: str, typed: int, device: str, count: int = 60) -> dict:
     artifact = load_artifact(model_path)
-    suggester = Suggester(served(artifact, device), artifact.tokenizer)
+    network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)
+    suggester = Suggester(served_model(network, artifact), artifact.tokenizer)
     text = long_text(typed + count)
     session = TypingSession(suggester, max_chars=100_000)
     session.append(text[:typed])

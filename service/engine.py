@@ -9,8 +9,7 @@ from service.batching import BatchingModel
 from service.config import ServerConfig
 from service.generation import GenerationParams, Generator
 from service.hardware import ThreadPlan, resolve_device
-from service.memory import MemoryModel
-from service.mix import MixedModel
+from service.mix import MixedModel, served_model
 from service.runner import ScriptedModel
 from service.suggest import SuggestConfig, Suggester
 
@@ -37,9 +36,7 @@ class Engine:
         network = ScriptedModel(
             artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda"
         )
-        model = network
-        if artifact.memory is not None and config.ngram:
-            model = MixedModel(network, MemoryModel(artifact.memory), artifact.manifest.memory.weights)
+        model = served_model(network, artifact, config.ngram)
         if config.batching:
             model = BatchingModel(
                 model, config.max_batch_size, config.max_batch_wait_ms / 1000.0, threads.worker, config.drop_ended

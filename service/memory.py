@@ -8,7 +8,7 @@ over the whole vocabulary.
 
 The arrays, per context length k = 0 .. order-1 (the file's ``memory.npz``):
 
-    keys_k     uint64 [C]      each context packed as sum(token_i * V**i), sorted
+    keys_k     uint64 [C]      each context t_1 .. t_k packed as sum(t_i * V**(k - i)), sorted
     gamma_k    float32 [C]     the weight left for the shorter context (backoff mass)
     offsets_k  int64 [C + 1]   where each context's followers start in ids_k / probs_k
     ids_k      int32 [F]       the tokens seen after the context
@@ -21,7 +21,6 @@ The arrays, per context length k = 0 .. order-1 (the file's ``memory.npz``):
 from __future__ import annotations
 
 import functools
-import hashlib
 import io
 import zipfile
 from dataclasses import dataclass
@@ -101,9 +100,6 @@ class NgramMemory:
         if not orders:
             raise ValueError("the n-gram memory has no orders")
         return cls(orders, vocab_size)
-
-    def digest(self) -> str:
-        return hashlib.sha256(self.to_bytes()).hexdigest()
 
     def entries(self) -> int:
         return sum(len(o.ids) for o in self.orders)

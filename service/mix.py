@@ -25,6 +25,14 @@ from service.memory import NO_TOKEN, MemoryModel
 from service.runner import StepModel
 
 
+def served_model(network: StepModel, artifact, ngram: bool = True) -> StepModel:
+    """What a model file serves on top of its ``network``: the mix with the file's memory when it has one
+    (and ``ngram``), else the network alone. The server, evaluation and benchmarks all build it here."""
+    if not ngram or artifact.memory is None:
+        return network
+    return MixedModel(network, MemoryModel(artifact.memory), artifact.manifest.memory.weights)
+
+
 class MixedModel:
     def __init__(self, network: StepModel, memory: MemoryModel, weights: list[float]) -> None:
         if len(weights) != memory.memory.order:

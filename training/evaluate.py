@@ -50,8 +50,7 @@ from tqdm import tqdm
 
 from service.artifact import ArtifactError, load_artifact
 from service.cli import OneLineParser, ranged
-from service.memory import MemoryModel
-from service.mix import MixedModel
+from service.mix import served_model
 from service.runner import ScriptedModel
 from service.tokenizer import BOS, Tokenizer
 from training.data import CorpusError, read_corpus
@@ -166,9 +165,7 @@ def format_table(results: dict[str, dict]) -> str:
 def network_scorer(name: str, artifact, ngram: bool = True) -> tuple[Scorer, Tokenizer]:
     """What a model file serves, for perplexity and ranking alike: the network mixed with the file's n-gram
     memory (``ngram`` and the file has one) or the network alone; with the tokenizer it reads text with."""
-    model = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
-    if ngram and artifact.memory is not None:
-        model = MixedModel(model, MemoryModel(artifact.memory), artifact.manifest.memory.weights)
+    model = served_model(ScriptedModel(artifact.model, artifact.tokenizer.vocab_size), artifact, ngram)
     return Scorer(name, model, model), artifact.tokenizer
 
 

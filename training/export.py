@@ -125,14 +125,9 @@ def written_forms(tokenizer, lines: Sequence[str]) -> list[str] | None:
 
 
 def build_memory(
-    model: torch.nn.Module, tokenizer, checkpoint: dict, order: int, min_count: int, corpus: Sequence[str] = ()
+    model: torch.nn.Module, tokenizer, train: Sequence[str], validation: Sequence[str], order: int, min_count: int
 ) -> tuple[NgramMemory, MemorySpec]:
-    """The n-gram memory of the training lines, and its mixing weights fitted on the validation lines; the
-    tokenizer learns its words' written forms from the same lines."""
-    train, validation = training_lines(checkpoint, corpus)
-    written = written_forms(tokenizer, train)
-    if written is not None:
-        tokenizer.written = written
+    """The n-gram memory of the training lines, and its mixing weights fitted on the validation lines."""
     memory = to_memory(NgramCounts.from_text(train, tokenizer, order), min_count)
     sequences = [tokenizer.encode(line) for line in validation[:MAX_FIT_LINES]]
     network = ScriptedModel(model, tokenizer.vocab_size)
@@ -191,7 +186,9 @@ def export(
     )
     memory = None
     if ngram_order:
-        memory, spec = build_memory(model, tokenizer, checkpoint, ngram_order, ngram_min_count, corpus)
+        train, validation = training_lines(checkpoint, corpus)
+        tokenizer.written = written_forms(tokenizer, train)  # None except for lower-cased word vocabularies
+        memory, spec = build_memory(model, tokenizer, train, validation, ngram_order, ngram_min_count)
         manifest = replace(manifest, memory=spec)
 
     def verify(temporary: str) -> None:

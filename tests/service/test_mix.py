@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from service.memory import MemoryModel, NgramMemory
-from service.mix import MixedModel
+from service.mix import MixedModel, served_model
 from service.session import TypingSession
 from service.suggest import Suggester
 from service.tokenizer import BOS
@@ -99,7 +99,8 @@ def test_a_session_answers_as_suggest_with_the_mix_on(tiny_word_model):
     artifact = load_artifact(tiny_word_model)
     assert artifact.memory is not None
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
-    mixed = MixedModel(network, MemoryModel(artifact.memory), artifact.manifest.memory.weights)
+    mixed = served_model(network, artifact)
+    assert isinstance(mixed, MixedModel)
     suggester = Suggester(mixed, artifact.tokenizer)
     session = TypingSession(suggester, max_chars=1000)
     for ch in "the old man likes fresh bread. my friend wants gr":
