@@ -1,7 +1,10 @@
 """Asynchronous gRPC load generator: C clients call Suggest back to back for S seconds.
 
     python -m benchmarks.load --target localhost:50051 --clients 64 --seconds 10 [--method info]
-        [--deadline-ms 100] [--generate-streams 8]
+        [--deadline-ms 100] [--generate-streams 8] [--channels 1]
+
+Each client has a connection of its own, as keyboards do (``--channels K`` spreads the clients over K
+connections instead: a server of several worker processes sees each connection on one worker).
 
 ``--method info`` calls GetModelInfo instead: a call that never reaches the model, which
 measures what gRPC, the server's interceptor and Python cost per call. ``--deadline-ms`` gives
@@ -41,32 +44,39 @@ async def run(
     method: str = "suggest",
     deadline_ms: float | None = None,
     generate_streams: int = 0,
+    channels: int = 0,
 ) -> dict:
     texts = prompts()
     latencies: list[float] = []
     codes: Counter = Counter()
     streamed = 0
     timeout = deadline_ms / 1000 if deadline_ms else 30
-    async with grpc.aio.insecure_channel(target) as channel:
-        stub = pb_grpc.NextWordStub(channel)
+    # a local subchannel pool: each channel its own connection (by default gRPC shares one per target)
+    opened = [
+        grpc.aio.insecure_channel(target, options=[("grpc.use_local_subchannel_pool", 1)])
+        for _ in range(channels or clients)
+    ]
+    stubs = [pb_grpc.NextWordStub(channel) for channel in opened]
+    try:
         if method == "info":
 
-            def call(rng):
+            def call(stub, rng):
                 return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
         else:
 
-            def call(rng):
+            def call(stub, rng):
                 return stub.Suggest(pb.SuggestRequest(text=rng.choice(texts)), timeout=timeout)
 
-        await stub.Suggest(pb.SuggestRequest(text="warm up"), wait_for_ready=True)
+        await asyncio.gather(*(s.Suggest(pb.SuggestRequest(text="warm up"), wait_for_ready=True) for s in stubs))
         start = time.perf_counter()
         measure_from, stop_at = start + warmup, start + warmup + seconds
 
         async def client(seed: int) -> None:
             rng = random.Random(seed)
+            stub = stubs[seed % len(stubs)]
             while (now := time.perf_counter()) < stop_at:
                 try:
-                    await call(rng)
+                    await call(stub, rng)
                     code = grpc.StatusCode.OK
                 except grpc.aio.AioRpcError as error:
                     code = error.code()
@@ -78,6 +88,7 @@ async def run(
         async def generate(seed: int) -> None:
             nonlocal streamed
             rng = random.Random(seed)
+            stub = stubs[seed % len(stubs)]
             while time.perf_counter() < stop_at:
                 request = pb.GenerateRequest(prompt=rng.choice(texts), max_tokens=512, seed=seed)
                 stream = stub.Generate(request, timeout=120)
@@ -92,10 +103,13 @@ async def run(
         for task in generators:
             task.cancel()
         await asyncio.gather(*generators, return_exceptions=True)
+    finally:
+        await asyncio.gather(*(channel.close() for channel in opened))
     return {
         "clients": clients,
         "deadline_ms": deadline_ms,
         "generate_streams": generate_streams,
+        "connections": len(opened),
         "calls": len(latencies),
         "errors": sum(count for code, count in codes.items() if code != "OK"),
         "qps": len(latencies) / seconds,
@@ -116,9 +130,17 @@ def main() -> None:
     parser.add_argument("--method", choices=["suggest", "info"], default="suggest")
     parser.add_argument("--deadline-ms", type=float, default=None, help="each call's deadline (default: 30 s)")
     parser.add_argument("--generate-streams", type=int, default=0, help="512-token Generate streams beside the load")
+    parser.add_argument("--channels", type=int, default=0, help="connections the clients share (0: one each)")
     args = parser.parse_args()
     result = run(
-        args.target, args.clients, args.seconds, args.warmup, args.method, args.deadline_ms, args.generate_streams
+        args.target,
+        args.clients,
+        args.seconds,
+        args.warmup,
+        args.method,
+        args.deadline_ms,
+        args.generate_streams,
+        args.channels,
     )
     print(json.dumps(asyncio.run(result)))
 

@@ -10,9 +10,12 @@ batching, request threads run the model themselves and share torch's setting.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import torch
+
+MAX_DEFAULT_WORKERS = 4
 
 
 def resolve_device(name: str) -> str:
@@ -22,6 +25,19 @@ def resolve_device(name: str) -> str:
     if name == "auto":
         return "cuda" if torch.cuda.is_available() else "cpu"
     return name
+
+
+def usable_cores() -> int:
+    """The cores this process may run on (its CPU affinity, which a container's cpuset limits)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
+def default_workers(device: str) -> int:
+    """--workers 0: one server process per usable core, at most MAX_DEFAULT_WORKERS (each holds a copy of the
+    model); on CUDA MAX_DEFAULT_WORKERS, which share the GPU. docs/performance.md has the measurements."""
+    if device == "cuda":
+        return MAX_DEFAULT_WORKERS
+    return max(1, min(usable_cores(), MAX_DEFAULT_WORKERS))
 
 
 def use_intra_op_threads(count: int) -> None:
@@ -38,8 +54,11 @@ class ThreadPlan:
     others: int | None  # every other thread's; None: leave torch's setting
 
     @classmethod
-    def for_server(cls, threads: int, batching: bool) -> ThreadPlan:
-        """``threads``: the --threads flag (0 = torch's default for this machine)."""
+    def for_server(cls, threads: int, batching: bool, workers: int = 1) -> ThreadPlan:
+        """``threads``: the --threads flag (0 = torch's default for this machine, shared by ``workers`` processes,
+        so that their OpenMP teams together do not outnumber the cores)."""
+        if not threads and workers > 1:
+            threads = max(1, torch.get_num_threads() // workers)
         if batching:
             return cls(worker=threads or torch.get_num_threads(), others=1)
         return cls(worker=None, others=threads or None)

@@ -66,7 +66,7 @@ class CallGuard(grpc.ServerInterceptor):
         self._active = 0
         self._lock = threading.Lock()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
-        metrics.active_calls.set_function(lambda: self._active)
+        metrics.gauge_function(metrics.active_calls, lambda: self._active)
 
     @property
     def active(self) -> int:

@@ -14,7 +14,7 @@ import logging.handlers
 import queue
 import time
 
-FIELDS = ("request_id", "method", "code", "ms", "port", "model", "device")
+FIELDS = ("worker", "request_id", "method", "code", "ms", "port", "model", "device")
 
 
 class JsonFormatter(logging.Formatter):
@@ -46,12 +46,27 @@ class TextFormatter(logging.Formatter):
 _listener: logging.handlers.QueueListener | None = None
 
 
-def configure_logging(log_format: str = "json", level: int = logging.INFO) -> None:
+class _Worker(logging.Filter):
+    """Puts the worker process's index on every line it logs (--workers)."""
+
+    def __init__(self, index: int) -> None:
+        super().__init__()
+        self.index = index
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        record.worker = self.index
+        return True
+
+
+def configure_logging(log_format: str = "json", level: int = logging.INFO, worker: int | None = None) -> None:
+    """``worker``: this process is that worker of several (--workers); its lines say so."""
     global _listener
     stop_logging()
     lines: queue.SimpleQueue = queue.SimpleQueue()
     enqueue = logging.handlers.QueueHandler(lines)
     enqueue.setFormatter(JsonFormatter() if log_format == "json" else TextFormatter())  # formatted by the caller
+    if worker is not None:
+        enqueue.addFilter(_Worker(worker))
     write = logging.StreamHandler()
     write.setFormatter(logging.Formatter("%(message)s"))  # the line as the caller formatted it
     _listener = logging.handlers.QueueListener(lines, write)

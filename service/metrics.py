@@ -11,55 +11,119 @@
     nextword_model_info{...}                   the served model (tokenizer, cell, size, device)
 
 Each server has its own registry, so several can live in one process (tests).
+
+With several worker processes (``--workers``, service/workers.py) the values live in
+prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the parent
+before it starts the workers), and the parent serves their sum on the one metrics port.
+There a gauge holds the sum over the live workers, sampled every ``SAMPLE_SECONDS``, and
+the model's info is a gauge of value 1 with the same labels.
 """
 
 from __future__ import annotations
 
+import os
+import threading
 from collections.abc import Callable
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
+from prometheus_client.multiprocess import MultiProcessCollector
 
 LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
+SAMPLE_SECONDS = 1.0
+MODEL_LABELS = ("path", "format_version", "tokenizer", "vocab_size", "cell", "num_layers", "hidden_size", "device")
+
+
+def shared() -> bool:
+    """Whether this process writes its metrics to the multiprocess files of a parent."""
+    return bool(os.environ.get(MULTIPROCESS_ENV))
 
 
 class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
+        self.shared = shared()
         r = self.registry
+        live = {"multiprocess_mode": "livesum"}
         self.requests = Counter(
             "nextword_requests", "Calls finished, by method and gRPC status code", ["method", "code"], registry=r
         )
         self.latency = Histogram(
             "nextword_request_seconds", "Call latency in seconds", ["method"], buckets=LATENCY_BUCKETS, registry=r
         )
-        self.active_calls = Gauge("nextword_active_calls", "Calls being handled", registry=r)
-        self.active_sessions = Gauge("nextword_active_sessions", "Open Type sessions", registry=r)
-        self.active_generations = Gauge("nextword_active_generations", "Running Generate streams", registry=r)
+        self.active_calls = Gauge("nextword_active_calls", "Calls being handled", registry=r, **live)
+        self.active_sessions = Gauge("nextword_active_sessions", "Open Type sessions", registry=r, **live)
+        self.active_generations = Gauge("nextword_active_generations", "Running Generate streams", registry=r, **live)
         self.batch_rows = Histogram(
             "nextword_batch_rows", "Sequences per batched forward of the model", buckets=BATCH_BUCKETS, registry=r
         )
-        self.queue_depth = Gauge("nextword_queue_depth", "Model steps waiting for the model worker", registry=r)
+        self.queue_depth = Gauge("nextword_queue_depth", "Model steps waiting for the model worker", registry=r, **live)
         self.dropped_steps = Counter(
             "nextword_dropped_steps", "Queued model steps skipped because their caller had gone", registry=r
         )
-        self.model = Info("nextword_model", "The served model", registry=r)
+        if self.shared:  # prometheus-client's Info has no multiprocess form
+            self._model = Gauge(
+                "nextword_model_info", "The served model", MODEL_LABELS, registry=r, multiprocess_mode="max"
+            )
+        else:
+            self._model = Info("nextword_model", "The served model", registry=r)
         self._http = None
+        self._sampled: list[tuple[Gauge, Callable[[], float]]] = []
+        self._sampler: threading.Thread | None = None
+        self._stop = threading.Event()
+
+    def describe_model(self, info: dict[str, str]) -> None:
+        if self.shared:
+            self._model.labels(*(info[name] for name in MODEL_LABELS)).set(1)
+        else:
+            self._model.info(info)
+
+    def gauge_function(self, gauge: Gauge, function: Callable[[], float]) -> None:
+        """``gauge`` reads ``function``: at each scrape in one process, every SAMPLE_SECONDS in a worker."""
+        if not self.shared:
+            gauge.set_function(function)
+            return
+        self._sampled.append((gauge, function))
+        if self._sampler is None:
+            self._sampler = threading.Thread(target=self._sample, name="metrics-sampler", daemon=True)
+            self._sampler.start()
+
+    def _sample(self) -> None:
+        while True:
+            for gauge, function in self._sampled:
+                gauge.set(function())
+            if self._stop.wait(SAMPLE_SECONDS):
+                return
 
     def watch(
         self, sessions: Callable[[], int], generations: Callable[[], int], queue_depth: Callable[[], int]
     ) -> None:
-        self.active_sessions.set_function(sessions)
-        self.active_generations.set_function(generations)
-        self.queue_depth.set_function(queue_depth)
+        self.gauge_function(self.active_sessions, sessions)
+        self.gauge_function(self.active_generations, generations)
+        self.gauge_function(self.queue_depth, queue_depth)
 
     def start_http(self, host: str, port: int) -> int:
         """Serve /metrics; returns the port (port 0 picks a free one)."""
-        self._http, _ = start_http_server(port, addr=host.strip("[]") or "0.0.0.0", registry=self.registry)
+        self._http = serve_http(host, port, self.registry)
         return self._http.server_port
 
     def stop_http(self) -> None:
+        self._stop.set()
         if self._http is not None:
             self._http.shutdown()
             self._http.server_close()
             self._http = None
+
+
+def serve_http(host: str, port: int, registry: CollectorRegistry):
+    """An HTTP server of /metrics for ``registry``, started (port 0 picks a free port)."""
+    server, _ = start_http_server(port, addr=host.strip("[]") or "0.0.0.0", registry=registry)
+    return server
+
+
+def serve_shared_http(host: str, port: int, directory: str):
+    """The parent's /metrics: the sum over the workers' multiprocess files in ``directory``."""
+    registry = CollectorRegistry()
+    MultiProcessCollector(registry, path=directory)
+    return serve_http(host, port, registry)

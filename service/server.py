@@ -6,7 +6,9 @@ import logging
 import os
 import signal
 import threading
+from collections.abc import Callable
 from concurrent import futures
+from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -14,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig
 from service.engine import Engine
-from service.hardware import ThreadPlan
+from service.hardware import ThreadPlan, default_workers, resolve_device
 from service.interceptors import CallGuard
 from service.metrics import Metrics
 from service.pb.nextword.v1 import nextword_pb2 as pb
@@ -66,7 +68,10 @@ def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
 class Server:
     """A started gRPC server with its health service; ``stop()`` drains it gracefully."""
 
-    def __init__(self, config: ServerConfig, engine: Engine, threads: ThreadPlan | None = None) -> None:
+    def __init__(
+        self, config: ServerConfig, engine: Engine, threads: ThreadPlan | None = None, reuse_port: bool = False
+    ) -> None:
+        """``reuse_port``: share the port with other processes (the workers of service/workers.py)."""
         self.config = config
         self.engine = engine
         threads = threads or ThreadPlan.for_server(config.threads, config.batching)
@@ -79,7 +84,7 @@ class Server:
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
-            ("grpc.so_reuseport", 0),
+            ("grpc.so_reuseport", int(reuse_port)),
         ]
         # One thread per call (a Type session holds its thread): the guard refuses calls beyond the limit.
         pool = futures.ThreadPoolExecutor(
@@ -98,7 +103,7 @@ class Server:
             engine.model.on_batch = self.metrics.batch_rows.observe
             engine.model.on_drop = self.metrics.dropped_steps.inc
         manifest = engine.artifact.manifest
-        self.metrics.model.info(
+        self.metrics.describe_model(
             {
                 "path": config.model,
                 "format_version": str(manifest.format_version),
@@ -157,31 +162,37 @@ def create_server(config: ServerConfig, engine: Engine, threads: ThreadPlan | No
     return server, server.port
 
 
-def serve(config: ServerConfig) -> None:
-    threads = ThreadPlan.for_server(config.threads, config.batching)  # see service/hardware.py
-    threads.apply_here()  # this thread loads the model and warms it up
-    engine = Engine.load(config, threads)
-    engine.warm_up()
-    server, port = create_server(config, engine, threads)
+def _stop_on_signals(stop: Callable[[], None], grace: float) -> None:
+    """SIGTERM and SIGINT call ``stop`` on a thread of its own (the main thread keeps waiting)."""
 
     def on_signal(signum, frame):
-        log.info("received %s: NOT_SERVING, draining for up to %.0f s", signal.Signals(signum).name, config.grace)
-        threading.Thread(target=server.stop, daemon=True).start()
+        log.info("received %s: NOT_SERVING, draining for up to %.0f s", signal.Signals(signum).name, grace)
+        threading.Thread(target=stop, daemon=True).start()
 
     signal.signal(signal.SIGTERM, on_signal)
     signal.signal(signal.SIGINT, on_signal)
+
+
+def _started(config: ServerConfig) -> Server:
+    """Load, warm up and start: the server of this process."""
+    threads = ThreadPlan.for_server(config.threads, config.batching, config.workers)  # see service/hardware.py
+    threads.apply_here()  # this thread loads the model and warms it up
+    engine = Engine.load(config, threads)
+    engine.warm_up()
+    return Server(config, engine, threads, reuse_port=config.workers > 1).start()
+
+
+def _announce(config: ServerConfig, port: int, what: str, secure: bool, metrics_port: int | None) -> None:
     log.info(
-        "serving %s (%s) on %s:%d, device %s; %s, %s; metrics %s",
-        config.model,
-        engine.artifact.manifest.describe(),
+        "serving %s on %s:%d; %s, %s; metrics %s",
+        what,
         config.host,
         port,
-        engine.model.device,
-        "TLS" + (" with client certificates" if config.tls_client_ca else "") if server.tls else "plaintext",
-        "bearer tokens required" if server.auth else "no authentication",
-        f"on port {server.metrics_port} (/metrics)" if server.metrics_port else "off",
+        "TLS" + (" with client certificates" if config.tls_client_ca else "") if config.tls_cert else "plaintext",
+        "bearer tokens required" if secure else "no authentication",
+        f"on port {metrics_port} (/metrics)" if metrics_port else "off",
     )
-    if server.tls or server.auth:
+    if config.tls_cert or secure:
         print(f"nextword: SERVING on port {port}", flush=True)
     else:
         print(
@@ -191,5 +202,42 @@ def serve(config: ServerConfig) -> None:
             "nextword.v1.NextWord/Suggest",
             flush=True,
         )
+
+
+def serve(config: ServerConfig) -> None:
+    """``nextword-serve``: one process, or with ``--workers`` above 1 a parent of worker processes."""
+    config = replace(config, workers=config.workers or default_workers(resolve_device(config.device)))
+    if config.workers > 1:
+        _serve_workers(config)
+        return
+    server = _started(config)
+    _stop_on_signals(server.stop, config.grace)
+    engine = server.engine
+    what = f"{config.model} ({engine.artifact.manifest.describe()}), device {engine.model.device}"
+    _announce(config, server.port, what, server.auth, server.metrics_port)
     server.wait()
+    log.info("stopped")
+
+
+def serve_worker(config: ServerConfig, serving: Callable[[Callable[[], None]], None]) -> None:
+    """One worker process of ``--workers`` (service/workers.py): ``serving(stop)`` is called once it listens."""
+    server = _started(config)
+    _stop_on_signals(server.stop, config.grace)
+    serving(server.stop)
+    server.wait()
+
+
+def _serve_workers(config: ServerConfig) -> None:
+    from service.workers import Supervisor
+
+    load_tokens(config)  # bad flags fail here, once, before any worker starts
+    server_credentials(config)
+    supervisor = Supervisor(config)
+    _stop_on_signals(supervisor.stop, config.grace)
+    if not supervisor.start():
+        return
+    what = f"{config.model} in {config.workers} worker processes"
+    _announce(config, supervisor.port, what, bool(load_tokens(config)), supervisor.metrics_port)
+    supervisor.watch()
+    supervisor.wait()
     log.info("stopped")

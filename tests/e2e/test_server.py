@@ -29,8 +29,11 @@ def start(model, **overrides):
 
 
 def serve_process(model: str, *flags: str, stderr=subprocess.DEVNULL) -> tuple[subprocess.Popen, int]:
-    """``python -m service`` on a free port, as a user starts it; (the process, its port) once it serves."""
+    """``python -m service`` on a free port, as a user starts it; (the process, its port) once it serves.
+    One process unless ``flags`` name --workers (tests/e2e/test_workers.py)."""
     command = [sys.executable, "-m", "service", "--model", model, "--port", "0", "--host", "127.0.0.1"]
+    if "--workers" not in flags:
+        flags = ("--workers", "1", *flags)
     process = subprocess.Popen(
         [*command, "--metrics-port", "0", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
     )

@@ -1,0 +1,248 @@
+"""Several server processes on one port (``nextword-serve --workers N``).
+
+One interpreter runs a call's Python (the gRPC handler, the interceptor, the batcher's hand-offs)
+on one core at a time. Workers are whole servers, one process each, that listen on the same port
+with ``SO_REUSEPORT``: the kernel spreads incoming connections over them, so the calls of many
+clients run on every core. A connection stays on the worker that accepted it, so a Type session
+(one stream) stays on its worker, and a client that opens one channel uses one worker.
+
+The parent process loads no model. It
+
+- reserves the port (port 0 picks a free one), starts the workers and waits until each has loaded
+  and warmed up its model and listens (a worker that fails before then fails the start: exit 1);
+- serves /metrics: the sum over the workers, from prometheus-client's multiprocess files;
+- replaces a worker that exits while serving (the log says which and how it ended; replacements
+  that fail to start are retried with a growing pause);
+- on SIGTERM or SIGINT, passes SIGTERM to every worker: each turns health NOT_SERVING and drains
+  its calls within ``--grace``, then exits. A worker still running ``KILL_AFTER`` seconds past the
+  grace is killed.
+
+Health is per worker (a worker answers SERVING once it listens, NOT_SERVING once it drains), and a
+worker only listens once its model is warm, so no connection reaches one that cannot answer.
+Limits such as --max-concurrent-rpcs and --max-sessions hold per worker.
+"""
+
+from __future__ import annotations
+
+import logging
+import multiprocessing
+import multiprocessing.connection
+import os
+import shutil
+import signal
+import socket
+import tempfile
+import threading
+import time
+from dataclasses import dataclass, replace
+
+from service.config import ServerConfig
+from service.metrics import MULTIPROCESS_ENV
+
+log = logging.getLogger("nextword")
+KILL_AFTER = 5.0  # seconds past the grace before a draining worker is killed
+RESTART_PAUSES = (0.5, 1, 2, 5, 10, 30)  # between failed starts of a replacement worker
+
+
+def reserve_port(host: str, port: int) -> socket.socket:
+    """A bound (not listening) socket that holds ``port`` for the workers, which bind it with SO_REUSEPORT.
+    A fixed port that another program listens on is refused here, with a clear error."""
+    family, _, _, _, address = socket.getaddrinfo(host.strip("[]") or None, port, type=socket.SOCK_STREAM)[0]
+    if port:  # without SO_REUSEPORT, so a server already on the port (even another nextword) is found
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+            try:
+                probe.bind(address)
+            except OSError as error:
+                raise OSError(f"cannot listen on {host}:{port}: {error.strerror}") from None
+    holder = socket.socket(family, socket.SOCK_STREAM)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    holder.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    holder.bind(address)
+    return holder
+
+
+def run_worker(config: ServerConfig, index: int, channel) -> None:
+    """A worker process: one whole server on the shared port. It sends the parent ("serving", "") once it
+    listens, or ("error", why) when it cannot start."""
+    from service.logs import configure_logging
+    from service.server import serve_worker
+
+    configure_logging(config.log_format, worker=index)
+    try:
+        serve_worker(config, lambda stop: _serving(channel, stop))
+    except Exception as error:  # noqa: BLE001 - the parent reports it in one line
+        channel.send(("error", str(error)))
+        raise SystemExit(1) from None
+
+
+def _serving(channel, stop) -> None:
+    """Tell the parent; then drain and stop (``stop``) if the parent goes away, so no worker outlives it."""
+    channel.send(("serving", ""))
+
+    def watch_parent() -> None:
+        try:
+            channel.recv()  # the parent never writes: this returns when its end closes
+        except (EOFError, OSError):
+            pass
+        stop()
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+
+
+@dataclass
+class _Worker:
+    index: int
+    process: multiprocessing.process.BaseProcess
+    ready: multiprocessing.connection.Connection
+    serving: bool = False
+
+
+class Supervisor:
+    """The parent of ``config.workers`` worker processes (see the module docstring)."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config
+        self._spawn = multiprocessing.get_context("spawn")  # fresh interpreters: no forked torch or gRPC state
+        self._stopping = threading.Event()
+        self._done = threading.Event()
+        self._lock = threading.Lock()  # the set of workers: replacing one against stopping all
+        self._workers: dict[int, _Worker] = {}
+        self._failures: dict[int, int] = {}  # replacements of a worker index that failed to start, in a row
+        self._metrics_dir = tempfile.mkdtemp(prefix="nextword-metrics-")
+        os.environ[MULTIPROCESS_ENV] = self._metrics_dir  # inherited by the workers (service/metrics.py)
+        self._port_holder = reserve_port(config.host, config.port)
+        self.port = self._port_holder.getsockname()[1]
+        self.worker_config = replace(config, port=self.port, metrics=False)
+        self._metrics_http = None
+        self.metrics_port: int | None = None
+
+    # ------------------------------------------------------------------ workers
+
+    def _start(self, index: int) -> _Worker:
+        ours, theirs = self._spawn.Pipe()
+        process = self._spawn.Process(
+            target=run_worker, args=(self.worker_config, index, theirs), name=f"nextword-worker-{index}", daemon=False
+        )
+        process.start()
+        theirs.close()
+        worker = self._workers[index] = _Worker(index, process, ours)
+        return worker
+
+    def _ended(self, worker: _Worker) -> None:
+        from prometheus_client import multiprocess
+
+        worker.process.join()
+        worker.ready.close()
+        multiprocess.mark_process_dead(worker.process.pid, self._metrics_dir)
+
+    def start(self) -> bool:
+        """Start every worker and wait until all listen: True; False when stop() came first. Raises
+        ValueError, with the worker's reason, when one cannot start."""
+        with self._lock:
+            for index in range(self.config.workers):
+                self._start(index)
+        while any(not w.serving for w in self._workers.values()):
+            if self._stopping.is_set():
+                return False
+            waiting = {w.ready: w for w in self._workers.values() if not w.serving}
+            for handle in multiprocessing.connection.wait(list(waiting), timeout=0.25):
+                worker = waiting[handle]
+                why = self._heard(worker)
+                if why is not None and not self._stopping.is_set():
+                    self.stop()
+                    raise ValueError(why)
+        if self.config.metrics:
+            from service.metrics import serve_shared_http
+
+            self._metrics_http = serve_shared_http(self.config.host, self.config.metrics_port, self._metrics_dir)
+            self.metrics_port = self._metrics_http.server_port
+        return True
+
+    @staticmethod
+    def _heard(worker: _Worker) -> str | None:
+        """Read a worker's message: None once it serves, else why it could not start."""
+        try:
+            what, why = worker.ready.recv()
+        except (EOFError, OSError):  # it died without a word
+            worker.process.join(1.0)
+            return f"worker {worker.index} ended before it served (exit code {worker.process.exitcode})"
+        if what == "serving":
+            worker.serving = True
+            return None
+        return why
+
+    def watch(self) -> None:
+        """Until stop(): replace every worker that exits."""
+        while not self._stopping.is_set():
+            with self._lock:
+                handles = {w.process.sentinel: w for w in self._workers.values()}
+                handles |= {w.ready: w for w in self._workers.values() if not w.serving}
+            for handle in multiprocessing.connection.wait(list(handles), timeout=0.25):
+                worker = handles[handle]
+                if handle is worker.ready:
+                    why = self._heard(worker)
+                    if why is None:
+                        self._failures[worker.index] = 0
+                        log.info("worker %d serves (a replacement)", worker.index)
+                    else:
+                        log.error("replacement worker %d cannot start: %s", worker.index, why)
+                        worker.process.join()
+                    continue
+                if not self._stopping.is_set():
+                    self._replace(worker)
+
+    def _replace(self, worker: _Worker) -> None:
+        self._ended(worker)
+        code = worker.process.exitcode
+        how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited ({code})"
+        if worker.serving:
+            self._failures[worker.index] = 0
+            log.warning("worker %d %s while serving; starting a replacement", worker.index, how)
+        else:
+            failures = self._failures[worker.index] = self._failures.get(worker.index, 0) + 1
+            pause = RESTART_PAUSES[min(failures, len(RESTART_PAUSES)) - 1]
+            log.warning("replacement worker %d %s; retrying in %.1f s", worker.index, how, pause)
+            if self._stopping.wait(pause):
+                return
+        with self._lock:
+            if not self._stopping.is_set():
+                self._start(worker.index)
+
+    # ------------------------------------------------------------------ stopping
+
+    def stop(self) -> None:
+        """SIGTERM to every worker (each drains within --grace), then wait for them. A second call returns."""
+        with self._lock:
+            if self._stopping.is_set():
+                return
+            self._stopping.set()
+            workers = list(self._workers.values())
+        for worker in workers:
+            if worker.process.is_alive():
+                os.kill(worker.process.pid, signal.SIGTERM)
+        deadline = time.monotonic() + self.config.grace + KILL_AFTER
+        for worker in workers:
+            worker.process.join(max(0.0, deadline - time.monotonic()))
+            if worker.process.is_alive():
+                log.error("worker %d still ran %.0f s after the grace period: killed", worker.index, KILL_AFTER)
+                worker.process.kill()
+            self._ended(worker)
+        self._workers.clear()
+        if self._metrics_http is not None:
+            self._metrics_http.shutdown()
+            self._metrics_http.server_close()
+            self._metrics_http = None
+        self._port_holder.close()
+        shutil.rmtree(self._metrics_dir, ignore_errors=True)
+        self._done.set()
+
+    def wait(self) -> None:
+        """Until stop() has finished (waking now and then: signal handlers run in the main thread)."""
+        while not self._done.wait(0.25):
+            pass
+
+    @property
+    def pids(self) -> list[int]:
+        with self._lock:
+            return [w.process.pid for w in self._workers.values() if w.process.pid is not None]
