@@ -6,6 +6,10 @@
 Each client has a connection of its own, as keyboards do (``--channels K`` spreads the clients over K
 connections instead: a server of several worker processes sees each connection on one worker).
 
+``--texts next-word`` sends 30 verse beginnings that end after a word and a space, and
+``--peer torchserve`` sends them to TorchServe's gRPC Predictions instead of Suggest
+(benchmarks/peer.py runs both).
+
 ``--method info`` calls GetModelInfo instead: a call that never reaches the model, which
 measures what gRPC, the server's interceptor and Python cost per call. ``--deadline-ms`` gives
 every call that deadline (overload: what counts is the OK answers per second, the goodput).
@@ -26,9 +30,40 @@ from collections import Counter
 
 import grpc
 
-from benchmarks.texts import prompts
+from benchmarks.texts import next_word_prompts, prompts
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
+
+TORCHSERVE_PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    """One length-delimited protobuf field (wire type 2)."""
+    length, size = b"", len(payload)
+    while True:
+        length += bytes([(size & 0x7F) | (0x80 if size > 0x7F else 0)])
+        size >>= 7
+        if not size:
+            break
+    return bytes([number << 3 | 2]) + length + payload
+
+
+def torchserve_request(model_name: str, text: str) -> bytes:
+    """TorchServe's PredictionsRequest {string model_name = 1; map<string, bytes> input = 3}, input {"data": text}."""
+    return _field(1, model_name.encode()) + _field(3, _field(1, b"data") + _field(2, text.encode()))
+
+
+def torchserve_prediction(response: bytes) -> bytes:
+    """PredictionResponse {bytes prediction = 1}: the prediction's bytes (the first field, as TorchServe sends it)."""
+    if not response:
+        return b""
+    position, size, shift = 1, 0, 0
+    while True:
+        byte = response[position]
+        size |= (byte & 0x7F) << shift
+        position, shift = position + 1, shift + 7
+        if byte < 0x80:
+            return response[position : position + size]
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -45,8 +80,11 @@ async def run(
     deadline_ms: float | None = None,
     generate_streams: int = 0,
     channels: int = 0,
+    texts: str = "mixed",
+    peer: str = "",
+    model_name: str = "nextword",
 ) -> dict:
-    texts = prompts()
+    texts = next_word_prompts() if texts == "next-word" else prompts()
     latencies: list[float] = []
     codes: Counter = Counter()
     streamed = 0
@@ -58,7 +96,16 @@ async def run(
     ]
     stubs = [pb_grpc.NextWordStub(channel) for channel in opened]
     try:
-        if method == "info":
+        if peer == "torchserve":
+            predict = [
+                channel.unary_unary(TORCHSERVE_PREDICTIONS, lambda text: torchserve_request(model_name, text), None)
+                for channel in opened
+            ]
+            stubs = predict
+
+            def call(stub, rng):
+                return stub(rng.choice(texts), timeout=timeout)
+        elif method == "info":
 
             def call(stub, rng):
                 return stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=timeout)
@@ -67,7 +114,10 @@ async def run(
             def call(stub, rng):
                 return stub.Suggest(pb.SuggestRequest(text=rng.choice(texts)), timeout=timeout)
 
-        await asyncio.gather(*(s.Suggest(pb.SuggestRequest(text="warm up"), wait_for_ready=True) for s in stubs))
+        if peer == "torchserve":
+            await asyncio.gather(*(s(texts[0], wait_for_ready=True, timeout=60) for s in stubs))
+        else:
+            await asyncio.gather(*(s.Suggest(pb.SuggestRequest(text="warm up"), wait_for_ready=True) for s in stubs))
         start = time.perf_counter()
         measure_from, stop_at = start + warmup, start + warmup + seconds
 
@@ -131,6 +181,9 @@ def main() -> None:
     parser.add_argument("--deadline-ms", type=float, default=None, help="each call's deadline (default: 30 s)")
     parser.add_argument("--generate-streams", type=int, default=0, help="512-token Generate streams beside the load")
     parser.add_argument("--channels", type=int, default=0, help="connections the clients share (0: one each)")
+    parser.add_argument("--texts", choices=["mixed", "next-word"], default="mixed", help="what the clients send")
+    parser.add_argument("--peer", choices=["", "torchserve"], default="", help="call TorchServe's Predictions")
+    parser.add_argument("--model-name", default="nextword", help="the peer's model name")
     args = parser.parse_args()
     result = run(
         args.target,
@@ -141,6 +194,9 @@ def main() -> None:
         args.deadline_ms,
         args.generate_streams,
         args.channels,
+        args.texts,
+        args.peer,
+        args.model_name,
     )
     print(json.dumps(asyncio.run(result)))
 

@@ -41,13 +41,13 @@ def main() -> None:
     deadline = ["--deadline-ms", str(args.deadline_ms)]
     results = {}
     flags = ["--no-log-calls", *args.server_flag]
-    with serving(args.model, *flags) as port:
+    with serving(args.model, *flags) as (port, _):
         results["reference"] = measure(port, 64, args.seconds)
         results["dropping"] = measure(port, args.clients, args.seconds, *deadline)
         if not args.skip_isolation:
             results["alone"] = measure(port, 8, args.seconds)
             results["beside"] = measure(port, 8, args.seconds, "--generate-streams", "8")
-    with serving(args.model, *flags, "--no-drop-ended") as port:
+    with serving(args.model, *flags, "--no-drop-ended") as (port, _):
         results["not dropping"] = measure(port, args.clients, args.seconds, *deadline)
     reference = results["reference"]["qps"]
     for name in ("dropping", "not dropping"):

@@ -140,8 +140,8 @@ def load(port: int, clients: int, seconds: float, *flags: str) -> dict:
 
 
 @contextlib.contextmanager
-def serving(model_path: str, *flags: str) -> Iterator[int]:
-    """A server process on the model (metrics on a free port); yields its port once it serves."""
+def serving(model_path: str, *flags: str) -> Iterator[tuple[int, int]]:
+    """A server process on the model (metrics on a free port); yields (its port, its pid) once it serves."""
     port = free_port()
     command = [sys.executable, "-m", "service", "--model", model_path, "--host", "127.0.0.1", "--port", str(port)]
     server = subprocess.Popen(
@@ -153,7 +153,7 @@ def serving(model_path: str, *flags: str) -> Iterator[int]:
     )
     try:
         server.stdout.readline()  # "SERVING on port ..."
-        yield port
+        yield port, server.pid
     finally:
         server.terminate()
         server.wait(timeout=30)
@@ -163,7 +163,7 @@ def server_runs(
     model_path: str, batching: bool, seconds: float, clients: list[int], device: str, *flags: str
 ) -> list[dict]:
     flag = "--batching" if batching else "--no-batching"
-    with serving(model_path, flag, "--device", device, *flags) as port:
+    with serving(model_path, flag, "--device", device, *flags) as (port, _):
         results = [load(port, count, seconds) for count in clients]
         if batching:  # the per-call cost without the model: GetModelInfo at the most clients
             results.append(load(port, max(clients), seconds, "--method", "info"))

@@ -25,6 +25,14 @@ def prompts(count: int = 500, seed: int = 0) -> list[str]:
     return out
 
 
+def next_word_prompts(count: int = 30, seed: int = 0) -> list[str]:
+    """Verse beginnings that end after a whole word and a space (a next-word request), 1 to 8 words."""
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as handle:
+        verses = [line.split() for line in handle if len(line.split()) > 2]
+    rng = random.Random(seed)
+    return [" ".join(words[: rng.randint(1, min(8, len(words) - 1))]) + " " for words in rng.sample(verses, count)]
+
+
 def long_text(chars: int) -> str:
     with gzip.open(CORPUS, "rt", encoding="utf-8") as handle:
         text = " ".join(line.strip() for _, line in zip(range(200), handle))

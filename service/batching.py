@@ -7,8 +7,8 @@ stack along the batch dimension:
     caller threads                     worker thread
     advance(tokens [b1, T], state) --\\
     advance(tokens [b2, 1], state) ---+-> queue -> take what is waiting (up to max_batch_size rows)
-    advance(tokens [b3, 1], state) --/            group by T, cat along dim 0 / 1
-                                                  one model call per group  [b2 + b3, 1]
+    advance(tokens [b3, 1], state) --/            one forward of rows of any lengths
+                                                  (packed by length: service/runner.py)
                                                   split results -> each caller's future
 
 ``max_wait`` = 0 runs at once with whatever is queued: a lone request is never
@@ -35,7 +35,7 @@ from torch import Tensor
 from service import calls
 from service.calls import CallEnded
 from service.hardware import use_intra_op_threads
-from service.runner import StepModel
+from service.runner import StepModel, advance_ragged
 
 
 @dataclass
@@ -145,31 +145,20 @@ class BatchingModel:
             first = self._queue.get()
             if first is None:
                 return
-            steps = self._collect(first)
-            by_length: dict[int, list[_Step]] = {}
-            for step in steps:
-                by_length.setdefault(step.tokens.size(1), []).append(step)
-            for group in by_length.values():
-                group = self._still_wanted(group)
-                if not group:
-                    continue
-                try:
-                    if len(group) == 1:
-                        results = [self.model.advance(group[0].tokens, group[0].state)]
-                    else:
-                        log_probs, states = self.model.advance(
-                            torch.cat([s.tokens for s in group]), torch.cat([s.state for s in group], dim=1)
-                        )
-                        sizes = [s.tokens.size(0) for s in group]
-                        results = list(zip(log_probs.split(sizes), states.split(sizes, dim=1)))
-                    self.batches += 1
-                    rows = sum(s.tokens.size(0) for s in group)
-                    self.rows += rows
-                    if self.on_batch is not None:
-                        self.on_batch(rows)
-                    for step, result in zip(group, results):
-                        step.future.set_result(result)
-                except Exception as error:  # noqa: BLE001 - hand the failure to every caller in the batch
-                    for step in group:
-                        if not step.future.done():
-                            step.future.set_exception(error)
+            steps = self._still_wanted(self._collect(first))
+            if not steps:
+                continue
+            try:
+                # steps of any lengths in one forward where the model can (service/runner.py)
+                results = advance_ragged(self.model, [(s.tokens, s.state) for s in steps])
+                self.batches += 1
+                rows = sum(s.tokens.size(0) for s in steps)
+                self.rows += rows
+                if self.on_batch is not None:
+                    self.on_batch(rows)
+                for step, result in zip(steps, results):
+                    step.future.set_result(result)
+            except Exception as error:  # noqa: BLE001 - hand the failure to every caller in the batch
+                for step in steps:
+                    if not step.future.done():
+                        step.future.set_exception(error)

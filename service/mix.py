@@ -17,12 +17,14 @@ use the network. Its state is the network's [L, B, S] with one more layer [1, B,
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from service.memory import NO_TOKEN, MemoryModel
-from service.runner import StepModel
+from service.runner import Step, StepModel, advance_ragged
 
 
 def served_model(network: StepModel, artifact, ngram: bool = True) -> StepModel:
@@ -55,11 +57,26 @@ class MixedModel:
         width = self.memory.width
         network_log_probs, network_state = self.network.advance(tokens, state[:-1])
         histories = self.memory.read(tokens, state[-1:, :, :width])
+        return self._mix(network_log_probs, network_state, histories)
+
+    def advance_ragged(self, steps: Sequence[Step]) -> list[Step]:
+        """Steps of different lengths: the network's in one forward (service/runner.py), the memory's at once."""
+        width = self.memory.width
+        network = advance_ragged(self.network, [(tokens, state[:-1]) for tokens, state in steps])
+        histories = np.concatenate([self.memory.read(tokens, state[-1:, :, :width]) for tokens, state in steps])
+        log_probs, states = self._mix(
+            torch.cat([lp for lp, _ in network]), torch.cat([st for _, st in network], dim=1), histories
+        )
+        sizes = [tokens.size(0) for tokens, _ in steps]
+        return list(zip(log_probs.split(sizes), states.split(sizes, dim=1)))
+
+    def _mix(self, network_log_probs: Tensor, network_state: Tensor, histories: np.ndarray) -> tuple[Tensor, Tensor]:
+        width = self.memory.width
         memory_probs, longest = self.memory.memory.probabilities(histories)
         weight = self.weights[longest][:, None]  # [B, 1]
         # numpy on purpose: on a [B, V] row these few element-wise operations cost less than torch's dispatch
         mixed = weight * memory_probs + (1 - weight) * np.exp(network_log_probs.numpy())
-        history = torch.zeros(1, tokens.size(0), self._size)
+        history = torch.zeros(1, histories.shape[0], self._size)
         history[0, :, :width] = torch.from_numpy(histories.astype(np.float32))
         log_probs = torch.from_numpy(np.log(np.maximum(mixed, 1e-30, out=mixed), out=mixed))
         return log_probs, torch.cat([network_state, history])

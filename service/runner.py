@@ -5,6 +5,12 @@ to a ``StepModel``: ``init_state(batch)`` and ``advance(tokens, state)``. The
 real one wraps the TorchScript network; tests use fakes with fixed logits; the
 batcher (service/batching.py) stacks many callers' steps into one call.
 
+Steps of different lengths (a 3-token context, a 9-token one, a keystroke) go
+through one forward with ``advance_ragged``: the rows are packed by length
+(``torch.nn.utils.rnn.pack_padded_sequence``), each layer reads the rows still
+going at each position, and the output layer runs once over every row's last
+position. Models without it are called once per length (``ragged_by_length``).
+
 Context limit: an RNN could read any length, but cost grows with it, so a text
 longer than ``max_context_tokens`` keeps its last tokens. The window start moves
 in steps of half the limit, so that a typing session that grows past the limit
@@ -23,7 +29,8 @@ from collections.abc import Sequence
 from typing import Protocol
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
+from torch.nn.utils.rnn import pack_padded_sequence
 
 from service.tokenizer import BOS
 
@@ -36,6 +43,34 @@ class StepModel(Protocol):
 
     def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         """tokens [B, T] int64, state [L, B, S] -> (log-probabilities [B, V] after the last token, state)."""
+
+
+Step = tuple[Tensor, Tensor]  # (tokens [b, T], state [L, b, S]) in; (log-probs [b, V], state) out
+
+
+def ragged_by_length(model: StepModel, steps: Sequence[Step]) -> list[Step]:
+    """``advance`` for each step, steps of equal length stacked into one call."""
+    by_length: dict[int, list[int]] = {}
+    for index, (tokens, _) in enumerate(steps):
+        by_length.setdefault(tokens.size(1), []).append(index)
+    results: dict[int, Step] = {}
+    for members in by_length.values():
+        if len(members) == 1:
+            results[members[0]] = model.advance(*steps[members[0]])
+            continue
+        log_probs, states = model.advance(
+            torch.cat([steps[i][0] for i in members]), torch.cat([steps[i][1] for i in members], dim=1)
+        )
+        sizes = [steps[i][0].size(0) for i in members]
+        for i, lp, st in zip(members, log_probs.split(sizes), states.split(sizes, dim=1)):
+            results[i] = (lp, st)
+    return [results[i] for i in range(len(steps))]
+
+
+def advance_ragged(model: StepModel, steps: Sequence[Step]) -> list[Step]:
+    """Many steps of any lengths: in one forward when the model can, else one per length."""
+    ragged = getattr(model, "advance_ragged", None)
+    return ragged(steps) if ragged is not None else ragged_by_length(model, steps)
 
 
 def window_start(num_tokens: int, limit: int) -> int:
@@ -165,6 +200,7 @@ class ScriptedModel:
         # where every text starts: the file's start state (zeros in files exported before it existed)
         self._start = self.module.init_state(1).to("cpu", torch.float32)
         self._lock = threading.Lock()  # one forward at a time: the model uses all intra-op threads
+        self._packed = PackedNetwork.of(self.module)  # None: this file's network cannot read packed rows
 
     def init_state(self, batch_size: int) -> Tensor:
         # States live on the CPU in float32 between steps; advance() moves them to the device.
@@ -181,3 +217,93 @@ class ScriptedModel:
                 logits = logits[:, -1]
             log_probs = torch.log_softmax(logits.float(), dim=-1)
             return log_probs.cpu(), new_state.to("cpu", torch.float32)
+
+    @torch.inference_mode()
+    def advance_ragged(self, steps: Sequence[Step]) -> list[Step]:
+        """Steps of different lengths in one forward (see the module docstring)."""
+        if self._packed is None or len({tokens.size(1) for tokens, _ in steps}) == 1:
+            return ragged_by_length(self, steps)  # one length: forward_last is a little faster
+        lengths = torch.tensor([tokens.size(1) for tokens, _ in steps])
+        sizes = [tokens.size(0) for tokens, _ in steps]
+        padded = torch.zeros(sum(sizes), int(lengths.max()), dtype=torch.int64)
+        row = 0
+        for tokens, _ in steps:
+            padded[row : row + tokens.size(0), : tokens.size(1)] = tokens
+            row += tokens.size(0)
+        with self._lock:
+            state = torch.cat([s for _, s in steps], dim=1).to(self.device, self.dtype)
+            logits, new_state = self._packed(
+                padded.to(self.device), lengths.repeat_interleave(torch.tensor(sizes)), state
+            )
+            log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            new_state = new_state.to("cpu", torch.float32)
+        return list(zip(log_probs.split(sizes), new_state.split(sizes, dim=1)))
+
+
+class PackedNetwork:
+    """The exported network's layers as eager modules that read packed rows of different lengths.
+
+    A file exported by nextword-export has ``embedding``, ``first`` and ``rest`` (each with an
+    ``nn.LSTM``, ``nn.GRU`` or ``nn.RNN`` in ``rnn``) and ``decoder``; the state of a layer is
+    [h | c] for an LSTM and h otherwise. Dropout is off in a served model. Anything else (one-hot
+    input, int8 layers, an unknown layout) gets None from ``of`` and is run per length."""
+
+    CELLS = {"LSTM": nn.LSTM, "GRU": nn.GRU, "RNN": nn.RNN}
+
+    def __init__(self, embedding: nn.Module, layers: list[nn.RNNBase], decoder: nn.Module) -> None:
+        self.embedding = embedding
+        self.layers = layers
+        self.decoder = decoder
+        self.lstm = isinstance(layers[0], nn.LSTM)
+        self.hidden_size = layers[0].hidden_size
+
+    @classmethod
+    def of(cls, module: torch.jit.ScriptModule) -> PackedNetwork | None:
+        try:
+            if bool(module.onehot):
+                return None
+            rest = [getattr(module.rest, name) for name in sorted(module.rest._modules.keys(), key=int)]
+            scripted = [module.first.rnn, *(layer.rnn for layer in rest)]
+            layers = [cls._eager(rnn) for rnn in scripted]
+            return cls(module.embedding, layers, module.decoder)
+        except (AttributeError, KeyError, RuntimeError, TypeError, ValueError):
+            return None
+
+    @classmethod
+    def _eager(cls, rnn: torch.jit.ScriptModule) -> nn.RNNBase:
+        kind = cls.CELLS[rnn.original_name]
+        weights = dict(rnn.named_parameters())
+        if (
+            rnn.num_layers != 1
+            or not rnn.batch_first
+            or rnn.bidirectional
+            or set(weights)
+            != {
+                "weight_ih_l0",
+                "weight_hh_l0",
+                "bias_ih_l0",
+                "bias_hh_l0",
+            }
+        ):
+            raise TypeError("not a plain one-layer recurrent layer")
+        options = {"nonlinearity": rnn.nonlinearity} if kind is nn.RNN else {}
+        eager = kind(rnn.input_size, rnn.hidden_size, batch_first=True, **options)
+        eager.load_state_dict({name: value.detach() for name, value in weights.items()})
+        first = next(iter(weights.values()))
+        return eager.to(first.device, first.dtype).eval()
+
+    def __call__(self, tokens: Tensor, lengths: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """tokens [B, T] (rows padded after their length), lengths [B], state [L, B, S] -> the logits after each
+        row's last token [B, V] and the state there."""
+        x = pack_padded_sequence(self.embedding(tokens), lengths, batch_first=True, enforce_sorted=False)
+        states = []
+        for layer, layer_state in zip(self.layers, state):
+            if self.lstm:
+                h, c = layer_state.unsqueeze(0).split(self.hidden_size, dim=2)
+                x, (h, c) = layer(x, (h.contiguous(), c.contiguous()))
+                states.append(torch.cat([h, c], dim=2)[0])
+            else:
+                x, h = layer(x, layer_state.unsqueeze(0).contiguous())
+                states.append(h[0])
+        last = states[-1][:, : self.hidden_size]  # the last layer's output at each row's last token
+        return self.decoder(last), torch.stack(states)

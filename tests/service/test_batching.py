@@ -57,6 +57,43 @@ def test_batched_steps_equal_unbatched_ones(models):
     assert batched.batches - before < len(inputs)  # some calls really were stacked
 
 
+def test_steps_of_different_lengths_waiting_together_go_through_one_forward(models):
+    _, plain, _ = models
+    batched = BatchingModel(plain, max_batch_size=64)
+    release = threading.Event()
+    original = plain.advance_ragged
+    calls = []
+
+    def held(steps):  # the first forward waits, so the next steps queue up behind it
+        calls.append(len(steps))
+        if len(calls) == 1:
+            release.wait(10)
+        return original(steps)
+
+    plain.advance_ragged = held
+    try:
+        first = threading.Thread(target=batched.advance, args=(torch.tensor([[5]]), plain.init_state(1)))
+        first.start()
+        while not calls:
+            time.sleep(0.01)
+        lengths = [1, 4, 2, 7]
+        threads = [
+            threading.Thread(target=batched.advance, args=(torch.full((1, n), 6), plain.init_state(1)))
+            for n in lengths
+        ]
+        for thread in threads:
+            thread.start()
+        while batched.queue_depth < len(lengths):
+            time.sleep(0.01)
+        release.set()
+        for thread in [first, *threads]:
+            thread.join(10)
+    finally:
+        del plain.advance_ragged
+        batched.close()
+    assert calls == [1, len(lengths)]  # four lengths, one forward
+
+
 def test_concurrent_suggestions_equal_one_at_a_time(models):
     artifact, plain, batched = models
     alone = Suggester(plain, artifact.tokenizer)

@@ -133,3 +133,10 @@ def test_a_malformed_message_in_a_request_stream_is_invalid_argument():
             answers.append(answer)
     assert answers == ["ok"] and context.status == grpc.StatusCode.INVALID_ARGUMENT
     assert "nextword.v1.TypeRequest" in context.details and count(guard, "INVALID_ARGUMENT", "Type") == 1
+
+
+def test_new_request_ids_are_unique_and_sane():
+    from service.interceptors import _SANE_ID, new_request_id
+
+    ids = [new_request_id() for _ in range(1000)]
+    assert len(set(ids)) == 1000 and all(_SANE_ID.fullmatch(i) for i in ids)
