@@ -78,8 +78,7 @@ def test_steps_of_different_lengths_waiting_together_go_through_one_forward(mode
             time.sleep(0.01)
         lengths = [1, 4, 2, 7]
         threads = [
-            threading.Thread(target=batched.advance, args=(torch.full((1, n), 6), plain.init_state(1)))
-            for n in lengths
+            threading.Thread(target=batched.advance, args=(torch.full((1, n), 6), plain.init_state(1))) for n in lengths
         ]
         for thread in threads:
             thread.start()
