@@ -4,7 +4,8 @@
 
 Measured in one run, on the same artifact:
   * in-process: Suggester.suggest called directly (no gRPC), one thread (latency), and 64
-    threads through the batching worker (the batched ceiling, QPS);
+    threads through the batching worker (the batched ceiling, QPS), with the intra-op threads
+    that one of the server's default worker processes has;
   * the server with batching on, and with --no-batching, driven by benchmarks/load.py in a
     separate process at 1, 8 and 64 concurrent clients (QPS, p50, p99);
   * a Type session's latency per keystroke with 20 and with 2,000 characters typed, against
@@ -30,7 +31,7 @@ import torch
 from benchmarks.texts import long_text, prompts
 from service.artifact import load_artifact
 from service.batching import BatchingModel
-from service.hardware import use_intra_op_threads
+from service.hardware import ThreadPlan, default_workers, use_intra_op_threads
 from service.mix import served_model
 from service.runner import ScriptedModel
 from service.session import TypingSession
@@ -179,11 +180,13 @@ def main() -> None:
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     print(
-        f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads; "
+        f"model {args.model}; torch {torch.__version__}, {torch.get_num_threads()} threads, the server's default "
+        f"{default_workers(args.device)} worker processes; in-process figures with a worker's intra-op threads; "
         f"{args.seconds:g} s per measurement; device {args.device}",
         flush=True,
     )
-    threads = torch.get_num_threads()
+    # as one of the server's default worker processes computes: its share of the intra-op threads
+    threads = ThreadPlan.for_server(0, True, default_workers(args.device)).worker
     use_intra_op_threads(1)  # as in the server: the thread measuring or serving the model alone has a team
     base = in_process(args.model, args.seconds, args.device, threads)
     print(
