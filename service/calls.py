@@ -22,12 +22,19 @@ class CallEnded(Exception):
         self.deadline = deadline
 
 
-def begin(context) -> None:
+def begin(context, user: str | None = None) -> None:
     _local.context = context
+    _local.user = user
 
 
 def end() -> None:
     _local.context = None
+    _local.user = None
+
+
+def user() -> str | None:
+    """The user the current thread's call names (x-nextword-user, checked by the interceptor), or None."""
+    return getattr(_local, "user", None)
 
 
 def _gone(context) -> CallEnded | None:

@@ -6,7 +6,9 @@
    process's random prefix and a counter: unique without a system call per call);
    it comes back in the trailing metadata and is in every log line about the call;
 2. authentication: ``authorization: Bearer <token>`` against the configured tokens
-   (UNAUTHENTICATED otherwise); the health service may be left open;
+   (UNAUTHENTICATED otherwise); the health service may be left open; then the user the call
+   names (``x-nextword-user``, service/users.py): INVALID_ARGUMENT when malformed,
+   PERMISSION_DENIED when the token may not name it;
 3. the concurrency limit: more than ``max_concurrent_rpcs`` calls at once get
    RESOURCE_EXHAUSTED naming the limit (health checks are not counted);
 4. the handler, with a last resort: an unexpected exception becomes INTERNAL with
@@ -35,6 +37,7 @@ from service import calls
 from service.calls import CallEnded
 from service.decoding import MalformedRequest, RequestDecoder
 from service.metrics import Metrics
+from service.users import USER_KEY, BadUser, Grant, user_of
 
 log = logging.getLogger("nextword")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -61,14 +64,15 @@ class CallGuard(grpc.ServerInterceptor):
     def __init__(
         self,
         metrics: Metrics,
-        tokens: Sequence[str] = (),
+        tokens: Sequence[Grant | str] = (),
         max_concurrent_rpcs: int = 0,
         health_without_auth: bool = True,
         log_calls: bool = True,
     ) -> None:
         self.metrics = metrics
         self.log_calls = log_calls
-        self.tokens = [t.encode() for t in tokens]
+        self.grants = [t if isinstance(t, Grant) else Grant(t) for t in tokens]
+        self.tokens = [g.token.encode() for g in self.grants]
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.health_without_auth = health_without_auth
         self._active = 0
@@ -80,14 +84,16 @@ class CallGuard(grpc.ServerInterceptor):
     def active(self) -> int:
         return self._active
 
-    def authorized(self, metadata: dict[str, str]) -> bool:
+    def authorized(self, metadata: dict[str, str]) -> Grant | None:
+        """The grant of the call's bearer token, or None when it has no valid one."""
         value = metadata.get("authorization", "")
         scheme, _, token = value.partition(" ")
         if scheme.lower() != "bearer" or not token:
-            return False
+            return None
         given = token.strip().encode()
         # compare with every token, always, so timing says nothing about which one nearly matched
-        return any([hmac.compare_digest(given, known) for known in self.tokens])
+        matches = [hmac.compare_digest(given, known) for known in self.tokens]
+        return next((grant for grant, match in zip(self.grants, matches) if match), None)
 
     def admit(self) -> bool:
         with self._lock:
@@ -130,10 +136,20 @@ class MethodGuard:
         given = metadata.get(REQUEST_ID_KEY, "")
         request_id = given if _SANE_ID.fullmatch(given) else new_request_id()
         context.set_trailing_metadata(((REQUEST_ID_KEY, request_id),))
-        if self.needs_token and not self.guard.authorized(metadata):
+        grant = self.guard.authorized(metadata) if self.needs_token else None
+        if self.needs_token and grant is None:
             context.abort(
                 grpc.StatusCode.UNAUTHENTICATED,
                 "missing or invalid bearer token: send metadata 'authorization: Bearer <token>'",
+            )
+        try:
+            user = user_of(metadata) if self.counted else None  # the health service serves no user
+        except BadUser as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        if user is not None and self.guard.tokens and not (grant is not None and grant.allows(user)):
+            context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"this bearer token may not name that user in {USER_KEY}: bind it to the user in the token file",
             )
         if self.counted and not self.guard.admit():
             context.abort(
@@ -141,7 +157,7 @@ class MethodGuard:
                 f"too many calls at once: the limit is {self.guard.max_concurrent_rpcs} "
                 "(server setting max_concurrent_rpcs); retry with backoff",
             )
-        calls.begin(context)
+        calls.begin(context, user)
         return request_id
 
     def fail(self, context, error: Exception, request_id: str) -> None:

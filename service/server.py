@@ -22,6 +22,7 @@ from service.metrics import Metrics
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from service.servicer import NextWordServicer
+from service.users import Grant
 
 log = logging.getLogger("nextword")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextWord"].full_name  # "nextword.v1.NextWord"
@@ -37,20 +38,22 @@ def _read(path: str, what: str) -> bytes:
         raise ValueError(f"cannot read {what} {path}: {error.strerror}") from None
 
 
-def load_tokens(config: ServerConfig) -> list[str]:
-    """Bearer tokens from auth_token_file (one per line, # comments) and the NEXTWORD_AUTH_TOKEN variable."""
-    tokens = []
+def load_tokens(config: ServerConfig) -> list[Grant]:
+    """Bearer tokens from auth_token_file (a token per line, optionally with the users it may name, # comments;
+    see service/users.py) and the NEXTWORD_AUTH_TOKEN variable (a token that names no user)."""
+    grants = []
     if config.auth_token_file:
         text = _read(config.auth_token_file, "--auth-token-file").decode("utf-8", errors="replace")
-        tokens = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
-        if not tokens:
+        lines = [line.strip() for line in text.splitlines() if line.strip() and not line.startswith("#")]
+        grants = [Grant.parse(line) for line in lines]
+        if not grants:
             raise ValueError(f"--auth-token-file {config.auth_token_file} has no token (one per line)")
     if os.environ.get(TOKEN_ENV, "").strip():
-        tokens.append(os.environ[TOKEN_ENV].strip())
-    for token in tokens:
-        if len(token) < 16 or any(ch.isspace() for ch in token):
+        grants.append(Grant(os.environ[TOKEN_ENV].strip()))
+    for grant in grants:
+        if len(grant.token) < 16 or any(ch.isspace() for ch in grant.token):
             raise ValueError("a bearer token must have at least 16 characters and no white space")
-    return tokens
+    return grants
 
 
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

@@ -164,13 +164,25 @@ def test_security_settings_errors_name_the_problem(tiny_char_model, overrides, m
 
 def test_tokens_come_from_the_file_and_the_environment_and_must_be_long(tmp_path, monkeypatch):
     path = tmp_path / "tokens"
-    path.write_text("# comment\n\nfirst-token-0123456789\nsecond-token-0123456789\n")
-    monkeypatch.setenv("NEXTWORD_AUTH_TOKEN", "third-token-0123456789")
-    assert load_tokens(ServerConfig(auth_token_file=str(path))) == [
+    lines = ["# comment", "", "first-token-0123456789", "second-token-0123456789 alice,bob", "third-token-0123456789 *"]
+    path.write_text("\n".join(lines) + "\n")
+    monkeypatch.setenv("NEXTWORD_AUTH_TOKEN", "fourth-token-0123456789")
+    grants = load_tokens(ServerConfig(auth_token_file=str(path)))
+    assert [g.token for g in grants] == [
         "first-token-0123456789",
         "second-token-0123456789",
         "third-token-0123456789",
+        "fourth-token-0123456789",
     ]
+    assert [(g.allows("alice"), g.allows("carol")) for g in grants] == [
+        (False, False),
+        (True, False),
+        (True, True),
+        (False, False),
+    ]
+    path.write_text("first-token-0123456789 alice,not a user\n")
+    with pytest.raises(ValueError, match="not a user id"):
+        load_tokens(ServerConfig(auth_token_file=str(path)))
     monkeypatch.setenv("NEXTWORD_AUTH_TOKEN", "short")
     with pytest.raises(ValueError, match="at least 16 characters"):
         load_tokens(ServerConfig())
