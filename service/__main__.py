@@ -47,6 +47,13 @@ HELP = {
     "metrics_port": "port for /metrics (0 = any free port)",
     "log_format": "json (one object per line) or text",
     "log_calls": "a log line per call (method, status, duration, request id); errors are logged either way",
+    "history_db": "where personal histories live: a SQLite file, a postgresql://... URL, or off (docs/history.md)",
+    "learning": "Type sessions and Learn add to the history of the user a call names (--no-learning: read only)",
+    "history_order": "n-gram orders 1..N learned per user",
+    "history_max_entries": "n-grams kept per user; the least recently used beyond are pruned",
+    "history_half_life_days": "a use counts half as much after this many days",
+    "history_max_age_days": "drop n-grams not used for this many days (0 = keep them)",
+    "history_flush_ms": "learned counts are written to the database at most this often (a SIGTERM writes them)",
 }
 
 

@@ -5,6 +5,10 @@
     python -m service.client type          (interactive: suggestions as you type; Ctrl-D ends)
     python -m service.client info
     python -m service.client health
+    python -m service.client --user ann learn notes.txt      (personal history: learn a file,
+    python -m service.client --user ann forget Zelda          forget a word ("" = everything),
+    python -m service.client --user ann export > ann.jsonl    export it, import it)
+    python -m service.client --user ann import ann.jsonl
 
 A secured server (see README, security): --token-file (or NEXTWORD_AUTH_TOKEN) for the
 bearer token, --tls-ca for the server's CA, --tls-cert/--tls-key for a client certificate.
@@ -46,7 +50,10 @@ class NextWordClient:
         root_certificates: bytes | None = None,
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
+        user: str | None = None,
     ) -> None:
+        """``user``: the user every call names (x-nextword-user): its suggestions use and its Type
+        sessions add to that user's personal history."""
         if tls or root_certificates or private_key or certificate_chain:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
             self.channel = grpc.secure_channel(target, credentials)
@@ -56,6 +63,8 @@ class NextWordClient:
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        if user:
+            self.metadata += (("x-nextword-user", user),)
 
     def __enter__(self) -> NextWordClient:
         return self
@@ -90,6 +99,30 @@ class NextWordClient:
         return self.stub.GetModelInfo(
             pb.GetModelInfoRequest(), timeout=self.timeout, wait_for_ready=True, metadata=self.metadata
         )
+
+    def learn(self, text: str) -> pb.LearnResponse:
+        return self.stub.Learn(pb.LearnRequest(text=text), timeout=self.timeout, metadata=self.metadata)
+
+    def forget(self, word: str) -> pb.ForgetResponse:
+        return self.stub.Forget(pb.ForgetRequest(word=word), timeout=self.timeout, metadata=self.metadata)
+
+    def export_history(self) -> Iterator[str]:
+        """The user's history, a line (JSON) at a time."""
+        for chunk in self.stub.ExportHistory(pb.ExportHistoryRequest(), timeout=self.timeout, metadata=self.metadata):
+            yield from chunk.lines.splitlines()
+
+    def import_history(self, lines: Iterable[str], per_message: int = 500) -> pb.ImportHistoryResponse:
+        def chunks() -> Iterator[pb.HistoryChunk]:
+            batch: list[str] = []
+            for line in lines:
+                batch.append(line.rstrip("\n") + "\n")
+                if len(batch) == per_message:
+                    yield pb.HistoryChunk(lines="".join(batch))
+                    batch = []
+            if batch:
+                yield pb.HistoryChunk(lines="".join(batch))
+
+        return self.stub.ImportHistory(chunks(), timeout=self.timeout, metadata=self.metadata)
 
     def health(self, service: str = "") -> str:
         response = self.health_stub.Check(
@@ -139,6 +172,31 @@ def interactive_type(client: NextWordClient, count: int) -> None:
     print()
 
 
+LEARN_PIECE = 8000  # characters per Learn call (the server's default limit is 10,000)
+
+
+def learn_pieces(text: str, size: int = LEARN_PIECE) -> list[str]:
+    """The text in pieces of at most ``size`` characters, cut between lines (or, in a longer line, at a space)."""
+    pieces, current = [], ""
+    for line in text.splitlines(keepends=True):
+        while len(line) > size:
+            cut = line.rfind(" ", 0, size) + 1 or size
+            pieces.append(line[:cut])
+            line = line[cut:]
+        if len(current) + len(line) > size:
+            pieces.append(current)
+            current = ""
+        current += line
+    return [piece for piece in [*pieces, current] if piece.strip()]
+
+
+def read_text(path: str) -> str:
+    if path == "-":
+        return sys.stdin.read()
+    with open(path, encoding="utf-8") as handle:
+        return handle.read()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = OneLineParser(prog="nextword-client", description="Call a nextword server.")
     parser.add_argument("--target", default="localhost:50051", help="server address (default localhost:50051)")
@@ -149,6 +207,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-ca", help="PEM CA bundle that signed the server's certificate (implies --tls)")
     parser.add_argument("--tls-cert", help="PEM client certificate, for mutual TLS")
     parser.add_argument("--tls-key", help="PEM key of --tls-cert")
+    parser.add_argument("--user", help="the user the calls are for (personal history; default: none)")
     commands = parser.add_subparsers(dest="command", required=True)
     suggest = commands.add_parser("suggest", help="suggestions for the text before the cursor")
     suggest.add_argument("text", help="the text before the cursor; a half-typed last word is completed")
@@ -167,6 +226,13 @@ def main(argv: list[str] | None = None) -> int:
     typing.add_argument(
         "-n", "--num-suggestions", type=int, default=0, help="suggestions per keystroke (default 0: the server's 3)"
     )
+    learn = commands.add_parser("learn", help="learn a text file into --user's history (- reads standard input)")
+    learn.add_argument("file", help="UTF-8 text, sent in pieces of at most 8,000 characters")
+    forget = commands.add_parser("forget", help="remove a word and its n-grams from --user's history")
+    forget.add_argument("word", help='the word; "" removes all of the history')
+    commands.add_parser("export", help="print --user's history (JSON lines)")
+    importing = commands.add_parser("import", help="add a file of exported history lines to --user's history")
+    importing.add_argument("file", help="JSON lines as export prints them (- reads standard input)")
     commands.add_parser("info", help="what model the server runs")
     commands.add_parser("health", help="the server's health status")
     args = parser.parse_args(argv)
@@ -192,6 +258,7 @@ def main(argv: list[str] | None = None) -> int:
         root_certificates=pem["ca"],
         private_key=pem["key"],
         certificate_chain=pem["cert"],
+        user=args.user,
     )
     try:
         if args.command == "suggest":
@@ -222,6 +289,18 @@ def main(argv: list[str] | None = None) -> int:
                     print(response.text, end="", flush=True)
         elif args.command == "type":
             interactive_type(client, args.num_suggestions)
+        elif args.command in ("learn", "import"):
+            text = read_text(args.file)
+            if args.command == "learn":
+                pieces = learn_pieces(text)
+                print(f"learned {sum(client.learn(piece).ngrams for piece in pieces)} n-grams")
+            else:
+                print(f"imported {client.import_history(text.splitlines()).ngrams} n-grams")
+        elif args.command == "forget":
+            print(f"removed {client.forget(args.word).removed} n-grams")
+        elif args.command == "export":
+            for line in client.export_history():
+                print(line)
         elif args.command == "info":
             info = MessageToDict(client.info(), preserving_proto_field_name=True)
             info.pop("manifest_json", None)
@@ -233,6 +312,12 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"nextword-client: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
+    except OSError as error:
+        print(f"nextword-client: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
+        return 2
+    except UnicodeDecodeError:
+        print(f"nextword-client: {args.file} is not UTF-8 text", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         return 130
     finally:

@@ -39,3 +39,10 @@ class ServerConfig:
     metrics_port: int = 9464
     log_format: str = "json"  # json: one object per line; text: for people
     log_calls: bool = True  # a log line per call; off: startup, errors and shutdown only
+    history_db: str = "nextword-history.sqlite"  # SQLite file, postgresql://... URL, or "off"
+    learning: bool = True  # Type sessions and Learn add to the users' histories
+    history_order: int = 3  # n-gram orders 1..N learned per user
+    history_max_entries: int = 20_000  # n-grams per user; the least recently used beyond are pruned
+    history_half_life_days: float = 30.0  # a use counts half as much after this long
+    history_max_age_days: float = 0.0  # drop n-grams not used for this long (0 = keep)
+    history_flush_ms: float = 200.0  # learned counts are written at most this often

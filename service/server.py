@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from service.config import ServerConfig
 from service.engine import Engine
 from service.hardware import ThreadPlan, default_workers, resolve_device
+from service.history import open_histories
 from service.interceptors import CallGuard
 from service.metrics import Metrics
 from service.pb.nextword.v1 import nextword_pb2 as pb
@@ -96,7 +97,8 @@ class Server:
             initializer=threads.apply_here,
         )
         self.grpc = grpc.server(pool, interceptors=[self.guard], options=options)
-        self.servicer = NextWordServicer(engine, config)
+        self.histories = open_histories(config)  # service/history.py; None: off
+        self.servicer = NextWordServicer(engine, config, self.histories)
         self.metrics.watch(
             lambda: self.servicer.active_sessions,
             lambda: self.servicer.active_generations,
@@ -148,6 +150,8 @@ class Server:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         self.grpc.stop(self.config.grace if grace is None else grace).wait()
+        if self.histories is not None:  # what was learned is written before the process exits
+            self.histories.close()
         self.engine.close()
         self.metrics.stop_http()
         self._stopped.set()
@@ -185,21 +189,30 @@ def _started(config: ServerConfig) -> Server:
     return Server(config, engine, threads, reuse_port=config.workers > 1).start()
 
 
+def describe_history(config: ServerConfig) -> str:
+    if config.history_db == "off":
+        return "personal history off"
+    where = "PostgreSQL" if "://" in config.history_db else os.path.abspath(config.history_db)
+    return f"personal history in {where}" + ("" if config.learning else " (read only: --no-learning)")
+
+
 def _announce(config: ServerConfig, port: int, what: str, secure: bool, metrics_port: int | None) -> None:
+    history = describe_history(config)
     log.info(
-        "serving %s on %s:%d; %s, %s; metrics %s",
+        "serving %s on %s:%d; %s, %s; metrics %s; %s",
         what,
         config.host,
         port,
         "TLS" + (" with client certificates" if config.tls_client_ca else "") if config.tls_cert else "plaintext",
         "bearer tokens required" if secure else "no authentication",
         f"on port {metrics_port} (/metrics)" if metrics_port else "off",
+        history,
     )
     if config.tls_cert or secure:
-        print(f"nextword: SERVING on port {port}", flush=True)
+        print(f"nextword: SERVING on port {port}; {history}", flush=True)
     else:
         print(
-            f"nextword: SERVING on port {port}. Try:\n"
+            f"nextword: SERVING on port {port}; {history}. Try:\n"
             f'  python -m service.client --target localhost:{port} suggest "In the beginning"\n'
             f'  grpcurl -plaintext -d \'{{"text": "In the beginning"}}\' localhost:{port} '
             "nextword.v1.NextWord/Suggest",

@@ -9,20 +9,24 @@ from collections.abc import Iterator
 
 import grpc
 
+from service import calls
 from service.config import ServerConfig
 from service.decoding import MalformedRequest
 from service.engine import Engine
 from service.generation import END_TOKEN, LENGTH, STOP_STRING, GenerationParams
+from service.history import Histories, SessionLearner, units
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from service.session import EditError, TypingSession
 from service.suggest import SuggestResult
+from service.users import USER_KEY
 
 DEFAULT_SUGGESTIONS = 3
 DEFAULT_MAX_TOKENS = 64
 MAX_TEMPERATURE = 10.0
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 64
 EDIT_QUEUE = 64  # Type edits read ahead of the session
+EXPORT_LINES = 500  # history lines per ExportHistory message
 READER_POLL = 0.25  # seconds between a blocked Type reader's checks that its call is still on
 FINISH_REASONS = {
     LENGTH: pb.FINISH_REASON_LENGTH,
@@ -57,13 +61,14 @@ def apply_edit(session: TypingSession, request: pb.TypeRequest, index: int) -> N
     elif kind == "reset":
         session.reset()
     elif kind is None and not request.num_suggestions:
-        raise Invalid(f"edit {index}: give append, delete or reset")
+        raise Invalid(f"edit {index}: give append, delete, reset or commit")
 
 
 class NextWordServicer(pb_grpc.NextWordServicer):
-    def __init__(self, engine: Engine, config: ServerConfig) -> None:
+    def __init__(self, engine: Engine, config: ServerConfig, histories: Histories | None = None) -> None:
         self.engine = engine
         self.config = config
+        self.histories = histories  # personal histories (service/history.py); None: off
         self._sessions = threading.BoundedSemaphore(config.max_sessions)
         self._active_sessions = 0
         self._active_generations = 0
@@ -118,6 +123,30 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             seed=request.seed if request.HasField("seed") else None,
         )
 
+    # ------------------------------------------------------------------ personal history
+
+    def _personal(self, result: SuggestResult, text: str, count: int) -> SuggestResult:
+        """``result`` mixed with the history of the call's user, when it names one."""
+        user = calls.user()
+        if user is None or self.histories is None or not text:
+            return result
+        split = self.engine.suggester.split(text)
+        mixed = self.histories.suggest(user, split.context, split.prefix, result.suggestions, count)
+        return SuggestResult(mixed, result.completes_word, result.prefix)
+
+    def _history_user(self, context, writes: bool) -> str:
+        """The call's user, for the history RPCs; aborts when there is none or the history is off."""
+        if self.histories is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION, "personal history is off on this server (--history-db off)"
+            )
+        if writes and not self.histories.learning:
+            context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learning is off on this server (--no-learning)")
+        user = calls.user()
+        if user is None:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"this call needs metadata {USER_KEY} naming its user")
+        return user
+
     # ------------------------------------------------------------------ RPCs
 
     def Suggest(self, request: pb.SuggestRequest, context: grpc.ServicerContext) -> pb.SuggestResponse:
@@ -126,7 +155,50 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             count = self._num_suggestions(request.num_suggestions, DEFAULT_SUGGESTIONS)
         except Invalid as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return to_response(self.engine.suggester.suggest(text, count))
+        return to_response(self._personal(self.engine.suggester.suggest(text, count), text, count))
+
+    def Learn(self, request: pb.LearnRequest, context) -> pb.LearnResponse:
+        user = self._history_user(context, writes=True)
+        try:
+            text = self._text(request.text, "text")
+        except Invalid as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return pb.LearnResponse(ngrams=self.histories.learn(user, units(text)))
+
+    def Forget(self, request: pb.ForgetRequest, context) -> pb.ForgetResponse:
+        user = self._history_user(context, writes=False)
+        if len(request.word) > self.config.max_text_chars:
+            context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, f"word has more than {self.config.max_text_chars} characters"
+            )
+        return pb.ForgetResponse(removed=self.histories.forget(user, request.word.strip()))
+
+    def ExportHistory(self, request, context) -> Iterator[pb.HistoryChunk]:
+        user = self._history_user(context, writes=False)
+        lines = []
+        for line in self.histories.export(user):
+            lines.append(line + "\n")
+            if len(lines) == EXPORT_LINES:
+                yield pb.HistoryChunk(lines="".join(lines))
+                lines = []
+        if lines:
+            yield pb.HistoryChunk(lines="".join(lines))
+
+    def ImportHistory(self, request_iterator, context) -> pb.ImportHistoryResponse:
+        user = self._history_user(context, writes=True)
+        limit = 10 * self.config.history_max_entries
+        lines: list[str] = []
+        for chunk in request_iterator:
+            lines.extend(chunk.lines.splitlines())
+            if len(lines) > limit:
+                context.abort(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"more than {limit} history lines (10 x history_max_entries); import them in parts",
+                )
+        try:
+            return pb.ImportHistoryResponse(ngrams=self.histories.import_lines(user, lines))
+        except ValueError as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ImportHistory: {error}")
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
         try:
@@ -203,28 +275,44 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     def _edits(self, session: TypingSession, edits: queue.Queue, done: object, context) -> Iterator[pb.TypeResponse]:
         count, index = DEFAULT_SUGGESTIONS, 0
-        while True:
-            try:
-                request = edits.get(timeout=self.config.session_idle_timeout)
-            except queue.Empty:
-                context.abort(
-                    grpc.StatusCode.DEADLINE_EXCEEDED,
-                    f"typing session idle for more than {self.config.session_idle_timeout:g} s; "
-                    "the limit is server setting session_idle_timeout",
+        learner: SessionLearner | None = None
+        try:
+            while True:
+                try:
+                    request = edits.get(timeout=self.config.session_idle_timeout)
+                except queue.Empty:
+                    context.abort(
+                        grpc.StatusCode.DEADLINE_EXCEEDED,
+                        f"typing session idle for more than {self.config.session_idle_timeout:g} s; "
+                        "the limit is server setting session_idle_timeout",
+                    )
+                if request is done or not context.is_active():
+                    return
+                if isinstance(request, MalformedRequest):
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"edit {index + 1}: {request}")
+                index += 1
+                if index == 1:
+                    learner = self._learner(request.incognito)
+                try:
+                    count = self._num_suggestions(request.num_suggestions, count)
+                    apply_edit(session, request, index)
+                except (Invalid, EditError) as error:
+                    context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+                if learner is not None:
+                    learner.update(session.text, final=request.WhichOneof("edit") == "commit")
+                suggestions = self._personal(session.suggest(count), session.text, count)
+                yield pb.TypeResponse(
+                    edit_index=index, text_length=len(session.text), suggestions=to_response(suggestions)
                 )
-            if request is done or not context.is_active():
-                return
-            if isinstance(request, MalformedRequest):
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"edit {index + 1}: {request}")
-            index += 1
-            try:
-                count = self._num_suggestions(request.num_suggestions, count)
-                apply_edit(session, request, index)
-            except (Invalid, EditError) as error:
-                context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-            yield pb.TypeResponse(
-                edit_index=index, text_length=len(session.text), suggestions=to_response(session.suggest(count))
-            )
+        finally:
+            if learner is not None:  # the session ended: what remains is finished
+                learner.update(session.text, final=True)
+
+    def _learner(self, incognito: bool) -> SessionLearner | None:
+        user = calls.user()
+        if user is None or incognito or self.histories is None or not self.histories.learning:
+            return None
+        return SessionLearner(self.histories, user)
 
     def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         return self._model_info
@@ -252,4 +340,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             components=["network", "ngram-memory"] if self.engine.mixed else ["network"],
             ngram_weights=manifest.memory.weights if self.engine.mixed else [],
             ngram_order=manifest.memory.order if self.engine.mixed else 0,
+            history_store=self.histories.store.kind if self.histories is not None else "off",
+            history_max_entries=self.config.history_max_entries if self.histories is not None else 0,
+            learning=self.histories is not None and self.histories.learning,
         )

@@ -21,7 +21,7 @@ from tests.conftest import ROOT, run_cli
 
 
 def start(model, **overrides):
-    overrides = {"metrics_port": 0, "max_generate_tokens": 2000, **overrides}
+    overrides = {"metrics_port": 0, "max_generate_tokens": 2000, "history_db": ":memory:", **overrides}
     config = ServerConfig(model=model, host="127.0.0.1", port=0, **overrides)
     engine = Engine.load(config)
     server, port = create_server(config, engine)
@@ -34,6 +34,8 @@ def serve_process(model: str, *flags: str, stderr=subprocess.DEVNULL) -> tuple[s
     command = [sys.executable, "-m", "service", "--model", model, "--port", "0", "--host", "127.0.0.1"]
     if "--workers" not in flags:
         flags = ("--workers", "1", *flags)
+    if "--history-db" not in flags:
+        flags = ("--history-db", ":memory:", *flags)
     process = subprocess.Popen(
         [*command, "--metrics-port", "0", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True
     )
@@ -249,7 +251,7 @@ def test_validation_errors(client, method, request_message, message):
 @pytest.mark.parametrize(
     "edits,message",
     [
-        ([pb.TypeRequest()], "edit 1: give append, delete or reset"),
+        ([pb.TypeRequest()], "edit 1: give append, delete, reset or commit"),
         ([pb.TypeRequest(append="")], "edit 1: append must not be empty"),
         ([pb.TypeRequest(append="a"), pb.TypeRequest(delete=0)], "edit 2: delete must be at least 1"),
         ([pb.TypeRequest(append="a" * 10001)], "the session's text would be 10001 characters; the limit is 10000"),

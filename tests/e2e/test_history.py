@@ -1,0 +1,180 @@
+"""Personal history through a real server: who may name which user, learning from Type and Learn,
+incognito, forgetting, export and import, two models on one history, and the database surviving
+SIGTERM and SIGKILL."""
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import grpc
+import pytest
+
+from service.client import NextWordClient
+from service.pb.nextword.v1 import nextword_pb2 as pb
+from tests.conftest import ROOT
+from tests.e2e.test_server import serve_process, start
+
+ALICE_TOKEN = "token-for-alice-0123456789"
+BACKEND_TOKEN = "token-for-backend-0123456789"
+
+
+def words(response: pb.SuggestResponse) -> list[str]:
+    return [s.text for s in response.suggestions]
+
+
+@pytest.fixture
+def served(tiny_word_model, tmp_path):
+    server, port, _ = start(tiny_word_model, history_db=str(tmp_path / "history.sqlite"), history_flush_ms=20)
+    yield port, server, tmp_path / "history.sqlite"
+    server.stop(0)
+
+
+def typed(client: NextWordClient, text: str, incognito: bool = False) -> list[pb.TypeResponse]:
+    edits = [pb.TypeRequest(append=ch, incognito=incognito and i == 0) for i, ch in enumerate(text)]
+    return list(client.type(edits, timeout=60))
+
+
+def test_a_name_typed_three_times_is_suggested_to_its_user_only(served):
+    port = served[0]
+    with NextWordClient(f"127.0.0.1:{port}", user="alice") as alice, NextWordClient(f"127.0.0.1:{port}") as nobody:
+        before = words(alice.suggest("I like Ze"))
+        assert "Zelda" not in before  # the vocabulary has no such word
+        for _ in range(3):
+            typed(alice, "I like Zelda. ")
+        assert words(alice.suggest("I like Ze"))[0] == "Zelda"  # completed
+        assert "Zelda" in words(alice.suggest("I like "))  # and suggested as the next word
+        assert words(nobody.suggest("I like Ze")) == before  # a call without a user: as before
+        with NextWordClient(f"127.0.0.1:{port}", user="bob") as bob:
+            assert words(bob.suggest("I like Ze")) == before  # another user: as before
+
+
+def test_an_incognito_session_learns_nothing_and_unfinished_words_are_not_learned(served):
+    port = served[0]
+    with NextWordClient(f"127.0.0.1:{port}", user="carol") as carol:
+        for _ in range(3):
+            typed(carol, "I like Zelda. ", incognito=True)
+        edits = [pb.TypeRequest(append="I like Quint"), pb.TypeRequest(delete=5), pb.TypeRequest(append="rice ")]
+        list(carol.type(edits, timeout=60))
+        assert "Zelda" not in words(carol.suggest("I like Ze"))
+        assert "Quint" not in words(carol.suggest("I like Qu"))
+
+
+def test_learn_and_forget_at_once(served):
+    port = served[0]
+    with NextWordClient(f"127.0.0.1:{port}", user="dave") as dave:
+        assert dave.learn("We met Orlando. Orlando cooks. Orlando sings.").ngrams > 0
+        assert words(dave.suggest("I like Or"))[0] == "Orlando"
+        assert dave.forget("orlando").removed > 0
+        assert "Orlando" not in words(dave.suggest("I like Or"))  # the very next call
+        with pytest.raises(grpc.RpcError) as caught:
+            NextWordClient(f"127.0.0.1:{port}").learn("no user named")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "x-nextword-user" in caught.value.details()
+
+
+def test_export_then_import_gives_another_user_the_same_suggestions(served):
+    port = served[0]
+    with (
+        NextWordClient(f"127.0.0.1:{port}", user="erin") as erin,
+        NextWordClient(f"127.0.0.1:{port}", user="frank") as frank,
+    ):
+        erin.learn("I like Zelda. I like Zelda. I like Zelda.")
+        lines = list(erin.export_history())
+        assert lines and all(line.startswith('{"ngram": [') for line in lines)
+        assert frank.import_history(lines).ngrams == len(lines)
+        assert words(frank.suggest("I like Ze")) == words(erin.suggest("I like Ze"))
+        with pytest.raises(grpc.RpcError) as caught:
+            frank.import_history(["not a history line"])
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "line 1" in caught.value.details()
+
+
+def test_model_info_reports_the_history_and_learning_can_be_off(tiny_word_model, tmp_path):
+    server, port, _ = start(tiny_word_model, history_db=str(tmp_path / "h.sqlite"), learning=False)
+    try:
+        with NextWordClient(f"127.0.0.1:{port}", user="gina") as gina:
+            info = gina.info()
+            assert (info.history_store, info.learning, info.history_max_entries) == ("sqlite", False, 20_000)
+            with pytest.raises(grpc.RpcError) as caught:
+                gina.learn("anything")
+            assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            assert "--no-learning" in caught.value.details()
+            typed(gina, "I like Zelda. ")
+            assert gina.export_history() is not None and list(gina.export_history()) == []
+    finally:
+        server.stop(0)
+
+
+def test_tokens_may_name_only_their_users(tiny_word_model, tmp_path):
+    tokens = tmp_path / "tokens"
+    tokens.write_text(f"{ALICE_TOKEN} alice\n{BACKEND_TOKEN} *\n")
+    server, port, _ = start(tiny_word_model, auth_token_file=str(tokens), history_db=str(tmp_path / "h.sqlite"))
+    target = f"127.0.0.1:{port}"
+    try:
+        with NextWordClient(target, token=ALICE_TOKEN, user="alice") as client:
+            assert client.learn("I like Zelda.").ngrams > 0
+        for token, user in ((ALICE_TOKEN, "bob"), (ALICE_TOKEN, "alice2")):
+            with NextWordClient(target, token=token, user=user) as client, pytest.raises(grpc.RpcError) as caught:
+                client.suggest("I like ")
+            assert caught.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with NextWordClient(target, token=BACKEND_TOKEN, user="bob") as client:
+            assert client.suggest("I like ").suggestions
+        with (
+            NextWordClient(target, token=ALICE_TOKEN, user="not a user!") as client,
+            pytest.raises(grpc.RpcError) as caught,
+        ):
+            client.suggest("I like ")
+        assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    finally:
+        server.stop(0)
+
+
+def test_one_history_serves_two_different_models(tiny_word_model, tiny_char_model, tmp_path):
+    path = str(tmp_path / "h.sqlite")
+    server, port, _ = start(tiny_word_model, history_db=path)
+    with NextWordClient(f"127.0.0.1:{port}", user="hana") as hana:
+        hana.learn("We love Zelda. We love Zelda. We love Zelda.")
+    server.stop(0)  # writes what is pending
+    server, port, _ = start(tiny_char_model, history_db=path)
+    try:
+        with NextWordClient(f"127.0.0.1:{port}", user="hana") as hana:
+            assert words(hana.suggest("We love Ze"))[0] == "Zelda"
+    finally:
+        server.stop(0)
+
+
+@pytest.mark.parametrize("how", [signal.SIGTERM, signal.SIGKILL])
+def test_learned_counts_survive_the_process_ending(tiny_word_model, tmp_path, how):
+    path = tmp_path / "h.sqlite"
+    process, port = serve_process(tiny_word_model, "--history-db", str(path), "--history-flush-ms", "100")
+    try:
+        with NextWordClient(f"127.0.0.1:{port}", user="ivan") as ivan:
+            ivan.learn("I like Zelda.")
+        if how == signal.SIGKILL:
+            time.sleep(0.5)  # a flush interval passes: at most that much may be lost
+        os.kill(process.pid, how)
+        process.wait(timeout=30)
+    finally:
+        process.kill()
+        process.stdout.close()
+    with sqlite3.connect(path) as db:
+        assert db.execute("PRAGMA integrity_check").fetchone() == ("ok",)
+        stored = db.execute("SELECT ngram FROM nextword_history WHERE user_id = 'ivan'").fetchall()
+    assert ("Zelda",) in stored and len(stored) == 6  # I, like, Zelda, I like, like Zelda, I like Zelda
+
+
+@pytest.mark.slow
+def test_the_serving_line_names_the_history_file(tiny_word_model, tmp_path):
+    path = tmp_path / "h.sqlite"
+    command = [sys.executable, "-m", "service", "--model", tiny_word_model, "--port", "0", "--host", "127.0.0.1"]
+    command += ["--no-metrics", "--workers", "1", "--history-db", str(path)]
+    process = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    try:
+        line = process.stdout.readline()
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.stdout.close()
+    assert f"personal history in {path}" in line

@@ -1,0 +1,156 @@
+"""Personal history (service/history.py) against a real SQLite file: learning, prediction, the mix,
+forgetting, limits, recency, and concurrent learners in separate processes."""
+
+import json
+import multiprocessing
+import time
+
+import pytest
+
+from service.history import (
+    Histories,
+    HistoryConfig,
+    HistoryStore,
+    SessionLearner,
+    UserHistory,
+    personalize,
+    units,
+)
+
+
+def open_store(path, **options) -> Histories:
+    config = HistoryConfig(**{"flush_ms": 20.0, **options})
+    return Histories(HistoryStore(str(path), config), config)
+
+
+@pytest.fixture
+def histories(tmp_path):
+    store = open_store(tmp_path / "history.sqlite")
+    yield store
+    store.close()
+
+
+def test_units_are_words_numbers_and_cjk_characters_with_punctuation_as_breaks():
+    assert units("I met Zelda, at 3 o'clock") == ["I", "met", "Zelda", "", "at", "3", "o'clock"]
+    assert units("我昨天上学。") == ["我", "昨", "天", "上", "学", ""]
+
+
+def test_a_name_typed_three_times_is_completed_and_beats_the_served_completions(histories):
+    for text in ("I met Zelda today", "then Zelda left", "and Zelda came back"):
+        histories.learn("ann", units(text))
+    served = [("Zebedee", 0.7), ("Zeal", 0.3)]
+    mixed = histories.suggest("ann", "I saw", "Ze", served, 3)
+    assert mixed[0][0] == "Zelda" and {w for w, _ in mixed} == {"Zelda", "Zebedee", "Zeal"}
+    assert sum(p for _, p in mixed) == pytest.approx(1.0)
+    assert histories.suggest("bob", "I saw", "Ze", served, 3) == served  # another user: unpersonalised
+
+
+def test_a_user_with_no_history_that_applies_gets_exactly_the_served_answer(histories):
+    served = [("the", 0.5), ("a", 0.2)]
+    assert histories.suggest("new", "In the", "", served, 2) == served
+    histories.learn("ann", units("green apples"))
+    assert histories.suggest("ann", "completely unrelated", "xq", served, 2) == served
+
+
+def test_the_context_decides_the_next_word(histories):
+    for _ in range(3):
+        histories.learn("ann", units("see you tomorrow. thank you kindly"))
+    after_see = histories.suggest("ann", "see you", "", [("all", 0.6), ("and", 0.4)], 3)
+    after_thank = histories.suggest("ann", "thank you", "", [("all", 0.6), ("and", 0.4)], 3)
+    assert after_see[0][0] == "tomorrow" and after_thank[0][0] == "kindly"
+
+
+def test_learned_counts_reach_the_database_and_another_store_reads_them(tmp_path):
+    path = tmp_path / "history.sqlite"
+    first = open_store(path)
+    first.learn("ann", units("hello brave world"))
+    first.close()  # close flushes
+    second = open_store(path)
+    assert len(second.user("ann")) == 6  # 3 unigrams, 2 bigrams, 1 trigram
+    second.close()
+
+
+def test_forget_removes_the_word_and_every_ngram_with_it_at_once(histories):
+    histories.learn("ann", units("meet Zelda soon"))
+    histories.learn("ann", units("meet Zelda soon"))
+    removed = histories.forget("ann", "zelda")
+    assert removed == 4  # Zelda, meet Zelda, Zelda soon, meet Zelda soon
+    assert all("Zelda" not in gram for gram in histories.user("ann").counts)
+    assert histories.suggest("ann", "meet", "Ze", [("Zeal", 1.0)], 3) == [("Zeal", 1.0)]
+    assert histories.forget("ann", "") == 2  # what was left: meet, soon
+    assert len(histories.user("ann")) == 0
+
+
+def test_the_cap_keeps_the_most_recently_used(tmp_path):
+    histories = open_store(tmp_path / "history.sqlite", max_entries=5, order=1)
+    for word in ["one", "two", "three", "four", "five", "six", "seven"]:
+        histories.learn("ann", [word])
+        time.sleep(0.002)
+    histories.flush()
+    histories.close()
+    reopened = open_store(tmp_path / "history.sqlite", max_entries=5, order=1)
+    assert {g[0] for g in reopened.user("ann").counts} == {"three", "four", "five", "six", "seven"}
+    reopened.close()
+
+
+def test_recent_use_counts_more():
+    history = UserHistory(HistoryConfig(half_life_days=1.0, order=1))
+    now = time.time()
+    history.add(("old",), 4.0, now - 3 * 86400)  # 4 uses three half-lives ago: worth 0.5 now
+    history.add(("new",), 1.0, now)
+    predicted, _ = history.predict([], "", now)
+    assert [w for w, _ in predicted] == ["new", "old"]
+    assert dict(predicted)["new"] == pytest.approx(1 / 1.5)
+
+
+def test_personalize_weights_the_two_sides():
+    assert personalize([("a", 1.0)], [("b", 1.0)], 0.25, 3) == [("a", 0.75), ("b", 0.25)]
+    assert personalize([("a", 1.0)], [("b", 1.0)], 0.0, 3) == [("a", 1.0)]
+
+
+def test_a_session_learns_finished_words_only_and_not_twice(histories):
+    learner = SessionLearner(histories, "ann")
+    learner.update("hello wor")
+    assert {g for g in histories.user("ann").counts} == {("hello",)}
+    learner.update("hello w")  # deleted before it was finished: nothing
+    learner.update("hello world ")
+    learner.update("hello world")  # the space deleted and typed again: not learned twice
+    learner.update("hello world ")
+    counts = histories.user("ann").counts
+    assert counts[("world",)][0] == pytest.approx(1.0, rel=1e-3)
+    learner.update("hello world and mor", final=True)  # the end of the session: the rest too
+    assert ("world", "and", "mor") in histories.user("ann").counts
+
+
+def test_export_and_import_round_trip(tmp_path, histories):
+    histories.learn("ann", units("a tale of two cities"))
+    lines = list(histories.export("ann"))
+    assert all(set(json.loads(line)) == {"ngram", "count", "last_used"} for line in lines)
+    other = open_store(tmp_path / "other.sqlite")
+    assert other.import_lines("ann", lines) == len(lines)
+    assert other.user("ann").counts.keys() == histories.user("ann").counts.keys()
+    with pytest.raises(ValueError, match="line 1"):
+        other.import_lines("ann", ["not json"])
+    other.close()
+
+
+def _learn_many(path: str, word: str, times: int) -> None:
+    store = open_store(path)
+    for _ in range(times):
+        store.learn("ann", [word])
+    store.close()
+
+
+def test_two_processes_learning_for_one_user_lose_no_counts(tmp_path):
+    path = str(tmp_path / "history.sqlite")
+    open_store(path).close()  # the schema, once
+    spawn = multiprocessing.get_context("spawn")
+    workers = [spawn.Process(target=_learn_many, args=(path, "shared", 200)) for _ in range(2)]
+    for worker in workers:
+        worker.start()
+    for worker in workers:
+        worker.join(60)
+        assert worker.exitcode == 0
+    reader = open_store(path)
+    assert reader.user("ann").counts[("shared",)][0] == pytest.approx(400.0, rel=1e-3)
+    reader.close()
