@@ -9,7 +9,9 @@ Measured in one run, on the same artifact:
   * the server with batching on, and with --no-batching, driven by benchmarks/load.py in a
     separate process at 1, 8 and 64 concurrent clients (QPS, p50, p99);
   * a Type session's latency per keystroke with 20 and with 2,000 characters typed, against
-    re-encoding the whole text on every keystroke.
+    re-encoding the whole text on every keystroke;
+  * Suggest in-process for a user with 10,000 learned n-grams (personal history in SQLite)
+    against the same Suggest without a user.
 """
 
 from __future__ import annotations
@@ -124,6 +126,47 @@ def keystrokes(model_path: str, typed: int, device: str, count: int = 60) -> dic
     }
 
 
+def personal_history(model_path: str, device: str, ngrams: int = 10_000) -> dict:
+    """Suggest p50 without a user and for a user with ``ngrams`` learned n-grams (KJV verses), one thread."""
+    import tempfile
+
+    from benchmarks.texts import verses
+    from service.history import Histories, HistoryConfig, HistoryStore, units
+
+    artifact = load_artifact(model_path)
+    network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)
+    suggester = Suggester(served_model(network, artifact), artifact.tokenizer)
+    config = HistoryConfig()
+    with tempfile.TemporaryDirectory() as folder:
+        histories = Histories(HistoryStore(os.path.join(folder, "history.sqlite"), config), config)
+        for verse in verses():
+            if len(histories.user("reader")) >= ngrams:
+                break
+            histories.learn("reader", units(verse))
+        learned = len(histories.user("reader"))
+
+        def personal(text: str) -> None:
+            split = suggester.split(text)
+            histories.suggest("reader", split.context, split.prefix, suggester.suggest(text, 3).suggestions, 3)
+
+        texts = prompts()
+        plain = p50_of(lambda text: suggester.suggest(text, 3), texts)
+        mixed = p50_of(personal, texts)
+        histories.close()
+    return {"ngrams": learned, "plain_ms": plain, "personal_ms": mixed}
+
+
+def p50_of(call, texts: list[str]) -> float:
+    for text in texts[:20]:
+        call(text)
+    latencies = []
+    for text in texts[:300]:
+        start = time.perf_counter()
+        call(text)
+        latencies.append(time.perf_counter() - start)
+    return 1000 * statistics.median(latencies)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -224,6 +267,11 @@ def main() -> None:
     print(
         f"keystroke at 2,000 chars / at 20 chars: {long_['session_ms'] / short['session_ms']:.2f}x "
         f"(re-encoding: {long_['reencode_ms'] / short['reencode_ms']:.2f}x)"
+    )
+    mine = on_thread(threads, lambda: personal_history(args.model, args.device))
+    print(
+        f"\nSuggest p50 in-process: {mine['plain_ms']:.2f} ms without a user, {mine['personal_ms']:.2f} ms for a user "
+        f"with {mine['ngrams']:,} learned n-grams: {mine['personal_ms'] / mine['plain_ms']:.2f}x"
     )
     if load_artifact(args.model).memory is not None:
         compare_network_alone(args, clients, threads, base, batched)

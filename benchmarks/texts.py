@@ -25,6 +25,12 @@ def prompts(count: int = 500, seed: int = 0) -> list[str]:
     return out
 
 
+def verses() -> list[str]:
+    """Every verse, in the order of the book."""
+    with gzip.open(CORPUS, "rt", encoding="utf-8") as handle:
+        return [line.strip() for line in handle if line.strip()]
+
+
 def next_word_prompts(count: int = 30, seed: int = 0) -> list[str]:
     """Verse beginnings that end after a whole word and a space (a next-word request), 1 to 8 words."""
     with gzip.open(CORPUS, "rt", encoding="utf-8") as handle:

@@ -31,6 +31,8 @@ most every ``REFRESH_SECONDS``).
 
 from __future__ import annotations
 
+import bisect
+import heapq
 import json
 import logging
 import math
@@ -48,6 +50,8 @@ log = logging.getLogger("nextword")
 SEPARATOR = "\x1f"  # between the units of a stored n-gram (a control character no one types)
 REFRESH_SECONDS = 1.0  # how stale another process's writes may be in this one's cache
 CACHED_USERS = 1024
+CONTEXT_CHARS = 256  # of the text before the cursor, read for the user's last units
+TOTAL_SECONDS = 60.0  # how long a user's decayed unigram total is reused
 _UNIT = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|[^\s\w]", re.UNICODE)
 
 
@@ -113,6 +117,8 @@ class UserHistory:
     def __post_init__(self) -> None:
         self.followers: dict[tuple[str, ...], dict[str, list[float]]] = {}
         self.shown: dict[str, str] = {}
+        self._words: list[str] = []  # the unigrams' keys, sorted: the completions of a prefix are a range
+        self._total: tuple[float, float] | None = None  # (when, the decayed count of every unigram) cached
         for gram, (count, last) in list(self.counts.items()):
             self._index(gram, count, last)
 
@@ -130,9 +136,16 @@ class UserHistory:
     def _index(self, gram: tuple[str, ...], count: float, last: float) -> None:
         key = tuple(unit.casefold() for unit in gram)
         self.shown[key[-1]] = gram[-1]
-        slot = self.followers.setdefault(key[:-1], {}).setdefault(key[-1], [0.0, last])
+        followers = self.followers.setdefault(key[:-1], {})
+        slot = followers.get(key[-1])
+        if slot is None:
+            slot = followers[key[-1]] = [0.0, last]
+            if len(key) == 1:
+                bisect.insort(self._words, key[0])
         slot[0] = decayed(slot[0], slot[1], last, self.config.half_life) + count
         slot[1] = max(slot[1], last)
+        if len(key) == 1:
+            self._total = None
 
     def forget(self, word: str) -> list[tuple[str, ...]]:
         """Drop every n-gram that contains ``word`` (casefolded); the dropped n-grams."""
@@ -142,36 +155,66 @@ class UserHistory:
             del self.counts[gram]
         self.followers.clear()
         self.shown.clear()
+        self._words.clear()
+        self._total = None
         for gram, (count, last) in self.counts.items():
             self._index(gram, count, last)
         return gone
 
-    def predict(self, context: Sequence[str], prefix: str, now: float) -> tuple[list[tuple[str, float]], float]:
+    def _unigram_total(self, now: float) -> float:
+        if self._total is None or now - self._total[0] > TOTAL_SECONDS:
+            half = self.config.half_life
+            total = sum(decayed(c, t, now, half) for c, t in self.followers.get((), {}).values())
+            self._total = (now, total)
+        return self._total[1]
+
+    def predict(
+        self, context: Sequence[str], prefix: str, now: float, limit: int | None = None
+    ) -> tuple[list[tuple[str, float]], float]:
         """(units with P_user(unit | context, prefix), best first; the evidence E) for what follows
-        ``context`` (units) and starts with ``prefix``."""
+        ``context`` (units) and starts with ``prefix``. With a prefix the candidates are the units that
+        start with it; without one, those that followed the contexts seen (with none seen, the user's
+        history says nothing about this place: no prediction)."""
         start = prefix.casefold()
-        history = [unit.casefold() for unit in context[-(self.config.order - 1) :] if unit] if context else []
-        half = self.config.half_life
-
-        def matching(key: tuple[str, ...]) -> dict[str, float]:
-            followers = self.followers.get(key, {})
-            return {w: decayed(c, t, now, half) for w, (c, t) in followers.items() if w.startswith(start)}
-
-        probabilities = matching(())
-        total = sum(probabilities.values())
-        if total <= 0:
+        recent = [unit.casefold() for unit in context[-(self.config.order - 1) :] if unit] if context else []
+        seen_contexts = []
+        for n in range(1, len(recent) + 1):
+            followers = self.followers.get(tuple(recent[-n:]))
+            if not followers:
+                break  # a longer context contains this one: not seen either
+            seen_contexts.append(followers)
+        unigrams = self.followers.get((), {})
+        if start:
+            low = bisect.bisect_left(self._words, start)
+            high = bisect.bisect_left(self._words, start + "\U0010ffff")
+            candidates = self._words[low:high]
+        elif seen_contexts:
+            candidates = list({w for followers in seen_contexts for w in followers})
+        else:
             return [], 0.0
-        probabilities = {w: c / total for w, c in probabilities.items()}
-        evidence = total if start else 0.0  # with no prefix, what a user types in general is weak evidence
-        for n in range(1, len(history) + 1):
-            seen = matching(tuple(history[-n:]))
+        rate = 1.0 / self.config.half_life  # decayed(c, t) = c * 2 ** ((t - now) * rate), inlined for speed
+        base = {w: unigrams[w][0] * 2.0 ** (min(0.0, unigrams[w][1] - now) * rate) for w in candidates if w in unigrams}
+        total = sum(base.values()) if start else self._unigram_total(now)
+        if total <= 0 or not base:
+            return [], 0.0
+        probabilities = {w: c / total for w, c in base.items()}
+        evidence = sum(base.values()) if start else 0.0  # without a prefix, word frequency is weak evidence
+        for followers in seen_contexts:
+            seen = {
+                w: followers[w][0] * 2.0 ** (min(0.0, followers[w][1] - now) * rate)
+                for w in probabilities
+                if w in followers
+            }
             count = sum(seen.values())
             if count <= 0:
-                break  # a longer context contains this one: not seen either
+                break
             types = len(seen)
             probabilities = {w: (seen.get(w, 0.0) + types * p) / (count + types) for w, p in probabilities.items()}
             evidence = count
-        ranked = sorted(probabilities.items(), key=lambda item: -item[1])
+        if limit is None:
+            ranked = sorted(probabilities.items(), key=lambda item: -item[1])
+        else:
+            ranked = heapq.nlargest(limit, probabilities.items(), key=lambda item: item[1])
         return [(self.shown.get(w, w), p) for w, p in ranked], evidence
 
     def weight(self, evidence: float) -> float:
@@ -432,7 +475,8 @@ class Histories:
         history = self.user(user)
         if not len(history):
             return list(served)
-        predicted, evidence = history.predict(units(context), prefix, time.time())
+        tail = context[-CONTEXT_CHARS:]  # the last few units are all the prediction reads
+        predicted, evidence = history.predict(units(tail), prefix, time.time(), limit=k)
         return personalize(served, predicted, history.weight(evidence), k)
 
     # ------------------------------------------------------------------ learning

@@ -96,11 +96,12 @@ def test_the_cap_keeps_the_most_recently_used(tmp_path):
 def test_recent_use_counts_more():
     history = UserHistory(HistoryConfig(half_life_days=1.0, order=1))
     now = time.time()
-    history.add(("old",), 4.0, now - 3 * 86400)  # 4 uses three half-lives ago: worth 0.5 now
-    history.add(("new",), 1.0, now)
-    predicted, _ = history.predict([], "", now)
-    assert [w for w, _ in predicted] == ["new", "old"]
-    assert dict(predicted)["new"] == pytest.approx(1 / 1.5)
+    history.add(("noble",), 4.0, now - 3 * 86400)  # 4 uses three half-lives ago: worth 0.5 now
+    history.add(("nova",), 1.0, now)
+    predicted, evidence = history.predict([], "no", now)
+    assert [w for w, _ in predicted] == ["nova", "noble"]
+    assert dict(predicted)["nova"] == pytest.approx(1 / 1.5) and evidence == pytest.approx(1.5)
+    assert history.predict([], "", now) == ([], 0.0)  # no prefix and no context seen: nothing to say
 
 
 def test_personalize_weights_the_two_sides():
