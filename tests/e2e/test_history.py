@@ -178,3 +178,26 @@ def test_the_serving_line_names_the_history_file(tiny_word_model, tmp_path):
         process.kill()
         process.stdout.close()
     assert f"personal history in {path}" in line
+
+
+def test_two_replicas_on_one_postgresql_share_a_users_history(tiny_word_model):
+    from tests.postgres import missing, postgres_server
+
+    why = missing()
+    if why:
+        pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
+    with postgres_server() as url:
+        first, first_port, _ = start(tiny_word_model, history_db=url, history_flush_ms=20)
+        second, second_port, _ = start(tiny_word_model, history_db=url, history_flush_ms=20)
+        try:
+            with NextWordClient(f"127.0.0.1:{second_port}", user="jo") as on_second:
+                assert "Zelda" not in words(on_second.suggest("I like Ze"))  # read (and cached) before
+                with NextWordClient(f"127.0.0.1:{first_port}", user="jo") as on_first:
+                    on_first.learn("I like Zelda. I like Zelda. I like Zelda.")
+                deadline = time.monotonic() + 10
+                while "Zelda" not in words(on_second.suggest("I like Ze")):
+                    assert time.monotonic() < deadline, "the other replica never saw the history"
+                    time.sleep(0.2)
+        finally:
+            first.stop(0)
+            second.stop(0)

@@ -3,7 +3,9 @@ forgetting, limits, recency, and concurrent learners in separate processes."""
 
 import json
 import multiprocessing
+import os
 import time
+import uuid
 
 import pytest
 
@@ -16,6 +18,7 @@ from service.history import (
     personalize,
     units,
 )
+from tests.postgres import missing, postgres_server
 
 
 def open_store(path, **options) -> Histories:
@@ -23,9 +26,35 @@ def open_store(path, **options) -> Histories:
     return Histories(HistoryStore(str(path), config), config)
 
 
+@pytest.fixture(scope="module")
+def postgres():
+    why = missing()
+    if why and os.environ.get("CI") == "true":
+        pytest.fail(f"{why}: CI must test the PostgreSQL store (.ci/run installs PostgreSQL)")
+    if why:
+        pytest.skip(why)
+    with postgres_server() as url:
+        yield url
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def location(request, tmp_path):
+    """Where a store lives: a fresh SQLite file, or a fresh database on the test's PostgreSQL server."""
+    if request.param == "sqlite":
+        yield str(tmp_path / "history.sqlite")
+        return
+    import psycopg
+
+    url = request.getfixturevalue("postgres")
+    name = f"t{uuid.uuid4().hex[:12]}"
+    with psycopg.connect(url, autocommit=True) as admin:
+        admin.execute(f"CREATE DATABASE {name}")
+    yield url.replace("/postgres?", f"/{name}?")
+
+
 @pytest.fixture
-def histories(tmp_path):
-    store = open_store(tmp_path / "history.sqlite")
+def histories(location):
+    store = open_store(location)
     yield store
     store.close()
 
@@ -60,8 +89,8 @@ def test_the_context_decides_the_next_word(histories):
     assert after_see[0][0] == "tomorrow" and after_thank[0][0] == "kindly"
 
 
-def test_learned_counts_reach_the_database_and_another_store_reads_them(tmp_path):
-    path = tmp_path / "history.sqlite"
+def test_learned_counts_reach_the_database_and_another_store_reads_them(location):
+    path = location
     first = open_store(path)
     first.learn("ann", units("hello brave world"))
     first.close()  # close flushes
@@ -81,14 +110,14 @@ def test_forget_removes_the_word_and_every_ngram_with_it_at_once(histories):
     assert len(histories.user("ann")) == 0
 
 
-def test_the_cap_keeps_the_most_recently_used(tmp_path):
-    histories = open_store(tmp_path / "history.sqlite", max_entries=5, order=1)
+def test_the_cap_keeps_the_most_recently_used(location):
+    histories = open_store(location, max_entries=5, order=1)
     for word in ["one", "two", "three", "four", "five", "six", "seven"]:
         histories.learn("ann", [word])
         time.sleep(0.002)
     histories.flush()
     histories.close()
-    reopened = open_store(tmp_path / "history.sqlite", max_entries=5, order=1)
+    reopened = open_store(location, max_entries=5, order=1)
     assert {g[0] for g in reopened.user("ann").counts} == {"three", "four", "five", "six", "seven"}
     reopened.close()
 
@@ -142,8 +171,8 @@ def _learn_many(path: str, word: str, times: int) -> None:
     store.close()
 
 
-def test_two_processes_learning_for_one_user_lose_no_counts(tmp_path):
-    path = str(tmp_path / "history.sqlite")
+def test_two_processes_learning_for_one_user_lose_no_counts(location):
+    path = location
     open_store(path).close()  # the schema, once
     spawn = multiprocessing.get_context("spawn")
     workers = [spawn.Process(target=_learn_many, args=(path, "shared", 200)) for _ in range(2)]
@@ -155,3 +184,13 @@ def test_two_processes_learning_for_one_user_lose_no_counts(tmp_path):
     reader = open_store(path)
     assert reader.user("ann").counts[("shared",)][0] == pytest.approx(400.0, rel=1e-3)
     reader.close()
+
+
+def test_ngrams_unused_for_longer_than_the_age_limit_are_dropped(location):
+    histories = open_store(location, max_age_days=1.0)
+    now = time.time()
+    old = json.dumps({"ngram": ["ancient"], "count": 5.0, "last_used": now - 3 * 86400})
+    fresh = json.dumps({"ngram": ["recent"], "count": 1.0, "last_used": now})
+    histories.import_lines("ann", [old, fresh])
+    assert set(histories.user("ann").counts) == {("recent",)}
+    histories.close()
