@@ -17,7 +17,8 @@ RUN VENV=/opt/venv TORCH_INDEX_URL="${TORCH_INDEX_URL}" scripts/install.sh serve
 
 FROM ${PYTHON_IMAGE} AS runtime
 RUN groupadd --system --gid 10001 nextword \
-    && useradd --system --uid 10001 --gid 10001 --no-create-home nextword
+    && useradd --system --uid 10001 --gid 10001 --no-create-home nextword \
+    && mkdir /data && chown 10001:10001 /data
 WORKDIR /app
 COPY --from=build /opt/venv /opt/venv
 COPY --from=build /app/service/ service/
@@ -27,6 +28,8 @@ ENV PATH=/opt/venv/bin:$PATH \
     PYTHONUNBUFFERED=1 \
     PYTHONDONTWRITEBYTECODE=1
 USER 10001:10001
+# personal histories (SQLite): mount a volume here to keep them across containers
+VOLUME ["/data"]
 # 50051: gRPC; 9464: Prometheus /metrics (keep it on a private network)
 EXPOSE 50051 9464
 # Through the standard gRPC health service (grpc.health.v1.Health/Check).
@@ -35,5 +38,6 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
 # SIGTERM reaches python directly (exec form): health NOT_SERVING, in-flight calls drain, exit.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "service", "--port", "50051"]
-# Mount your own model and pass --model /models/yours.pt to use it.
-CMD ["--model", "/app/models/default.pt"]
+# Mount your own model and pass --model /models/yours.pt to use it; --history-db postgresql://...
+# keeps the histories in PostgreSQL instead (several replicas).
+CMD ["--model", "/app/models/default.pt", "--history-db", "/data/nextword-history.sqlite"]

@@ -42,6 +42,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 
@@ -55,7 +56,7 @@ from service.runner import ScriptedModel
 from service.tokenizer import BOS, Tokenizer
 from training.data import CorpusError, read_corpus
 from training.ngram import NgramCounts, NgramStepModel
-from training.scoring import PREFIXES, Scorer, Tally, score
+from training.scoring import PREFIXES, Learning, Scorer, Tally, score
 
 
 def seen_context_length(context: str, tokenizer: Tokenizer, counts: NgramCounts) -> int:
@@ -211,6 +212,12 @@ def main(argv: list[str] | None = None) -> int:
         help="score the network alone, not mixed with the file's n-gram memory (default: as served)",
     )
     p.add_argument(
+        "--learn",
+        action="store_true",
+        help="also type the text in order as one user whose personal history learns each line after it is "
+        "typed, and compare every metric with and without learning",
+    )
+    p.add_argument(
         "--quiet",
         action="store_true",
         help="no progress bar (there is none either when standard error is not a terminal)",
@@ -246,19 +253,33 @@ def main(argv: list[str] | None = None) -> int:
         scorers.append(network_scorer("against", other, ngram=not args.no_ngram))
     results: dict[str, dict] = {}
     tallies: dict[str, Tally] = {}
-    for scorer, scorer_tokenizer in scorers:
+    runs = [(scorer, scorer_tokenizer, scorer.name, False) for scorer, scorer_tokenizer in scorers]
+    if args.learn:
+        runs.append((*scorers[0], "learning", True))
+    for scorer, scorer_tokenizer, name, learn in runs:
         started = time.perf_counter()
-        with tqdm(
-            total=len(lines),
-            desc=scorer.name,
-            unit="line",
-            dynamic_ncols=True,
-            file=sys.stderr,
-            disable=args.quiet or not sys.stderr.isatty(),
-        ) as bar:
-            units, tallies[scorer.name] = score(scorer, scorer_tokenizer, lines, args.suggestions, progress=bar.update)
-        results[scorer.name] = {"units": units, **tallies[scorer.name].report(units)}
-        results[scorer.name]["seconds"] = round(time.perf_counter() - started, 1)
+        with (
+            tqdm(
+                total=len(lines),
+                desc=name,
+                unit="line",
+                dynamic_ncols=True,
+                file=sys.stderr,
+                disable=args.quiet or not sys.stderr.isatty(),
+            ) as bar,
+            tempfile.TemporaryDirectory(prefix="nextword-eval-") as folder,
+        ):
+            learning = Learning(folder) if learn else None
+            try:
+                units, tallies[name] = score(
+                    scorer, scorer_tokenizer, lines, args.suggestions, progress=bar.update, learning=learning
+                )
+            finally:
+                if learning is not None:
+                    learning.close()
+        results[name] = {"units": units, **tallies[name].report(units)}
+        results[name]["seconds"] = round(time.perf_counter() - started, 1)
+    learned = results.pop("learning", None)
     first = results["model"]
     print(
         f"{args.text}: {len(lines)} lines, {first['targets']} {first['units']} scored, {first['tokens']} tokens "
@@ -274,6 +295,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         )
     print(format_table(results))
+    if learned is not None:
+        print("\nthe model typed in order by one user, learning each line after it is typed, against without:")
+        print(format_table({"learning": learned, "without": results["model"]}))
     document = {
         "model": args.model,
         "text": args.text,
@@ -283,6 +307,8 @@ def main(argv: list[str] | None = None) -> int:
         "against": args.against,
         "results": results,
     }
+    if learned is not None:
+        document["learning"] = learned
     if args.baseline:
         hits = {name: tally.first_hits for name, tally in tallies.items()}
         rows = by_context(lines, tallies["model"].context_ends, hits, tokenizer, counts)

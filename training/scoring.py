@@ -11,11 +11,13 @@ suggestions at every word of the line.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from service.history import Histories, HistoryConfig, HistoryStore, units
 from service.runner import PrefixStates, StepModel, walk_batch
 from service.suggest import SUGGESTED_WORD, SplitText, SuggestConfig, Suggester
 from service.tokenizer import BOS, EOS, UNK, Tokenizer, is_cjk
@@ -97,29 +99,66 @@ def _matches(suggestion: str, target: str, tokenizer: Tokenizer) -> bool:
     return tokenizer.normalize(suggestion) == tokenizer.normalize(target)
 
 
+class Learning:
+    """A simulated user (``nextword-eval --learn``): the text is typed in order by one user whose personal
+    history (service/history.py, in a temporary SQLite file) learns each line after it is typed, and
+    whose suggestions mix that history in, as the server does for a call that names a user."""
+
+    USER = "evaluation"
+
+    def __init__(self, folder: str) -> None:
+        config = HistoryConfig(flush_ms=1000.0)
+        self.histories = Histories(HistoryStore(os.path.join(folder, "history.sqlite"), config), config)
+
+    def suggest(self, split: SplitText, suggestions: list[tuple[str, float]], k: int) -> list[tuple[str, float]]:
+        return self.histories.suggest(self.USER, split.context, split.prefix, suggestions, k)
+
+    def learn(self, line: str) -> None:
+        self.histories.learn(self.USER, units(line))
+
+    def close(self) -> None:
+        self.histories.close()
+
+
+def _shown(suggester: Suggester, split: SplitText, log_probs, state, k: int, learning: Learning | None) -> list[str]:
+    found = suggester.suggest_from(split, log_probs, state, k).suggestions
+    if learning is not None:
+        found = learning.suggest(split, found, k)
+    return [text for text, _ in found]
+
+
 class _WordSuggestions:
     """What is shown while one word is typed, by the number of its letters typed (each asked once)."""
 
-    def __init__(self, suggester: Suggester, reader: _LineReader, before: str, word: str, shown: int) -> None:
+    def __init__(
+        self, suggester: Suggester, reader: _LineReader, before: str, word: str, shown: int, learning: Learning | None
+    ) -> None:
         self.suggester, self.reader, self.before, self.word, self.shown = suggester, reader, before, word, shown
+        self.learning = learning
         self.ranked: dict[int, list[str]] = {}
 
     def __call__(self, typed: int) -> list[str]:
         if typed not in self.ranked:
             split = self.suggester.split(self.before + self.word[:typed])
             log_probs, state = self.reader.after(split.context)
-            result = self.suggester.suggest_from(split, log_probs, state, self.shown)
-            self.ranked[typed] = [text for text, _ in result.suggestions]
+            self.ranked[typed] = _shown(self.suggester, split, log_probs, state, self.shown, self.learning)
         return self.ranked[typed]
 
 
-def score_words(line: str, suggester: Suggester, reader: _LineReader, tally: Tally, ksr_suggestions: int) -> None:
+def score_words(
+    line: str,
+    suggester: Suggester,
+    reader: _LineReader,
+    tally: Tally,
+    ksr_suggestions: int,
+    learning: Learning | None = None,
+) -> None:
     tokenizer = suggester.tokenizer
     shown = max(max(TOP_K), ksr_suggestions)
     saved = 0
     for match in SUGGESTED_WORD.finditer(line):
         word, start = match.group(), match.start()
-        suggestions = _WordSuggestions(suggester, reader, line[:start], word, shown)
+        suggestions = _WordSuggestions(suggester, reader, line[:start], word, shown, learning)
         tally.targets += 1
         first = suggestions(0)
         for k in TOP_K:
@@ -142,7 +181,14 @@ def score_words(line: str, suggester: Suggester, reader: _LineReader, tally: Tal
     tally.keys_with += len(line) - saved
 
 
-def score_characters(line: str, suggester: Suggester, reader: _LineReader, tally: Tally, ksr_suggestions: int) -> None:
+def score_characters(
+    line: str,
+    suggester: Suggester,
+    reader: _LineReader,
+    tally: Tally,
+    ksr_suggestions: int,
+    learning: Learning | None = None,
+) -> None:
     shown = max(max(TOP_K), ksr_suggestions)
     ranked: dict[int, list[str]] = {}
 
@@ -151,7 +197,7 @@ def score_characters(line: str, suggester: Suggester, reader: _LineReader, tally
             context = line[:position]
             log_probs, state = reader.after(context)
             split = SplitText(context=context, typed="", prefix="", phrases=True)
-            ranked[position] = [text for text, _ in suggester.suggest_from(split, log_probs, state, shown).suggestions]
+            ranked[position] = _shown(suggester, split, log_probs, state, shown, learning)
         return ranked[position]
 
     for position, ch in enumerate(line):
@@ -194,9 +240,11 @@ def score(
     config: SuggestConfig = SuggestConfig(),
     progress: Callable[[int], None] | None = None,
     lines_at_once: int = LINES_AT_ONCE,
+    learning: Learning | None = None,
 ) -> tuple[str, Tally]:
     """The units scored ("words" or "characters") and the tally of every metric, per target included.
-    ``progress(n)`` is told each time n more lines are scored."""
+    ``progress(n)`` is told each time n more lines are scored. ``learning``: the suggestions are a simulated
+    user's, who learns each line once it is typed (perplexity is the model's either way)."""
     units = "characters" if text_without_spaces(lines) else "words"
     suggester = Suggester(scorer.ranking, tokenizer, config)
     tally = Tally()
@@ -209,9 +257,11 @@ def score(
             _count_log_loss(tally, line, tokens[1:], walk)
             reader = _LineReader(tokenizer, PrefixStates.from_walk(scorer.ranking, tokens, ranking))
             if units == "words":
-                score_words(line, suggester, reader, tally, ksr_suggestions)
+                score_words(line, suggester, reader, tally, ksr_suggestions, learning)
             else:
-                score_characters(line, suggester, reader, tally, ksr_suggestions)
+                score_characters(line, suggester, reader, tally, ksr_suggestions, learning)
+            if learning is not None:
+                learning.learn(line)
             tally.lines += 1
         if progress is not None:
             progress(len(group))

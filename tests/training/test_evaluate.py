@@ -211,6 +211,19 @@ def test_command_reports_model_and_baseline_as_table_and_json(tiny_word_model, t
     assert all(max(r["model"], r["ngram-3"]) <= r["either"] <= r["model"] + r["ngram-3"] for r in rows)
 
 
+def test_learning_helps_a_user_who_repeats_a_name_the_model_never_saw(tiny_word_model, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("".join(f"I like Zelda {when}.\n" for when in ("today", "at night", "after work") * 4))
+    out = tmp_path / "eval.json"
+    result = run_cli("training.evaluate", tiny_word_model, "--text", str(text), "--learn", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    assert "learning each line after it is typed" in result.stdout
+    document = json.loads(out.read_text())
+    learned, without = document["learning"], document["results"]["model"]
+    assert learned["perplexity"] == without["perplexity"]  # the network's figure: learning changes suggestions
+    assert learned["top1"] > without["top1"] and learned["ksr"] > without["ksr"]
+
+
 @pytest.mark.slow
 @pytest.mark.parametrize(
     "args, message",
