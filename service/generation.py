@@ -80,8 +80,13 @@ class Generator:
     banned: tuple[int, ...] = field(default=(PAD, BOS, UNK))
 
     def generate(
-        self, prompt: str, params: GenerationParams, cancelled: Callable[[], bool] = lambda: False
+        self,
+        prompt: str,
+        params: GenerationParams,
+        cancelled: Callable[[], bool] = lambda: False,
+        adjust: Callable[[str, Tensor], Tensor] | None = None,
     ) -> Iterator[GenerationEvent]:
+        """``adjust(text so far, log-probs)``: the distribution each token is drawn from (a user's history)."""
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(8), "little") >> 1
         rng = torch.Generator().manual_seed(seed)
         ids = self.tokenizer.encode(prompt)
@@ -95,6 +100,8 @@ class Generator:
             if cancelled():
                 reason = CANCELLED
                 break
+            if adjust is not None:
+                log_probs = adjust(prompt + text, log_probs)
             token = pick_token(log_probs.index_fill(0, banned, float("-inf")), params, rng)
             count += 1
             if token == EOS:

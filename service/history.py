@@ -44,6 +44,9 @@ from collections import OrderedDict
 from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+import torch
+
 from service.tokenizer import is_cjk
 
 log = logging.getLogger("nextword")
@@ -398,6 +401,45 @@ class HistoryStore:
             self._connection.close()
 
 
+# ---------------------------------------------------------------------------------------------- generation
+
+
+class NextTokens:
+    """A user's predicted words as a distribution over a model's next tokens, for Generate: a token gets the
+    probability of the words whose rest (after what is typed of the current word) it begins."""
+
+    def __init__(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+        self.vocab_size = tokenizer.vocab_size
+        self._exact: dict[str, list[int]] = {}
+        self._bare: dict[str, list[int]] = {}  # by the text without leading white space
+        for i in range(self.vocab_size):
+            text = tokenizer.normalize(tokenizer.token_text(i))
+            if text:
+                self._exact.setdefault(text, []).append(i)
+            if text.strip():
+                self._bare.setdefault(text.lstrip(), []).append(i)
+
+    def distribution(self, text: str, predicted: Sequence[tuple[str, float]]) -> np.ndarray | None:
+        """[V] probabilities of the next token given the text so far, or None when no prediction maps."""
+        partial_match = _UNFINISHED.search(text)
+        partial = self.tokenizer.normalize(partial_match.group()) if partial_match else ""
+        starts_word = not text or text[-1].isspace()
+        table = self._bare if starts_word else self._exact
+        lead = "" if starts_word or partial else " "
+        found = np.zeros(self.vocab_size, dtype=np.float64)
+        for word, p in predicted:
+            rest = self.tokenizer.normalize(word)[len(partial) :]
+            if not rest:
+                continue
+            target = lead + rest
+            for end in range(1, len(target) + 1):
+                for i in table.get(target[:end], ()):
+                    found[i] += p
+        total = found.sum()
+        return found / total if total > 0 else None
+
+
 # ---------------------------------------------------------------------------------------------- typing sessions
 
 _UNFINISHED = re.compile(r"[\w'’]+$")
@@ -469,6 +511,23 @@ class Histories:
             while len(self._cache) > CACHED_USERS:
                 self._cache.popitem(last=False)
         return fresh
+
+    def mix_next_token(self, user: str, tokens: NextTokens, text: str, log_probs):
+        """Generate's next-token log-probabilities [V] after ``text``, mixed with the user's predicted words."""
+        history = self.user(user)
+        if not len(history):
+            return log_probs
+        partial = _UNFINISHED.search(text)
+        context = text[: partial.start()] if partial else text
+        prefix = partial.group() if partial else ""
+        predicted, evidence = history.predict(units(context[-CONTEXT_CHARS:]), prefix, time.time(), limit=10)
+        weight = history.weight(evidence)
+        theirs = tokens.distribution(text, predicted) if weight > 0 else None
+        if theirs is None:
+            return log_probs
+        mixed = (1 - weight) * np.exp(log_probs.double().numpy()) + weight * theirs
+        with np.errstate(divide="ignore"):
+            return torch.from_numpy(np.log(mixed)).to(log_probs.dtype)
 
     def suggest(self, user: str, context: str, prefix: str, served: Sequence[tuple[str, float]], k: int):
         """``served`` mixed with ``user``'s history for the text ``context`` + ``prefix``."""

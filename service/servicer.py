@@ -14,7 +14,7 @@ from service.config import ServerConfig
 from service.decoding import MalformedRequest
 from service.engine import Engine
 from service.generation import END_TOKEN, LENGTH, STOP_STRING, GenerationParams
-from service.history import Histories, SessionLearner, units
+from service.history import Histories, NextTokens, SessionLearner, units
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from service.session import EditError, TypingSession
@@ -69,6 +69,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self.engine = engine
         self.config = config
         self.histories = histories  # personal histories (service/history.py); None: off
+        self._next_tokens: NextTokens | None = None  # built at the first Generate that names a user
         self._sessions = threading.BoundedSemaphore(config.max_sessions)
         self._active_sessions = 0
         self._active_generations = 0
@@ -133,6 +134,16 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         split = self.engine.suggester.split(text)
         mixed = self.histories.suggest(user, split.context, split.prefix, result.suggestions, count)
         return SuggestResult(mixed, result.completes_word, result.prefix)
+
+    def _next_token_mix(self):
+        """For Generate: the next-token distribution mixed with the call's user's history, or None."""
+        user = calls.user()
+        if user is None or self.histories is None:
+            return None
+        if self._next_tokens is None:
+            self._next_tokens = NextTokens(self.engine.artifact.tokenizer)
+        tokens = self._next_tokens
+        return lambda text, log_probs: self.histories.mix_next_token(user, tokens, text, log_probs)
 
     def _history_user(self, context, writes: bool) -> str:
         """The call's user, for the history RPCs; aborts when there is none or the history is off."""
@@ -209,7 +220,10 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         with self._lock:
             self._active_generations += 1
         try:
-            for event in self.engine.generator.generate(prompt, params, cancelled=lambda: not context.is_active()):
+            events = self.engine.generator.generate(
+                prompt, params, cancelled=lambda: not context.is_active(), adjust=self._next_token_mix()
+            )
+            for event in events:
                 if event.finish_reason is None:
                     yield pb.GenerateResponse(text=event.text)
                 elif event.finish_reason in FINISH_REASONS:

@@ -51,6 +51,22 @@ def test_a_name_typed_three_times_is_suggested_to_its_user_only(served):
             assert words(bob.suggest("I like Ze")) == before  # another user: as before
 
 
+def generated(client: NextWordClient, prompt: str) -> str:
+    return "".join(m.text for m in client.generate(prompt, temperature=0, max_tokens=6))
+
+
+def test_generate_continues_with_the_users_own_words(tiny_char_model, tmp_path):
+    server, port, _ = start(tiny_char_model, history_db=str(tmp_path / "h.sqlite"))
+    try:
+        with NextWordClient(f"127.0.0.1:{port}", user="kim") as kim, NextWordClient(f"127.0.0.1:{port}") as nobody:
+            plain = generated(nobody, "we love z")
+            kim.learn("we love zelda. we love zelda. we love zelda.")
+            assert generated(kim, "we love z").startswith("elda")
+            assert not plain.startswith("elda") and generated(nobody, "we love z") == plain
+    finally:
+        server.stop(0)
+
+
 def test_an_incognito_session_learns_nothing_and_unfinished_words_are_not_learned(served):
     port = served[0]
     with NextWordClient(f"127.0.0.1:{port}", user="carol") as carol:

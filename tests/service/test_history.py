@@ -194,3 +194,20 @@ def test_ngrams_unused_for_longer_than_the_age_limit_are_dropped(location):
     histories.import_lines("ann", [old, fresh])
     assert set(histories.user("ann").counts) == {("recent",)}
     histories.close()
+
+
+@pytest.mark.parametrize("kind", ["word", "char"])
+def test_predicted_words_become_next_token_probabilities(kind):
+    from service.history import NextTokens
+    from training.tokenizers import build_tokenizer
+
+    tokenizer = build_tokenizer(kind, ["we like zelda and zeal", "we like rice"] * 3, lowercase=True)
+    tokens = NextTokens(tokenizer)
+    found = tokens.distribution("we like ", [("Zelda", 0.75), ("rice", 0.25)])
+    assert found.sum() == pytest.approx(1.0)
+    assert tokenizer.token_text(int(found.argmax())).strip() == ("zelda" if kind == "word" else "z")
+    if kind == "char":  # inside a word: the next letter of the predicted word; after a word: a space first
+        assert tokenizer.token_text(int(tokens.distribution("we like zel", [("zelda", 1.0)]).argmax())) == "d"
+        assert tokenizer.token_text(int(tokens.distribution("we like,", [("zelda", 1.0)]).argmax())) == " "
+    else:  # a word the vocabulary lacks maps to no token
+        assert tokens.distribution("we like ", [("Quentin", 1.0)]) is None
