@@ -6,7 +6,9 @@
 # Each: split the corpus 90/10 by line (seed 0) into train/test; train on train.txt (which holds
 # out 10 % of its own lines for validation: the recipes were tuned on those, never on test.txt);
 # export; evaluate the model and a Kneser-Ney/backoff n-gram (the order best on validation)
-# trained on the same train.txt, on test.txt. Writes build/recipes/NAME-test.{txt,json}.
+# trained on the same train.txt, on test.txt; and --learn: test.txt typed in its original order
+# (KJV: book, chapter, verse) by one user whose history learns each line. Writes
+# build/recipes/NAME-test.{txt,json}.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
@@ -34,6 +36,6 @@ stage "3/4 export build/recipes/$name.pt"
 "$py" -m training.export "build/recipes/$name-run" --out "build/recipes/$name.pt"
 stage "4/4 evaluate on build/$name/test.txt against a $order-gram"
 "$py" -m training.evaluate "build/recipes/$name.pt" --text "build/$name/test.txt" \
-    --baseline ngram --train "build/$name/train.txt" --order "$order" \
+    --baseline ngram --train "build/$name/train.txt" --order "$order" --learn \
     --json "build/recipes/$name-test.json" | tee "build/recipes/$name-test.txt"
 stage "done: build/recipes/$name-test.txt"

@@ -15,12 +15,15 @@ lose no counts.
 
 Prediction: an interpolated (Witten-Bell) estimate over the user's n-grams, restricted to the
 units that start with what is being typed. Its weight in the mix grows with the evidence for the
-context at hand (``E`` below): the count of the longest context the user has typed before, or of
-the units matching the prefix:
+context at hand (``E``): the count of the longest context the user has typed before, or of the
+units matching the prefix. With share = E / (E + evidence_scale) (``personalize``):
 
-    P(w) = (1 - lambda) * P_served(w) + lambda * P_user(w),   lambda = E / (E + evidence_scale)
+    a word the served suggestions have:  (1 - known_weight * share) * P_served + known_weight * share * P_user
+    a word they lack:                    min(max_weight, share) * P_user
 
-A user with no history, or none that applies, gets exactly the unpersonalised answer.
+and for a next word (no prefix) both weights times the served model's doubt (1 - its top
+probability). docs/history.md has the measurements behind the constants. A user with no
+history, or none that applies, gets exactly the unpersonalised answer.
 
 Storage: ``HistoryStore`` over SQLite (the default, one file, WAL) or PostgreSQL
 (``postgresql://...``), the same SQL apart from a few dialect fragments. Writes are batched by a
@@ -92,8 +95,9 @@ class HistoryConfig:
     max_entries: int = 20_000  # per user; the least recently used beyond it are pruned
     max_age_days: float = 0.0  # 0: keep; else drop n-grams not used for that long
     flush_ms: float = 200.0
-    evidence_scale: float = 2.0  # lambda = E / (E + evidence_scale), see the module docstring
-    max_weight: float = 0.9
+    evidence_scale: float = 10.0  # share = E / (E + evidence_scale), see the module docstring
+    max_weight: float = 0.9  # the most a word the served suggestions lack can get from the history
+    known_weight: float = 0.3  # the most the history moves the words the served suggestions have
 
     @property
     def half_life(self) -> float:
@@ -220,24 +224,41 @@ class UserHistory:
             ranked = heapq.nlargest(limit, probabilities.items(), key=lambda item: item[1])
         return [(self.shown.get(w, w), p) for w, p in ranked], evidence
 
-    def weight(self, evidence: float) -> float:
-        return min(self.config.max_weight, evidence / (evidence + self.config.evidence_scale)) if evidence else 0.0
+    def weight(self, evidence: float) -> tuple[float, float]:
+        """(the weight of the history for words the served suggestions lack, for those they have)."""
+        if not evidence:
+            return 0.0, 0.0
+        share = evidence / (evidence + self.config.evidence_scale)
+        return min(self.config.max_weight, share), self.config.known_weight * share
 
 
 def personalize(
-    suggestions: Sequence[tuple[str, float]], predicted: Sequence[tuple[str, float]], weight: float, k: int
+    suggestions: Sequence[tuple[str, float]],
+    predicted: Sequence[tuple[str, float]],
+    weights: tuple[float, float],
+    k: int,
+    completing: bool = False,
 ) -> list[tuple[str, float]]:
-    """The served suggestions mixed with the user's predictions: (1 - weight) * served + weight * user."""
-    if weight <= 0 or not predicted:
+    """The served suggestions mixed with the user's predictions. ``weights``: (novel, known). A word the
+    served suggestions have scores (1 - known) * served + known * user; a word they lack (a name the model
+    never saw) scores novel * user."""
+    novel, known = weights
+    if novel <= 0 or not predicted:
         return list(suggestions)
+    if not completing:  # a next word: where the served model is sure, it decides
+        doubt = 1.0 - max((p for _, p in suggestions), default=0.0)
+        novel, known = novel * doubt, known * doubt
     mixed: dict[str, list] = {}
     for text, p in suggestions:
-        mixed[text.casefold()] = [text, (1 - weight) * p]
+        mixed[text.casefold()] = [text, (1 - known) * p, True]
     for text, p in predicted:
-        entry = mixed.setdefault(text.casefold(), [text, 0.0])
-        entry[1] += weight * p
+        entry = mixed.get(text.casefold())
+        if entry is None:
+            mixed[text.casefold()] = [text, novel * p, False]
+        else:
+            entry[1] += known * p
     ranked = sorted(mixed.values(), key=lambda entry: -entry[1])
-    return [(text, p) for text, p in ranked[:k]]
+    return [(text, p) for text, p, _ in ranked[:k]]
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -521,7 +542,7 @@ class Histories:
         context = text[: partial.start()] if partial else text
         prefix = partial.group() if partial else ""
         predicted, evidence = history.predict(units(context[-CONTEXT_CHARS:]), prefix, time.time(), limit=10)
-        weight = history.weight(evidence)
+        weight, _ = history.weight(evidence)  # a distribution over every token: one weight
         theirs = tokens.distribution(text, predicted) if weight > 0 else None
         if theirs is None:
             return log_probs
@@ -536,7 +557,7 @@ class Histories:
             return list(served)
         tail = context[-CONTEXT_CHARS:]  # the last few units are all the prediction reads
         predicted, evidence = history.predict(units(tail), prefix, time.time(), limit=k)
-        return personalize(served, predicted, history.weight(evidence), k)
+        return personalize(served, predicted, history.weight(evidence), k, completing=bool(prefix))
 
     # ------------------------------------------------------------------ learning
 

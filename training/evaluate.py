@@ -51,6 +51,7 @@ from tqdm import tqdm
 
 from service.artifact import ArtifactError, load_artifact
 from service.cli import OneLineParser, ranged
+from service.history import HistoryConfig
 from service.mix import served_model
 from service.runner import ScriptedModel
 from service.tokenizer import BOS, Tokenizer
@@ -218,6 +219,13 @@ def main(argv: list[str] | None = None) -> int:
         "typed, and compare every metric with and without learning",
     )
     p.add_argument(
+        "--evidence-scale",
+        type=ranged(float, 0.0, low_open=True),
+        default=HistoryConfig.evidence_scale,
+        help="with --learn: the history's weight is E / (E + this), E the evidence for the context "
+        f"(docs/history.md; default {HistoryConfig.evidence_scale:g}, as served)",
+    )
+    p.add_argument(
         "--quiet",
         action="store_true",
         help="no progress bar (there is none either when standard error is not a terminal)",
@@ -269,7 +277,7 @@ def main(argv: list[str] | None = None) -> int:
             ) as bar,
             tempfile.TemporaryDirectory(prefix="nextword-eval-") as folder,
         ):
-            learning = Learning(folder) if learn else None
+            learning = Learning(folder, args.evidence_scale) if learn else None
             try:
                 units, tallies[name] = score(
                     scorer, scorer_tokenizer, lines, args.suggestions, progress=bar.update, learning=learning

@@ -106,8 +106,8 @@ class Learning:
 
     USER = "evaluation"
 
-    def __init__(self, folder: str) -> None:
-        config = HistoryConfig(flush_ms=1000.0)
+    def __init__(self, folder: str, evidence_scale: float = HistoryConfig.evidence_scale) -> None:
+        config = HistoryConfig(flush_ms=1000.0, evidence_scale=evidence_scale)
         self.histories = Histories(HistoryStore(os.path.join(folder, "history.sqlite"), config), config)
 
     def suggest(self, split: SplitText, suggestions: list[tuple[str, float]], k: int) -> list[tuple[str, float]]:
