@@ -247,6 +247,9 @@ def main(argv: list[str] | None = None) -> int:
             name: open(path, "rb").read() if path else None
             for name, path in (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))
         }
+    except BrokenPipeError:  # the reader of our output went away (| head): stop quietly
+        sys.stderr.close()
+        return 0
     except OSError as error:
         print(f"nextword-client: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
@@ -312,6 +315,9 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as error:
         print(f"nextword-client: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
+    except BrokenPipeError:  # the reader of our output went away (| head): stop quietly
+        sys.stderr.close()
+        return 0
     except OSError as error:
         print(f"nextword-client: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 2

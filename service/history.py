@@ -217,7 +217,7 @@ class UserHistory:
                 break
             types = len(seen)
             probabilities = {w: (seen.get(w, 0.0) + types * p) / (count + types) for w, p in probabilities.items()}
-            evidence = count
+            evidence = max(evidence, count)  # with a prefix: the larger of the two counts
         if limit is None:
             ranked = sorted(probabilities.items(), key=lambda item: -item[1])
         else:

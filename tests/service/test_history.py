@@ -73,6 +73,7 @@ def test_a_name_typed_three_times_is_completed_and_beats_the_served_completions(
     assert histories.suggest("ann", "I saw", "Ze", [], 3)[0][0] == "Zelda"  # and first where the model has none
     spread = [("Zebedee", 0.2), ("Zeal", 0.2), ("Zerah", 0.2), ("Zenas", 0.2), ("Zeeb", 0.2)]
     assert histories.suggest("ann", "I saw", "Ze", spread, 3)[0][0] == "Zelda"  # or none it is sure of
+    assert histories.suggest("ann", "and", "Ze", spread, 3)[0][0] == "Zelda"  # a context seen once: still 3 uses
     assert histories.suggest("bob", "I saw", "Ze", served, 3) == served  # another user: unpersonalised
 
 
