@@ -248,7 +248,7 @@ def main(argv: list[str] | None = None) -> int:
             for name, path in (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))
         }
     except BrokenPipeError:  # the reader of our output went away (| head): stop quietly
-        sys.stderr.close()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 0
     except OSError as error:
         print(f"nextword-client: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
@@ -316,7 +316,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nextword-client: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
     except BrokenPipeError:  # the reader of our output went away (| head): stop quietly
-        sys.stderr.close()
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
         return 0
     except OSError as error:
         print(f"nextword-client: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
