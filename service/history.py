@@ -205,7 +205,8 @@ class UserHistory:
         if total <= 0 or not base:
             return [], 0.0
         probabilities = {w: c / total for w, c in base.items()}
-        evidence = sum(base.values()) if start else 0.0  # without a prefix, word frequency is weak evidence
+        typed = sum(base.values()) if start else 0.0  # without a prefix, word frequency is weak evidence
+        context = 0.0
         for followers in seen_contexts:
             seen = {
                 w: followers[w][0] * 2.0 ** (min(0.0, followers[w][1] - now) * rate)
@@ -217,7 +218,8 @@ class UserHistory:
                 break
             types = len(seen)
             probabilities = {w: (seen.get(w, 0.0) + types * p) / (count + types) for w, p in probabilities.items()}
-            evidence = max(evidence, count)  # with a prefix: the larger of the two counts
+            context = count  # the longest context seen
+        evidence = max(typed, context)  # with a prefix, the larger: a name typed often in new contexts still counts
         if limit is None:
             ranked = sorted(probabilities.items(), key=lambda item: -item[1])
         else:
