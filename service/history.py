@@ -206,7 +206,7 @@ class UserHistory:
             return [], 0.0
         probabilities = {w: c / total for w, c in base.items()}
         typed = sum(base.values()) if start else 0.0  # without a prefix, word frequency is weak evidence
-        context = 0.0
+        seen_count = 0.0
         for followers in seen_contexts:
             seen = {
                 w: followers[w][0] * 2.0 ** (min(0.0, followers[w][1] - now) * rate)
@@ -218,8 +218,8 @@ class UserHistory:
                 break
             types = len(seen)
             probabilities = {w: (seen.get(w, 0.0) + types * p) / (count + types) for w, p in probabilities.items()}
-            context = count  # the longest context seen
-        evidence = max(typed, context)  # with a prefix, the larger: a name typed often in new contexts still counts
+            seen_count = count  # the longest context seen
+        evidence = max(typed, seen_count)  # with a prefix, the larger: a name typed often in new contexts still counts
         if limit is None:
             ranked = sorted(probabilities.items(), key=lambda item: -item[1])
         else:
