@@ -247,9 +247,6 @@ def main(argv: list[str] | None = None) -> int:
             name: open(path, "rb").read() if path else None
             for name, path in (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))
         }
-    except BrokenPipeError:  # the reader of our output went away (| head): stop quietly
-        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nothing left to flush at exit
-        return 0
     except OSError as error:
         print(f"nextword-client: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 2

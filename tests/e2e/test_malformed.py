@@ -15,9 +15,14 @@ from tests.e2e.test_server import start
 UNARY = {
     "/nextword.v1.NextWord/Suggest": pb.SuggestRequest(text="we like", num_suggestions=2),
     "/nextword.v1.NextWord/GetModelInfo": pb.GetModelInfoRequest(),
+    "/nextword.v1.NextWord/Learn": pb.LearnRequest(text="we like rice"),
+    "/nextword.v1.NextWord/Forget": pb.ForgetRequest(word="rice"),
     "/grpc.health.v1.Health/Check": None,
 }
-STREAMED = {"/nextword.v1.NextWord/Generate": pb.GenerateRequest(prompt="we", max_tokens=2, temperature=0)}
+STREAMED = {
+    "/nextword.v1.NextWord/Generate": pb.GenerateRequest(prompt="we", max_tokens=2, temperature=0),
+    "/nextword.v1.NextWord/ExportHistory": pb.ExportHistoryRequest(),
+}
 TYPE = "/nextword.v1.NextWord/Type"
 VALID = [
     pb.SuggestRequest(text="we like", num_suggestions=2).SerializeToString(),
