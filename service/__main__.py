@@ -12,7 +12,8 @@ from service.config import ServerConfig
 from service.logs import configure_logging
 
 HELP = {
-    "model": "the exported model file (nextword-export)",
+    "model": "an exported model file (nextword-export), as PATH or NAME=PATH; repeat it to serve several "
+    "(requests choose one by name, the first by default; a name defaults to the file's stem)",
     "host": "address to listen on ([::] = every interface)",
     "port": "port to listen on (0 = any free port)",
     "device": "auto picks cuda when available",
@@ -54,6 +55,7 @@ HELP = {
     "history_half_life_days": "a use counts half as much after this many days",
     "history_max_age_days": "drop n-grams not used for this many days (0 = keep them)",
     "history_flush_ms": "learned counts are written to the database at most this often (a SIGTERM writes them)",
+    "max_pinyin_letters": "most letters in a Convert request's pinyin or a Type session's composition",
 }
 
 
@@ -67,7 +69,9 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
         flag = "--" + field.name.replace("_", "-")
         default = getattr(defaults, field.name)
         text = f"{HELP[field.name]} (default {default})"
-        if isinstance(default, bool):
+        if field.name == "model":
+            parser.add_argument(flag, action="append", metavar="[NAME=]PATH", help=text)
+        elif isinstance(default, bool):
             parser.add_argument(flag, action=argparse.BooleanOptionalAction, default=default, help=text)
         elif field.name in CHOICES:
             parser.add_argument(flag, choices=CHOICES[field.name], default=default, help=text)
@@ -75,7 +79,14 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
             parser.add_argument(flag, type=ranged(type(default), 0), default=default, help=text)
         else:
             parser.add_argument(flag, default=default, help=text)
-    return ServerConfig(**vars(parser.parse_args(argv)))
+    values = vars(parser.parse_args(argv))
+    values["model"] = tuple(values["model"] or defaults.model)
+    config = ServerConfig(**values)
+    try:
+        config.models  # noqa: B018 - names checked here, one line on the command line
+    except ValueError as error:
+        parser.error(str(error))
+    return config
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -25,11 +25,21 @@ class CallEnded(Exception):
 def begin(context, user: str | None = None) -> None:
     _local.context = context
     _local.user = user
+    _local.model = ""
 
 
-def end() -> None:
+def end() -> str:
+    """Ends the thread's call; returns the name of the model it used ("" for none)."""
+    model = getattr(_local, "model", "")
     _local.context = None
     _local.user = None
+    _local.model = ""
+    return model
+
+
+def set_model(name: str) -> None:
+    """The model the current call asks (for its metrics)."""
+    _local.model = name
 
 
 def user() -> str | None:

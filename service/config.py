@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
+import re
 from dataclasses import dataclass
+
+_MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
 @dataclass(frozen=True)
 class ServerConfig:
-    model: str = "models/default.pt"
+    # the served model files, "PATH" or "NAME=PATH" each; requests choose one by name, the first by default
+    model: tuple[str, ...] = ("models/default.pt",)
     host: str = "[::]"
     port: int = 50051
     device: str = "auto"  # auto | cpu | cuda
@@ -46,3 +51,25 @@ class ServerConfig:
     history_half_life_days: float = 30.0  # a use counts half as much after this long
     history_max_age_days: float = 0.0  # drop n-grams not used for this long (0 = keep)
     history_flush_ms: float = 200.0  # learned counts are written at most this often
+    max_pinyin_letters: int = 64  # longest Convert pinyin or Type composition
+
+    def __post_init__(self) -> None:
+        if isinstance(self.model, str):  # one path given as a string
+            object.__setattr__(self, "model", (self.model,))
+
+    @property
+    def models(self) -> list[tuple[str, str]]:
+        """(name, path) of each served model; a name defaults to the file's stem (models/zh.pt -> zh)."""
+        out: list[tuple[str, str]] = []
+        for spec in self.model:
+            name, sep, path = spec.partition("=")
+            if not sep or "/" in name or not name:
+                name, path = os.path.splitext(os.path.basename(spec))[0], spec
+            if not _MODEL_NAME.fullmatch(name):
+                raise ValueError(f"model name {name!r}: use 1-64 of A-Za-z0-9._- (--model NAME=PATH)")
+            if name in (n for n, _ in out):
+                raise ValueError(f"two models are named {name!r}: name them apart with --model NAME=PATH")
+            out.append((name, path))
+        if not out:
+            raise ValueError("no model to serve: give --model PATH")
+        return out

@@ -10,6 +10,7 @@ from service.config import ServerConfig
 from service.generation import GenerationParams, Generator
 from service.hardware import ThreadPlan, resolve_device
 from service.mix import MixedModel, served_model
+from service.pinyin import Converter, Lexicon, reads_chinese
 from service.runner import ScriptedModel
 from service.suggest import SuggestConfig, Suggester
 
@@ -20,17 +21,23 @@ class Engine:
     model: ScriptedModel | MixedModel | BatchingModel
     suggester: Suggester
     generator: Generator
+    name: str = ""  # what requests call it (ServerConfig.models)
+    path: str = ""
+    converter: Converter | None = None  # pinyin conversion, for a model that reads Chinese
 
     @classmethod
-    def load(cls, config: ServerConfig, threads: ThreadPlan | None = None) -> Engine:
-        """``threads``: the server's thread plan (by default the one ``config`` implies)."""
+    def load(cls, config: ServerConfig, threads: ThreadPlan | None = None, name: str = "", path: str = "") -> Engine:
+        """The model ``path`` named ``name`` (default: the config's first); ``threads``: the server's thread
+        plan (by default the one ``config`` implies)."""
+        if not path:
+            name, path = config.models[0]
         threads = threads or ThreadPlan.for_server(config.threads, config.batching)
         device = resolve_device(config.device)
-        artifact = load_artifact(config.model, "cpu")
+        artifact = load_artifact(path, "cpu")
         quantization = artifact.manifest.quantization
         if quantization != "none" and device != "cpu":
             raise ValueError(
-                f"{config.model} has {quantization} weights, which run on CPU only; "
+                f"{path} has {quantization} weights, which run on CPU only; "
                 "serve it with --device cpu, or export the model without --quantize for the GPU"
             )
         network = ScriptedModel(
@@ -43,7 +50,12 @@ class Engine:
             )
         suggester = Suggester(model, artifact.tokenizer, SuggestConfig(max_context_tokens=config.max_context_tokens))
         generator = Generator(model, artifact.tokenizer, config.max_context_tokens)
-        return cls(artifact, model, suggester, generator)
+        converter = None
+        if reads_chinese(artifact.tokenizer):
+            converter = Converter(
+                model, artifact.tokenizer, Lexicon.load(), max_context_tokens=config.max_context_tokens
+            )
+        return cls(artifact, model, suggester, generator, name, path, converter)
 
     def warm_up(self) -> None:
         """One call of each path, so the first user does not pay for lazy initialisation."""
@@ -51,6 +63,8 @@ class Engine:
             self.suggester.suggest(text, 3)
         for _ in self.generator.generate("The", GenerationParams(temperature=0, max_tokens=4)):
             pass
+        if self.converter is not None:
+            self.converter.convert("我", "nihaozgr")
 
     @property
     def mixed(self) -> bool:
@@ -62,3 +76,11 @@ class Engine:
         """Stop the model worker (batching), after the calls that use it have ended."""
         if isinstance(self.model, BatchingModel):
             self.model.close()
+
+
+def by_name(engines: Engine | dict[str, Engine]) -> dict[str, Engine]:
+    """The served models by name; one engine without a name is called "default"."""
+    if isinstance(engines, dict):
+        return engines
+    engines.name = engines.name or "default"
+    return {engines.name: engines}

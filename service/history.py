@@ -35,6 +35,7 @@ most every ``REFRESH_SECONDS``).
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import heapq
 import json
 import logging
@@ -560,6 +561,45 @@ class Histories:
         tail = context[-CONTEXT_CHARS:]  # the last few units are all the prediction reads
         predicted, evidence = history.predict(units(tail), prefix, time.time(), limit=k)
         return personalize(served, predicted, history.weight(evidence), k, completing=bool(prefix))
+
+    def rerank_conversions(self, user: str, context: str, candidates: Sequence):
+        """Pinyin conversions (service/pinyin.py Candidates) re-ranked with ``user``'s history: within
+        each group that consumes as many letters, a candidate's share is mixed with P_user(its characters |
+        context), normalised over the group, with the weight the evidence gives a word the model lacks."""
+        history = self.user(user)
+        if not len(history):
+            return list(candidates)
+        now, before = time.time(), units(context[-CONTEXT_CHARS:])
+        scored = []
+        for candidate in candidates:
+            probability, evidence, read = 1.0, 0.0, list(before)
+            for index, unit in enumerate(units(candidate.text)):
+                predicted, seen = history.predict(read, "", now)
+                if index == 0:
+                    evidence = seen
+                probability *= dict(predicted).get(unit, 0.0)
+                if probability == 0.0:
+                    break
+                read.append(unit)
+            scored.append((candidate, probability, evidence))
+        out, start = [], 0
+        while start < len(scored):
+            end = start
+            while end < len(scored) and scored[end][0].consumed == scored[start][0].consumed:
+                end += 1
+            group = scored[start:end]
+            total = sum(p for _, p, _ in group)
+            if total > 0:
+                weight, _ = history.weight(max(e for _, _, e in group))
+                mixed = [
+                    dataclasses.replace(c, probability=(1 - weight) * c.probability + weight * p / total)
+                    for c, p, _ in group
+                ]
+                out.extend(sorted(mixed, key=lambda c: -c.probability))
+            else:
+                out.extend(c for c, _, _ in group)
+            start = end
+        return out
 
     # ------------------------------------------------------------------ learning
 

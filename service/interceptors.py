@@ -128,7 +128,7 @@ class MethodGuard:
         self.needs_token = bool(guard.tokens) and not (is_health and guard.health_without_auth)
         self.counted = not is_health  # health checks are outside the concurrency limit
         self.latency = guard.metrics.latency.labels(self.name)
-        self._finished: dict[grpc.StatusCode, object] = {}  # counter children, by status code
+        self._finished: dict[tuple[grpc.StatusCode, str], object] = {}  # counter children, by status code and model
 
     def before(self, context) -> str:
         """Checks; returns the request id. Aborts the call when a check fails."""
@@ -177,14 +177,14 @@ class MethodGuard:
         )
 
     def after(self, context, request_id: str, started: float, admitted: bool, cancelled: bool = False) -> None:
-        calls.end()
+        model = calls.end()
         if admitted:
             self.guard.leave()
         code = _code(context)
         if cancelled and code == grpc.StatusCode.OK:
             code = grpc.StatusCode.CANCELLED
         elapsed = time.perf_counter() - started
-        self._record(code)
+        self._record(code, model)
         self.latency.observe(elapsed)
         if self.log_call:
             log.info(
@@ -197,10 +197,10 @@ class MethodGuard:
                 },
             )
 
-    def _record(self, code: grpc.StatusCode) -> None:
-        child = self._finished.get(code)
+    def _record(self, code: grpc.StatusCode, model: str) -> None:
+        child = self._finished.get((code, model))
         if child is None:
-            child = self._finished[code] = self.guard.metrics.requests.labels(self.name, code.name)
+            child = self._finished[(code, model)] = self.guard.metrics.requests.labels(self.name, code.name, model)
         child.inc()
 
     # ------------------------------------------------------------------ the two wrappers

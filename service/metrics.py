@@ -1,14 +1,14 @@
 """Prometheus metrics, served on their own HTTP port (prometheus-client).
 
-    nextword_requests_total{method, code}      calls finished, by gRPC status code
+    nextword_requests_total{method, code, model}  calls finished, by gRPC status code and model ("": none)
     nextword_request_seconds{method}           latency histogram (a stream: until its last message)
     nextword_active_calls                      calls being handled now
     nextword_active_sessions                   open Type sessions
     nextword_active_generations                running Generate streams
-    nextword_batch_rows                        sequences per batched forward of the model
-    nextword_queue_depth                       model steps waiting for the model worker
-    nextword_dropped_steps_total               queued model steps skipped: their caller had cancelled or timed out
-    nextword_model_info{...}                   the served model (tokenizer, cell, size, device)
+    nextword_batch_rows{model}                 sequences per batched forward of the model
+    nextword_queue_depth{model}                model steps waiting for the model's worker
+    nextword_dropped_steps_total{model}        queued model steps skipped: their caller had cancelled or timed out
+    nextword_model_info{name, ...}             each served model (tokenizer, cell, size, device)
 
 Each server has its own registry, so several can live in one process (tests).
 
@@ -32,7 +32,17 @@ LATENCY_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 BATCH_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256)
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 SAMPLE_SECONDS = 1.0
-MODEL_LABELS = ("path", "format_version", "tokenizer", "vocab_size", "cell", "num_layers", "hidden_size", "device")
+MODEL_LABELS = (
+    "name",
+    "path",
+    "format_version",
+    "tokenizer",
+    "vocab_size",
+    "cell",
+    "num_layers",
+    "hidden_size",
+    "device",
+)
 
 
 def shared() -> bool:
@@ -47,7 +57,10 @@ class Metrics:
         r = self.registry
         live = {"multiprocess_mode": "livesum"}
         self.requests = Counter(
-            "nextword_requests", "Calls finished, by method and gRPC status code", ["method", "code"], registry=r
+            "nextword_requests",
+            "Calls finished, by method, gRPC status code and model",
+            ["method", "code", "model"],
+            registry=r,
         )
         self.latency = Histogram(
             "nextword_request_seconds", "Call latency in seconds", ["method"], buckets=LATENCY_BUCKETS, registry=r
@@ -56,18 +69,24 @@ class Metrics:
         self.active_sessions = Gauge("nextword_active_sessions", "Open Type sessions", registry=r, **live)
         self.active_generations = Gauge("nextword_active_generations", "Running Generate streams", registry=r, **live)
         self.batch_rows = Histogram(
-            "nextword_batch_rows", "Sequences per batched forward of the model", buckets=BATCH_BUCKETS, registry=r
+            "nextword_batch_rows",
+            "Sequences per batched forward of the model",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
         )
-        self.queue_depth = Gauge("nextword_queue_depth", "Model steps waiting for the model worker", registry=r, **live)
+        self.queue_depth = Gauge(
+            "nextword_queue_depth", "Model steps waiting for the model's worker", ["model"], registry=r, **live
+        )
         self.dropped_steps = Counter(
-            "nextword_dropped_steps", "Queued model steps skipped because their caller had gone", registry=r
+            "nextword_dropped_steps", "Queued model steps skipped because their caller had gone", ["model"], registry=r
         )
         if self.shared:  # prometheus-client's Info has no multiprocess form
             self._model = Gauge(
                 "nextword_model_info", "The served model", MODEL_LABELS, registry=r, multiprocess_mode="max"
             )
         else:
-            self._model = Info("nextword_model", "The served model", registry=r)
+            self._model = Info("nextword_model", "A served model", ["name"], registry=r)
         self._http = None
         self._sampled: list[tuple[Gauge, Callable[[], float]]] = []
         self._sampler: threading.Thread | None = None
@@ -77,7 +96,7 @@ class Metrics:
         if self.shared:
             self._model.labels(*(info[name] for name in MODEL_LABELS)).set(1)
         else:
-            self._model.info(info)
+            self._model.labels(info["name"]).info({k: v for k, v in info.items() if k != "name"})
 
     def gauge_function(self, gauge: Gauge, function: Callable[[], float]) -> None:
         """``gauge`` reads ``function``: at each scrape in one process, every SAMPLE_SECONDS in a worker."""
@@ -96,12 +115,9 @@ class Metrics:
             if self._stop.wait(SAMPLE_SECONDS):
                 return
 
-    def watch(
-        self, sessions: Callable[[], int], generations: Callable[[], int], queue_depth: Callable[[], int]
-    ) -> None:
+    def watch(self, sessions: Callable[[], int], generations: Callable[[], int]) -> None:
         self.gauge_function(self.active_sessions, sessions)
         self.gauge_function(self.active_generations, generations)
-        self.gauge_function(self.queue_depth, queue_depth)
 
     def start_http(self, host: str, port: int) -> int:
         """Serve /metrics; returns the port (port 0 picks a free one)."""

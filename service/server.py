@@ -15,7 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig
-from service.engine import Engine
+from service.engine import Engine, by_name
 from service.hardware import ThreadPlan, default_workers, resolve_device
 from service.history import open_histories
 from service.interceptors import CallGuard
@@ -73,11 +73,17 @@ class Server:
     """A started gRPC server with its health service; ``stop()`` drains it gracefully."""
 
     def __init__(
-        self, config: ServerConfig, engine: Engine, threads: ThreadPlan | None = None, reuse_port: bool = False
+        self,
+        config: ServerConfig,
+        engines: Engine | dict[str, Engine],
+        threads: ThreadPlan | None = None,
+        reuse_port: bool = False,
     ) -> None:
-        """``reuse_port``: share the port with other processes (the workers of service/workers.py)."""
+        """``engines``: the served models by name (the first answers requests that name none);
+        ``reuse_port``: share the port with other processes (the workers of service/workers.py)."""
         self.config = config
-        self.engine = engine
+        self.engines = by_name(engines)
+        self.engine = next(iter(self.engines.values()))
         threads = threads or ThreadPlan.for_server(config.threads, config.batching)
         self.metrics = Metrics()
         tokens = load_tokens(config)
@@ -98,28 +104,10 @@ class Server:
         )
         self.grpc = grpc.server(pool, interceptors=[self.guard], options=options)
         self.histories = open_histories(config)  # service/history.py; None: off
-        self.servicer = NextWordServicer(engine, config, self.histories)
-        self.metrics.watch(
-            lambda: self.servicer.active_sessions,
-            lambda: self.servicer.active_generations,
-            lambda: getattr(engine.model, "queue_depth", 0),
-        )
-        if hasattr(engine.model, "on_batch"):
-            engine.model.on_batch = self.metrics.batch_rows.observe
-            engine.model.on_drop = self.metrics.dropped_steps.inc
-        manifest = engine.artifact.manifest
-        self.metrics.describe_model(
-            {
-                "path": config.model,
-                "format_version": str(manifest.format_version),
-                "tokenizer": manifest.tokenizer.kind,
-                "vocab_size": str(manifest.tokenizer.vocab_size),
-                "cell": manifest.cell,
-                "num_layers": str(manifest.num_layers),
-                "hidden_size": str(manifest.hidden_size),
-                "device": str(engine.model.device),
-            }
-        )
+        self.servicer = NextWordServicer(self.engines, config, self.histories)
+        self.metrics.watch(lambda: self.servicer.active_sessions, lambda: self.servicer.active_generations)
+        for name, engine in self.engines.items():
+            self._watch(name, engine)
         pb_grpc.add_NextWordServicer_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -139,6 +127,29 @@ class Server:
         self.metrics_port = self.metrics.start_http(config.host, config.metrics_port) if config.metrics else None
         self._stopped = threading.Event()
 
+    def _watch(self, name: str, engine: Engine) -> None:
+        """The metrics of one model: its worker's queue and batches, and what it is."""
+        self.metrics.gauge_function(
+            self.metrics.queue_depth.labels(name), lambda: getattr(engine.model, "queue_depth", 0)
+        )
+        if hasattr(engine.model, "on_batch"):
+            engine.model.on_batch = self.metrics.batch_rows.labels(name).observe
+            engine.model.on_drop = self.metrics.dropped_steps.labels(name).inc
+        manifest = engine.artifact.manifest
+        self.metrics.describe_model(
+            {
+                "name": name,
+                "path": engine.path,
+                "format_version": str(manifest.format_version),
+                "tokenizer": manifest.tokenizer.kind,
+                "vocab_size": str(manifest.tokenizer.vocab_size),
+                "cell": manifest.cell,
+                "num_layers": str(manifest.num_layers),
+                "hidden_size": str(manifest.hidden_size),
+                "device": str(engine.model.device),
+            }
+        )
+
     def start(self) -> Server:
         self.grpc.start()
         for name in ("", SERVICE_NAME):
@@ -152,7 +163,8 @@ class Server:
         self.grpc.stop(self.config.grace if grace is None else grace).wait()
         if self.histories is not None:  # what was learned is written before the process exits
             self.histories.close()
-        self.engine.close()
+        for engine in self.engines.values():
+            engine.close()
         self.metrics.stop_http()
         self._stopped.set()
 
@@ -163,9 +175,11 @@ class Server:
             pass
 
 
-def create_server(config: ServerConfig, engine: Engine, threads: ThreadPlan | None = None) -> tuple[Server, int]:
+def create_server(
+    config: ServerConfig, engines: Engine | dict[str, Engine], threads: ThreadPlan | None = None
+) -> tuple[Server, int]:
     """A started server; port 0 in the config picks a free port, returned here."""
-    server = Server(config, engine, threads).start()
+    server = Server(config, engines, threads).start()
     return server, server.port
 
 
@@ -184,9 +198,10 @@ def _started(config: ServerConfig) -> Server:
     """Load, warm up and start: the server of this process."""
     threads = ThreadPlan.for_server(config.threads, config.batching, config.workers)  # see service/hardware.py
     threads.apply_here()  # this thread loads the model and warms it up
-    engine = Engine.load(config, threads)
-    engine.warm_up()
-    return Server(config, engine, threads, reuse_port=config.workers > 1).start()
+    engines = {name: Engine.load(config, threads, name, path) for name, path in config.models}
+    for engine in engines.values():
+        engine.warm_up()
+    return Server(config, engines, threads, reuse_port=config.workers > 1).start()
 
 
 def describe_history(config: ServerConfig) -> str:
@@ -228,8 +243,12 @@ def serve(config: ServerConfig) -> None:
         return
     server = _started(config)
     _stop_on_signals(server.stop, config.grace)
-    engine = server.engine
-    what = f"{config.model} ({engine.artifact.manifest.describe()}), device {engine.model.device}"
+    what = "; ".join(
+        f"{name}: {engine.path} ({engine.artifact.manifest.describe()}"
+        + (", pinyin" if engine.converter is not None else "")
+        + f"), device {engine.model.device}"
+        for name, engine in server.engines.items()
+    )
     _announce(config, server.port, what, server.auth, server.metrics_port)
     server.wait()
     log.info("stopped")
@@ -252,7 +271,7 @@ def _serve_workers(config: ServerConfig) -> None:
     _stop_on_signals(supervisor.stop, config.grace)
     if not supervisor.start():
         return
-    what = f"{config.model} in {config.workers} worker processes"
+    what = f"{', '.join(f'{name}: {path}' for name, path in config.models)} in {config.workers} worker processes"
     _announce(config, supervisor.port, what, bool(load_tokens(config)), supervisor.metrics_port)
     supervisor.watch()
     supervisor.wait()

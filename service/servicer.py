@@ -12,16 +12,18 @@ import grpc
 from service import calls
 from service.config import ServerConfig
 from service.decoding import MalformedRequest
-from service.engine import Engine
+from service.engine import Engine, by_name
 from service.generation import END_TOKEN, LENGTH, STOP_STRING, GenerationParams
 from service.history import Histories, NextTokens, SessionLearner, units
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
+from service.pinyin import Candidate, PinyinError
 from service.session import EditError, TypingSession
 from service.suggest import SuggestResult
 from service.users import USER_KEY
 
 DEFAULT_SUGGESTIONS = 3
+DEFAULT_CANDIDATES = 9
 DEFAULT_MAX_TOKENS = 64
 MAX_TEMPERATURE = 10.0
 MAX_STOP_STRINGS, MAX_STOP_CHARS = 8, 64
@@ -47,10 +49,23 @@ def to_response(result: SuggestResult) -> pb.SuggestResponse:
     )
 
 
+def to_candidates(candidates: list[Candidate]) -> list[pb.Candidate]:
+    return [
+        pb.Candidate(text=c.text, consumed=c.consumed, syllables=" ".join(c.syllables), probability=c.probability)
+        for c in candidates
+    ]
+
+
 def apply_edit(session: TypingSession, request: pb.TypeRequest, index: int) -> None:
     """One Type edit; ``index`` (from 1) names it in errors."""
     kind = request.WhichOneof("edit")
-    if kind == "append":
+    if kind == "compose":
+        if not request.compose:
+            raise Invalid(f"edit {index}: compose must not be empty")
+        session.compose(request.compose)
+    elif kind == "select":
+        session.select(request.select)
+    elif kind == "append":
         if not request.append:
             raise Invalid(f"edit {index}: append must not be empty")
         session.append(request.append)
@@ -61,20 +76,24 @@ def apply_edit(session: TypingSession, request: pb.TypeRequest, index: int) -> N
     elif kind == "reset":
         session.reset()
     elif kind is None and not request.num_suggestions:
-        raise Invalid(f"edit {index}: give append, delete, reset or commit")
+        raise Invalid(f"edit {index}: give append, delete, reset, commit, compose or select")
 
 
 class NextWordServicer(pb_grpc.NextWordServicer):
-    def __init__(self, engine: Engine, config: ServerConfig, histories: Histories | None = None) -> None:
-        self.engine = engine
+    def __init__(
+        self, engines: Engine | dict[str, Engine], config: ServerConfig, histories: Histories | None = None
+    ) -> None:
+        """``engines``: the served models by name, the first answering requests that name none."""
+        self.engines = by_name(engines)
+        self.engine = next(iter(self.engines.values()))
         self.config = config
         self.histories = histories  # personal histories (service/history.py); None: off
-        self._next_tokens: NextTokens | None = None  # built at the first Generate that names a user
+        self._next_tokens: dict[str, NextTokens] = {}  # by model, built at the first Generate that names a user
         self._sessions = threading.BoundedSemaphore(config.max_sessions)
         self._active_sessions = 0
         self._active_generations = 0
         self._lock = threading.Lock()
-        self._model_info = self._describe()
+        self._model_info = {name: self._describe(name, engine) for name, engine in self.engines.items()}
 
     @property
     def active_sessions(self) -> int:
@@ -85,6 +104,27 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         return self._active_generations
 
     # ------------------------------------------------------------------ validation
+
+    def _engine(self, name: str, context) -> Engine:
+        """The model a request names (empty: the first); NOT_FOUND naming those that exist."""
+        engine = self.engines.get(name) if name else self.engine
+        if engine is None:
+            context.abort(
+                grpc.StatusCode.NOT_FOUND,
+                f"no model named {name[:64]!r}; this server has {', '.join(repr(n) for n in self.engines)}",
+            )
+        calls.set_model(engine.name)
+        return engine
+
+    def _pinyin(self, pinyin: str, field: str = "pinyin") -> str:
+        if not pinyin.strip("'"):
+            raise Invalid(f"{field} must have at least one letter")
+        if len(pinyin) > self.config.max_pinyin_letters:
+            raise Invalid(
+                f"{field} has {len(pinyin)} letters; the limit is {self.config.max_pinyin_letters} "
+                "(server setting max_pinyin_letters)"
+            )
+        return pinyin
 
     def _text(self, text: str, field: str) -> str:
         if not text:
@@ -126,23 +166,30 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     # ------------------------------------------------------------------ personal history
 
-    def _personal(self, result: SuggestResult, text: str, count: int) -> SuggestResult:
+    def _personal(self, engine: Engine, result: SuggestResult, text: str, count: int) -> SuggestResult:
         """``result`` mixed with the history of the call's user, when it names one."""
         user = calls.user()
         if user is None or self.histories is None or not text:
             return result
-        split = self.engine.suggester.split(text)
+        split = engine.suggester.split(text)
         mixed = self.histories.suggest(user, split.context, split.prefix, result.suggestions, count)
         return SuggestResult(mixed, result.completes_word, result.prefix)
 
-    def _next_token_mix(self):
+    def _personal_candidates(self, context: str, candidates: list[Candidate]) -> list[Candidate]:
+        """Conversions re-ranked with the call's user's history, when it names one."""
+        user = calls.user()
+        if user is None or self.histories is None or not candidates:
+            return candidates
+        return self.histories.rerank_conversions(user, context, candidates)
+
+    def _next_token_mix(self, engine: Engine):
         """For Generate: the next-token distribution mixed with the call's user's history, or None."""
         user = calls.user()
         if user is None or self.histories is None:
             return None
-        if self._next_tokens is None:
-            self._next_tokens = NextTokens(self.engine.artifact.tokenizer)
-        tokens = self._next_tokens
+        tokens = self._next_tokens.get(engine.name)
+        if tokens is None:
+            tokens = self._next_tokens[engine.name] = NextTokens(engine.artifact.tokenizer)
         return lambda text, log_probs: self.histories.mix_next_token(user, tokens, text, log_probs)
 
     def _history_user(self, context, writes: bool) -> str:
@@ -161,12 +208,33 @@ class NextWordServicer(pb_grpc.NextWordServicer):
     # ------------------------------------------------------------------ RPCs
 
     def Suggest(self, request: pb.SuggestRequest, context: grpc.ServicerContext) -> pb.SuggestResponse:
+        engine = self._engine(request.model, context)
         try:
             text = self._text(request.text, "text")
             count = self._num_suggestions(request.num_suggestions, DEFAULT_SUGGESTIONS)
         except Invalid as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return to_response(self._personal(self.engine.suggester.suggest(text, count), text, count))
+        return to_response(self._personal(engine, engine.suggester.suggest(text, count), text, count))
+
+    def Convert(self, request: pb.ConvertRequest, context: grpc.ServicerContext) -> pb.ConvertResponse:
+        engine = self._engine(request.model, context)
+        if engine.converter is None:
+            context.abort(
+                grpc.StatusCode.FAILED_PRECONDITION,
+                f"model {engine.name!r} does not read Chinese, so it cannot convert pinyin "
+                "(GetModelInfoResponse.pinyin says which models can)",
+            )
+        try:
+            if len(request.context) > self.config.max_text_chars:
+                raise Invalid(
+                    f"context has {len(request.context)} characters; the limit is {self.config.max_text_chars}"
+                )
+            pinyin = self._pinyin(request.pinyin)
+            count = self._num_suggestions(request.num_candidates, DEFAULT_CANDIDATES)
+            candidates = engine.converter.convert(request.context, pinyin, count, request.fuzzy)
+        except (Invalid, PinyinError) as error:
+            context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
+        return pb.ConvertResponse(candidates=to_candidates(self._personal_candidates(request.context, candidates)))
 
     def Learn(self, request: pb.LearnRequest, context) -> pb.LearnResponse:
         user = self._history_user(context, writes=True)
@@ -212,6 +280,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"ImportHistory: {error}")
 
     def Generate(self, request: pb.GenerateRequest, context: grpc.ServicerContext) -> Iterator[pb.GenerateResponse]:
+        engine = self._engine(request.model, context)
         try:
             prompt = self._text(request.prompt, "prompt")
             params = self._params(request)
@@ -220,8 +289,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         with self._lock:
             self._active_generations += 1
         try:
-            events = self.engine.generator.generate(
-                prompt, params, cancelled=lambda: not context.is_active(), adjust=self._next_token_mix()
+            events = engine.generator.generate(
+                prompt, params, cancelled=lambda: not context.is_active(), adjust=self._next_token_mix(engine)
             )
             for event in events:
                 if event.finish_reason is None:
@@ -255,7 +324,6 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             self._sessions.release()
 
     def _type(self, request_iterator, context) -> Iterator[pb.TypeResponse]:
-        session = TypingSession(self.engine.suggester, self.config.max_text_chars, self.config.session_history)
         edits: queue.Queue = queue.Queue(maxsize=EDIT_QUEUE)
         ended = threading.Event()  # the call is over: the reader stops too
         done = object()
@@ -283,13 +351,20 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
         threading.Thread(target=read, daemon=True, name="type-reader").start()
         try:
-            yield from self._edits(session, edits, done, context)
+            yield from self._edits(edits, done, context)
         finally:
             ended.set()
 
-    def _edits(self, session: TypingSession, edits: queue.Queue, done: object, context) -> Iterator[pb.TypeResponse]:
+    def _session(self, engine: Engine) -> TypingSession:
+        config = self.config
+        return TypingSession(
+            engine.suggester, config.max_text_chars, config.session_history, engine.converter, config.max_pinyin_letters
+        )
+
+    def _edits(self, edits: queue.Queue, done: object, context) -> Iterator[pb.TypeResponse]:
         count, index = DEFAULT_SUGGESTIONS, 0
         learner: SessionLearner | None = None
+        session: TypingSession | None = None
         try:
             while True:
                 try:
@@ -306,20 +381,34 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"edit {index + 1}: {request}")
                 index += 1
                 if index == 1:
+                    engine = self._engine(request.model, context)
+                    session = self._session(engine)
                     learner = self._learner(request.incognito)
+                kind = request.WhichOneof("edit")
                 try:
                     count = self._num_suggestions(request.num_suggestions, count)
+                    if kind == "compose":
+                        self._pinyin(session.composition + request.compose, "the composition")
                     apply_edit(session, request, index)
-                except (Invalid, EditError) as error:
+                    candidates = session.convert(max(count, DEFAULT_CANDIDATES), request.fuzzy)
+                except (Invalid, EditError, PinyinError) as error:
                     context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-                if learner is not None:
-                    learner.update(session.text, final=request.WhichOneof("edit") == "commit")
-                suggestions = self._personal(session.suggest(count), session.text, count)
+                if learner is not None and not session.composition:
+                    learner.update(session.text, final=kind == "commit")
+                if session.composition:  # composing: the candidates are the answer
+                    yield pb.TypeResponse(
+                        edit_index=index,
+                        text_length=len(session.text),
+                        composition=session.composition,
+                        candidates=to_candidates(self._personal_candidates(session.text, candidates)),
+                    )
+                    continue
+                suggestions = self._personal(engine, session.suggest(count), session.text, count)
                 yield pb.TypeResponse(
                     edit_index=index, text_length=len(session.text), suggestions=to_response(suggestions)
                 )
         finally:
-            if learner is not None:  # the session ended: what remains is finished
+            if learner is not None and session is not None:  # the session ended: what remains is finished
                 learner.update(session.text, final=True)
 
     def _learner(self, incognito: bool) -> SessionLearner | None:
@@ -329,12 +418,16 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         return SessionLearner(self.histories, user)
 
     def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
-        return self._model_info
+        return self._model_info[self._engine(request.model, context).name]
 
-    def _describe(self) -> pb.GetModelInfoResponse:
-        """The model and the limits in force: fixed while the server runs, so built once."""
-        manifest = self.engine.artifact.manifest
+    def _describe(self, name: str, engine: Engine) -> pb.GetModelInfoResponse:
+        """A model and the limits in force: fixed while the server runs, so built once."""
+        manifest = engine.artifact.manifest
         return pb.GetModelInfoResponse(
+            name=name,
+            models=list(self.engines),
+            pinyin=engine.converter is not None,
+            max_pinyin_letters=self.config.max_pinyin_letters,
             format_version=manifest.format_version,
             tokenizer=manifest.tokenizer.kind,
             vocab_size=manifest.tokenizer.vocab_size,
@@ -345,15 +438,15 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             stream_validation_perplexity=manifest.provenance.stream_validation_perplexity or 0.0,
             corpus=manifest.provenance.corpus,
             created=manifest.created,
-            device=str(self.engine.model.device),
+            device=str(engine.model.device),
             max_text_chars=self.config.max_text_chars,
             max_suggestions=self.config.max_suggestions,
             max_generate_tokens=self.config.max_generate_tokens,
             max_context_tokens=self.config.max_context_tokens,
             manifest_json=manifest.to_json(),
-            components=["network", "ngram-memory"] if self.engine.mixed else ["network"],
-            ngram_weights=manifest.memory.weights if self.engine.mixed else [],
-            ngram_order=manifest.memory.order if self.engine.mixed else 0,
+            components=["network", "ngram-memory"] if engine.mixed else ["network"],
+            ngram_weights=manifest.memory.weights if engine.mixed else [],
+            ngram_order=manifest.memory.order if engine.mixed else 0,
             history_store=self.histories.store.kind if self.histories is not None else "off",
             history_max_entries=self.config.history_max_entries if self.histories is not None else 0,
             learning=self.histories is not None and self.histories.learning,

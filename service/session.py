@@ -9,12 +9,18 @@ feeds the model only what follows the longest prefix it shares with them:
 
 So a keystroke costs a step or two however long the text is, and a delete
 goes back to a kept state without reading the text again.
+
+On a Chinese model a session also composes pinyin: letters typed into the
+composition are converted (service/pinyin.py) after the session's text, read
+from the same kept states; selecting a candidate commits its text and removes
+the letters it stands for.
 """
 
 from __future__ import annotations
 
 from torch import Tensor
 
+from service.pinyin import Candidate, Converter
 from service.runner import PrefixStates, StepModel, window_start
 from service.suggest import Suggester, SuggestResult
 from service.tokenizer import BOS
@@ -49,12 +55,23 @@ class EditError(ValueError):
 class TypingSession:
     """One Type stream: apply edits, answer with suggestions (same as Suggest for the same text)."""
 
-    def __init__(self, suggester: Suggester, max_chars: int, history: int = 64) -> None:
+    def __init__(
+        self,
+        suggester: Suggester,
+        max_chars: int,
+        history: int = 64,
+        converter: Converter | None = None,
+        max_letters: int = 64,
+    ) -> None:
         self.suggester = suggester
         self.max_chars = max_chars
         self.text = ""
         self.context = IncrementalContext(suggester.model, suggester.config.max_context_tokens, history)
         self._context_text, self._context_ids = "", []  # keystrokes inside a word keep the same context
+        self.converter = converter  # pinyin composition, on a Chinese model
+        self.max_letters = max_letters
+        self.composition = ""  # pinyin letters typed and not yet committed
+        self.candidates: list[Candidate] = []  # the composition's candidates, as last answered
 
     def append(self, text: str) -> None:
         if len(self.text) + len(text) > self.max_chars:
@@ -64,10 +81,42 @@ class TypingSession:
         self.text += text
 
     def delete(self, count: int) -> None:
-        self.text = self.text[: max(0, len(self.text) - count)]
+        """Letters of the composition go first, then characters of the text."""
+        letters = min(count, len(self.composition))
+        self.composition = self.composition[: len(self.composition) - letters]
+        count -= letters
+        if count:
+            self.text = self.text[: max(0, len(self.text) - count)]
 
     def reset(self) -> None:
-        self.text = ""
+        self.text = self.composition = ""
+
+    def compose(self, letters: str) -> None:
+        if self.converter is None:
+            raise EditError("compose needs a Chinese model: this one does not convert pinyin")
+        if len(self.composition) + len(letters) > self.max_letters:
+            raise EditError(
+                f"the composition would hold {len(self.composition) + len(letters)} letters; "
+                f"the limit is {self.max_letters} (server setting max_pinyin_letters)"
+            )
+        self.composition += letters
+
+    def select(self, index: int) -> None:
+        """Commit candidate ``index`` of the last answer: its text joins the text, its letters leave."""
+        if index >= len(self.candidates):
+            raise EditError(f"select {index}: the last answer had {len(self.candidates)} candidate(s), numbered from 0")
+        chosen = self.candidates[index]
+        self.append(chosen.text)
+        self.composition = self.composition[chosen.consumed :]
+
+    def convert(self, k: int, fuzzy: bool = False) -> list[Candidate]:
+        """The composition's candidates after the session's text (whose model state the session keeps)."""
+        self.candidates = []
+        if self.converter is None or not self.composition.strip("'"):
+            return self.candidates
+        start = self.context.read(self.suggester.tokenizer.encode(self.text))
+        self.candidates = self.converter.convert(self.text, self.composition, k, fuzzy, start=start)
+        return self.candidates
 
     def suggest(self, k: int) -> SuggestResult:
         if not self.text:

@@ -12,6 +12,7 @@ DATA = os.path.join(os.path.dirname(__file__), "data")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 TINY_EN = os.path.join(DATA, "tiny_en.txt")
 TINY_ZH = os.path.join(DATA, "tiny_zh.txt")
+TINY_IME = os.path.join(DATA, "tiny_ime.txt")  # everyday sentences for the pinyin and association tests
 # A tiny network that trains in seconds on the tiny corpora.
 TINY_NET = [
     "--hidden-size",
@@ -99,6 +100,26 @@ def tiny_zh_run(tmp_path_factory) -> str:
         "--hidden-size",
         "48",
     )
+
+
+@pytest.fixture(scope="session")
+def tiny_ime_model(tmp_path_factory) -> str:
+    """A character model of tests/data/tiny_ime.txt (他在西安, 你先走, 你好, 我昨天, 上学迟到, ...)."""
+    run = train_tiny(
+        str(tmp_path_factory.mktemp("ime")),
+        TINY_IME,
+        "--tokenizer",
+        "char",
+        "--max-steps",
+        "300",
+        "--lr",
+        "1e-2",
+        "--hidden-size",
+        "64",
+        "--val-fraction",
+        "0.05",
+    )
+    return export_run(run, str(tmp_path_factory.mktemp("models") / "zh.pt"))
 
 
 def export_run(run: str, path: str) -> str:

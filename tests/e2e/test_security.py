@@ -225,13 +225,15 @@ def test_metrics_endpoint_counts_calls_by_status_and_reports_the_model(tiny_char
                 client.suggest("")
             list(client.type([pb.TypeRequest(append="w"), pb.TypeRequest(append="e")]))
         text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-        assert 'nextword_requests_total{code="OK",method="Suggest"} 2.0' in text
-        assert 'nextword_requests_total{code="INVALID_ARGUMENT",method="Suggest"} 1.0' in text
-        assert 'nextword_requests_total{code="OK",method="Type"} 1.0' in text
+        name = server.engine.name
+        assert f'nextword_requests_total{{code="OK",method="Suggest",model="{name}"}} 2.0' in text
+        assert f'nextword_requests_total{{code="INVALID_ARGUMENT",method="Suggest",model="{name}"}} 1.0' in text
+        assert f'nextword_requests_total{{code="OK",method="Type",model="{name}"}} 1.0' in text
         assert 'nextword_request_seconds_bucket{le="+Inf",method="Suggest"} 3.0' in text
-        assert "nextword_batch_rows_count" in text and "nextword_queue_depth" in text
+        assert f'nextword_batch_rows_count{{model="{name}"}}' in text
+        assert f'nextword_queue_depth{{model="{name}"}}' in text
         assert "nextword_active_sessions 0.0" in text
-        assert 'nextword_model_info{cell="lstm"' in text and 'tokenizer="char"' in text
+        assert 'nextword_model_info{cell="lstm"' in text and 'tokenizer="char"' in text and f'name="{name}"' in text
     finally:
         server.stop(0)
 

@@ -22,7 +22,9 @@ def guarded(handler, method="/nextword.v1.NextWord/Suggest", **options):
 
 
 def count(guard: CallGuard, code: str, method: str = "Suggest") -> float:
-    value = guard.metrics.registry.get_sample_value("nextword_requests_total", {"method": method, "code": code})
+    value = guard.metrics.registry.get_sample_value(
+        "nextword_requests_total", {"method": method, "code": code, "model": ""}
+    )
     return value or 0.0
 
 

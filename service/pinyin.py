@@ -1,0 +1,503 @@
+"""Pinyin to hanzi: the typed letters become a lattice of readings, and a language model ranks it.
+
+    letters   n i h a o s j                       ("'" separates syllables, v is ü)
+    tokens    ni | hao | s | j                    full syllables; initials; a partial last syllable
+    words     你 尼 拟 .. (ni)   你好 (ni hao)   好 号 (hao)   是 说 (s*)   世界 时间 (s* j*) ..
+    beam      hypotheses per letter position, each extended by the words that start there and
+              scored by the model (the served StepModel, conditioned on the committed text) plus a
+              weighted dictionary prior: score = log P_model(word | text so far) + prior_weight *
+              log P_dict(word) - abbreviation_penalty * (syllables typed as initials or partly)
+
+The readings come from pypinyin's character and phrase tables and the words and their frequencies
+from jieba's dictionary (both MIT); ``Lexicon.load()`` inverts them once per process (about 2 s).
+"""
+
+from __future__ import annotations
+
+import functools
+import math
+import re
+import threading
+import unicodedata
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from service.runner import StepModel, advance_ragged, encode_context
+from service.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
+
+INITIALS = ("zh", "ch", "sh", "b", "p", "m", "f", "d", "t", "n", "l", "g", "k", "h", "j", "q", "x", "r", "z", "c", "s")
+INITIALS += ("y", "w")
+SEPARATOR = "'"
+LETTERS = frozenset("abcdefghijklmnopqrstuvwxyz" + SEPARATOR)
+MAX_SYLLABLE = 6  # letters in the longest syllable (zhuang)
+MAX_WORD_SYLLABLES = 8
+MIN_WORD_COUNT = 5  # jieba's words seen fewer times are left out (they hold 1 % of its counts)
+_HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]+")
+FUZZY_INITIALS = (("zh", "z"), ("ch", "c"), ("sh", "s"))  # with fuzzy pinyin, and -in/-ing, -en/-eng
+
+
+class PinyinError(ValueError):
+    """Letters that cannot be read as pinyin."""
+
+
+@functools.lru_cache(maxsize=4096)
+def plain(reading: str) -> str:
+    """A toned reading without its tones, ü written v: "lǜ" -> "lv"."""
+    decomposed = unicodedata.normalize("NFD", reading).replace("u\u0308", "v")
+    return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
+
+
+@dataclass(repr=False)
+class Lexicon:
+    """Words by their syllables. ``words[("ni", "hao")] == [("你好", log P), ...]``, most frequent first."""
+
+    syllables: frozenset[str]
+    words: dict[tuple[str, ...], list[tuple[str, float]]]
+    prefixes: set[tuple[str, ...]] = field(default_factory=set)  # every leading part of a key
+    starting: dict[str, tuple[str, ...]] = field(default_factory=dict)  # letters -> syllables that start so
+
+    def __post_init__(self) -> None:
+        for key in self.words:
+            for end in range(1, len(key) + 1):
+                self.prefixes.add(key[:end])
+        for syllable in self.syllables:
+            for end in range(1, len(syllable) + 1):
+                self.starting.setdefault(syllable[:end], ())
+                self.starting[syllable[:end]] += (syllable,)
+
+    _shared: Lexicon | None = None
+    _lock = threading.Lock()
+
+    @classmethod
+    def load(cls) -> Lexicon:
+        """The lexicon from pypinyin and jieba, built at the first call of the process."""
+        with cls._lock:
+            if Lexicon._shared is None:
+                Lexicon._shared = cls.from_entries(_dictionary_entries())
+            return Lexicon._shared
+
+    @classmethod
+    def from_entries(cls, entries: Sequence[tuple[str, Sequence[str], float]]) -> Lexicon:
+        """(word, its syllables, frequency) triples; a word may come with several readings."""
+        total = sum(frequency for _, _, frequency in entries) or 1.0
+        words: dict[tuple[str, ...], list[tuple[str, float]]] = {}
+        syllables: set[str] = set()
+        for word, reading, frequency in entries:
+            key = tuple(reading)
+            syllables.update(key)
+            words.setdefault(key, []).append((word, math.log(frequency / total)))
+        for options in words.values():
+            options.sort(key=lambda entry: -entry[1])
+        return cls(frozenset(syllables), words)
+
+    def readings(self, text: str) -> list[tuple[str, ...]]:
+        """The keys under which ``text`` is a word (for tests and evaluation)."""
+        return [key for key, options in self.words.items() if any(word == text for word, _ in options)]
+
+
+def _dictionary_entries() -> list[tuple[str, list[str], float]]:
+    import jieba
+    from pypinyin.phrases_dict import phrases_dict
+    from pypinyin.pinyin_dict import pinyin_dict
+
+    @functools.cache
+    def char_readings(ch: str) -> list[str]:
+        found = pinyin_dict.get(ord(ch))
+        return [plain(r) for r in found.split(",")] if found else []
+
+    def reading(word: str) -> list[str] | None:
+        """A word's syllables: its phrase entry, else the longest phrase entries inside it, else each
+        character's first reading (pypinyin's order puts the common one first)."""
+        out, i = [], 0
+        while i < len(word):
+            for j in range(len(word), i + 1, -1):
+                phrase = phrases_dict.get(word[i:j])
+                if phrase:
+                    out.extend(plain(options[0]) for options in phrase)
+                    i = j
+                    break
+            else:
+                options = char_readings(word[i])
+                if not options:
+                    return None
+                out.append(options[0])
+                i += 1
+        return out
+
+    entries: list[tuple[str, list[str], float]] = []
+    seen: set[str] = set()
+    with jieba.dt.get_dict_file() as handle:
+        for line in handle:
+            word, frequency, _ = line.decode("utf-8").split(" ")
+            if int(frequency) < MIN_WORD_COUNT and len(word) > 1 or not _HAN.fullmatch(word):
+                continue
+            seen.add(word)
+            if len(word) == 1:
+                entries.extend((word, [syllable], float(frequency)) for syllable in dict.fromkeys(char_readings(word)))
+            elif len(word) <= MAX_WORD_SYLLABLES:
+                syllables = reading(word)
+                if syllables is not None:
+                    entries.append((word, syllables, float(frequency)))
+    for code in pinyin_dict:  # common-block characters that jieba lacks, as rare ones
+        if 0x4E00 <= code <= 0x9FFF and chr(code) not in seen:
+            entries.extend((chr(code), [syllable], 1.0) for syllable in dict.fromkeys(char_readings(chr(code))))
+    # syllables with a vowel only: interjections such as "hm" and "ng" would make initials ambiguous
+    usable = {s for _, reading_, _ in entries for s in reading_ if any(v in s for v in "aeiouv")}
+    return [entry for entry in entries if all(s in usable for s in entry[1])]
+
+
+def reads_chinese(tokenizer: Tokenizer) -> bool:
+    """Whether a model's vocabulary is mostly Chinese (then it serves Convert): a third of its tokens
+    or more hold a Han character."""
+    size = tokenizer.vocab_size - len(SPECIAL_TOKENS)
+    han = sum(1 for i in range(len(SPECIAL_TOKENS), tokenizer.vocab_size) if _HAN.search(tokenizer.token_text(i)))
+    return size > 0 and han >= size / 3
+
+
+@dataclass(frozen=True)
+class Token:
+    """Letters ``start:end`` of the input read as one syllable; ``next`` skips a separator after it."""
+
+    start: int
+    end: int
+    next: int
+    options: tuple[str, ...]  # the syllables these letters may stand for
+    abbreviated: bool  # initials or a partial last syllable, not a whole syllable
+
+
+@dataclass(frozen=True)
+class Edge:
+    """Words that letters ``start:next`` may stand for, all with the syllables ``key``."""
+
+    start: int
+    next: int
+    key: tuple[str, ...]
+    words: list[tuple[str, float]]
+    abbreviated: int  # syllables typed as initials or partly
+
+
+class Lattice:
+    """Every way to read ``pinyin`` as syllables and words of ``lexicon``."""
+
+    def __init__(self, pinyin: str, lexicon: Lexicon, fuzzy: bool = False) -> None:
+        for index, ch in enumerate(pinyin):
+            if ch not in LETTERS:
+                raise PinyinError(
+                    f"pinyin may hold only the letters a-z (v for ü) and ' as a separator; "
+                    f"got {ch!r} at position {index}"
+                )
+        if not pinyin.strip(SEPARATOR):
+            raise PinyinError("pinyin must have at least one letter")
+        self.pinyin = pinyin
+        self.length = len(pinyin)
+        self.lexicon = lexicon
+        self.fuzzy = fuzzy
+        self.start = len(pinyin) - len(pinyin.lstrip(SEPARATOR))
+        self._tokens: dict[int, list[Token]] = {}
+        self._edges: dict[int, list[Edge]] = {}
+
+    def tokens(self, start: int) -> list[Token]:
+        found = self._tokens.get(start)
+        if found is not None:
+            return found
+        found = []
+        lexicon, text = self.lexicon, self.pinyin
+        stop = text.find(SEPARATOR, start)
+        stop = self.length if stop < 0 else stop
+        for end in range(start + 1, min(start + MAX_SYLLABLE, stop) + 1):
+            letters = text[start:end]
+            if letters in lexicon.syllables:
+                options, abbreviated = (self._fuzzy(letters) if self.fuzzy else (letters,)), False
+            elif letters in ("z", "c", "s") and end < stop and text[end] == "h":
+                continue  # zh, ch and sh are one initial: never z + h...
+            elif letters in INITIALS or (end == self.length and letters in lexicon.starting):
+                options, abbreviated = lexicon.starting.get(letters, ()), True
+                if self.fuzzy:
+                    options = tuple(dict.fromkeys(o for s in options for o in self._fuzzy(s)))
+            else:
+                continue
+            if not options:
+                continue
+            after = end
+            while after < self.length and text[after] == SEPARATOR:
+                after += 1
+            found.append(Token(start, end, after, options, abbreviated))
+        self._tokens[start] = found
+        return found
+
+    def _fuzzy(self, syllable: str) -> tuple[str, ...]:
+        """``syllable`` and those that fuzzy pinyin reads alike (zh/z, ch/c, sh/s, in/ing, en/eng)."""
+        variants = {syllable}
+        for retroflex, flat in FUZZY_INITIALS:
+            if syllable.startswith(retroflex):
+                variants.add(flat + syllable[2:])
+            elif syllable.startswith(flat):
+                variants.add(retroflex + syllable[1:])
+        for form in list(variants):
+            if form.endswith(("ing", "eng")):
+                variants.add(form[:-1])
+            elif form.endswith(("in", "en")):
+                variants.add(form + "g")
+        return tuple(sorted((v for v in variants if v in self.lexicon.syllables), key=lambda v: v != syllable))
+
+    def edges(self, start: int) -> list[Edge]:
+        """The words that may start at letter ``start``, with where each ends."""
+        found = self._edges.get(start)
+        if found is not None:
+            return found
+        found = []
+        prefixes, words = self.lexicon.prefixes, self.lexicon.words
+
+        def walk(position: int, key: tuple[str, ...], abbreviated: int) -> None:
+            for token in self.tokens(position):
+                for syllable in token.options:
+                    longer = (*key, syllable)
+                    if longer not in prefixes:
+                        continue
+                    count = abbreviated + token.abbreviated
+                    options = words.get(longer)
+                    if options:
+                        found.append(Edge(start, token.next, longer, options, count))
+                    if len(longer) < MAX_WORD_SYLLABLES and token.next < self.length:
+                        walk(token.next, longer, count)
+
+        walk(start, (), 0)
+        self._edges[start] = found
+        return found
+
+
+@dataclass(frozen=True)
+class ConvertConfig:
+    beam: int = 6  # hypotheses kept per letter position
+    per_end: int = 6  # words tried per hypothesis and end position (by a cheap score first)
+    prior_weight: float = 0.5  # of the dictionary's log-frequency, added to the model's log-probability
+    abbreviation_penalty: float = 1.5  # per syllable typed as initials or partly
+    unknown: float = -8.0  # added to <unk>'s log-probability for a character the vocabulary lacks
+    within_word: float = -1.0  # a guess of each later token's log-probability, for the cheap score
+
+
+@dataclass(frozen=True)
+class Candidate:
+    text: str
+    consumed: int  # letters of the input (separators included) that ``text`` stands for
+    syllables: tuple[str, ...]
+    probability: float
+    words: tuple[str, ...] = ()
+
+
+@dataclass
+class _Hypothesis:
+    score: float
+    words: tuple[str, ...]
+    syllables: tuple[str, ...]
+    parent: _Hypothesis | None
+    last: list[int]  # the last word's tokens
+    log_probs: np.ndarray | None = None  # [V] after the text so far (None: not computed yet)
+    state: torch.Tensor | None = None  # [L, 1, S]
+    # after all but the last token of ``last``: where the state after it starts from
+    before_last: tuple[torch.Tensor, int] | None = None
+    ends: tuple[int, ...] = ()  # the letter position after each word
+
+    @property
+    def text(self) -> str:
+        return "".join(self.words)
+
+
+class PriorOnly:
+    """A StepModel that knows nothing (log-probability 0 for every token): with it, and prior_weight 1,
+    the converter ranks by the dictionary alone (the baseline that evaluation compares with)."""
+
+    def __init__(self, vocab_size: int) -> None:
+        self.vocab_size = vocab_size
+
+    def init_state(self, batch_size: int) -> torch.Tensor:
+        return torch.zeros(1, batch_size, 1)
+
+    def advance(self, tokens: torch.Tensor, state: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        return torch.zeros(tokens.size(0), self.vocab_size), state
+
+
+class Converter:
+    """Ranks the readings of typed pinyin with ``model`` (any StepModel over ``tokenizer``'s ids)."""
+
+    def __init__(
+        self,
+        model: StepModel,
+        tokenizer: Tokenizer,
+        lexicon: Lexicon,
+        config: ConvertConfig = ConvertConfig(),
+        max_context_tokens: int = 1024,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self.lexicon = lexicon
+        self.config = config
+        self.max_context_tokens = max_context_tokens
+        self._tokens: dict[str, tuple[int, ...]] = {}
+        self._by_key: dict[tuple[str, ...], tuple[np.ndarray, ...]] = {}
+
+    def word_tokens(self, word: str) -> tuple[int, ...]:
+        found = self._tokens.get(word)
+        if found is None:
+            found = self._tokens[word] = tuple(self.tokenizer.encode(word)) or (UNK,)
+            if len(self._tokens) > 500_000:
+                self._tokens.clear()
+        return found
+
+    def convert(
+        self,
+        context: str,
+        pinyin: str,
+        count: int = 9,
+        fuzzy: bool = False,
+        start: tuple[torch.Tensor, torch.Tensor] | None = None,
+    ) -> list[Candidate]:
+        """Whole-input conversions first, best first; then conversions of a leading part, longest first.
+        ``start``: the model's (log-probs [V], state) after ``context``, when the caller has them."""
+        lattice = Lattice(pinyin, self.lexicon, fuzzy)
+        if start is None:
+            log_probs, state, _ = encode_context(self.model, self.tokenizer.encode(context), self.max_context_tokens)
+        else:
+            log_probs, state = start
+        root = _Hypothesis(0.0, (), (), None, [], log_probs.numpy(), state)
+        reached: dict[int, list[_Hypothesis]] = {lattice.start: [root]}
+        kept: dict[int, list[_Hypothesis]] = {}
+        for position in range(lattice.start, lattice.length + 1):
+            hypotheses = reached.pop(position, None)
+            if not hypotheses:
+                continue
+            hypotheses = self._best(
+                hypotheses, max(self.config.beam, count) if position == lattice.length else self.config.beam
+            )
+            kept[position] = hypotheses
+            if position == lattice.length:
+                break
+            edges = lattice.edges(position)
+            if not edges:
+                continue
+            self._materialize(hypotheses)
+            for hypothesis in self._extend(hypotheses, edges, lattice.length, max(self.config.per_end, count)):
+                reached.setdefault(hypothesis.ends[-1], []).append(hypothesis)
+        return self._candidates(kept, lattice, count)
+
+    @staticmethod
+    def _best(hypotheses: list[_Hypothesis], size: int) -> list[_Hypothesis]:
+        best: dict[str, _Hypothesis] = {}
+        for h in sorted(hypotheses, key=lambda h: -h.score):
+            if h.text not in best:
+                best[h.text] = h
+                if len(best) == size:
+                    break
+        return list(best.values())
+
+    def _materialize(self, hypotheses: list[_Hypothesis]) -> None:
+        """Compute the state after each hypothesis' last word (kept ones only: one forward for all)."""
+        pending = [h for h in hypotheses if h.state is None]
+        if not pending:
+            return
+        steps = []
+        for h in pending:
+            state, read = h.before_last if h.before_last is not None else (h.parent.state, 0)
+            steps.append((torch.tensor([h.last[read:]], dtype=torch.int64), state))
+        for h, (log_probs, state) in zip(pending, advance_ragged(self.model, steps)):
+            h.log_probs, h.state, h.before_last = log_probs[0].numpy(), state, None
+
+    def _arrays(self, key: tuple[str, ...]) -> tuple[np.ndarray, ...]:
+        """For the words of ``key``: their first tokens, token counts, <unk> counts and log priors."""
+        found = self._by_key.get(key)
+        if found is None:
+            tokens = [self.word_tokens(word) for word, _ in self.lexicon.words[key]]
+            found = self._by_key[key] = (
+                np.array([t[0] for t in tokens]),
+                np.array([len(t) for t in tokens]),
+                np.array([t.count(UNK) for t in tokens], dtype=np.float32),
+                np.array([prior for _, prior in self.lexicon.words[key]], dtype=np.float32),
+            )
+            if len(self._by_key) > 200_000:
+                self._by_key.clear()
+        return found
+
+    def _extend(self, hypotheses, edges, length_of_input: int, wide: int) -> list[_Hypothesis]:
+        config = self.config
+        # every (edge, word) starting here, as arrays [N]
+        arrays = [self._arrays(edge.key) for edge in edges]
+        first, length, unknown, prior = (np.concatenate(column) for column in zip(*arrays))
+        sizes = [len(a[0]) for a in arrays]
+        edge_of = np.repeat(np.arange(len(edges)), sizes)
+        word_of = np.concatenate([np.arange(n) for n in sizes])
+        ends = np.array([edge.next for edge in edges])[edge_of]
+        abbreviated = np.array([edge.abbreviated for edge in edges], dtype=np.float32)[edge_of]
+        static = config.prior_weight * prior - config.abbreviation_penalty * abbreviated + config.unknown * unknown
+        guess = static + config.within_word * (length - 1)
+        # words tried per end: more where they end the input, since each may be a candidate of its own
+        groups = [
+            (np.flatnonzero(ends == end), wide if end == length_of_input else config.per_end) for end in np.unique(ends)
+        ]
+        chosen: list[tuple[_Hypothesis, int]] = []
+        for h in hypotheses:
+            cheap = h.log_probs[first] + guess
+            for at, size in groups:
+                best = at[np.argsort(-cheap[at], kind="stable")[:size]] if len(at) > size else at
+                chosen.extend((h, int(i)) for i in best)
+        # exact scores: the tokens after the first need the model after each leading part of the word
+        rows: dict[tuple[int, tuple[int, ...]], int] = {}
+        steps = []
+        for h, i in chosen:
+            edge = edges[edge_of[i]]
+            word_tokens = self.word_tokens(edge.words[word_of[i]][0])
+            for cut in range(1, len(word_tokens)):
+                key = (id(h), word_tokens[:cut])
+                if key not in rows:
+                    rows[key] = len(steps)
+                    steps.append((torch.tensor([word_tokens[:cut]], dtype=torch.int64), h.state))
+        after = [(lp[0].numpy(), st) for lp, st in advance_ragged(self.model, steps)] if steps else []
+        extended = []
+        for h, i in chosen:
+            edge = edges[edge_of[i]]
+            word = edge.words[word_of[i]][0]
+            word_tokens = self.word_tokens(word)
+            score = h.score + float(h.log_probs[word_tokens[0]]) + float(static[i])
+            before_last = None
+            for cut in range(1, len(word_tokens)):
+                row = rows[(id(h), word_tokens[:cut])]
+                score += float(after[row][0][word_tokens[cut]])
+                before_last = (after[row][1], cut)
+            words, syllables = (*h.words, word), (*h.syllables, *edge.key)
+            extended.append(
+                _Hypothesis(
+                    score, words, syllables, h, list(word_tokens), None, None, before_last, (*h.ends, edge.next)
+                )
+            )
+        return extended
+
+    def _candidates(self, kept: dict[int, list[_Hypothesis]], lattice: Lattice, count: int) -> list[Candidate]:
+        """Whole-input conversions, then leading parts that end where the best one has a word boundary
+        (its first word or words, and their alternatives), longest first; probabilities are shares within
+        each length."""
+        whole = kept.get(lattice.length, [])
+        boundaries = set(whole[0].ends[:-1]) if whole else set()  # the words of the best reading
+        if not whole:  # nothing reads the whole input: offer what reads the most of it
+            boundaries = set(kept) - {lattice.start}
+        out: list[Candidate] = []
+        for position in sorted(boundaries | ({lattice.length} if whole else set()), reverse=True):
+            group = kept.get(position, [])
+            if not group:
+                continue
+            total = _log_sum([h.score for h in group])
+            room = count - len(out)
+            if position == lattice.length and boundaries:  # leave leading parts half of the row
+                room = max(1, math.ceil(count / 2))
+            out.extend(
+                Candidate(h.text, position, h.syllables, math.exp(h.score - total), h.words) for h in group[:room]
+            )
+            if len(out) >= count:
+                break
+        return out[:count]
+
+
+def _log_sum(values: list[float]) -> float:
+    top = max(values)
+    return top + math.log(sum(math.exp(v - top) for v in values))

@@ -1,0 +1,137 @@
+"""Pinyin conversion: reading the letters, the dictionary baseline, and ranking by a tiny trained model."""
+
+from __future__ import annotations
+
+import pytest
+
+from service.config import ServerConfig
+from service.engine import Engine
+from service.pinyin import ConvertConfig, Converter, Lattice, Lexicon, PinyinError, PriorOnly, plain, reads_chinese
+from service.session import EditError, TypingSession
+from service.tokenizer import SPECIAL_TOKENS, CharTokenizer
+
+
+@pytest.fixture(scope="module")
+def lexicon() -> Lexicon:
+    return Lexicon.load()
+
+
+@pytest.fixture(scope="module")
+def ime(tiny_ime_model) -> Engine:
+    engine = Engine.load(ServerConfig(model=tiny_ime_model, batching=False, history_db="off"))
+    assert engine.converter is not None
+    return engine
+
+
+def texts(candidates) -> list[str]:
+    return [c.text for c in candidates]
+
+
+def whole(candidates, pinyin: str) -> list[str]:
+    return [c.text for c in candidates if c.consumed == len(pinyin)]
+
+
+def test_readings_lose_their_tones_and_write_u_umlaut_as_v():
+    assert plain("lǜ") == "lv" and plain("zhōng") == "zhong" and plain("nǚ") == "nv"
+
+
+def test_the_lexicon_inverts_pypinyin_and_jieba(lexicon):
+    assert ("ni", "hao") in lexicon.readings("你好")
+    assert ("xi", "an") in lexicon.readings("西安")
+    assert ("lv", "se") in lexicon.readings("绿色")
+    assert {("hang",), ("xing",)} <= set(lexicon.readings("行"))  # every reading of a single character
+    assert "zhuang" in lexicon.syllables and "ng" not in lexicon.syllables
+
+
+def test_the_lattice_reads_whole_syllables_separators_initials_and_a_partial_last_syllable(lexicon):
+    def ends(pinyin: str, start: int = 0) -> set[int]:
+        return {token.next for token in Lattice(pinyin, lexicon).tokens(start)}
+
+    assert ends("xian") == {1, 2, 3, 4}  # x (an initial), xi, xia, xian
+    assert ends("xi'an") == {1, 3} and ends("xi'an", 3) == {4, 5}  # the separator goes with the syllable before it
+    last = Lattice("zhongg", lexicon).tokens(5)
+    assert last[0].abbreviated and "guo" in last[0].options  # an unfinished last syllable stands for its completions
+    middle = Lattice("zhonggw", lexicon).tokens(5)
+    assert middle[0].options and all(s.startswith("g") for s in middle[0].options)  # g is an initial anywhere
+    assert {t.next for t in Lattice("zhongguo", lexicon).tokens(0)} == {2, 5}  # zh is one initial, never z + h
+
+
+@pytest.mark.parametrize(
+    ("pinyin", "problem"),
+    [
+        ("ni hao", "' ' at position 2"),
+        ("NIHAO", "'N' at position 0"),
+        ("nǐhǎo", "'ǐ' at position 1"),
+        ("ni1hao", "'1'"),
+        ("'''", "at least one letter"),
+    ],
+)
+def test_letters_outside_the_alphabet_are_refused_by_name(lexicon, pinyin, problem):
+    with pytest.raises(PinyinError, match=problem):
+        Lattice(pinyin, lexicon)
+
+
+def test_the_dictionary_alone_ranks_by_word_frequency(lexicon):
+    chars = sorted({word for options in lexicon.words.values() for word, _ in options if len(word) == 1})
+    tokenizer = CharTokenizer(list(SPECIAL_TOKENS) + chars)
+    prior = Converter(PriorOnly(tokenizer.vocab_size), tokenizer, lexicon, ConvertConfig(prior_weight=1.0))
+    assert prior.convert("", "zgr")[0].text == "中国人"
+    assert prior.convert("", "zhongguorenmin")[0].text == "中国人民"
+    assert prior.convert("", "zongguo", fuzzy=True)[0].text == "中国"  # z reads as zh with fuzzy pinyin
+    assert prior.convert("", "zongguo")[0].text != "中国"
+
+
+def test_hand_made_cases_on_a_tiny_model(ime):
+    convert = ime.converter.convert
+    assert convert("", "nihao")[0].text == "你好"
+    assert {"先", "西安"} <= set(whole(convert("", "xian", 12), "xian"))
+    assert convert("", "zhongg")[0].text == "中国"
+    assert convert("", "nh")[0].text == "你好"
+    assert convert("", "lvse")[0].text == "绿色"
+    assert convert("", "nihaosj")[0].text.startswith("你好")  # mixed: whole syllables, then initials
+
+
+def test_the_context_decides_between_xian_readings(ime):
+    assert ime.converter.convert("他在", "xian")[0].text == "西安"
+    assert ime.converter.convert("你", "xian")[0].text == "先"
+
+
+def test_candidates_say_what_they_consume_whole_input_first_then_leading_parts_longest_first(ime):
+    pinyin = "nihao'laoshi"
+    candidates = ime.converter.convert("", pinyin, 9)
+    consumed = [c.consumed for c in candidates]
+    assert consumed[0] == len(pinyin) and consumed == sorted(consumed, reverse=True)
+    assert any(c.consumed < len(pinyin) for c in candidates)
+    best = candidates[0]
+    assert best.text == "你好老师" and best.syllables == ("ni", "hao", "lao", "shi")
+    part = next(c for c in candidates if c.text == "你好")
+    assert part.consumed == len("nihao'")  # the separator goes with the syllable before it
+    assert 0 < best.probability <= 1 and abs(sum(c.probability for c in candidates if c.consumed == 12) - 1) < 0.2
+
+
+def test_chinese_models_convert_and_others_do_not(ime, tiny_char_model):
+    assert reads_chinese(ime.artifact.tokenizer)
+    english = Engine.load(ServerConfig(model=tiny_char_model, batching=False, history_db="off"))
+    assert not reads_chinese(english.artifact.tokenizer) and english.converter is None
+
+
+def test_a_session_composes_selects_and_deletes(ime):
+    session = TypingSession(ime.suggester, 1000, converter=ime.converter, max_letters=12)
+    session.append("他在")
+    session.compose("xian")
+    assert session.convert(5)[0].text == "西安"
+    session.compose("gongzuo")
+    candidates = session.convert(9)
+    assert candidates[0].text == "西安工作"
+    first = next(i for i, c in enumerate(candidates) if c.text == "西安")
+    session.select(first)  # commit a leading part: its letters leave, the rest keeps composing
+    assert session.text == "他在西安" and session.composition == "gongzuo"
+    assert session.convert(5)[0].text == "工作"
+    session.delete(3)  # deletes letters of the composition first
+    assert session.composition == "gong" and session.text == "他在西安"
+    session.delete(6)  # then characters of the text
+    assert session.composition == "" and session.text == "他在"
+    with pytest.raises(EditError, match="the limit is 12"):
+        session.compose("x" * 13)
+    with pytest.raises(EditError, match="select 7"):
+        session.select(7)
