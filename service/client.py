@@ -51,9 +51,11 @@ class NextWordClient:
         private_key: bytes | None = None,
         certificate_chain: bytes | None = None,
         user: str | None = None,
+        model: str = "",
     ) -> None:
         """``user``: the user every call names (x-nextword-user): its suggestions use and its Type
-        sessions add to that user's personal history."""
+        sessions add to that user's personal history. ``model``: the served model every call asks, by
+        name ("" = the server's first)."""
         if tls or root_certificates or private_key or certificate_chain:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
             self.channel = grpc.secure_channel(target, credentials)
@@ -65,6 +67,7 @@ class NextWordClient:
         self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
         if user:
             self.metadata += (("x-nextword-user", user),)
+        self.model = model
 
     def __enter__(self) -> NextWordClient:
         return self
@@ -77,7 +80,7 @@ class NextWordClient:
 
     def suggest(self, text: str, num_suggestions: int = 0) -> pb.SuggestResponse:
         return self.stub.Suggest(
-            pb.SuggestRequest(text=text, num_suggestions=num_suggestions),
+            pb.SuggestRequest(text=text, num_suggestions=num_suggestions, model=self.model),
             timeout=self.timeout,
             wait_for_ready=True,
             metadata=self.metadata,
@@ -86,18 +89,33 @@ class NextWordClient:
     def generate(self, prompt: str, **params) -> Iterator[pb.GenerateResponse]:
         """Streams GenerateResponse messages; params are GenerateRequest fields (temperature, top_k, ...)."""
         return self.stub.Generate(
-            pb.GenerateRequest(prompt=prompt, **params),
+            pb.GenerateRequest(prompt=prompt, model=self.model, **params),
             timeout=self.timeout,
             wait_for_ready=True,
             metadata=self.metadata,
         )
 
     def type(self, edits: Iterable[pb.TypeRequest], timeout: float | None = None) -> Iterator[pb.TypeResponse]:
-        return self.stub.Type(iter(edits), timeout=timeout, wait_for_ready=True, metadata=self.metadata)
+        """A typing session; the first edit names the client's model unless it names one itself."""
+
+        def named() -> Iterator[pb.TypeRequest]:
+            for index, edit in enumerate(edits):
+                if index == 0 and self.model and not edit.model:
+                    edit = pb.TypeRequest(model=self.model, **{f.name: v for f, v in edit.ListFields()})
+                yield edit
+
+        return self.stub.Type(named(), timeout=timeout, wait_for_ready=True, metadata=self.metadata)
+
+    def convert(self, pinyin: str, context: str = "", num_candidates: int = 0, fuzzy: bool = False):
+        """Pinyin to hanzi candidates after ``context`` (a Chinese model)."""
+        request = pb.ConvertRequest(
+            context=context, pinyin=pinyin, num_candidates=num_candidates, model=self.model, fuzzy=fuzzy
+        )
+        return self.stub.Convert(request, timeout=self.timeout, wait_for_ready=True, metadata=self.metadata)
 
     def info(self) -> pb.GetModelInfoResponse:
         return self.stub.GetModelInfo(
-            pb.GetModelInfoRequest(), timeout=self.timeout, wait_for_ready=True, metadata=self.metadata
+            pb.GetModelInfoRequest(model=self.model), timeout=self.timeout, wait_for_ready=True, metadata=self.metadata
         )
 
     def learn(self, text: str) -> pb.LearnResponse:
@@ -208,6 +226,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--tls-cert", help="PEM client certificate, for mutual TLS")
     parser.add_argument("--tls-key", help="PEM key of --tls-cert")
     parser.add_argument("--user", help="the user the calls are for (personal history; default: none)")
+    parser.add_argument("--model", default="", help="the served model to ask, by name (default: the server's first)")
     commands = parser.add_subparsers(dest="command", required=True)
     suggest = commands.add_parser("suggest", help="suggestions for the text before the cursor")
     suggest.add_argument("text", help="the text before the cursor; a half-typed last word is completed")
@@ -233,6 +252,11 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("export", help="print --user's history (JSON lines)")
     importing = commands.add_parser("import", help="add a file of exported history lines to --user's history")
     importing.add_argument("file", help="JSON lines as export prints them (- reads standard input)")
+    convert = commands.add_parser("convert", help="pinyin to hanzi candidates (a Chinese model)")
+    convert.add_argument("pinyin", help="letters: nihao, xi'an, lvse (v for ü), zhongg, nh, nihaosj")
+    convert.add_argument("--context", default="", help="the committed text before the cursor")
+    convert.add_argument("-n", "--num-candidates", type=int, default=0, help="how many (default 0: the server's 9)")
+    convert.add_argument("--fuzzy", action="store_true", help="fuzzy pinyin: z=zh, c=ch, s=sh, in=ing, en=eng")
     commands.add_parser("info", help="what model the server runs")
     commands.add_parser("health", help="the server's health status")
     args = parser.parse_args(argv)
@@ -259,6 +283,7 @@ def main(argv: list[str] | None = None) -> int:
         private_key=pem["key"],
         certificate_chain=pem["cert"],
         user=args.user,
+        model=args.model,
     )
     try:
         if args.command == "suggest":
@@ -287,6 +312,14 @@ def main(argv: list[str] | None = None) -> int:
                     )
                 else:
                     print(response.text, end="", flush=True)
+        elif args.command == "convert":
+            response = client.convert(args.pinyin, args.context, args.num_candidates, args.fuzzy)
+            if args.json:
+                print(json.dumps(MessageToDict(response), ensure_ascii=False))
+            else:
+                for index, c in enumerate(response.candidates):
+                    rest = args.pinyin[c.consumed :]
+                    print(f"{index}. {c.text}  ({c.syllables}; {c.probability:.1%})" + (f"  + {rest}" if rest else ""))
         elif args.command == "type":
             interactive_type(client, args.num_suggestions)
         elif args.command in ("learn", "import"):

@@ -58,6 +58,9 @@ SEPARATOR = "\x1f"  # between the units of a stored n-gram (a control character 
 REFRESH_SECONDS = 1.0  # how stale another process's writes may be in this one's cache
 CACHED_USERS = 1024
 CONTEXT_CHARS = 256  # of the text before the cursor, read for the user's last units
+# A conversion the user chose counts faster than a word they typed: an input method moves a chosen
+# reading to the front (weight E / (E + 2): one use is a third, three uses 0.6).
+CONVERSION_EVIDENCE_SCALE = 2.0
 TOTAL_SECONDS = 60.0  # how long a user's decayed unigram total is reused
 _UNIT = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|[^\s\w]", re.UNICODE)
 
@@ -175,6 +178,15 @@ class UserHistory:
             total = sum(decayed(c, t, now, half) for c, t in self.followers.get((), {}).values())
             self._total = (now, total)
         return self._total[1]
+
+    def unigram(self, unit: str, now: float) -> tuple[float, float]:
+        """(P_user(unit) regardless of context, its decayed count)."""
+        slot = self.followers.get((), {}).get(unit.casefold())
+        total = self._unigram_total(now)
+        if slot is None or total <= 0:
+            return 0.0, 0.0
+        count = decayed(slot[0], slot[1], now, self.config.half_life)
+        return count / total, count
 
     def predict(
         self, context: Sequence[str], prefix: str, now: float, limit: int | None = None
@@ -575,9 +587,13 @@ class Histories:
             probability, evidence, read = 1.0, 0.0, list(before)
             for index, unit in enumerate(units(candidate.text)):
                 predicted, seen = history.predict(read, "", now)
+                if predicted:  # a context the user has typed: what followed it
+                    p = dict(predicted).get(unit, 0.0)
+                else:  # none: how often they typed the character at all
+                    p, seen = history.unigram(unit, now)
                 if index == 0:
                     evidence = seen
-                probability *= dict(predicted).get(unit, 0.0)
+                probability *= p
                 if probability == 0.0:
                     break
                 read.append(unit)
@@ -590,7 +606,8 @@ class Histories:
             group = scored[start:end]
             total = sum(p for _, p, _ in group)
             if total > 0:
-                weight, _ = history.weight(max(e for _, _, e in group))
+                evidence = max(e for _, _, e in group)
+                weight = min(history.config.max_weight, evidence / (evidence + CONVERSION_EVIDENCE_SCALE))
                 mixed = [
                     dataclasses.replace(c, probability=(1 - weight) * c.probability + weight * p / total)
                     for c, p, _ in group

@@ -133,11 +133,11 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             raise Invalid(f"{field} has {len(text)} characters; the limit is {self.config.max_text_chars}")
         return text
 
-    def _num_suggestions(self, value: int, default: int) -> int:
+    def _num_suggestions(self, value: int, default: int, field: str = "num_suggestions") -> int:
         if value > self.config.max_suggestions:
             raise Invalid(
-                f"num_suggestions is {value}; it must be 0 (meaning {DEFAULT_SUGGESTIONS}) "
-                f"to {self.config.max_suggestions}"
+                f"{field} is {value}; it must be 0 (meaning {default}) to {self.config.max_suggestions} "
+                "(server setting max_suggestions)"
             )
         return value or default
 
@@ -230,7 +230,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                     f"context has {len(request.context)} characters; the limit is {self.config.max_text_chars}"
                 )
             pinyin = self._pinyin(request.pinyin)
-            count = self._num_suggestions(request.num_candidates, DEFAULT_CANDIDATES)
+            count = self._num_suggestions(request.num_candidates, DEFAULT_CANDIDATES, "num_candidates")
             candidates = engine.converter.convert(request.context, pinyin, count, request.fuzzy)
         except (Invalid, PinyinError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))

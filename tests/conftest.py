@@ -118,6 +118,8 @@ def tiny_ime_model(tmp_path_factory) -> str:
         "64",
         "--val-fraction",
         "0.05",
+        "--epochs",
+        "40",
     )
     return export_run(run, str(tmp_path_factory.mktemp("models") / "zh.pt"))
 

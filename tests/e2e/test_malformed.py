@@ -17,6 +17,7 @@ UNARY = {
     "/nextword.v1.NextWord/GetModelInfo": pb.GetModelInfoRequest(),
     "/nextword.v1.NextWord/Learn": pb.LearnRequest(text="we like rice"),
     "/nextword.v1.NextWord/Forget": pb.ForgetRequest(word="rice"),
+    "/nextword.v1.NextWord/Convert": pb.ConvertRequest(context="we", pinyin="nihao"),  # an English model: refused
     "/grpc.health.v1.Health/Check": None,
 }
 STREAMED = {
@@ -28,6 +29,7 @@ VALID = [
     pb.SuggestRequest(text="we like", num_suggestions=2).SerializeToString(),
     pb.GenerateRequest(prompt="we", max_tokens=2, stop=["x"]).SerializeToString(),
     pb.TypeRequest(append="we").SerializeToString(),
+    pb.ConvertRequest(context="我", pinyin="nihao", model="").SerializeToString(),
 ]
 NEVER = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 BYTES = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

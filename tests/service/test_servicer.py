@@ -32,7 +32,10 @@ def aborted(call) -> FakeContext:
     [
         (pb.SuggestRequest(text=""), "text must not be empty"),
         (pb.SuggestRequest(text="a" * 101), "text has 101 characters; the limit is 100"),
-        (pb.SuggestRequest(text="ab", num_suggestions=21), "num_suggestions is 21; it must be 0 (meaning 3) to 20"),
+        (
+            pb.SuggestRequest(text="ab", num_suggestions=21),
+            "num_suggestions is 21; it must be 0 (meaning 3) to 20 (server setting max_suggestions)",
+        ),
     ],
 )
 def test_suggest_refuses_what_is_outside_the_limits(request_, message):
