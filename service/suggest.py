@@ -18,7 +18,8 @@ How the text before the cursor is read:
   probable next tokens is extended, one token at a time, while the model's
   next token is at least ``phrase_threshold`` probable, up to
   ``max_phrase_chars`` characters: 我 -> 们, 的, 昨天 as an input method's
-  association (联想) shows them.
+  association (联想) shows them. With word tokens (jieba) each suggestion is
+  one whole word: 我 -> 昨天, 上学 -> 迟到.
 """
 
 from __future__ import annotations
@@ -264,6 +265,8 @@ class Suggester:
         ]
         live = [c for c in live if len(c[1]) <= limit]
         done: list[tuple[float, str]] = []
+        if self.tokenizer.kind == "jieba":  # word tokens: each suggestion is a whole word already
+            done, live = [(score, phrase) for score, phrase, _ in live], []
         states = state.expand(-1, len(live), -1).contiguous()
         while live:
             tokens = torch.tensor([[c[2]] for c in live], dtype=torch.long)

@@ -7,6 +7,9 @@ need to ask which kind they have:
 
 * ``char``: every character is a token (each Han character too).
 * ``word``: words and punctuation marks, split on white space and punctuation.
+* ``jieba``: Chinese words as jieba segments them (its own dictionary, the same
+  at training and serving; the file records which). A word the vocabulary lacks
+  is spelled by its characters, so every character seen in training stays known.
 * ``sentencepiece``: a SentencePiece model (unigram), which also segments text
   written without spaces.
 
@@ -137,6 +140,72 @@ class WordTokenizer(VocabTokenizer):
         return "".join(out)
 
 
+class JiebaTokenizer(VocabTokenizer):
+    kind = "jieba"
+
+    def __init__(
+        self, tokens: list[str], lowercase: bool = False, written: list[str] | None = None, dictionary: str = ""
+    ) -> None:
+        super().__init__(tokens, lowercase, written)
+        installed = jieba_dictionary()
+        if dictionary and dictionary != installed:
+            raise ValueError(
+                f"this model's words were segmented with {dictionary}; the installed jieba has {installed} "
+                "(install the jieba version in constraints.txt)"
+            )
+        self.dictionary = installed
+
+    @staticmethod
+    def segment(text: str) -> list[str]:
+        return _jieba().lcut(text, HMM=False)
+
+    def encode(self, text: str) -> list[int]:
+        get, out = self.index.get, []
+        for word in self.segment(self.normalize(text)):
+            found = get(word)
+            if found is not None:
+                out.append(found)
+            else:
+                out.extend(get(ch, UNK) for ch in word)
+        return out
+
+    def token_text(self, token_id: int) -> str:
+        return self.tokens[token_id] if token_id >= len(SPECIAL_TOKENS) else ""
+
+    def to_bytes(self) -> bytes:
+        payload = json.loads(super().to_bytes())
+        payload["dictionary"] = self.dictionary
+        return json.dumps(payload, ensure_ascii=False).encode("utf-8")
+
+
+_segmenter = None
+
+
+def _jieba():
+    """jieba's default segmenter, loaded once and quietly (it logs its dictionary loading)."""
+    global _segmenter
+    if _segmenter is None:
+        import logging
+
+        import jieba
+
+        jieba.setLogLevel(logging.WARNING)
+        jieba.dt.initialize()
+        _segmenter = jieba.dt
+    return _segmenter
+
+
+def jieba_dictionary() -> str:
+    """Which segmentation the installed jieba gives: its version and its dictionary's checksum."""
+    import hashlib
+
+    import jieba
+
+    with jieba.dt.get_dict_file() as handle:
+        digest = hashlib.sha256(handle.read()).hexdigest()[:16]
+    return f"jieba {jieba.__version__} dict.txt sha256:{digest}"
+
+
 class SentencePieceTokenizer(Tokenizer):
     kind = "sentencepiece"
 
@@ -180,6 +249,8 @@ def load_tokenizer(data: bytes) -> Tokenizer:
         meta = json.loads(header)
         return SentencePieceTokenizer(model, lowercase=meta["lowercase"])
     meta = json.loads(data.decode("utf-8"))
+    if meta.get("kind") == "jieba":
+        return JiebaTokenizer(meta["tokens"], meta["lowercase"], meta.get("written"), meta.get("dictionary", ""))
     cls = {"char": CharTokenizer, "word": WordTokenizer}.get(meta.get("kind"))
     if cls is None:
         raise ValueError(f"unknown tokenizer kind {meta.get('kind')!r}")

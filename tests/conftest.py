@@ -102,14 +102,13 @@ def tiny_zh_run(tmp_path_factory) -> str:
     )
 
 
-@pytest.fixture(scope="session")
-def tiny_ime_model(tmp_path_factory) -> str:
-    """A character model of tests/data/tiny_ime.txt (他在西安, 你先走, 你好, 我昨天, 上学迟到, ...)."""
+def tiny_ime(tmp_path_factory, tokenizer: str) -> str:
+    """A model of tests/data/tiny_ime.txt (他在西安, 你先走, 你好, 我昨天, 上学迟到, ...)."""
     run = train_tiny(
         str(tmp_path_factory.mktemp("ime")),
         TINY_IME,
         "--tokenizer",
-        "char",
+        tokenizer,
         "--max-steps",
         "300",
         "--lr",
@@ -122,6 +121,16 @@ def tiny_ime_model(tmp_path_factory) -> str:
         "40",
     )
     return export_run(run, str(tmp_path_factory.mktemp("models") / "zh.pt"))
+
+
+@pytest.fixture(scope="session")
+def tiny_ime_model(tmp_path_factory) -> str:
+    return tiny_ime(tmp_path_factory, "char")
+
+
+@pytest.fixture(scope="session")
+def tiny_ime_word_model(tmp_path_factory) -> str:
+    return tiny_ime(tmp_path_factory, "jieba")
 
 
 def export_run(run: str, path: str) -> str:

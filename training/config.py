@@ -96,10 +96,11 @@ def build_parser() -> argparse.ArgumentParser:
     tok = p.add_argument_group("tokens")
     tok.add_argument(
         "--tokenizer",
-        choices=["char", "word", "sentencepiece"],
+        choices=["char", "word", "jieba", "sentencepiece"],
         default="sentencepiece",
-        help="char: each character; word: words and punctuation; sentencepiece: learned "
-        "subwords, also for text without spaces (default)",
+        help="char: each character; word: words and punctuation; jieba: Chinese words as jieba segments them, "
+        "a word outside the vocabulary spelled by its characters; sentencepiece: learned subwords, also for "
+        "text without spaces (default)",
     )
     tok.add_argument(
         "--vocab-size",

@@ -9,12 +9,13 @@ from collections.abc import Sequence
 from service.tokenizer import (
     SPECIAL_TOKENS,
     CharTokenizer,
+    JiebaTokenizer,
     SentencePieceTokenizer,
     Tokenizer,
     WordTokenizer,
 )
 
-DEFAULT_VOCAB_SIZE = {"char": 10000, "word": 20000, "sentencepiece": 8000}
+DEFAULT_VOCAB_SIZE = {"char": 10000, "word": 20000, "jieba": 12000, "sentencepiece": 8000}
 
 
 class TokenizerError(ValueError):
@@ -44,10 +45,12 @@ def build_tokenizer(
     elif kind == "word":
         counts = Counter(w for line in lines for w in WordTokenizer.split(line))
         tokenizer = WordTokenizer(_frequent(counts, vocab_size, min_count), lowercase)
+    elif kind == "jieba":
+        tokenizer = _jieba(lines, vocab_size, min_count)
     elif kind == "sentencepiece":
         tokenizer = SentencePieceTokenizer(_train_sentencepiece(lines, vocab_size), lowercase)
     else:
-        raise TokenizerError(f"unknown tokenizer {kind!r}; choose char, word or sentencepiece")
+        raise TokenizerError(f"unknown tokenizer {kind!r}; choose char, word, jieba or sentencepiece")
     if tokenizer.vocab_size <= len(SPECIAL_TOKENS) + 1:
         raise TokenizerError(
             f"vocabulary too small to train: {tokenizer.vocab_size - len(SPECIAL_TOKENS)} token(s) "
@@ -55,6 +58,19 @@ def build_tokenizer(
             "give a larger corpus or lower --min-count"
         )
     return tokenizer
+
+
+def _jieba(lines: Sequence[str], vocab_size: int, min_count: int) -> JiebaTokenizer:
+    """Every character seen (so a word outside the vocabulary can be spelled), then the most frequent
+    words of two or more characters seen at least twice (a word seen once teaches the model little)."""
+    characters = Counter(ch for line in lines for ch in line)
+    words = Counter(w for line in lines for w in JiebaTokenizer.segment(line) if len(w) > 1)
+    tokens = _frequent(characters, vocab_size, min_count)
+    room = vocab_size - len(tokens)
+    if room > 0:
+        ranked = sorted((w for w, c in words.items() if c >= max(2, min_count)), key=lambda w: (-words[w], w))
+        tokens += ranked[:room]
+    return JiebaTokenizer(tokens)
 
 
 def _train_sentencepiece(lines: Sequence[str], vocab_size: int) -> bytes:

@@ -135,3 +135,11 @@ def test_a_session_composes_selects_and_deletes(ime):
         session.compose("x" * 13)
     with pytest.raises(EditError, match="select 7"):
         session.select(7)
+
+
+def test_association_with_word_tokens_suggests_whole_words(tiny_ime_word_model):
+    engine = Engine.load(ServerConfig(model=tiny_ime_word_model, batching=False, history_db="off"))
+    assert engine.artifact.manifest.tokenizer.kind == "jieba"
+    assert engine.suggester.suggest("我", 3).suggestions[0][0] == "昨天"
+    assert engine.suggester.suggest("他今天上学", 3).suggestions[0][0] == "迟到"
+    assert engine.converter.convert("他在", "xian")[0].text == "西安"  # a word model converts too

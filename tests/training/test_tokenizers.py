@@ -9,7 +9,7 @@ def lines(path):
     return open(path, encoding="utf-8").read().split("\n")[:-1]
 
 
-@pytest.mark.parametrize("kind", ["char", "word", "sentencepiece"])
+@pytest.mark.parametrize("kind", ["char", "word", "jieba", "sentencepiece"])
 @pytest.mark.parametrize("corpus", [TINY_EN, TINY_ZH])
 def test_round_trip_and_serialisation(kind, corpus):
     text = lines(corpus)
@@ -39,6 +39,21 @@ def test_chinese_characters_are_single_tokens_with_char():
     tokenizer = build_tokenizer("char", ["我昨天去了学校。"])
     ids = tokenizer.encode("我昨天")
     assert [tokenizer.token_text(i) for i in ids] == ["我", "昨", "天"]
+
+
+def test_jieba_gives_words_and_spells_the_words_it_lacks_by_their_characters():
+    tokenizer = build_tokenizer("jieba", ["我昨天去了学校。", "他昨天去了公园。", "学校很大。"], vocab_size=100)
+    assert [tokenizer.token_text(i) for i in tokenizer.encode("我昨天去了学校")] == ["我", "昨天", "去", "了", "学校"]
+    assert "公园" not in tokenizer.index  # seen once: its characters stand for it
+    assert [tokenizer.token_text(i) for i in tokenizer.encode("公园大")] == ["公", "园", "大"]
+    assert UNK in tokenizer.encode("月亮")  # characters never seen are unknown
+
+
+def test_a_jieba_model_refuses_a_different_segmentation():
+    tokenizer = build_tokenizer("jieba", ["我昨天去了学校。"])
+    data = tokenizer.to_bytes().replace(tokenizer.dictionary.encode(), b"jieba 0.1 dict.txt sha256:0000")
+    with pytest.raises(ValueError, match="segmented with jieba 0.1"):
+        load_tokenizer(data)
 
 
 def test_sentencepiece_segments_chinese_without_spaces():
