@@ -30,6 +30,9 @@ Metrics
 * completion hit@1 and hit@3 after the first 1, 2 and 3 letters of each word
   longer than that (text with spaces only).
 
+With ``--pinyin`` (a Chinese model) the text is instead converted back from its
+pinyin, clause by clause, by four rankers: see training/pinyin_eval.py.
+
 With ``--baseline ngram`` a second table splits top-1 accuracy by how much of
 the context the training text contains: the longest run of tokens just before
 the word (``<s>`` included, up to order - 1) that occurs in the training lines.
@@ -51,12 +54,16 @@ from tqdm import tqdm
 
 from service.artifact import ArtifactError, load_artifact
 from service.cli import OneLineParser, ranged
+from service.config import ServerConfig
 from service.history import HistoryConfig
 from service.mix import served_model
+from service.pinyin import ConvertConfig, reads_chinese
 from service.runner import ScriptedModel
+from service.suggest import Suggester
 from service.tokenizer import BOS, Tokenizer
 from training.data import CorpusError, read_corpus
 from training.ngram import NgramCounts, NgramStepModel
+from training.pinyin_eval import association, evaluate_ranker, format_pinyin_table, rankers
 from training.scoring import PREFIXES, Learning, Scorer, Tally, score
 
 
@@ -225,6 +232,39 @@ def main(argv: list[str] | None = None) -> int:
         help="with --learn: the history's weight is E / (E + this), E the evidence for the context "
         f"(docs/history.md; default {HistoryConfig.evidence_scale:g}, as served)",
     )
+    pinyin = p.add_argument_group("pinyin conversion (a Chinese model; training/pinyin_eval.py)")
+    pinyin.add_argument(
+        "--pinyin",
+        action="store_true",
+        help="instead of next words: convert each clause of --text back from its pinyin and compare the "
+        "dictionary prior, the n-gram baseline (with --baseline ngram), the network and the served mix",
+    )
+    pinyin.add_argument(
+        "--prior-weight",
+        type=ranged(float, 0.0),
+        default=ConvertConfig.prior_weight,
+        help=f"weight of the dictionary's log-frequency next to the model's (default {ConvertConfig.prior_weight:g},"
+        " as served)",
+    )
+    pinyin.add_argument(
+        "--typing-clauses",
+        type=ranged(int, 0),
+        default=100,
+        help="clauses typed letter by letter for letters per character (default 100, sampled by seed 0)",
+    )
+    pinyin.add_argument(
+        "--association-words",
+        type=ranged(int, 0),
+        default=1000,
+        help="word boundaries where Suggest's first suggestions are checked against the next whole word "
+        "(default 1000, sampled by seed 0)",
+    )
+    pinyin.add_argument(
+        "--initials-words",
+        type=ranged(int, 0),
+        default=300,
+        help="words of 2-4 characters typed as initials (default 300, sampled by seed 0)",
+    )
     p.add_argument(
         "--quiet",
         action="store_true",
@@ -246,6 +286,8 @@ def main(argv: list[str] | None = None) -> int:
         print(f"nextword-eval: {error}", file=sys.stderr)
         return 2
     tokenizer = artifact.tokenizer
+    if args.pinyin:
+        return _pinyin(args, artifact, lines, train_lines)
     scorers = [network_scorer("model", artifact, ngram=not args.no_ngram)]
     if args.baseline:
         counts = NgramCounts.from_text(train_lines, tokenizer, args.order)
@@ -326,6 +368,43 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(format_by_context(rows, list(hits), args.order))
         document["by_context"] = rows
+    if args.json == "-":
+        print(json.dumps(document, indent=2))
+    elif args.json:
+        with open(args.json, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2)
+    return 0
+
+
+def _pinyin(args, artifact, lines: list[str], train_lines: list[str]) -> int:
+    if not reads_chinese(artifact.tokenizer):
+        print(f"nextword-eval: {args.model} does not read Chinese; --pinyin needs a Chinese model", file=sys.stderr)
+        return 2
+    ngram_model = None
+    if args.baseline:
+        counts = NgramCounts.from_text(train_lines, artifact.tokenizer, args.order)
+        ngram_model = NgramStepModel(counts, "kneser-ney")
+    config = ConvertConfig(prior_weight=args.prior_weight)
+    results = {}
+    for name, converter in rankers(artifact, ngram_model, config).items():
+        started = time.perf_counter()
+        tally = evaluate_ranker(
+            converter.convert, lines, ServerConfig.max_pinyin_letters, args.typing_clauses, args.initials_words
+        )
+        if name in ("network", "mix"):  # association: the same model's Suggest
+            association(Suggester(converter.model, artifact.tokenizer).suggest, lines, tally, args.association_words)
+        results[name] = {**tally.report(), "seconds": round(time.perf_counter() - started, 1)}
+        if not args.quiet:
+            print(f"nextword-eval: {name} done in {results[name]['seconds']:.0f} s", file=sys.stderr)
+    first = next(iter(results.values()))
+    print(
+        f"{args.text}: {len(lines)} lines, {first['clauses']} clauses converted from their pinyin, "
+        f"{args.typing_clauses} typed letter by letter, {first['initials_words']} words as initials; "
+        f"prior weight {args.prior_weight:g}"
+        + (f"; n-gram: order {args.order} from {', '.join(args.train)}" if args.baseline else "")
+    )
+    print(format_pinyin_table(results))
+    document = {"model": args.model, "text": args.text, "prior_weight": args.prior_weight, "results": results}
     if args.json == "-":
         print(json.dumps(document, indent=2))
     elif args.json:

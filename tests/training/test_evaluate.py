@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from tests.conftest import TINY_EN, run_cli
+from tests.conftest import TINY_EN, TINY_IME, run_cli
 from tests.service.fakes import FakeModel, char_tokenizer, close, word_tokenizer
 from training.evaluate import by_context, format_by_context, format_table, seen_context_length
 from training.ngram import NgramCounts, NgramStepModel
@@ -285,3 +285,56 @@ def test_command_baseline_and_against_are_exclusive(tiny_word_model):
         TINY_EN,
     )
     assert result.returncode == 2 and "exclusive" in result.stderr
+
+
+def test_typing_pinyin_counts_letters_and_a_key_per_candidate_taken():
+    from service.pinyin import Candidate
+    from training.pinyin_eval import edit_distance, typed_keys
+
+    def convert(context, pinyin, count):  # knows 你好 once "nih" is typed, and 世界 only in full
+        if context.endswith("你好") and pinyin == "shijie":
+            return [Candidate("世界", 6, ("shi", "jie"), 1.0)]
+        if pinyin.startswith("nih") and not context:
+            return [Candidate("你好世界" if pinyin == "nihaoshijie" else "你好", len(pinyin), (), 1.0)]
+        return []
+
+    # 你好: 3 letters and a selection; then 世界: all 6 letters and a selection
+    assert typed_keys(convert, "", "你好", ["ni", "hao"]) == 4
+    assert typed_keys(lambda c, p, n: [], "", "你好", ["ni", "hao"]) == 5 + 2  # never offered: typed in full
+    assert edit_distance("西安", "先") == 2 and edit_distance("你好", "你好") == 0
+
+
+def test_command_pinyin_compares_the_four_rankers(tiny_ime_model, tmp_path):
+    out = tmp_path / "pinyin.json"
+    result = run_cli(
+        "training.evaluate",
+        tiny_ime_model,
+        "--text",
+        TINY_IME,
+        "--pinyin",
+        "--baseline",
+        "ngram",
+        "--train",
+        TINY_IME,
+        "--max-lines",
+        "30",
+        "--typing-clauses",
+        "3",
+        "--initials-words",
+        "10",
+        "--association-words",
+        "10",
+        "--json",
+        str(out),
+    )
+    assert result.returncode == 0, result.stderr
+    assert "character accuracy" in result.stdout and "initials top-5" in result.stdout
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["prior", "ngram", "network", "mix"]
+    assert results["mix"]["character_accuracy"] > results["prior"]["character_accuracy"]  # it learned the text
+    assert results["prior"]["next_word_top1"] is None and results["mix"]["next_word_top1"] is not None
+
+
+def test_command_pinyin_refuses_an_english_model(tiny_word_model):
+    result = run_cli("training.evaluate", tiny_word_model, "--text", TINY_EN, "--pinyin")
+    assert result.returncode == 2 and "does not read Chinese" in result.stderr
