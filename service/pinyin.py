@@ -34,6 +34,7 @@ SEPARATOR = "'"
 LETTERS = frozenset("abcdefghijklmnopqrstuvwxyz" + SEPARATOR)
 MAX_SYLLABLE = 6  # letters in the longest syllable (zhuang)
 MAX_WORD_SYLLABLES = 8
+OTHER_READING = 0.1  # a character's readings after its first (most common) count a tenth of its frequency
 MIN_WORD_COUNT = 5  # jieba's words seen fewer times are left out (they hold 1 % of its counts)
 _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]+")
 FUZZY_INITIALS = (("zh", "z"), ("ch", "c"), ("sh", "s"))  # with fuzzy pinyin, and -in/-ing, -en/-eng
@@ -135,8 +136,9 @@ def _dictionary_entries() -> list[tuple[str, list[str], float]]:
             if int(frequency) < MIN_WORD_COUNT and len(word) > 1 or not _HAN.fullmatch(word):
                 continue
             seen.add(word)
-            if len(word) == 1:
-                entries.extend((word, [syllable], float(frequency)) for syllable in dict.fromkeys(char_readings(word)))
+            if len(word) == 1:  # every reading; those after the first (the common one) as rarer
+                for rank, syllable in enumerate(dict.fromkeys(char_readings(word))):
+                    entries.append((word, [syllable], float(frequency) * (1.0 if rank == 0 else OTHER_READING)))
             elif len(word) <= MAX_WORD_SYLLABLES:
                 syllables = reading(word)
                 if syllables is not None:
@@ -198,6 +200,11 @@ class Lattice:
         self.start = len(pinyin) - len(pinyin.lstrip(SEPARATOR))
         self._tokens: dict[int, list[Token]] = {}
         self._edges: dict[int, list[Edge]] = {}
+        # positions from which the rest of the input can be read as syllables (the end included)
+        self.viable = {self.length}
+        for position in range(self.length - 1, self.start - 1, -1):
+            if any(token.next in self.viable for token in self.tokens(position)):
+                self.viable.add(position)
 
     def tokens(self, start: int) -> list[Token]:
         found = self._tokens.get(start)
@@ -253,6 +260,8 @@ class Lattice:
 
         def walk(position: int, key: tuple[str, ...], abbreviated: int) -> None:
             for token in self.tokens(position):
+                if token.next not in self.viable:
+                    continue  # the rest could not be read: a dead end
                 for syllable in token.options:
                     longer = (*key, syllable)
                     if longer not in prefixes:
@@ -271,12 +280,10 @@ class Lattice:
 
 @dataclass(frozen=True)
 class ConvertConfig:
-    beam: int = 6  # hypotheses kept per letter position
-    per_end: int = 6  # words tried per hypothesis and end position (by a cheap score first)
+    beam: int = 12  # hypotheses kept after each syllable
     prior_weight: float = 0.5  # of the dictionary's log-frequency, added to the model's log-probability
     abbreviation_penalty: float = 1.5  # per syllable typed as initials or partly
     unknown: float = -8.0  # added to <unk>'s log-probability for a character the vocabulary lacks
-    within_word: float = -1.0  # a guess of each later token's log-probability, for the cheap score
 
 
 @dataclass(frozen=True)
@@ -290,16 +297,18 @@ class Candidate:
 
 @dataclass
 class _Hypothesis:
+    """A reading of the syllables so far. The model has read its text up to the current word's syllables
+    still ``pending`` (each: the tokens that start at that syllable, often one, () for none)."""
+
     score: float
     words: tuple[str, ...]
     syllables: tuple[str, ...]
-    parent: _Hypothesis | None
-    last: list[int]  # the last word's tokens
-    log_probs: np.ndarray | None = None  # [V] after the text so far (None: not computed yet)
-    state: torch.Tensor | None = None  # [L, 1, S]
-    # after all but the last token of ``last``: where the state after it starts from
-    before_last: tuple[torch.Tensor, int] | None = None
-    ends: tuple[int, ...] = ()  # the letter position after each word
+    ends: tuple[int, ...]  # the letter position after each word, the current one included
+    pending: tuple[tuple[int, ...], ...]
+    log_probs: np.ndarray  # [V] after the tokens read (the parent's until ``read`` is read)
+    state: torch.Tensor  # [L, 1, S], likewise
+    read: tuple[int, ...] = ()  # tokens this step reads
+    share: float = 0.0  # the current word's weighted prior, added at each of its syllables
 
     @property
     def text(self) -> str:
@@ -321,7 +330,13 @@ class PriorOnly:
 
 
 class Converter:
-    """Ranks the readings of typed pinyin with ``model`` (any StepModel over ``tokenizer``'s ids)."""
+    """Ranks the readings of typed pinyin with ``model`` (any StepModel over ``tokenizer``'s ids).
+
+    The search is synchronous in syllables, as each Han character is one syllable: after each step
+    every hypothesis has read as many syllables, and the ``beam`` best go on. A hypothesis at a word
+    boundary tries every word the lattice has there (its first token scored exactly, in one gather);
+    one inside a word reads the word's next token. One forward per syllable reads the chosen tokens
+    of all the kept hypotheses: an 8-syllable input costs 8 forwards of at most ``beam`` rows."""
 
     def __init__(
         self,
@@ -336,15 +351,35 @@ class Converter:
         self.lexicon = lexicon
         self.config = config
         self.max_context_tokens = max_context_tokens
-        self._tokens: dict[str, tuple[int, ...]] = {}
+        self._schedules: dict[str, tuple[tuple[int, ...], ...]] = {}
         self._by_key: dict[tuple[str, ...], tuple[np.ndarray, ...]] = {}
 
-    def word_tokens(self, word: str) -> tuple[int, ...]:
-        found = self._tokens.get(word)
+    def schedule(self, word: str) -> tuple[tuple[int, ...], ...]:
+        """The model's tokens of ``word`` by the syllable (character) each starts at: 西安 is ((西,), (安,))
+        with character tokens and ((西安,), ()) with a word token."""
+        found = self._schedules.get(word)
         if found is None:
-            found = self._tokens[word] = tuple(self.tokenizer.encode(word)) or (UNK,)
-            if len(self._tokens) > 500_000:
-                self._tokens.clear()
+            slots: list[list[int]] = [[] for _ in word]
+            offset = 0
+            for token in self.tokenizer.encode(word) or [UNK]:
+                slots[min(offset, len(word) - 1)].append(token)
+                offset += max(1, len(self.tokenizer.token_text(token).strip())) if token != UNK else 1
+            found = self._schedules[word] = tuple(tuple(slot) for slot in slots)
+            if len(self._schedules) > 500_000:
+                self._schedules.clear()
+        return found
+
+    def _arrays(self, key: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
+        """For the words of ``key``: their first tokens, and their log priors per syllable."""
+        found = self._by_key.get(key)
+        if found is None:
+            options = self.lexicon.words[key]
+            found = self._by_key[key] = (
+                np.array([self.schedule(word)[0][0] for word, _ in options]),
+                np.array([prior / len(key) for _, prior in options], dtype=np.float32),
+            )
+            if len(self._by_key) > 200_000:
+                self._by_key.clear()
         return found
 
     def convert(
@@ -362,29 +397,102 @@ class Converter:
             log_probs, state, _ = encode_context(self.model, self.tokenizer.encode(context), self.max_context_tokens)
         else:
             log_probs, state = start
-        root = _Hypothesis(0.0, (), (), None, [], log_probs.numpy(), state)
-        reached: dict[int, list[_Hypothesis]] = {lattice.start: [root]}
-        kept: dict[int, list[_Hypothesis]] = {}
-        for position in range(lattice.start, lattice.length + 1):
-            hypotheses = reached.pop(position, None)
-            if not hypotheses:
-                continue
-            hypotheses = self._best(
-                hypotheses, max(self.config.beam, count) if position == lattice.length else self.config.beam
-            )
-            kept[position] = hypotheses
-            if position == lattice.length:
+        live = [_Hypothesis(0.0, (), (), (lattice.start,), (), log_probs.numpy(), state)]
+        done: dict[int, list[_Hypothesis]] = {}  # by letter position: readings whose last word ends there
+        options: dict[int, tuple] = {}
+        for _ in range(lattice.length):
+            children = []
+            for h in live:
+                children.extend(self._children(h, lattice, options))
+            if not children:
                 break
-            edges = lattice.edges(position)
-            if not edges:
-                continue
-            self._materialize(hypotheses)
-            for hypothesis in self._extend(hypotheses, edges, lattice.length, max(self.config.per_end, count)):
-                reached.setdefault(hypothesis.ends[-1], []).append(hypothesis)
+            children.sort(key=lambda h: -h.score)
+            live, seen = [], set()
+            for child in children:
+                if child.pending:
+                    key = (child.text, child.ends[-1], child.pending)
+                    if key not in seen and len(live) < self.config.beam:
+                        seen.add(key)
+                        live.append(child)
+                    continue
+                # a word ends here: a (leading-part) candidate; and it goes on unless the input is read
+                ended = done.setdefault(child.ends[-1], [])
+                if len(ended) < max(count, self.config.beam) * 2:
+                    ended.append(child)
+                if child.ends[-1] < lattice.length and len(live) < self.config.beam:
+                    key = (child.text, child.ends[-1], ())
+                    if key not in seen:
+                        seen.add(key)
+                        live.append(child)
+            self._read(live)
+        kept = {position: self._distinct(found, max(count, self.config.beam)) for position, found in done.items()}
         return self._candidates(kept, lattice, count)
 
+    def _children(self, h: _Hypothesis, lattice: Lattice, options: dict[int, tuple]) -> list[_Hypothesis]:
+        """One more syllable: the current word's next, or each word that may start here."""
+        config = self.config
+        if h.pending:
+            tokens = h.pending[0]
+            score = h.score + h.share
+            if tokens:
+                score += float(h.log_probs[tokens[0]]) + (config.unknown if tokens[0] == UNK else 0.0)
+            return [
+                _Hypothesis(score, h.words, h.syllables, h.ends, h.pending[1:], h.log_probs, h.state, tokens, h.share)
+            ]
+        position = h.ends[-1]
+        if position >= lattice.length:
+            return []
+        here = options.get(position)
+        if here is None:
+            edges = lattice.edges(position)
+            if not edges:
+                options[position] = here = ()
+            else:
+                arrays = [self._arrays(edge.key) for edge in edges]
+                first = np.concatenate([a[0] for a in arrays])
+                share = config.prior_weight * np.concatenate([a[1] for a in arrays])  # [N] per syllable
+                sizes = [len(a[0]) for a in arrays]
+                edge_of = np.repeat(np.arange(len(edges)), sizes)
+                word_of = np.concatenate([np.arange(n) for n in sizes])
+                abbreviated = np.array([edge.abbreviated for edge in edges], dtype=np.float32)[edge_of]
+                static = share - config.abbreviation_penalty * abbreviated + config.unknown * (first == UNK)
+                options[position] = here = (edges, first, static, edge_of, word_of, share)
+        if not here:
+            return []
+        edges, first, static, edge_of, word_of, share = here
+        scores = h.log_probs[first] + static  # [N] each word's first token, exactly
+        best = np.argpartition(-scores, config.beam)[: config.beam] if len(scores) > config.beam else range(len(scores))
+        children = []
+        for i in best:
+            edge = edges[edge_of[i]]
+            word = edge.words[word_of[i]][0]
+            schedule = self.schedule(word)
+            children.append(
+                _Hypothesis(
+                    h.score + float(scores[i]),
+                    (*h.words, word),
+                    (*h.syllables, *edge.key),
+                    (*h.ends, edge.next),
+                    schedule[1:],
+                    h.log_probs,
+                    h.state,
+                    schedule[0],
+                    float(share[i]),
+                )
+            )
+        return children
+
+    def _read(self, hypotheses: list[_Hypothesis]) -> None:
+        """The tokens each hypothesis reads this step, in one forward for all."""
+        reading = [h for h in hypotheses if h.read]
+        if not reading:
+            return
+        steps = [(torch.tensor([h.read], dtype=torch.int64), h.state) for h in reading]
+        for h, (log_probs, state) in zip(reading, advance_ragged(self.model, steps)):
+            h.log_probs, h.state, h.read = log_probs[0].numpy(), state, ()
+
     @staticmethod
-    def _best(hypotheses: list[_Hypothesis], size: int) -> list[_Hypothesis]:
+    def _distinct(hypotheses: list[_Hypothesis], size: int) -> list[_Hypothesis]:
         best: dict[str, _Hypothesis] = {}
         for h in sorted(hypotheses, key=lambda h: -h.score):
             if h.text not in best:
@@ -393,92 +501,12 @@ class Converter:
                     break
         return list(best.values())
 
-    def _materialize(self, hypotheses: list[_Hypothesis]) -> None:
-        """Compute the state after each hypothesis' last word (kept ones only: one forward for all)."""
-        pending = [h for h in hypotheses if h.state is None]
-        if not pending:
-            return
-        steps = []
-        for h in pending:
-            state, read = h.before_last if h.before_last is not None else (h.parent.state, 0)
-            steps.append((torch.tensor([h.last[read:]], dtype=torch.int64), state))
-        for h, (log_probs, state) in zip(pending, advance_ragged(self.model, steps)):
-            h.log_probs, h.state, h.before_last = log_probs[0].numpy(), state, None
-
-    def _arrays(self, key: tuple[str, ...]) -> tuple[np.ndarray, ...]:
-        """For the words of ``key``: their first tokens, token counts, <unk> counts and log priors."""
-        found = self._by_key.get(key)
-        if found is None:
-            tokens = [self.word_tokens(word) for word, _ in self.lexicon.words[key]]
-            found = self._by_key[key] = (
-                np.array([t[0] for t in tokens]),
-                np.array([len(t) for t in tokens]),
-                np.array([t.count(UNK) for t in tokens], dtype=np.float32),
-                np.array([prior for _, prior in self.lexicon.words[key]], dtype=np.float32),
-            )
-            if len(self._by_key) > 200_000:
-                self._by_key.clear()
-        return found
-
-    def _extend(self, hypotheses, edges, length_of_input: int, wide: int) -> list[_Hypothesis]:
-        config = self.config
-        # every (edge, word) starting here, as arrays [N]
-        arrays = [self._arrays(edge.key) for edge in edges]
-        first, length, unknown, prior = (np.concatenate(column) for column in zip(*arrays))
-        sizes = [len(a[0]) for a in arrays]
-        edge_of = np.repeat(np.arange(len(edges)), sizes)
-        word_of = np.concatenate([np.arange(n) for n in sizes])
-        ends = np.array([edge.next for edge in edges])[edge_of]
-        abbreviated = np.array([edge.abbreviated for edge in edges], dtype=np.float32)[edge_of]
-        static = config.prior_weight * prior - config.abbreviation_penalty * abbreviated + config.unknown * unknown
-        guess = static + config.within_word * (length - 1)
-        # words tried per end: more where they end the input, since each may be a candidate of its own
-        groups = [
-            (np.flatnonzero(ends == end), wide if end == length_of_input else config.per_end) for end in np.unique(ends)
-        ]
-        chosen: list[tuple[_Hypothesis, int]] = []
-        for h in hypotheses:
-            cheap = h.log_probs[first] + guess
-            for at, size in groups:
-                best = at[np.argsort(-cheap[at], kind="stable")[:size]] if len(at) > size else at
-                chosen.extend((h, int(i)) for i in best)
-        # exact scores: the tokens after the first need the model after each leading part of the word
-        rows: dict[tuple[int, tuple[int, ...]], int] = {}
-        steps = []
-        for h, i in chosen:
-            edge = edges[edge_of[i]]
-            word_tokens = self.word_tokens(edge.words[word_of[i]][0])
-            for cut in range(1, len(word_tokens)):
-                key = (id(h), word_tokens[:cut])
-                if key not in rows:
-                    rows[key] = len(steps)
-                    steps.append((torch.tensor([word_tokens[:cut]], dtype=torch.int64), h.state))
-        after = [(lp[0].numpy(), st) for lp, st in advance_ragged(self.model, steps)] if steps else []
-        extended = []
-        for h, i in chosen:
-            edge = edges[edge_of[i]]
-            word = edge.words[word_of[i]][0]
-            word_tokens = self.word_tokens(word)
-            score = h.score + float(h.log_probs[word_tokens[0]]) + float(static[i])
-            before_last = None
-            for cut in range(1, len(word_tokens)):
-                row = rows[(id(h), word_tokens[:cut])]
-                score += float(after[row][0][word_tokens[cut]])
-                before_last = (after[row][1], cut)
-            words, syllables = (*h.words, word), (*h.syllables, *edge.key)
-            extended.append(
-                _Hypothesis(
-                    score, words, syllables, h, list(word_tokens), None, None, before_last, (*h.ends, edge.next)
-                )
-            )
-        return extended
-
     def _candidates(self, kept: dict[int, list[_Hypothesis]], lattice: Lattice, count: int) -> list[Candidate]:
         """Whole-input conversions, then leading parts that end where the best one has a word boundary
         (its first word or words, and their alternatives), longest first; probabilities are shares within
         each length."""
         whole = kept.get(lattice.length, [])
-        boundaries = set(whole[0].ends[:-1]) if whole else set()  # the words of the best reading
+        boundaries = set(whole[0].ends[1:-1]) if whole else set()  # the words of the best reading
         if not whole:  # nothing reads the whole input: offer what reads the most of it
             boundaries = set(kept) - {lattice.start}
         out: list[Candidate] = []
