@@ -38,6 +38,7 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
 # SIGTERM reaches python directly (exec form): health NOT_SERVING, in-flight calls drain, exit.
 STOPSIGNAL SIGTERM
 ENTRYPOINT ["python", "-m", "service", "--port", "50051"]
-# Mount your own model and pass --model /models/yours.pt to use it; --history-db postgresql://...
-# keeps the histories in PostgreSQL instead (several replicas).
+# Mount your own model and pass --model /models/yours.pt to use it; add --model zh=/models/zh.pt (from
+# make zh-model) to serve Chinese beside English; --history-db postgresql://... keeps the histories in
+# PostgreSQL instead (several replicas).
 CMD ["--model", "/app/models/default.pt", "--history-db", "/data/nextword-history.sqlite"]

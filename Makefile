@@ -3,9 +3,10 @@ PYTHON ?= python3
 VENV ?= .venv
 PORT ?= 50051
 MODEL ?= models/default.pt
+ZH_MODEL ?= models/zh.pt
 export PYTHON VENV
 
-.PHONY: serve test test-fast install install-dev proto lint smoke default-model clean
+.PHONY: serve test test-fast install install-dev proto lint smoke default-model zh-model clean
 
 install:                ## the service's dependencies and the gRPC stubs
 	scripts/install.sh serve
@@ -16,8 +17,8 @@ install-dev:            ## everything: service, training, tests, linters
 proto:                  ## regenerate service/pb/ from proto/
 	scripts/gen_proto.sh
 
-serve: install          ## serve the default model (or MODEL=path) on PORT
-	$(VENV)/bin/python -m service --model $(MODEL) --port $(PORT)
+serve: install          ## serve the default model (or MODEL=path), and models/zh.pt as "zh" once built, on PORT
+	$(VENV)/bin/python -m service --model $(MODEL) $(if $(wildcard $(ZH_MODEL)),--model zh=$(ZH_MODEL)) --port $(PORT)
 
 test: install-dev       ## the whole test suite (offline, CPU)
 	$(VENV)/bin/python -m pytest -q
@@ -35,6 +36,10 @@ smoke: install          ## start the server on the default model, call Suggest, 
 
 default-model: install-dev  ## rebuild models/default.pt from the committed corpus
 	scripts/build_default_model.sh
+
+zh-model: install-dev      ## a Chinese model of CORPUS (UTF-8, a text per line) with the Chinese recipe -> models/zh.pt
+	@test -n "$(CORPUS)" || { echo "make zh-model: give CORPUS=path/to/chinese.txt" >&2; exit 2; }
+	scripts/recipes.sh --build zh $(CORPUS) models/zh.pt
 
 clean:
 	rm -rf $(VENV) service/pb .pytest_cache
