@@ -487,9 +487,15 @@ class Converter:
         reading = [h for h in hypotheses if h.read]
         if not reading:
             return
-        steps = [(torch.tensor([h.read], dtype=torch.int64), h.state) for h in reading]
-        for h, (log_probs, state) in zip(reading, advance_ragged(self.model, steps)):
-            h.log_probs, h.state, h.read = log_probs[0].numpy(), state, ()
+        if all(len(h.read) == 1 for h in reading):  # the usual step: one token each, one stacked call
+            tokens = torch.tensor([h.read for h in reading], dtype=torch.int64)
+            log_probs, states = self.model.advance(tokens, torch.cat([h.state for h in reading], dim=1))
+            results = zip(log_probs.numpy(), states.split(1, dim=1))
+        else:
+            steps = [(torch.tensor([h.read], dtype=torch.int64), h.state) for h in reading]
+            results = ((log_probs[0].numpy(), state) for log_probs, state in advance_ragged(self.model, steps))
+        for h, (log_probs, state) in zip(reading, results):
+            h.log_probs, h.state, h.read = log_probs, state, ()
 
     @staticmethod
     def _distinct(hypotheses: list[_Hypothesis], size: int) -> list[_Hypothesis]:

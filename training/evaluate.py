@@ -247,24 +247,24 @@ def main(argv: list[str] | None = None) -> int:
         " as served)",
     )
     pinyin.add_argument(
-        "--typing-clauses",
-        type=ranged(int, 0),
-        default=100,
-        help="clauses typed letter by letter for letters per character (default 100, sampled by seed 0)",
+        "--rankers",
+        default="prior,ngram,network,mix",
+        help="which rankers to run, of prior, ngram (needs --baseline ngram), network and mix (default all)",
     )
     pinyin.add_argument(
-        "--association-words",
-        type=ranged(int, 0),
-        default=1000,
-        help="word boundaries where Suggest's first suggestions are checked against the next whole word "
-        "(default 1000, sampled by seed 0)",
+        "--beam",
+        type=ranged(int, 1),
+        default=ConvertConfig.beam,
+        help=f"hypotheses kept per syllable (default {ConvertConfig.beam}, as served)",
     )
-    pinyin.add_argument(
-        "--initials-words",
-        type=ranged(int, 0),
-        default=300,
-        help="words of 2-4 characters typed as initials (default 300, sampled by seed 0)",
-    )
+    for flag, default, what in (
+        ("--typing-clauses", 100, "clauses typed letter by letter for letters per character"),
+        ("--initials-words", 300, "words of 2-4 characters typed as initials"),
+        ("--association-words", 1000, "word boundaries where Suggest's first suggestions meet the next whole word"),
+    ):
+        pinyin.add_argument(
+            flag, type=ranged(int, 0), default=default, help=f"{what} (default {default}, sampled by seed 0)"
+        )
     p.add_argument(
         "--quiet",
         action="store_true",
@@ -368,12 +368,17 @@ def main(argv: list[str] | None = None) -> int:
         )
         print(format_by_context(rows, list(hits), args.order))
         document["by_context"] = rows
-    if args.json == "-":
-        print(json.dumps(document, indent=2))
-    elif args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
+    write_json(args.json, document)
     return 0
+
+
+def write_json(path: str | None, document: dict) -> None:
+    """--json: to the file, or to standard output for '-'."""
+    if path == "-":
+        print(json.dumps(document, indent=2))
+    elif path:
+        with open(path, "w", encoding="utf-8") as handle:
+            json.dump(document, handle, indent=2)
 
 
 def _pinyin(args, artifact, lines: list[str], train_lines: list[str]) -> int:
@@ -384,9 +389,12 @@ def _pinyin(args, artifact, lines: list[str], train_lines: list[str]) -> int:
     if args.baseline:
         counts = NgramCounts.from_text(train_lines, artifact.tokenizer, args.order)
         ngram_model = NgramStepModel(counts, "kneser-ney")
-    config = ConvertConfig(prior_weight=args.prior_weight)
+    config = ConvertConfig(prior_weight=args.prior_weight, beam=args.beam)
+    wanted = args.rankers.split(",")
     results = {}
     for name, converter in rankers(artifact, ngram_model, config).items():
+        if name not in wanted:
+            continue
         started = time.perf_counter()
         tally = evaluate_ranker(
             converter.convert, lines, ServerConfig.max_pinyin_letters, args.typing_clauses, args.initials_words
@@ -405,11 +413,7 @@ def _pinyin(args, artifact, lines: list[str], train_lines: list[str]) -> int:
     )
     print(format_pinyin_table(results))
     document = {"model": args.model, "text": args.text, "prior_weight": args.prior_weight, "results": results}
-    if args.json == "-":
-        print(json.dumps(document, indent=2))
-    elif args.json:
-        with open(args.json, "w", encoding="utf-8") as handle:
-            json.dump(document, handle, indent=2)
+    write_json(args.json, document)
     return 0
 
 
