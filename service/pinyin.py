@@ -281,7 +281,7 @@ class Lattice:
 @dataclass(frozen=True)
 class ConvertConfig:
     beam: int = 12  # hypotheses kept after each syllable
-    prior_weight: float = 0.5  # of the dictionary's log-frequency, added to the model's log-probability
+    prior_weight: float = 0.25  # of the dictionary's log-frequency, added to the model's (best on validation)
     abbreviation_penalty: float = 1.5  # per syllable typed as initials or partly
     unknown: float = -8.0  # added to <unk>'s log-probability for a character the vocabulary lacks
 
@@ -401,9 +401,7 @@ class Converter:
         done: dict[int, list[_Hypothesis]] = {}  # by letter position: readings whose last word ends there
         options: dict[int, tuple] = {}
         for _ in range(lattice.length):
-            children = []
-            for h in live:
-                children.extend(self._children(h, lattice, options))
+            children = self._children(live, lattice, options, self.config.beam + count)
             if not children:
                 break
             children.sort(key=lambda h: -h.score)
@@ -428,22 +426,57 @@ class Converter:
         kept = {position: self._distinct(found, max(count, self.config.beam)) for position, found in done.items()}
         return self._candidates(kept, lattice, count)
 
-    def _children(self, h: _Hypothesis, lattice: Lattice, options: dict[int, tuple]) -> list[_Hypothesis]:
-        """One more syllable: the current word's next, or each word that may start here."""
+    def _children(self, live: list[_Hypothesis], lattice: Lattice, options: dict, wide: int) -> list[_Hypothesis]:
+        """One more syllable for every hypothesis: the current word's next; or, at a word boundary, the
+        ``wide`` best of every word that may start there after every hypothesis there (one gather)."""
         config = self.config
-        if h.pending:
-            tokens = h.pending[0]
-            score = h.score + h.share
-            if tokens:
-                score += float(h.log_probs[tokens[0]]) + (config.unknown if tokens[0] == UNK else 0.0)
-            return [
-                _Hypothesis(score, h.words, h.syllables, h.ends, h.pending[1:], h.log_probs, h.state, tokens, h.share)
-            ]
-        position = h.ends[-1]
-        if position >= lattice.length:
-            return []
+        children, at_boundary = [], {}
+        for h in live:
+            if h.pending:
+                tokens = h.pending[0]
+                score = h.score + h.share
+                if tokens:
+                    score += float(h.log_probs[tokens[0]]) + (config.unknown if tokens[0] == UNK else 0.0)
+                pending = h.pending[1:]
+                children.append(
+                    _Hypothesis(score, h.words, h.syllables, h.ends, pending, h.log_probs, h.state, tokens, h.share)
+                )
+            elif h.ends[-1] < lattice.length:
+                at_boundary.setdefault(h.ends[-1], []).append(h)
+        for position, hypotheses in at_boundary.items():
+            here = self._options(lattice, position, options)
+            if not here:
+                continue
+            edges, first, static, edge_of, word_of, share = here
+            scores = np.stack([h.log_probs for h in hypotheses])[:, first] + static  # [H, N]: first tokens, exactly
+            scores += np.array([h.score for h in hypotheses], dtype=np.float32)[:, None]
+            flat = scores.ravel()
+            best = np.argpartition(-flat, wide)[:wide] if flat.size > wide else np.arange(flat.size)
+            for index in best:
+                h, i = hypotheses[index // len(first)], index % len(first)
+                edge = edges[edge_of[i]]
+                word = edge.words[word_of[i]][0]
+                schedule = self.schedule(word)
+                children.append(
+                    _Hypothesis(
+                        float(flat[index]),
+                        (*h.words, word),
+                        (*h.syllables, *edge.key),
+                        (*h.ends, edge.next),
+                        schedule[1:],
+                        h.log_probs,
+                        h.state,
+                        schedule[0],
+                        float(share[i]),
+                    )
+                )
+        return children
+
+    def _options(self, lattice: Lattice, position: int, options: dict) -> tuple:
+        """The words that may start at ``position`` as arrays [N], built once per call."""
         here = options.get(position)
         if here is None:
+            config = self.config
             edges = lattice.edges(position)
             if not edges:
                 options[position] = here = ()
@@ -457,30 +490,7 @@ class Converter:
                 abbreviated = np.array([edge.abbreviated for edge in edges], dtype=np.float32)[edge_of]
                 static = share - config.abbreviation_penalty * abbreviated + config.unknown * (first == UNK)
                 options[position] = here = (edges, first, static, edge_of, word_of, share)
-        if not here:
-            return []
-        edges, first, static, edge_of, word_of, share = here
-        scores = h.log_probs[first] + static  # [N] each word's first token, exactly
-        best = np.argpartition(-scores, config.beam)[: config.beam] if len(scores) > config.beam else range(len(scores))
-        children = []
-        for i in best:
-            edge = edges[edge_of[i]]
-            word = edge.words[word_of[i]][0]
-            schedule = self.schedule(word)
-            children.append(
-                _Hypothesis(
-                    h.score + float(scores[i]),
-                    (*h.words, word),
-                    (*h.syllables, *edge.key),
-                    (*h.ends, edge.next),
-                    schedule[1:],
-                    h.log_probs,
-                    h.state,
-                    schedule[0],
-                    float(share[i]),
-                )
-            )
-        return children
+        return here
 
     def _read(self, hypotheses: list[_Hypothesis]) -> None:
         """The tokens each hypothesis reads this step, in one forward for all."""
