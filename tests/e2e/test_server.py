@@ -217,7 +217,7 @@ INVALID = [
     (
         "Suggest",
         pb.SuggestRequest(text="hi", num_suggestions=21),
-        "num_suggestions is 21; it must be 0 (meaning 3) to 20",
+        "num_suggestions is 21; it must be 0 (meaning 3) to 20 (server setting max_suggestions)",
     ),
     ("Generate", pb.GenerateRequest(prompt=""), "prompt must not be empty"),
     (
@@ -251,11 +251,14 @@ def test_validation_errors(client, method, request_message, message):
 @pytest.mark.parametrize(
     "edits,message",
     [
-        ([pb.TypeRequest()], "edit 1: give append, delete, reset or commit"),
+        ([pb.TypeRequest()], "edit 1: give append, delete, reset, commit, compose or select"),
         ([pb.TypeRequest(append="")], "edit 1: append must not be empty"),
         ([pb.TypeRequest(append="a"), pb.TypeRequest(delete=0)], "edit 2: delete must be at least 1"),
         ([pb.TypeRequest(append="a" * 10001)], "the session's text would be 10001 characters; the limit is 10000"),
-        ([pb.TypeRequest(append="a", num_suggestions=99)], "num_suggestions is 99; it must be 0 (meaning 3) to 20"),
+        (
+            [pb.TypeRequest(append="a", num_suggestions=99)],
+            "num_suggestions is 99; it must be 0 (meaning 3) to 20 (server setting max_suggestions)",
+        ),
     ],
 )
 def test_type_validation_errors_are_status_codes(client, edits, message):
