@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The default recipes, judged against the n-gram baseline on a held-out test split.
 #   scripts/recipes.sh kjv     [CORPORA_DIR]   English: words, 2x256 LSTM, 10 epochs (7,060 steps)
-#   scripts/recipes.sh zh      [CORPORA_DIR]   Chinese: characters, 2x512 LSTM, dropout 0.5, 10 epochs (2,080 steps)
+#   scripts/recipes.sh zh      [CORPORA_DIR]   Chinese: characters, 2x512 LSTM, dropout 0.5, 10 epochs (2,080 steps),
+#                                              exported with int8 weights (a conversion runs a forward per syllable)
 #   scripts/recipes.sh zh-word [CORPORA_DIR]   Chinese: jieba words (12,000: every character and the
 #                                              frequent words), otherwise as zh
 #   scripts/recipes.sh --build zh CORPUS OUT   a recipe trained on all of CORPUS (its own 10 % held out for
@@ -28,13 +29,14 @@ name=${1:?usage: scripts/recipes.sh kjv|zh|zh-word [CORPORA_DIR]}
 corpora=${2:-../shared/corpora}
 order=5  # the n-gram order best on validation, for every recipe
 zh=(--hidden-size 512 --dropout 0.5 --epochs 10 --max-steps 3000 --eval-every 1000)
+export_flags=()
 case "$name" in
     kjv) corpus="$corpora/kjv/kjv.txt"
          flags=(--tokenizer word --lowercase --vocab-size 5000 --hidden-size 256 --dropout 0.1 --epochs 10 --max-steps 9000 --eval-every 1500) ;;
     zh)  corpus="$corpora/zh-fortunes/zh-fortunes.txt"
-         flags=(--tokenizer char "${zh[@]}") ;;
+         flags=(--tokenizer char "${zh[@]}") export_flags=(--quantize int8) ;;
     zh-word) corpus="$corpora/zh-fortunes/zh-fortunes.txt"
-         flags=(--tokenizer jieba --vocab-size 12000 "${zh[@]}") ;;
+         flags=(--tokenizer jieba --vocab-size 12000 "${zh[@]}") export_flags=(--quantize int8) ;;
     *) echo "recipes.sh: unknown recipe '$name' (kjv, zh or zh-word)" >&2; exit 2 ;;
 esac
 train() {  # train CORPUS RUN_DIR
@@ -48,7 +50,7 @@ if [ -n "$build" ]; then
     run="build/recipes/$name-build-run"
     echo "recipes.sh [$name] $(date +%H:%M:%S) training on $corpus into $run" >&2
     train "$corpus" "$run"
-    "$py" -m training.export "$run" --out "$out"
+    "$py" -m training.export "$run" --out "$out" "${export_flags[@]}"
     echo "recipes.sh [$name] $(date +%H:%M:%S) done: $out" >&2
     exit 0
 fi
@@ -61,7 +63,7 @@ stage "1/4 split $corpus into $split/train.txt and test.txt"
 stage "2/4 train build/recipes/$name-run"
 train "$split/train.txt" "build/recipes/$name-run"
 stage "3/4 export build/recipes/$name.pt"
-"$py" -m training.export "build/recipes/$name-run" --out "build/recipes/$name.pt"
+"$py" -m training.export "build/recipes/$name-run" --out "build/recipes/$name.pt" "${export_flags[@]}"
 stage "4/4 evaluate on $split/test.txt against a $order-gram"
 "$py" -m training.evaluate "build/recipes/$name.pt" --text "$split/test.txt" \
     --baseline ngram --train "$split/train.txt" --order "$order" --learn \

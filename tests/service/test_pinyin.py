@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.config import ServerConfig
 from service.engine import Engine
@@ -143,3 +145,19 @@ def test_association_with_word_tokens_suggests_whole_words(tiny_ime_word_model):
     assert engine.suggester.suggest("我", 3).suggestions[0][0] == "昨天"
     assert engine.suggester.suggest("他今天上学", 3).suggestions[0][0] == "迟到"
     assert engine.converter.convert("他在", "xian")[0].text == "西安"  # a word model converts too
+
+
+@settings(max_examples=80, deadline=None)
+@given(st.text(alphabet="abcdefghijklmnopqrstuvwxyz'", min_size=1, max_size=24))
+def test_any_letters_give_candidates_or_none_and_never_fail(pinyin):
+    lexicon = Lexicon.load()
+    tokenizer = CharTokenizer(list(SPECIAL_TOKENS) + list("你好中国人西安先"))
+    if not pinyin.strip("'"):
+        with pytest.raises(PinyinError):
+            Lattice(pinyin, lexicon)
+        return
+    candidates = Converter(PriorOnly(tokenizer.vocab_size), tokenizer, lexicon).convert("", pinyin, 5)
+    assert len(candidates) <= 5
+    for candidate in candidates:
+        assert 0 < candidate.consumed <= len(pinyin) and len(candidate.text) == len(candidate.syllables)
+        assert 0.0 <= candidate.probability <= 1.0 + 1e-6
