@@ -3,13 +3,15 @@
     letters   n i h a o s j                       ("'" separates syllables, v is ü)
     tokens    ni | hao | s | j                    full syllables; initials; a partial last syllable
     words     你 尼 拟 .. (ni)   你好 (ni hao)   好 号 (hao)   是 说 (s*)   世界 时间 (s* j*) ..
-    beam      hypotheses per letter position, each extended by the words that start there and
-              scored by the model (the served StepModel, conditioned on the committed text) plus a
-              weighted dictionary prior: score = log P_model(word | text so far) + prior_weight *
+    beam      a syllable at a time (a Han character is one syllable): every hypothesis reads its
+              current word's next token, or at a word boundary tries every word that starts there;
+              score = log P_model(its tokens | committed text + text so far) + prior_weight *
               log P_dict(word) - abbreviation_penalty * (syllables typed as initials or partly)
 
-The readings come from pypinyin's character and phrase tables and the words and their frequencies
-from jieba's dictionary (both MIT); ``Lexicon.load()`` inverts them once per process (about 2 s).
+P_model is the served StepModel (network and n-gram memory), so the context decides: 他在xian is
+西安, 你xian is 先. The readings come from pypinyin's character and phrase tables and the words and
+their frequencies from jieba's dictionary (both MIT); ``Lexicon.load()`` inverts them once per
+process (about 3 s and 100 MB).
 """
 
 from __future__ import annotations
@@ -28,8 +30,7 @@ import torch
 from service.runner import StepModel, advance_ragged, encode_context
 from service.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
 
-INITIALS = ("zh", "ch", "sh", "b", "p", "m", "f", "d", "t", "n", "l", "g", "k", "h", "j", "q", "x", "r", "z", "c", "s")
-INITIALS += ("y", "w")
+INITIALS = frozenset("zh ch sh b p m f d t n l g k h j q x r z c s y w".split())
 SEPARATOR = "'"
 LETTERS = frozenset("abcdefghijklmnopqrstuvwxyz" + SEPARATOR)
 MAX_SYLLABLE = 6  # letters in the longest syllable (zhuang)
