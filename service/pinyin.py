@@ -8,10 +8,10 @@
               score = log P_model(its tokens | committed text + text so far) + prior_weight *
               log P_dict(word) - abbreviation_penalty * (syllables typed as initials or partly)
 
-P_model is the served StepModel (network and n-gram memory), so the context decides: 他在xian is
-西安, 你xian is 先. The readings come from pypinyin's character and phrase tables and the words and
-their frequencies from jieba's dictionary (both MIT); ``Lexicon.load()`` inverts them once per
-process (about 3 s and 100 MB).
+P_model is the served StepModel (network and n-gram memory), so the context decides between
+readings (after 他在, xian is more likely 西安; after 你, 先). The readings come from pypinyin's
+character and phrase tables and the words and their frequencies from jieba's dictionary (both
+MIT); ``Lexicon.load()`` inverts them once per process (about 3 s and 100 MB).
 """
 
 from __future__ import annotations
