@@ -25,7 +25,7 @@ from __future__ import annotations
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -35,7 +35,7 @@ from torch import Tensor
 from service import calls
 from service.calls import CallEnded
 from service.hardware import use_intra_op_threads
-from service.runner import Step, StepModel, advance_ragged
+from service.runner import StepModel, advance_ragged
 
 
 @dataclass
@@ -83,16 +83,6 @@ class BatchingModel:
         step = _Step(tokens, state, calls.still_wanted() if self.drop_ended else None)
         self._queue.put(step)
         return step.future.result()
-
-    def advance_ragged(self, steps: Sequence[Step]) -> list[Step]:
-        """Several steps of one caller, of any lengths, queued together (so that one forward takes them)."""
-        if self._closed:
-            raise RuntimeError("the model worker has stopped")
-        wanted = calls.still_wanted() if self.drop_ended else None
-        queued = [_Step(tokens, state, wanted) for tokens, state in steps]
-        for step in queued:
-            self._queue.put(step)
-        return [step.future.result() for step in queued]
 
     @property
     def running(self) -> bool:

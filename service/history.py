@@ -37,6 +37,7 @@ from __future__ import annotations
 import bisect
 import dataclasses
 import heapq
+import itertools
 import json
 import logging
 import math
@@ -598,12 +599,9 @@ class Histories:
                     break
                 read.append(unit)
             scored.append((candidate, probability, evidence))
-        out, start = [], 0
-        while start < len(scored):
-            end = start
-            while end < len(scored) and scored[end][0].consumed == scored[start][0].consumed:
-                end += 1
-            group = scored[start:end]
+        out = []
+        for _, grouped in itertools.groupby(scored, key=lambda entry: entry[0].consumed):
+            group = list(grouped)
             total = sum(p for _, p, _ in group)
             if total > 0:
                 evidence = max(e for _, _, e in group)
@@ -615,7 +613,6 @@ class Histories:
                 out.extend(sorted(mixed, key=lambda c: -c.probability))
             else:
                 out.extend(c for c, _, _ in group)
-            start = end
         return out
 
     # ------------------------------------------------------------------ learning

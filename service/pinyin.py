@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.runner import StepModel, advance_ragged, encode_context
+from service.runner import StepModel, encode_context, ragged_by_length
 from service.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
 
 INITIALS = frozenset("zh ch sh b p m f d t n l g k h j q x r z c s y w".split())
@@ -498,15 +498,10 @@ class Converter:
         reading = [h for h in hypotheses if h.read]
         if not reading:
             return
-        if all(len(h.read) == 1 for h in reading):  # the usual step: one token each, one stacked call
-            tokens = torch.tensor([h.read for h in reading], dtype=torch.int64)
-            log_probs, states = self.model.advance(tokens, torch.cat([h.state for h in reading], dim=1))
-            results = zip(log_probs.numpy(), states.split(1, dim=1))
-        else:
-            steps = [(torch.tensor([h.read], dtype=torch.int64), h.state) for h in reading]
-            results = ((log_probs[0].numpy(), state) for log_probs, state in advance_ragged(self.model, steps))
-        for h, (log_probs, state) in zip(reading, results):
-            h.log_probs, h.state, h.read = log_probs, state, ()
+        # one stacked call per length: all of them in the usual step, where each reads one token
+        steps = [(torch.tensor([h.read], dtype=torch.int64), h.state) for h in reading]
+        for h, (log_probs, state) in zip(reading, ragged_by_length(self.model, steps)):
+            h.log_probs, h.state, h.read = log_probs[0].numpy(), state, ()
 
     @staticmethod
     def _distinct(hypotheses: list[_Hypothesis], size: int) -> list[_Hypothesis]:
@@ -531,7 +526,7 @@ class Converter:
             group = kept.get(position, [])
             if not group:
                 continue
-            total = _log_sum([h.score for h in group])
+            total = float(np.logaddexp.reduce([h.score for h in group]))
             room = count - len(out)
             if position == lattice.length and boundaries:  # leave leading parts half of the row
                 room = max(1, math.ceil(count / 2))
@@ -541,8 +536,3 @@ class Converter:
             if len(out) >= count:
                 break
         return out[:count]
-
-
-def _log_sum(values: list[float]) -> float:
-    top = max(values)
-    return top + math.log(sum(math.exp(v - top) for v in values))

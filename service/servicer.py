@@ -116,18 +116,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         calls.set_model(engine.name)
         return engine
 
-    def _pinyin(self, pinyin: str, field: str = "pinyin") -> str:
-        if not pinyin.strip("'"):
-            raise Invalid(f"{field} must have at least one letter")
-        if len(pinyin) > self.config.max_pinyin_letters:
-            raise Invalid(
-                f"{field} has {len(pinyin)} letters; the limit is {self.config.max_pinyin_letters} "
-                "(server setting max_pinyin_letters)"
-            )
-        return pinyin
-
-    def _text(self, text: str, field: str) -> str:
-        if not text:
+    def _text(self, text: str, field: str, required: bool = True) -> str:
+        if required and not text:
             raise Invalid(f"{field} must not be empty")
         if len(text) > self.config.max_text_chars:
             raise Invalid(f"{field} has {len(text)} characters; the limit is {self.config.max_text_chars}")
@@ -225,16 +215,17 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 "(GetModelInfoResponse.pinyin says which models can)",
             )
         try:
-            if len(request.context) > self.config.max_text_chars:
+            text = self._text(request.context, "context", required=False)
+            if len(request.pinyin) > self.config.max_pinyin_letters:
                 raise Invalid(
-                    f"context has {len(request.context)} characters; the limit is {self.config.max_text_chars}"
+                    f"pinyin has {len(request.pinyin)} letters; the limit is {self.config.max_pinyin_letters} "
+                    "(server setting max_pinyin_letters)"
                 )
-            pinyin = self._pinyin(request.pinyin)
             count = self._num_suggestions(request.num_candidates, DEFAULT_CANDIDATES, "num_candidates")
-            candidates = engine.converter.convert(request.context, pinyin, count, request.fuzzy)
+            candidates = engine.converter.convert(text, request.pinyin, count, request.fuzzy)
         except (Invalid, PinyinError) as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return pb.ConvertResponse(candidates=to_candidates(self._personal_candidates(request.context, candidates)))
+        return pb.ConvertResponse(candidates=to_candidates(self._personal_candidates(text, candidates)))
 
     def Learn(self, request: pb.LearnRequest, context) -> pb.LearnResponse:
         user = self._history_user(context, writes=True)
@@ -387,8 +378,6 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 kind = request.WhichOneof("edit")
                 try:
                     count = self._num_suggestions(request.num_suggestions, count)
-                    if kind == "compose":
-                        self._pinyin(session.composition + request.compose, "the composition")
                     apply_edit(session, request, index)
                     candidates = session.convert(max(count, DEFAULT_CANDIDATES), request.fuzzy)
                 except (Invalid, EditError, PinyinError) as error:
