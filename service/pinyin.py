@@ -11,7 +11,7 @@
 P_model is the served StepModel (network and n-gram memory), so the context decides between
 readings (after 他在, xian is more likely 西安; after 你, 先). The readings come from pypinyin's
 character and phrase tables and the words and their frequencies from jieba's dictionary (both
-MIT); ``Lexicon.load()`` inverts them once per process (about 3 s and 100 MB).
+MIT); ``Lexicon.load()`` inverts them once per process (about 3 s and 140 MB).
 """
 
 from __future__ import annotations
