@@ -401,6 +401,7 @@ class Converter:
         live = [_Hypothesis(0.0, (), (), (lattice.start,), (), log_probs.numpy(), state)]
         done: dict[int, list[_Hypothesis]] = {}  # by letter position: readings whose last word ends there
         options: dict[int, tuple] = {}
+        size = max(count, self.config.beam)  # whole-input readings kept (their shares are within these)
         for _ in range(lattice.length):
             children = self._children(live, lattice, options, self.config.beam + count)
             if not children:
@@ -423,8 +424,10 @@ class Converter:
                     if key not in seen:
                         seen.add(key)
                         live.append(child)
+            floor = self._floor(done.get(lattice.length, ()), size)
+            live = [h for h in live if h.score >= floor]
             self._read(live)
-        kept = {position: self._distinct(found, max(count, self.config.beam)) for position, found in done.items()}
+        kept = {position: self._distinct(found, size) for position, found in done.items()}
         return self._candidates(kept, lattice, count)
 
     def _children(self, live: list[_Hypothesis], lattice: Lattice, options: dict, wide: int) -> list[_Hypothesis]:
@@ -493,15 +496,37 @@ class Converter:
                 options[position] = here = (edges, first, static, edge_of, word_of, share)
         return here
 
+    @staticmethod
+    def _floor(finished: Sequence[_Hypothesis], size: int) -> float:
+        """The score of the ``size``-th best distinct whole-input reading so far (-inf while fewer are known).
+        A score only falls as a reading goes on (every term is a log-probability or a penalty), so a
+        hypothesis below it can no longer reach the whole-input candidates: it is dropped, and the
+        syllables that only such readings would still take cost no forward."""
+        best: dict[str, float] = {}
+        for h in finished:
+            if h.score > best.get(h.text, -math.inf):
+                best[h.text] = h.score
+        if len(best) < size:
+            return -math.inf
+        return sorted(best.values(), reverse=True)[size - 1]
+
     def _read(self, hypotheses: list[_Hypothesis]) -> None:
-        """The tokens each hypothesis reads this step, in one forward for all."""
-        reading = [h for h in hypotheses if h.read]
-        if not reading:
+        """The tokens each hypothesis reads this step, in one forward for all. Hypotheses that read the
+        same tokens after the same state share a row (时 read for 时间 and for 时候; one text segmented
+        two ways), so they share the result."""
+        rows: dict[tuple[int, tuple[int, ...]], list[_Hypothesis]] = {}
+        for h in hypotheses:
+            if h.read:
+                rows.setdefault((id(h.state), h.read), []).append(h)
+        if not rows:
             return
+        groups = list(rows.values())
         # one stacked call per length: all of them in the usual step, where each reads one token
-        steps = [(torch.tensor([h.read], dtype=torch.int64), h.state) for h in reading]
-        for h, (log_probs, state) in zip(reading, ragged_by_length(self.model, steps)):
-            h.log_probs, h.state, h.read = log_probs[0].numpy(), state, ()
+        steps = [(torch.tensor([group[0].read], dtype=torch.int64), group[0].state) for group in groups]
+        for group, (log_probs, state) in zip(groups, ragged_by_length(self.model, steps)):
+            values = log_probs[0].numpy()
+            for h in group:
+                h.log_probs, h.state, h.read = values, state, ()
 
     @staticmethod
     def _distinct(hypotheses: list[_Hypothesis], size: int) -> list[_Hypothesis]:
