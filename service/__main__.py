@@ -28,8 +28,6 @@ HELP = {
     "drop_ended": "with batching, skip a queued model step whose caller cancelled or passed its deadline",
     "max_batch_wait_ms": "wait this long for more work once a batch starts (0 = never wait)",
     "max_concurrent_rpcs": "calls handled at once, a Type session counting as one; more get RESOURCE_EXHAUSTED",
-    "running_calls": "unary calls a process runs at once (0 = no limit); more wait without a thread, those with "
-    "no deadline first, then the one with the most time left (docs/serving.md#overload)",
     "grace": "seconds in-flight calls get to finish on SIGTERM",
     "max_text_chars": "longest Suggest text, Generate prompt or Type session text, in characters",
     "max_suggestions": "most suggestions one request may ask for",

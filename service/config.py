@@ -25,7 +25,6 @@ class ServerConfig:
     drop_ended: bool = True  # skip queued model steps whose caller cancelled or passed its deadline
     max_batch_wait_ms: float = 0.0  # wait this long for more work once a batch starts (0 = never wait)
     max_concurrent_rpcs: int = 256  # calls handled at once (a Type session is one); more: RESOURCE_EXHAUSTED
-    running_calls: int = 16  # unary calls a process runs at once; more wait, no thread held (0 = no limit)
     grace: float = 10.0  # seconds in-flight calls get to finish on SIGTERM
     max_text_chars: int = 10_000  # Suggest text, Generate prompt, a Type session's text
     max_suggestions: int = 20

@@ -3,7 +3,6 @@
     nextword_requests_total{method, code, model}  calls finished, by gRPC status code and model ("": none)
     nextword_request_seconds{method}           latency histogram (a stream: until its last message)
     nextword_active_calls                      calls being handled now
-    nextword_waiting_calls                     unary calls waiting for a running place (--running-calls)
     nextword_active_sessions                   open Type sessions
     nextword_active_generations                running Generate streams
     nextword_batch_rows{model}                 sequences per batched forward of the model
@@ -67,9 +66,6 @@ class Metrics:
             "nextword_request_seconds", "Call latency in seconds", ["method"], buckets=LATENCY_BUCKETS, registry=r
         )
         self.active_calls = Gauge("nextword_active_calls", "Calls being handled", registry=r, **live)
-        self.waiting_calls = Gauge(
-            "nextword_waiting_calls", "Unary calls waiting for a running place", registry=r, **live
-        )
         self.active_sessions = Gauge("nextword_active_sessions", "Open Type sessions", registry=r, **live)
         self.active_generations = Gauge("nextword_active_generations", "Running Generate streams", registry=r, **live)
         self.batch_rows = Histogram(

@@ -1,13 +1,7 @@
-"""The gRPC server: load -> warm up -> health SERVING -> serve; on SIGTERM/SIGINT NOT_SERVING -> stop(grace).
-
-gRPC's asyncio server accepts and answers the calls on an event loop of its own thread; the
-interceptor (service/interceptors.py) checks each call there and runs its handler in a thread of
-the handler pool, so a call that waits for its turn, or expires before it, holds no thread.
-"""
+"""The gRPC server: load -> warm up -> health SERVING -> serve; on SIGTERM/SIGINT NOT_SERVING -> stop(grace)."""
 
 from __future__ import annotations
 
-import asyncio
 import logging
 import os
 import signal
@@ -17,8 +11,7 @@ from concurrent import futures
 from dataclasses import replace
 
 import grpc
-from grpc_health.v1 import health_pb2, health_pb2_grpc
-from grpc_health.v1.health import aio as health_aio
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig
@@ -35,7 +28,7 @@ from service.users import Grant
 log = logging.getLogger("nextword")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextWord"].full_name  # "nextword.v1.NextWord"
 TOKEN_ENV = "NEXTWORD_AUTH_TOKEN"
-SPARE_THREADS = 4  # beyond max_concurrent_rpcs: handler threads finishing for callers who have left
+SPARE_THREADS = 16  # beyond max_concurrent_rpcs: health checks and refusals always find a thread
 
 
 def _read(path: str, what: str) -> bytes:
@@ -95,78 +88,44 @@ class Server:
         self.metrics = Metrics()
         tokens = load_tokens(config)
         credentials = server_credentials(config)
-        # Handler threads: a Type session or Generate stream holds one while it lasts, a unary call while it runs.
-        self.pool = futures.ThreadPoolExecutor(
-            max_workers=config.max_concurrent_rpcs + SPARE_THREADS,
-            thread_name_prefix="rpc",
-            initializer=threads.apply_here,
-        )
         self.guard = CallGuard(
-            self.metrics,
-            tokens,
-            config.max_concurrent_rpcs,
-            config.health_without_auth,
-            config.log_calls,
-            self.pool,
-            config.running_calls,
+            self.metrics, tokens, config.max_concurrent_rpcs, config.health_without_auth, config.log_calls
         )
-        self.histories = open_histories(config)  # service/history.py; None: off
-        self.servicer = NextWordServicer(self.engines, config, self.histories)
-        self.metrics.watch(lambda: self.servicer.active_sessions, lambda: self.servicer.active_generations)
-        for name, engine in self.engines.items():
-            self._watch(name, engine)
-        self.loop = asyncio.new_event_loop()
-        self._loop_thread = threading.Thread(target=self.loop.run_forever, name="grpc-loop", daemon=True)
-        self._loop_thread.start()
-        address = f"{config.host}:{config.port}"
-        self.tls = credentials is not None
-        try:
-            self.port = self._on_loop(self._build(config, address, credentials, reuse_port))
-        except BaseException:
-            self._close_loop()
-            raise
-        if self.port == 0:
-            self._close_loop()
-            raise OSError(f"cannot listen on {address}")
-        self.auth = bool(tokens)
-        self.metrics_port = self.metrics.start_http(config.host, config.metrics_port) if config.metrics else None
-        self._stopped = threading.Event()
-
-    async def _build(self, config: ServerConfig, address: str, credentials, reuse_port: bool) -> int:
-        """The asyncio server with its services, on the loop; returns the port it listens on."""
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
             ("grpc.so_reuseport", int(reuse_port)),
         ]
-        self.grpc = grpc.aio.server(self.pool, interceptors=[self.guard], options=options)
+        # One thread per call (a Type session holds its thread): the guard refuses calls beyond the limit.
+        pool = futures.ThreadPoolExecutor(
+            max_workers=config.max_concurrent_rpcs + SPARE_THREADS,
+            thread_name_prefix="rpc",
+            initializer=threads.apply_here,
+        )
+        self.grpc = grpc.server(pool, interceptors=[self.guard], options=options)
+        self.histories = open_histories(config)  # service/history.py; None: off
+        self.servicer = NextWordServicer(self.engines, config, self.histories)
+        self.metrics.watch(lambda: self.servicer.active_sessions, lambda: self.servicer.active_generations)
+        for name, engine in self.engines.items():
+            self._watch(name, engine)
         pb_grpc.add_NextWordServicer_to_server(self.servicer, self.grpc)
-        self.health = health_aio.HealthServicer()
+        self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
         if config.reflection:
             reflection.enable_server_reflection(
                 (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
                 self.grpc,
             )
-        try:
-            if credentials:
-                return self.grpc.add_secure_port(address, credentials)
-            return self.grpc.add_insecure_port(address)
-        except RuntimeError:  # the asyncio server raises where the threaded one returned 0
-            return 0
-
-    def _on_loop(self, coroutine, timeout: float | None = None):
-        """Run ``coroutine`` on the server's event loop and wait for its result."""
-        return asyncio.run_coroutine_threadsafe(coroutine, self.loop).result(timeout)
-
-    def _close_loop(self) -> None:
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self._loop_thread.join(5)
-        self.pool.shutdown(wait=False, cancel_futures=True)
-
-    async def _set_health(self, status) -> None:
-        for name in ("", SERVICE_NAME):
-            await self.health.set(name, status)
+        address = f"{config.host}:{config.port}"
+        self.tls = credentials is not None
+        self.port = (
+            self.grpc.add_secure_port(address, credentials) if credentials else self.grpc.add_insecure_port(address)
+        )
+        if self.port == 0:
+            raise OSError(f"cannot listen on {address}")
+        self.auth = bool(tokens)
+        self.metrics_port = self.metrics.start_http(config.host, config.metrics_port) if config.metrics else None
+        self._stopped = threading.Event()
 
     def _watch(self, name: str, engine: Engine) -> None:
         """The metrics of one model: its worker's queue and batches, and what it is."""
@@ -192,15 +151,16 @@ class Server:
         )
 
     def start(self) -> Server:
-        self._on_loop(self.grpc.start())
-        self._on_loop(self._set_health(health_pb2.HealthCheckResponse.SERVING))
+        self.grpc.start()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, then in-flight calls get ``grace`` seconds to finish; then the model worker stops."""
-        self._on_loop(self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING))
-        self._on_loop(self.grpc.stop(self.config.grace if grace is None else grace))
-        self._close_loop()
+        for name in ("", SERVICE_NAME):
+            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+        self.grpc.stop(self.config.grace if grace is None else grace).wait()
         if self.histories is not None:  # what was learned is written before the process exits
             self.histories.close()
         for engine in self.engines.values():

@@ -83,20 +83,6 @@ class FakeContext:
         return None  # no deadline
 
 
-class AioFakeContext(FakeContext):
-    """The same, as gRPC's asyncio server gives it to the interceptor: ``abort`` is awaited."""
-
-    def __init__(self, metadata=(), time_remaining: float | None = None) -> None:
-        super().__init__(metadata)
-        self.remaining = time_remaining
-
-    async def abort(self, code, details: str):
-        super().abort(code, details)
-
-    def time_remaining(self):
-        return self.remaining
-
-
 def fake_engine(model=None, tokenizer=None):
     """An Engine over a FakeModel and a char tokenizer, with a manifest that says so."""
     from service.artifact import Artifact, Manifest, Provenance, TokenizerSpec

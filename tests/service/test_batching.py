@@ -185,10 +185,12 @@ class GatedModel:
 
 def test_steps_of_callers_who_are_gone_are_dropped_before_the_model_runs_them():
     from service import calls
-    from service.calls import CallContext, CallEnded
+    from service.calls import CallEnded
+    from tests.service.fakes import FakeContext
 
-    cancelled = CallContext()
-    cancelled.ended = True  # the server's loop marks a call so when its caller cancels
+    class Expired(FakeContext):
+        def time_remaining(self):
+            return 0.0
 
     model = GatedModel()
     batched = BatchingModel(model)
@@ -209,9 +211,9 @@ def test_steps_of_callers_who_are_gone_are_dropped_before_the_model_runs_them():
     first.start()
     assert model.entered.wait(5)  # the worker has taken it alone and waits at the gate
     waiting = [
-        threading.Thread(target=call, args=("expired", CallContext(time_remaining=0.0), 2)),
-        threading.Thread(target=call, args=("cancelled", cancelled, 2)),
-        threading.Thread(target=call, args=("live", CallContext(time_remaining=60.0), 2)),
+        threading.Thread(target=call, args=("expired", Expired(), 2)),
+        threading.Thread(target=call, args=("cancelled", FakeContext(active=False), 2)),
+        threading.Thread(target=call, args=("live", FakeContext(), 2)),
     ]
     for thread in waiting:
         thread.start()

@@ -1,35 +1,24 @@
-"""The interceptor on a fake context: request ids, tokens, the concurrency limit, admission, error
-mapping, metrics. Its wrappers run on an event loop, as gRPC's asyncio server runs them, and the
-handlers in threads."""
+"""The interceptor on a fake context: request ids, tokens, the concurrency limit, error mapping, metrics."""
 
-import asyncio
 import logging
-import threading
 from types import SimpleNamespace
 
 import grpc
 import pytest
 
-from service.interceptors import REQUEST_ID_KEY, Admission, CallGuard
+from service.interceptors import REQUEST_ID_KEY, CallGuard
 from service.metrics import Metrics
-from tests.service.fakes import Aborted
-from tests.service.fakes import AioFakeContext as FakeContext
+from tests.service.fakes import Aborted, FakeContext
 
 TOKEN = "a-token-of-enough-length"
 
 
-def intercept(guard: CallGuard, handler: grpc.RpcMethodHandler, method: str) -> grpc.RpcMethodHandler:
-    async def continuation(_):
-        return handler
-
-    return asyncio.run(guard.intercept_service(continuation, SimpleNamespace(method=method)))
-
-
 def guarded(handler, method="/nextword.v1.NextWord/Suggest", **options):
-    """(the wrapped unary handler as a blocking function, the guard) for ``handler(request, context)``."""
+    """(the wrapped unary handler, the guard) for ``handler(request, context)``."""
     guard = CallGuard(Metrics(), **options)
-    wrapped = intercept(guard, grpc.unary_unary_rpc_method_handler(handler), method).unary_unary
-    return (lambda request, context: asyncio.run(wrapped(request, context))), guard
+    details = SimpleNamespace(method=method)
+    wrapped = guard.intercept_service(lambda _: grpc.unary_unary_rpc_method_handler(handler), details)
+    return wrapped.unary_unary, guard
 
 
 def count(guard: CallGuard, code: str, method: str = "Suggest") -> float:
@@ -49,21 +38,6 @@ def test_a_sane_request_id_is_kept_and_an_insane_one_replaced():
     assert len(made) == 16 and int(made, 16) >= 0
 
 
-def test_the_handler_runs_in_a_thread_with_the_calls_deadline_and_metadata():
-    seen = {}
-
-    def handler(request, context):
-        seen["thread"] = threading.current_thread()
-        seen["remaining"] = context.time_remaining()
-        seen["metadata"] = context.invocation_metadata()
-        return "ok"
-
-    call, _ = guarded(handler)
-    assert call(None, FakeContext([("x-client", "k")], time_remaining=5.0)) == "ok"
-    assert seen["thread"] is not threading.main_thread()
-    assert 4.0 < seen["remaining"] <= 5.0 and ("x-client", "k") in seen["metadata"]
-
-
 def test_tokens_are_required_except_for_health():
     call, guard = guarded(lambda request, context: "ok", tokens=[TOKEN])
     context = FakeContext([("authorization", "Bearer wrong-token-0123456789")])
@@ -71,96 +45,25 @@ def test_tokens_are_required_except_for_health():
         call(None, context)
     assert context.status == grpc.StatusCode.UNAUTHENTICATED and count(guard, "UNAUTHENTICATED") == 1
     assert call(None, FakeContext([("authorization", f"Bearer {TOKEN}")])) == "ok"
-
-    async def check(request, context):  # the health service runs on the loop
-        return "serving"
-
-    health, _ = guarded(check, method="/grpc.health.v1.Health/Check", tokens=[TOKEN])
+    health, _ = guarded(lambda request, context: "serving", method="/grpc.health.v1.Health/Check", tokens=[TOKEN])
     assert health(None, FakeContext()) == "serving"
 
 
 def test_calls_beyond_the_limit_are_refused_while_one_runs():
-    started, release = threading.Event(), threading.Event()
+    inner = {}
 
     def handler(request, context):
-        started.set()
-        release.wait(5)
+        if request == "outer":  # a second call arrives while this one runs
+            inner["context"] = FakeContext()
+            with pytest.raises(Aborted):
+                call("inner", inner["context"])
         return "done"
 
-    guard = CallGuard(Metrics(), max_concurrent_rpcs=1)
-    call = intercept(guard, grpc.unary_unary_rpc_method_handler(handler), "/nextword.v1.NextWord/Suggest").unary_unary
-
-    async def scenario():
-        outer = asyncio.create_task(call("outer", FakeContext()))
-        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
-        inner = FakeContext()
-        with pytest.raises(Aborted):
-            await call("inner", inner)
-        release.set()
-        return await outer, inner
-
-    answer, inner = asyncio.run(scenario())
-    assert answer == "done" and inner.status == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "the limit is 1" in inner.details
+    call, guard = guarded(handler, max_concurrent_rpcs=1)
+    assert call("outer", FakeContext()) == "done"
+    assert inner["context"].status == grpc.StatusCode.RESOURCE_EXHAUSTED
+    assert "the limit is 1" in inner["context"].details
     assert guard.active == 0 and count(guard, "OK") == 1 and count(guard, "RESOURCE_EXHAUSTED") == 1
-
-
-def test_admission_runs_calls_without_a_deadline_first_then_those_with_the_most_time_left():
-    async def scenario():
-        admission = Admission(1)
-        await admission.enter(None)  # runs at once: the one running place
-        order = []
-
-        async def wait(name, deadline):
-            await admission.enter(deadline)
-            order.append(name)
-
-        tasks = [
-            asyncio.create_task(wait(name, deadline))
-            for name, deadline in [("soon", 10.0), ("later", 20.0), ("patient", None), ("gone", 30.0)]
-        ]
-        await asyncio.sleep(0)
-        assert admission.waiting == 4 and order == []
-        tasks[3].cancel()  # its caller left (its deadline passed, or it cancelled): it leaves the queue
-        await asyncio.sleep(0)
-        assert admission.waiting == 3
-        for _ in range(3):
-            admission.leave()  # a running call ends: its place goes to the next
-            await asyncio.sleep(0)
-        assert order == ["patient", "later", "soon"] and admission.running == 1
-        admission.leave()
-        assert admission.running == 0 and admission.waiting == 0
-
-    asyncio.run(scenario())
-
-
-def test_a_call_that_leaves_while_waiting_for_its_turn_never_runs():
-    started, release, ran = threading.Event(), threading.Event(), []
-
-    def handler(request, context):
-        ran.append(request)
-        started.set()
-        release.wait(5)
-        return "done"
-
-    guard = CallGuard(Metrics(), running_calls=1)
-    call = intercept(guard, grpc.unary_unary_rpc_method_handler(handler), "/nextword.v1.NextWord/Suggest").unary_unary
-
-    async def scenario():
-        first = asyncio.create_task(call("first", FakeContext()))
-        await asyncio.get_running_loop().run_in_executor(None, started.wait, 5)
-        second = asyncio.create_task(call("second", FakeContext(time_remaining=0.05)))
-        await asyncio.sleep(0.01)
-        assert guard.admission.waiting == 1 and guard.active == 2
-        second.cancel()  # as gRPC does when the deadline passes
-        with pytest.raises(asyncio.CancelledError):
-            await second
-        release.set()
-        return await first
-
-    assert asyncio.run(scenario()) == "done" and ran == ["first"]
-    assert guard.active == 0 and guard.admission.running == 0 and guard.admission.waiting == 0
-    assert count(guard, "OK") == 1 and count(guard, "DEADLINE_EXCEEDED") + count(guard, "CANCELLED") == 1
 
 
 def test_an_abort_passes_through_and_an_exception_becomes_internal(caplog):
@@ -193,11 +96,8 @@ def test_malformed_bytes_are_invalid_argument_naming_the_type_and_never_the_payl
     handler = grpc.unary_unary_rpc_method_handler(
         lambda request, context: request.text, request_deserializer=pb.SuggestRequest.FromString
     )
-    wrapped = intercept(guard, handler, "/nextword.v1.NextWord/Suggest").unary_unary
-
-    def call(data, context):
-        return asyncio.run(wrapped(data, context))
-
+    details = SimpleNamespace(method="/nextword.v1.NextWord/Suggest")
+    call = guard.intercept_service(lambda _: handler, details).unary_unary
     good = pb.SuggestRequest(text="secret words").SerializeToString()
     assert call(good, FakeContext()) == "secret words"
     with caplog.at_level(logging.INFO, logger="nextword"):
@@ -226,23 +126,15 @@ def test_a_malformed_message_in_a_request_stream_is_invalid_argument():
             yield request.append
 
     method = grpc.stream_stream_rpc_method_handler(handler, request_deserializer=pb.TypeRequest.FromString)
-    call = intercept(guard, method, "/nextword.v1.NextWord/Type").stream_stream
-
-    async def requests():
-        yield pb.TypeRequest(append="ok").SerializeToString()
-        yield b"\xff\xff"
-
-    async def scenario(context):
-        answers = []
-        with pytest.raises(Aborted):
-            async for answer in call(requests(), context):
-                answers.append(answer)
-        return answers
-
+    details = SimpleNamespace(method="/nextword.v1.NextWord/Type")
+    call = guard.intercept_service(lambda _: method, details).stream_stream
     context = FakeContext()
-    assert asyncio.run(scenario(context)) == ["ok"] and context.status == grpc.StatusCode.INVALID_ARGUMENT
+    answers = []
+    with pytest.raises(Aborted):
+        for answer in call(iter([pb.TypeRequest(append="ok").SerializeToString(), b"\xff\xff"]), context):
+            answers.append(answer)
+    assert answers == ["ok"] and context.status == grpc.StatusCode.INVALID_ARGUMENT
     assert "nextword.v1.TypeRequest" in context.details and count(guard, "INVALID_ARGUMENT", "Type") == 1
-    assert guard.active == 0
 
 
 def test_new_request_ids_are_unique_and_sane():
