@@ -111,6 +111,35 @@ def test_candidates_say_what_they_consume_whole_input_first_then_leading_parts_l
     assert 0 < best.probability <= 1 and abs(sum(c.probability for c in candidates if c.consumed == 12) - 1) < 0.2
 
 
+def test_the_search_computes_each_row_once_and_its_pruning_keeps_the_best_readings(ime):
+    """Hypotheses that read the same token after the same state (时 of 时间 and of 时候) share a forward row;
+    a reading below the whole-input candidates stops early, which never changes the best ones."""
+    forwards = []
+
+    class Counting:
+        def __init__(self, model) -> None:
+            self.model, self.vocab_size = model, model.vocab_size
+
+        def init_state(self, batch_size: int):
+            return self.model.init_state(batch_size)
+
+        def advance(self, tokens, state):
+            forwards.append((tokens, state))
+            return self.model.advance(tokens, state)
+
+    base = ime.converter
+    counted = Converter(Counting(base.model), base.tokenizer, base.lexicon, base.config)
+    for context, pinyin in [("今天", "shijianhenjin"), ("他在", "xianzaiqu"), ("", "nihaolaoshi")]:
+        forwards.clear()
+        found = counted.convert(context, pinyin, 9)
+        assert len(forwards) > 1
+        for tokens, state in forwards[1:]:  # after the context's: a forward per syllable
+            rows = {(tuple(tokens[i].tolist()), state[:, i].numpy().tobytes()) for i in range(tokens.size(0))}
+            assert len(rows) == tokens.size(0)  # no row computed twice
+        keeping_more = base.convert(context, pinyin, 20)  # more whole-input readings kept: less pruning
+        assert whole(found, pinyin)[:3] == whole(keeping_more, pinyin)[:3]
+
+
 def test_chinese_models_convert_and_others_do_not(ime, tiny_char_model):
     assert reads_chinese(ime.artifact.tokenizer)
     english = Engine.load(ServerConfig(model=tiny_char_model, batching=False, history_db="off"))
