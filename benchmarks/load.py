@@ -14,6 +14,9 @@ connections instead: a server of several worker processes sees each connection o
 measures what gRPC, the server's interceptor and Python cost per call. ``--deadline-ms`` gives
 every call that deadline (overload: what counts is the OK answers per second, the goodput).
 ``--generate-streams N`` keeps N Generate streams of 512 tokens running beside the clients.
+``--backoff`` makes a client whose call failed (a deadline passed, or the server refused it) wait
+before its next call: its deadline, doubled at each failure in a row up to ``MAX_BACKOFF`` seconds,
+times a random factor from 0.5 to 1 (full jitter's usual form); an OK answer resets it.
 
 Prints one JSON line: OK calls, errors, QPS of OK answers, p50, p99 and the slowest OK latency in
 ms, the count of each status code, and the Generate tokens streamed.
@@ -34,6 +37,7 @@ from benchmarks.texts import next_word_prompts, prompts
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 
+MAX_BACKOFF = 1.0  # seconds, with --backoff
 TORCHSERVE_PREDICTIONS = "/org.pytorch.serve.grpc.inference.InferenceAPIsService/Predictions"
 
 
@@ -83,6 +87,7 @@ async def run(
     texts: str = "mixed",
     peer: str = "",
     model_name: str = "nextword",
+    backoff: bool = False,
 ) -> dict:
     texts = next_word_prompts() if texts == "next-word" else prompts()
     latencies: list[float] = []
@@ -124,6 +129,7 @@ async def run(
         async def client(seed: int) -> None:
             rng = random.Random(seed)
             stub = stubs[seed % len(stubs)]
+            failures = 0
             while (now := time.perf_counter()) < stop_at:
                 try:
                     await call(stub, rng)
@@ -134,6 +140,9 @@ async def run(
                     codes[code.name] += 1
                     if code == grpc.StatusCode.OK:
                         latencies.append(time.perf_counter() - now)
+                failures = 0 if code == grpc.StatusCode.OK else failures + 1
+                if backoff and failures:
+                    await asyncio.sleep(min(MAX_BACKOFF, timeout * 2 ** (failures - 1)) * rng.uniform(0.5, 1.0))
 
         async def generate(seed: int) -> None:
             nonlocal streamed
@@ -158,6 +167,7 @@ async def run(
     return {
         "clients": clients,
         "deadline_ms": deadline_ms,
+        "backoff": backoff,
         "generate_streams": generate_streams,
         "connections": len(opened),
         "calls": len(latencies),
@@ -184,6 +194,7 @@ def main() -> None:
     parser.add_argument("--texts", choices=["mixed", "next-word"], default="mixed", help="what the clients send")
     parser.add_argument("--peer", choices=["", "torchserve"], default="", help="call TorchServe's Predictions")
     parser.add_argument("--model-name", default="nextword", help="the peer's model name")
+    parser.add_argument("--backoff", action="store_true", help="a client waits after a failed call (see above)")
     args = parser.parse_args()
     result = run(
         args.target,
@@ -197,6 +208,7 @@ def main() -> None:
         args.texts,
         args.peer,
         args.model_name,
+        args.backoff,
     )
     print(json.dumps(asyncio.run(result)))
 

@@ -8,7 +8,8 @@ Against the server on the default model (default flags, ``--no-log-calls``), dri
 1. the QPS of 64 closed-loop Suggest clients without deadlines (the reference);
 2. 256 clients whose every Suggest has a 100 ms deadline: OK answers per second (goodput), the
    slowest OK answer and the count of each status, with queued work for callers who are gone
-   dropped (the default) and with ``--no-drop-ended``;
+   dropped (the default) and with ``--no-drop-ended``; and with clients that back off after a
+   failed call (``benchmarks/load.py --backoff``) instead of calling again at once;
 3. Suggest at 8 clients alone, and beside 8 streams of 512-token Generates: p50 and p99.
 
 It prints each measurement as a JSON line, then the ratios the targets are stated in.
@@ -44,13 +45,14 @@ def main() -> None:
     with serving(args.model, *flags) as (port, _):
         results["reference"] = measure(port, 64, args.seconds)
         results["dropping"] = measure(port, args.clients, args.seconds, *deadline)
+        results["dropping, clients back off"] = measure(port, args.clients, args.seconds, *deadline, "--backoff")
         if not args.skip_isolation:
             results["alone"] = measure(port, 8, args.seconds)
             results["beside"] = measure(port, 8, args.seconds, "--generate-streams", "8")
     with serving(args.model, *flags, "--no-drop-ended") as (port, _):
         results["not dropping"] = measure(port, args.clients, args.seconds, *deadline)
     reference = results["reference"]["qps"]
-    for name in ("dropping", "not dropping"):
+    for name in ("dropping", "dropping, clients back off", "not dropping"):
         r = results[name]
         print(
             f"{args.clients} clients, {args.deadline_ms:g} ms deadline, {name}: goodput {r['qps']:.0f}/s = "
