@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # The default recipes, judged against the n-gram baseline on a held-out test split.
-#   scripts/recipes.sh kjv     [CORPORA_DIR]   English: words, 2x256 LSTM, 10 epochs (7,060 steps)
-#   scripts/recipes.sh zh      [CORPORA_DIR]   Chinese: characters, 2x512 LSTM, dropout 0.5, 10 epochs (2,080 steps),
+#   scripts/recipes.sh kjv     [CORPORA_DIR]   English: words, 2x256 LSTM, dropout auto (0.1 here), 10 epochs (7,060 steps)
+#   scripts/recipes.sh zh      [CORPORA_DIR]   Chinese: characters, 2x512 LSTM, dropout auto (0.5 here), 10 epochs (2,080 steps),
 #                                              exported with int8 weights (a conversion runs a forward per syllable)
 #   scripts/recipes.sh zh-word [CORPORA_DIR]   Chinese: jieba words (12,000: every character and the
 #                                              frequent words), otherwise as zh
@@ -28,11 +28,11 @@ fi
 name=${1:?usage: scripts/recipes.sh kjv|zh|zh-word [CORPORA_DIR]}
 corpora=${2:-../shared/corpora}
 order=5  # the n-gram order best on validation, for every recipe
-zh=(--hidden-size 512 --dropout 0.5 --epochs 10 --max-steps 3000 --eval-every 1000)
+zh=(--hidden-size 512 --dropout auto --epochs 10 --max-steps 3000 --eval-every 1000)
 export_flags=()
 case "$name" in
     kjv) corpus="$corpora/kjv/kjv.txt"
-         flags=(--tokenizer word --lowercase --vocab-size 5000 --hidden-size 256 --dropout 0.1 --epochs 10 --max-steps 9000 --eval-every 1500) ;;
+         flags=(--tokenizer word --lowercase --vocab-size 5000 --hidden-size 256 --dropout auto --epochs 10 --max-steps 9000 --eval-every 1500) ;;
     zh)  corpus="$corpora/zh-fortunes/zh-fortunes.txt"
          flags=(--tokenizer char "${zh[@]}") export_flags=(--quantize int8) ;;
     zh-word) corpus="$corpora/zh-fortunes/zh-fortunes.txt"

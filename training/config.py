@@ -25,7 +25,7 @@ class TrainConfig:
     num_layers: int = 2
     hidden_size: int = 512
     embedding_size: int | None = None  # None: same as hidden_size
-    dropout: float = 0.2
+    dropout: float | None = 0.2  # None: auto, from the training tokens per parameter (training/train.py)
     tie_weights: bool | None = None  # None: on for embedding input
     batch_size: int = 32
     bptt: int = 35
@@ -53,6 +53,10 @@ class TrainConfig:
         for key in ("corpus", "val"):
             values[key] = tuple(values.get(key) or ())
         return cls(**values)
+
+
+def _dropout(text: str) -> float | None:
+    return None if text == "auto" else ranged(float, 0.0, 0.95)(text)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -132,7 +136,13 @@ def build_parser() -> argparse.ArgumentParser:
     net.add_argument(
         "--embedding-size", type=ranged(int, 1, 8192), default=None, help="embedding width (default: --hidden-size)"
     )
-    net.add_argument("--dropout", type=ranged(float, 0.0, 0.95), default=0.2, help="dropout (default 0.2)")
+    net.add_argument(
+        "--dropout",
+        type=_dropout,
+        default=0.2,
+        help="dropout from 0 to 0.95, or auto: 0.5 to 0.1 as the training text grows against the network's "
+        "parameters (docs/training.md) (default 0.2)",
+    )
     net.add_argument(
         "--tie-weights",
         action=argparse.BooleanOptionalAction,

@@ -69,6 +69,20 @@ def resolve_resume(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, d
     return replace(saved, resume=config.resume, **overrides), checkpoint
 
 
+AUTO_DROPOUT = ((0.03, 0.5), (0.3, 0.1))  # (training tokens per parameter, dropout) at the two ends of the rule
+
+
+def auto_dropout(tokens: int, parameters: int) -> float:
+    """``--dropout auto``: more regularisation where there is less text for the network's size. 0.5 at 0.03
+    training tokens per parameter or fewer (zh-fortunes' 0.23 M characters for the 2x512 Chinese network),
+    0.1 at 0.3 or more (KJV's 0.79 M words for the 2x256 word network), log-linear between, to the
+    nearest 0.05 (0.7 M characters for the 2x512 network, 0.1 tokens per parameter, get 0.3)."""
+    (low_ratio, most), (high_ratio, least) = AUTO_DROPOUT
+    ratio = tokens / max(1, parameters)
+    where = math.log(ratio / low_ratio) / math.log(high_ratio / low_ratio) if ratio > 0 else 0.0
+    return round((most + (least - most) * min(1.0, max(0.0, where))) * 20) / 20
+
+
 def model_config_for(config: TrainConfig, vocab_size: int) -> ModelConfig:
     embedding = config.embedding_size or config.hidden_size
     tie = (
@@ -84,7 +98,7 @@ def model_config_for(config: TrainConfig, vocab_size: int) -> ModelConfig:
             num_layers=config.num_layers,
             hidden_size=config.hidden_size,
             embedding_size=embedding,
-            dropout=config.dropout,
+            dropout=config.dropout if config.dropout is not None else 0.0,  # auto: chosen in Run.build
             tie_weights=tie,
         )
     except ValueError as error:
@@ -184,6 +198,12 @@ class TrainingRun:
                 f"the training text has {self.total_tokens} tokens; --batch-size {config.batch_size} "
                 f"needs at least {2 * config.batch_size}: give more text or a smaller --batch-size"
             )
+        if config.dropout is None:  # --dropout auto: from the training tokens per parameter
+            parameters = sum(p.numel() for p in LanguageModel(self.model_config).parameters())
+            self.config = config = replace(config, dropout=auto_dropout(self.total_tokens, parameters))
+            self.model_config = model_config_for(config, self.tokenizer.vocab_size)
+            tokens = self.total_tokens
+            self.say(f"dropout {config.dropout:g} (auto: {tokens:,} training tokens for {parameters:,} parameters)")
         windows_per_epoch = num_windows(torch.empty(1, self.total_tokens // config.batch_size), config.bptt)
         self.max_steps = min(config.max_steps or DRY_RUN_STEPS, DRY_RUN_STEPS) if config.dry_run else config.max_steps
         self.total_steps = self.max_steps or config.epochs * windows_per_epoch

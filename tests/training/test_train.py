@@ -96,6 +96,40 @@ def test_dry_run_runs_a_few_steps(tmp_path):
     assert load_checkpoint(str(tmp_path))["step"] == 3
 
 
+def test_auto_dropout_follows_the_text_per_parameter():
+    from training.train import auto_dropout
+
+    assert auto_dropout(231_996, 7_091_199) == 0.5  # zh-fortunes' characters for the 2x512 Chinese network
+    assert auto_dropout(790_620, 2_337_672) == 0.1  # KJV's words for the 2x256 word network
+    assert auto_dropout(630_000, 6_500_000) == 0.3  # a 0.7 M-character corpus for the 2x512 network
+    ratios = [auto_dropout(tokens, 1_000_000) for tokens in (1_000, 30_000, 60_000, 120_000, 300_000, 10**8)]
+    assert ratios == sorted(ratios, reverse=True) and ratios[0] == 0.5 and ratios[-1] == 0.1
+
+
+def test_dropout_auto_is_chosen_from_the_data_and_saved(tmp_path):
+    import re
+
+    from training.train import auto_dropout
+
+    chosen = {}
+    for hidden in ("16", "256"):  # the same text for a small and a large network
+        args = [*TINY_NET[TINY_NET.index("--num-layers") :], "--hidden-size", hidden, "--dropout", "auto"]
+        out = tmp_path / hidden
+        result = run_cli("training.train", "--corpus", TINY_EN, "--out", str(out), "--dry-run", *args)
+        assert result.returncode == 0, result.stderr
+        found = re.search(
+            r"dropout ([0-9.]+) \(auto: ([0-9,]+) training tokens for ([0-9,]+) parameters\)", result.stderr
+        )
+        dropout, tokens, parameters = float(found[1]), int(found[2].replace(",", "")), int(found[3].replace(",", ""))
+        assert dropout == auto_dropout(tokens, parameters)
+        with open(out / "config.json") as handle:
+            assert json.load(handle)["train"]["dropout"] == dropout  # saved as a number: export and resume read it
+        chosen[hidden] = dropout
+    assert chosen["16"] < chosen["256"]  # less text per parameter: more dropout
+    bad = run_cli("training.train", "--corpus", TINY_EN, "--out", str(tmp_path / "b"), "--dropout", "lots")
+    assert bad.returncode != 0 and "'lots' is not a valid float" in error_line(bad)
+
+
 def error_line(result):
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1, result.stderr  # one clear line, no traceback
