@@ -35,11 +35,35 @@ from service.cli import OneLineParser
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 
+# Calls the server refused before doing anything (RESOURCE_EXHAUSTED: too many at once) or that could not
+# reach it (UNAVAILABLE: a worker restarting) are tried again, within the call's deadline, after a pause
+# that gRPC draws at random up to 0.1 s, 0.2 s, 0.4 s, ... 1 s: so that clients back off instead of
+# piling onto a busy server. Learn and ImportHistory are not retried (they add to a history).
+RETRIED = ("Suggest", "Convert", "Generate", "Type", "GetModelInfo", "Forget", "ExportHistory")
+RETRY_POLICY = {
+    "maxAttempts": 5,
+    "initialBackoff": "0.1s",
+    "maxBackoff": "1s",
+    "backoffMultiplier": 2,
+    "retryableStatusCodes": ["RESOURCE_EXHAUSTED", "UNAVAILABLE"],
+}
+SERVICE_CONFIG = json.dumps(
+    {
+        "methodConfig": [
+            {
+                "name": [{"service": "nextword.v1.NextWord", "method": method} for method in RETRIED],
+                "retryPolicy": RETRY_POLICY,
+            }
+        ]
+    }
+)
+
 
 class NextWordClient:
     """``token``: a bearer token sent with every call. TLS when ``tls`` or any certificate is given:
     ``root_certificates`` (PEM) to trust the server (default: the system's roots), and
-    ``private_key`` / ``certificate_chain`` (PEM) for mutual TLS."""
+    ``private_key`` / ``certificate_chain`` (PEM) for mutual TLS. ``retry``: try refused calls again
+    with backoff (``RETRY_POLICY``)."""
 
     def __init__(
         self,
@@ -52,15 +76,17 @@ class NextWordClient:
         certificate_chain: bytes | None = None,
         user: str | None = None,
         model: str = "",
+        retry: bool = True,
     ) -> None:
         """``user``: the user every call names (x-nextword-user): its suggestions use and its Type
         sessions add to that user's personal history. ``model``: the served model every call asks, by
         name ("" = the server's first)."""
+        options = [("grpc.enable_retries", int(retry))] + ([("grpc.service_config", SERVICE_CONFIG)] if retry else [])
         if tls or root_certificates or private_key or certificate_chain:
             credentials = grpc.ssl_channel_credentials(root_certificates, private_key, certificate_chain)
-            self.channel = grpc.secure_channel(target, credentials)
+            self.channel = grpc.secure_channel(target, credentials, options)
         else:
-            self.channel = grpc.insecure_channel(target)
+            self.channel = grpc.insecure_channel(target, options)
         self.stub = pb_grpc.NextWordStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout

@@ -7,6 +7,7 @@ import ipaddress
 import json
 import logging
 import threading
+import time
 import urllib.request
 
 import grpc
@@ -210,6 +211,40 @@ def test_concurrency_limit_refuses_with_resource_exhausted_naming_the_limit(tiny
             for stream in streams:
                 list(stream)
             assert client.suggest("we ").suggestions
+    finally:
+        release.set()
+        server.stop(0)
+
+
+def test_the_client_retries_a_refused_call_with_backoff_and_a_plain_one_fails_at_once(tiny_char_model):
+    server, port, _ = start(tiny_char_model, max_concurrent_rpcs=1, max_sessions=8)
+    release = threading.Event()
+
+    def refused() -> float:
+        value = server.metrics.registry.get_sample_value(
+            "nextword_requests_total", {"method": "Suggest", "code": "RESOURCE_EXHAUSTED", "model": ""}
+        )
+        return value or 0.0
+
+    try:
+        with NextWordClient(f"127.0.0.1:{port}", timeout=20) as client:
+            session = client.type(held_session(release, 20))
+            next(session)  # the one place is taken
+            with NextWordClient(f"127.0.0.1:{port}", timeout=20, retry=False) as plain:
+                with pytest.raises(grpc.RpcError) as caught:
+                    plain.suggest("we ")
+                assert caught.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED and refused() == 1
+            answer = {}
+            waiting = threading.Thread(target=lambda: answer.setdefault("it", client.suggest("we ")))
+            waiting.start()
+            deadline = time.time() + 10
+            while refused() < 2 and time.time() < deadline:  # its first try was refused
+                time.sleep(0.001)
+            assert refused() >= 2
+            release.set()  # the session ends and frees the place; a later try gets in
+            list(session)
+            waiting.join(20)
+            assert answer["it"].suggestions
     finally:
         release.set()
         server.stop(0)
