@@ -275,8 +275,9 @@ def test_session_limit_idle_timeout_and_count(tiny_char_model):
             release = threading.Event()
             first = client.type(held_session(release, 10), timeout=20)
             assert next(first).text_length == 2
-            with pytest.raises(grpc.RpcError) as error:
-                list(client.type([pb.TypeRequest(append="a")], timeout=5))
+            with NextWordClient(f"127.0.0.1:{port}", retry=False) as plain:  # NextWordClient would try again
+                with pytest.raises(grpc.RpcError) as error:
+                    list(plain.type([pb.TypeRequest(append="a")], timeout=5))
             assert error.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
             assert "the limit is 1 at once" in error.value.details()
             with pytest.raises(grpc.RpcError) as error:  # the held session idles past 0.5 s
