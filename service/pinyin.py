@@ -424,8 +424,12 @@ class Converter:
                     if key not in seen:
                         seen.add(key)
                         live.append(child)
-            floor = self._floor(done.get(lattice.length, ()), size)
-            live = [h for h in live if h.score >= floor]
+            # A score only falls as a reading goes on (every term is a log-probability or a penalty), so a
+            # hypothesis below the size-th best distinct whole-input reading so far can no longer reach the
+            # whole-input candidates: it stops, and the syllables only such readings would take cost no forward.
+            finished = self._distinct(done.get(lattice.length, []), size)
+            if len(finished) == size:
+                live = [h for h in live if h.score >= finished[-1].score]
             self._read(live)
         kept = {position: self._distinct(found, size) for position, found in done.items()}
         return self._candidates(kept, lattice, count)
@@ -495,20 +499,6 @@ class Converter:
                 static = share - config.abbreviation_penalty * abbreviated + config.unknown * (first == UNK)
                 options[position] = here = (edges, first, static, edge_of, word_of, share)
         return here
-
-    @staticmethod
-    def _floor(finished: Sequence[_Hypothesis], size: int) -> float:
-        """The score of the ``size``-th best distinct whole-input reading so far (-inf while fewer are known).
-        A score only falls as a reading goes on (every term is a log-probability or a penalty), so a
-        hypothesis below it can no longer reach the whole-input candidates: it is dropped, and the
-        syllables that only such readings would still take cost no forward."""
-        best: dict[str, float] = {}
-        for h in finished:
-            if h.score > best.get(h.text, -math.inf):
-                best[h.text] = h.score
-        if len(best) < size:
-            return -math.inf
-        return sorted(best.values(), reverse=True)[size - 1]
 
     def _read(self, hypotheses: list[_Hypothesis]) -> None:
         """The tokens each hypothesis reads this step, in one forward for all. Hypotheses that read the
