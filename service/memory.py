@@ -8,7 +8,9 @@ over the whole vocabulary.
 
 The arrays, per context length k = 0 .. order-1 (the file's ``memory.npz``):
 
-    keys_k     uint64 [C]      each context t_1 .. t_k packed as sum(t_i * V**(k - i)), sorted
+    keys_k     uint64 [C]      each context t_1 .. t_k (t_k the most recent) as a number, sorted:
+                               index of t_2 .. t_k in order k - 1's contexts * V + t_1
+                               (the empty context has index 0, so keys_1 are the tokens themselves)
     gamma_k    float32 [C]     the weight left for the shorter context (backoff mass)
     offsets_k  int64 [C + 1]   where each context's followers start in ids_k / probs_k
     ids_k      int32 [F]       the tokens seen after the context
@@ -16,6 +18,9 @@ The arrays, per context length k = 0 .. order-1 (the file's ``memory.npz``):
 
     P(w | h) = probs_k(h, w) + gamma_k(h) * P(w | h shortened), down to the uniform distribution,
     k being the longest context of h that was seen (every shorter one was seen too).
+
+A key chains to the shorter context's index, so any order fits 64 bits. Files written before the
+``chained`` flag packed the tokens themselves, sum(t_i * V**(k - i)); they are read as they were.
 """
 
 from __future__ import annotations
@@ -34,14 +39,6 @@ from service.tokenizer import BOS, PAD
 NO_TOKEN = -1.0  # an empty place in a history (a text shorter than order - 1 tokens)
 
 
-def pack(contexts: np.ndarray, vocab_size: int) -> np.ndarray:
-    """[N, k] token ids -> [N] uint64 keys (k = 0 gives zeros)."""
-    keys = np.zeros(len(contexts), dtype=np.uint64)
-    for column in range(contexts.shape[1]):
-        keys = keys * np.uint64(vocab_size) + contexts[:, column].astype(np.uint64)
-    return keys
-
-
 @dataclass
 class MemoryOrder:
     keys: np.ndarray
@@ -52,10 +49,11 @@ class MemoryOrder:
 
 
 class NgramMemory:
-    def __init__(self, orders: list[MemoryOrder], vocab_size: int) -> None:
+    def __init__(self, orders: list[MemoryOrder], vocab_size: int, chained: bool = True) -> None:
         self.orders = orders
         self.order = len(orders)
         self.vocab_size = vocab_size
+        self.chained = chained  # keys chain to the shorter context's index (see the module docstring)
         uniform = np.ones(vocab_size, dtype=np.float32)
         uniform[[PAD, BOS]] = 0.0
         self.uniform = uniform / uniform.sum()
@@ -69,6 +67,8 @@ class NgramMemory:
 
     def to_bytes(self) -> bytes:
         arrays = {"vocab_size": np.array([self.vocab_size], dtype=np.int64)}
+        if self.chained:
+            arrays["chained"] = np.array([1], dtype=np.int64)
         for k, o in enumerate(self.orders):
             arrays.update(
                 {
@@ -89,6 +89,7 @@ class NgramMemory:
         try:
             with np.load(io.BytesIO(data), allow_pickle=False) as arrays:
                 vocab_size = int(arrays["vocab_size"][0])
+                chained = "chained" in arrays and bool(arrays["chained"][0])
                 orders, k = [], 0
                 while f"keys_{k}" in arrays:
                     orders.append(
@@ -99,7 +100,7 @@ class NgramMemory:
             raise ValueError(f"unreadable n-gram memory ({type(error).__name__})") from None
         if not orders:
             raise ValueError("the n-gram memory has no orders")
-        return cls(orders, vocab_size)
+        return cls(orders, vocab_size, chained)
 
     def entries(self) -> int:
         return sum(len(o.ids) for o in self.orders)
@@ -113,14 +114,18 @@ class NgramMemory:
         longest = np.zeros(rows, dtype=np.int64)
         found_at: list[np.ndarray] = []
         alive = np.ones(rows, dtype=bool)
+        vocab = np.uint64(self.vocab_size)
         keys = np.zeros(rows, dtype=np.uint64)
-        power = np.uint64(1)
+        power = np.uint64(1)  # files without chained keys: V ** (k - 1)
         for k in range(1, self.order):
-            token = histories[:, width - k]
+            token = histories[:, width - k]  # the context of the last k tokens gains its first (oldest) token
             alive &= token >= 0
-            # the context of the last k tokens, packed: its first token is the most significant place
-            keys = keys + np.where(token >= 0, token, 0).astype(np.uint64) * power
-            power = power * np.uint64(self.vocab_size)
+            oldest = np.where(token >= 0, token, 0).astype(np.uint64)
+            if self.chained:
+                keys = keys * vocab + oldest  # keys holds the index of the k - 1 newest tokens' context
+            else:
+                keys = keys + oldest * power
+                power = power * vocab
             o = self.orders[k]
             index = np.full(rows, -1, dtype=np.int64)
             if len(o.keys) and alive.any():
@@ -128,6 +133,8 @@ class NgramMemory:
                 hit = alive & (o.keys[at] == keys)
                 index[hit] = at[hit]
             alive &= index >= 0
+            if self.chained:
+                keys = np.where(alive, index, 0).astype(np.uint64)
             longest[alive] = k
             found_at.append(index)
             if not alive.any():

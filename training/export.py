@@ -214,7 +214,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument(
         "--ngram-order",
-        type=ranged(int, 0, 6),
+        type=ranged(int, 0, 9),
         default=DEFAULT_ORDER,
         help=f"the n-gram memory's order, mixed with the network when served; 0: none (default {DEFAULT_ORDER})",
     )

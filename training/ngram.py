@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.memory import MemoryOrder, NgramMemory, pack
+from service.memory import MemoryOrder, NgramMemory
 from service.tokenizer import BOS, EOS, PAD
 
 SCORINGS = ("kneser-ney", "backoff")
@@ -170,12 +170,15 @@ def to_memory(counts: NgramCounts, min_count: int = 1) -> NgramMemory:
     are always kept.
     """
     orders = []
+    vocab = np.uint64(counts.vocab_size)
+    position: dict[tuple, int] = {(): 0}  # each kept context of the previous order: its index there
     for k, table in enumerate(counts.kn):
         raw = counts.raw[k]
         discount = counts.discounts[k]
-        contexts = sorted(table)
-        keys, gammas, offsets, ids, probs = [], [], [0], [], []
-        for context in contexts:
+        keys, gammas, offsets, ids, probs, kept = [], [], [0], [], [], []
+        for context in table:
+            if k and context[1:] not in position:
+                continue  # its shorter context was pruned: a lookup never gets here
             followers = table[context]
             keep = np.ones(len(followers.ids), dtype=bool)
             if k >= 2 and min_count > 1:  # prune by how often the n-gram itself occurred
@@ -185,13 +188,16 @@ def to_memory(counts: NgramCounts, min_count: int = 1) -> NgramMemory:
                 if not keep.any():
                     continue
             p = np.maximum(followers.counts[keep] - discount, 0.0) / followers.total
-            keys.append(context)
+            # the key chains to the index of the context without its oldest token (service/memory.py)
+            keys.append(np.uint64(position[context[1:]]) * vocab + np.uint64(context[0]) if k else np.uint64(0))
+            kept.append(context)
             gammas.append(max(0.0, 1.0 - float(p.sum())))
             ids.append(followers.ids[keep])
             probs.append(p)
             offsets.append(offsets[-1] + int(keep.sum()))
-        packed = pack(np.array(keys, dtype=np.int64).reshape(len(keys), k), counts.vocab_size)
+        packed = np.array(keys, dtype=np.uint64)
         order = np.argsort(packed, kind="stable")
+        position = {kept[i]: rank for rank, i in enumerate(order.tolist())}
         starts, ends = np.array(offsets[:-1])[order], np.array(offsets[1:])[order]
         flat_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
         flat_probs = np.concatenate(probs) if probs else np.empty(0)

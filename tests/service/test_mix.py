@@ -4,7 +4,7 @@ import numpy as np
 import pytest
 import torch
 
-from service.memory import MemoryModel, NgramMemory
+from service.memory import MemoryModel, MemoryOrder, NgramMemory
 from service.mix import MixedModel, served_model
 from service.session import TypingSession
 from service.suggest import Suggester
@@ -52,6 +52,57 @@ def test_the_stored_memory_gives_the_kneser_ney_probabilities_of_training_ngram(
     np.testing.assert_allclose(probabilities, np.stack(expected), atol=1e-6)
     np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, atol=1e-5)
     assert longest.max() == 3 and longest[-1] == 0
+
+
+def _contexts(memory: NgramMemory) -> list[list[tuple[int, ...]]]:
+    """Each order's contexts (oldest token first), in key order, decoded from the chained keys."""
+    decoded: list[list[tuple[int, ...]]] = [[()]]
+    for o in memory.orders[1:]:
+        vocab = np.uint64(memory.vocab_size)
+        decoded.append([(int(key % vocab), *decoded[-1][int(key // vocab)]) for key in o.keys])
+    return decoded
+
+
+def test_a_high_order_over_a_large_vocabulary_gives_the_kneser_ney_probabilities(word_memory):
+    tokenizer = word_memory[0]
+    # 12,000 tokens and contexts of 7: as packed numbers they would need 12000**7 > 2**64 values
+    sequences = [tokenizer.encode(line) for line in LINES]
+    counts = NgramCounts(sequences, 8, 12_000)
+    memory = NgramMemory.from_bytes(to_memory(counts).to_bytes())
+    assert memory.chained and memory.order == 8
+    for k, (o, contexts) in enumerate(zip(memory.orders, _contexts(memory))):
+        assert set(contexts) == set(counts.kn[k]) and (np.diff(o.keys.astype(np.float64)) > 0).all()
+    histories, expected = [], []
+    for ids in sequences[:40]:
+        ids = [BOS, *ids]
+        for end in range(1, len(ids) + 1):
+            history = ids[max(0, end - 7) : end]
+            histories.append([-1] * (7 - len(history)) + history)
+            expected.append(counts.kneser_ney(history))
+    probabilities, longest = memory.probabilities(np.array(histories))
+    np.testing.assert_allclose(probabilities, np.stack(expected), atol=1e-6)
+    assert longest.max() == 7
+
+
+def test_a_memory_with_the_packed_keys_of_older_files_answers_as_before(word_memory):
+    tokenizer, counts, memory = word_memory
+    vocab = memory.vocab_size
+    orders = [memory.orders[0]]
+    for o, contexts in zip(memory.orders[1:], _contexts(memory)[1:]):
+        packed = np.array([sum(t * vocab ** (len(c) - 1 - i) for i, t in enumerate(c)) for c in contexts], np.uint64)
+        order = np.argsort(packed)
+        spans = [np.arange(o.offsets[i], o.offsets[i + 1]) for i in order]
+        flat = np.concatenate(spans)
+        offsets = np.concatenate([[0], np.cumsum([len(span) for span in spans])]).astype(np.int64)
+        orders.append(MemoryOrder(packed[order], o.gamma[order], offsets, o.ids[flat], o.probs[flat]))
+    older = NgramMemory.from_bytes(NgramMemory(orders, vocab, chained=False).to_bytes())
+    assert not older.chained
+    ids = [BOS, *(t for line in LINES[:30] for t in tokenizer.encode(line))]
+    histories = np.array([ids[end - 3 : end] for end in range(3, len(ids) + 1)] + [[-1, BOS, ids[1]]])
+    (new, new_longest), (old, old_longest) = memory.probabilities(histories), older.probabilities(histories)
+    np.testing.assert_allclose(old, new, atol=1e-7)
+    np.testing.assert_array_equal(old_longest, new_longest)
+    assert set(new_longest) == {1, 2, 3}
 
 
 def test_pruning_keeps_a_distribution_and_shrinks_the_memory(word_memory):
