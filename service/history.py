@@ -16,10 +16,12 @@ lose no counts.
 Prediction: an interpolated (Witten-Bell) estimate over the user's n-grams, restricted to the
 units that start with what is being typed. Its weight in the mix grows with the evidence for the
 context at hand (``E``): the count of the longest context the user has typed before, or of the
-units matching the prefix. With share = E / (E + evidence_scale) (``personalize``):
+units matching the prefix. With share = E / (E + evidence_scale) (``personalize``), over the first
+``SERVED_FOR_HISTORY`` served suggestions:
 
-    a word the served suggestions have:  (1 - known_weight * share) * P_served + known_weight * share * P_user
-    a word they lack:                    min(max_weight, share) * P_user
+    a word among them:                   (1 - known_weight * share) * P_served + known_weight * share * P_user
+    a word the model's vocabulary lacks: min(max_weight, share) * P_user
+    any other word (ranked lower):       known_weight * share * P_user
 
 and for a next word (no prefix) both weights times the served model's doubt (1 - its top
 probability). docs/history.md has the measurements behind the constants. A user with no
@@ -36,6 +38,7 @@ from __future__ import annotations
 
 import bisect
 import dataclasses
+import functools
 import heapq
 import itertools
 import json
@@ -46,13 +49,13 @@ import sqlite3
 import threading
 import time
 from collections import OrderedDict
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import numpy as np
 import torch
 
-from service.tokenizer import is_cjk
+from service.tokenizer import UNK, is_cjk
 
 log = logging.getLogger("nextword")
 SEPARATOR = "\x1f"  # between the units of a stored n-gram (a control character no one types)
@@ -63,6 +66,9 @@ CONTEXT_CHARS = 256  # of the text before the cursor, read for the user's last u
 # reading to the front (weight E / (E + 2): one use is a third, three uses 0.6).
 CONVERSION_EVIDENCE_SCALE = 2.0
 TOTAL_SECONDS = 60.0  # how long a user's decayed unigram total is reused
+# The history is mixed with this many of the served suggestions, so that a word the model ranks below
+# the few shown keeps its own probability in the mix rather than counting as a word the model lacks.
+SERVED_FOR_HISTORY = 50
 _UNIT = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|[^\s\w]", re.UNICODE)
 
 
@@ -102,7 +108,7 @@ class HistoryConfig:
     flush_ms: float = 200.0
     evidence_scale: float = 10.0  # share = E / (E + evidence_scale), see the module docstring
     max_weight: float = 0.9  # the most a word the served suggestions lack can get from the history
-    known_weight: float = 0.3  # the most the history moves the words the served suggestions have
+    known_weight: float = 0.1  # the most the history moves the words the model has
 
     @property
     def half_life(self) -> float:
@@ -254,13 +260,15 @@ def personalize(
     weights: tuple[float, float],
     k: int,
     completing: bool = False,
+    lacks: Callable[[str], bool] | None = None,
 ) -> list[tuple[str, float]]:
     """The served suggestions mixed with the user's predictions. ``weights``: (novel, known). A word the
-    served suggestions have scores (1 - known) * served + known * user; a word they lack (a name the model
-    never saw) scores novel * user."""
+    served suggestions have scores (1 - known) * served + known * user; a word the model lacks (``lacks``,
+    a name it never saw; by default every word the suggestions do not have) scores novel * user, and any
+    other word known * user."""
     novel, known = weights
     if novel <= 0 or not predicted:
-        return list(suggestions)
+        return list(suggestions[:k])
     if not completing:  # a next word: where the served model is sure, it decides
         doubt = 1.0 - max((p for _, p in suggestions), default=0.0)
         novel, known = novel * doubt, known * doubt
@@ -270,11 +278,21 @@ def personalize(
     for text, p in predicted:
         entry = mixed.get(text.casefold())
         if entry is None:
-            mixed[text.casefold()] = [text, novel * p, False]
+            mixed[text.casefold()] = [text, (novel if lacks is None or lacks(text) else known) * p, False]
         else:
             entry[1] += known * p
     ranked = sorted(mixed.values(), key=lambda entry: -entry[1])
     return [(text, p) for text, p, _ in ranked[:k]]
+
+
+def vocabulary_lacks(tokenizer) -> Callable[[str], bool]:
+    """Whether a model's vocabulary lacks a word: its tokens include ``<unk>``."""
+
+    @functools.lru_cache(maxsize=4096)
+    def lacks(word: str) -> bool:
+        return UNK in tokenizer.encode(word)
+
+    return lacks
 
 
 # ---------------------------------------------------------------------------------------------- storage
@@ -566,14 +584,23 @@ class Histories:
         with np.errstate(divide="ignore"):
             return torch.from_numpy(np.log(mixed)).to(log_probs.dtype)
 
-    def suggest(self, user: str, context: str, prefix: str, served: Sequence[tuple[str, float]], k: int):
-        """``served`` mixed with ``user``'s history for the text ``context`` + ``prefix``."""
+    def suggest(
+        self,
+        user: str,
+        context: str,
+        prefix: str,
+        served: Sequence[tuple[str, float]],
+        k: int,
+        lacks: Callable[[str], bool] | None = None,
+    ):
+        """The first ``k`` of ``served`` (best first; give ``SERVED_FOR_HISTORY`` of them) mixed with ``user``'s
+        history for the text ``context`` + ``prefix``; ``lacks``: whether the model's vocabulary lacks a word."""
         history = self.user(user)
         if not len(history):
-            return list(served)
+            return list(served[:k])
         tail = context[-CONTEXT_CHARS:]  # the last few units are all the prediction reads
         predicted, evidence = history.predict(units(tail), prefix, time.time(), limit=k)
-        return personalize(served, predicted, history.weight(evidence), k, completing=bool(prefix))
+        return personalize(served, predicted, history.weight(evidence), k, completing=bool(prefix), lacks=lacks)
 
     def rerank_conversions(self, user: str, context: str, candidates: Sequence):
         """Pinyin conversions (service/pinyin.py Candidates) re-ranked with ``user``'s history: within

@@ -2,10 +2,11 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import queue
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 
@@ -14,7 +15,7 @@ from service.config import ServerConfig
 from service.decoding import MalformedRequest
 from service.engine import Engine, by_name
 from service.generation import END_TOKEN, LENGTH, STOP_STRING, GenerationParams
-from service.history import Histories, NextTokens, SessionLearner, units
+from service.history import SERVED_FOR_HISTORY, Histories, NextTokens, SessionLearner, units, vocabulary_lacks
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from service.pinyin import Candidate, PinyinError
@@ -89,6 +90,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self.config = config
         self.histories = histories  # personal histories (service/history.py); None: off
         self._next_tokens: dict[str, NextTokens] = {}  # by model, built at the first Generate that names a user
+        self._lacks: dict[str, Callable[[str], bool]] = {}  # by model: whether its vocabulary lacks a word
         self._sessions = threading.BoundedSemaphore(config.max_sessions)
         self._active_sessions = 0
         self._active_generations = 0
@@ -156,13 +158,20 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     # ------------------------------------------------------------------ personal history
 
-    def _personal(self, engine: Engine, result: SuggestResult, text: str, count: int) -> SuggestResult:
-        """``result`` mixed with the history of the call's user, when it names one."""
+    def _personal(
+        self, engine: Engine, suggest: Callable[[int], SuggestResult], text: str, count: int
+    ) -> SuggestResult:
+        """``suggest(count)``, mixed with the history of the call's user when it names one (the history is mixed
+        with the first ``SERVED_FOR_HISTORY`` suggestions, service/history.py)."""
         user = calls.user()
         if user is None or self.histories is None or not text:
-            return result
+            return suggest(count)
+        result = suggest(max(count, SERVED_FOR_HISTORY))
         split = engine.suggester.split(text)
-        mixed = self.histories.suggest(user, split.context, split.prefix, result.suggestions, count)
+        lacks = self._lacks.get(engine.name)
+        if lacks is None:
+            lacks = self._lacks[engine.name] = vocabulary_lacks(engine.artifact.tokenizer)
+        mixed = self.histories.suggest(user, split.context, split.prefix, result.suggestions, count, lacks)
         return SuggestResult(mixed, result.completes_word, result.prefix)
 
     def _personal_candidates(self, context: str, candidates: list[Candidate]) -> list[Candidate]:
@@ -204,7 +213,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             count = self._num_suggestions(request.num_suggestions, DEFAULT_SUGGESTIONS)
         except Invalid as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        return to_response(self._personal(engine, engine.suggester.suggest(text, count), text, count))
+        return to_response(self._personal(engine, functools.partial(engine.suggester.suggest, text), text, count))
 
     def Convert(self, request: pb.ConvertRequest, context: grpc.ServicerContext) -> pb.ConvertResponse:
         engine = self._engine(request.model, context)
@@ -392,7 +401,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                         candidates=to_candidates(self._personal_candidates(session.text, candidates)),
                     )
                     continue
-                suggestions = self._personal(engine, session.suggest(count), session.text, count)
+                suggestions = self._personal(engine, session.suggest, session.text, count)
                 yield pb.TypeResponse(
                     edit_index=index, text_length=len(session.text), suggestions=to_response(suggestions)
                 )

@@ -319,7 +319,7 @@ def main(argv: list[str] | None = None) -> int:
             ) as bar,
             tempfile.TemporaryDirectory(prefix="nextword-eval-") as folder,
         ):
-            learning = Learning(folder, args.evidence_scale) if learn else None
+            learning = Learning(folder, scorer_tokenizer, args.evidence_scale) if learn else None
             try:
                 units, tallies[name] = score(
                     scorer, scorer_tokenizer, lines, args.suggestions, progress=bar.update, learning=learning

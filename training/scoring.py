@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.history import Histories, HistoryConfig, HistoryStore, units
+from service.history import SERVED_FOR_HISTORY, Histories, HistoryConfig, HistoryStore, units, vocabulary_lacks
 from service.runner import PrefixStates, StepModel, walk_batch
 from service.suggest import SUGGESTED_WORD, SplitText, SuggestConfig, Suggester
 from service.tokenizer import BOS, EOS, UNK, Tokenizer, is_cjk
@@ -106,12 +106,14 @@ class Learning:
 
     USER = "evaluation"
 
-    def __init__(self, folder: str, evidence_scale: float = HistoryConfig.evidence_scale) -> None:
+    def __init__(self, folder: str, tokenizer: Tokenizer, evidence_scale: float = HistoryConfig.evidence_scale) -> None:
         config = HistoryConfig(flush_ms=1000.0, evidence_scale=evidence_scale)
         self.histories = Histories(HistoryStore(os.path.join(folder, "history.sqlite"), config), config)
+        self.lacks = vocabulary_lacks(tokenizer)
 
     def suggest(self, split: SplitText, suggestions: list[tuple[str, float]], k: int) -> list[tuple[str, float]]:
-        return self.histories.suggest(self.USER, split.context, split.prefix, suggestions, k)
+        """The first k of ``suggestions`` (``SERVED_FOR_HISTORY`` of them) mixed with the user's history."""
+        return self.histories.suggest(self.USER, split.context, split.prefix, suggestions, k, self.lacks)
 
     def learn(self, line: str) -> None:
         self.histories.learn(self.USER, units(line))
@@ -121,10 +123,10 @@ class Learning:
 
 
 def _shown(suggester: Suggester, split: SplitText, log_probs, state, k: int, learning: Learning | None) -> list[str]:
-    found = suggester.suggest_from(split, log_probs, state, k).suggestions
-    if learning is not None:
-        found = learning.suggest(split, found, k)
-    return [text for text, _ in found]
+    if learning is None:
+        return [text for text, _ in suggester.suggest_from(split, log_probs, state, k).suggestions]
+    found = suggester.suggest_from(split, log_probs, state, max(k, SERVED_FOR_HISTORY)).suggestions
+    return [text for text, _ in learning.suggest(split, found, k)]
 
 
 class _WordSuggestions:

@@ -17,8 +17,10 @@ from service.history import (
     UserHistory,
     personalize,
     units,
+    vocabulary_lacks,
 )
 from tests.postgres import missing, postgres_server
+from training.tokenizers import build_tokenizer
 
 
 def open_store(path, **options) -> Histories:
@@ -149,6 +151,18 @@ def test_personalize_weights_the_two_sides():
     # a next word: scaled by the served model's doubt (1 - its top probability, here 0.5)
     assert personalize([("a", 0.5), ("c", 0.5)], [("b", 1.0)], (0.4, 0.1), 3)[-1] == ("b", pytest.approx(0.2))
     assert personalize([("a", 1.0)], [("b", 1.0)], (0.0, 0.0), 3) == [("a", 1.0)]
+    # beyond the served list: the novel weight only for a word the model's vocabulary lacks
+    served = [("a", 0.6), ("c", 0.4)]
+    lacks = {"zelda"}.__contains__
+    mixed = personalize(served, [("zelda", 0.5), ("b", 0.5)], (0.8, 0.1), 3, completing=True, lacks=lacks)
+    assert mixed == [("a", pytest.approx(0.54)), ("zelda", 0.4), ("c", pytest.approx(0.36))]
+    assert personalize(served, [("b", 1.0)], (0.8, 0.1), 1, completing=True, lacks=lacks) == [("a", 0.54)]
+
+
+def test_the_vocabulary_decides_which_words_a_model_lacks():
+    tokenizer = build_tokenizer("word", ["the lord said unto moses"], lowercase=True)
+    lacks = vocabulary_lacks(tokenizer)
+    assert not lacks("Moses") and not lacks("lord") and lacks("Zelda")
 
 
 def test_a_session_learns_finished_words_only_and_not_twice(histories):
