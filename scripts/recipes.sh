@@ -30,11 +30,13 @@ corpora=${2:-../shared/corpora}
 order=5  # the n-gram order best on validation, for every recipe
 zh=(--hidden-size 512 --dropout auto --epochs 10 --max-steps 3000 --eval-every 1000)
 export_flags=()
+# the n-gram memory: order 8 for kjv and zh, chosen on their validation lines (docs/evaluation.md)
 case "$name" in
     kjv) corpus="$corpora/kjv/kjv.txt"
-         flags=(--tokenizer word --lowercase --vocab-size 5000 --hidden-size 256 --dropout auto --epochs 10 --max-steps 9000 --eval-every 1500) ;;
+         flags=(--tokenizer word --lowercase --vocab-size 5000 --hidden-size 256 --dropout auto --epochs 10 --max-steps 9000 --eval-every 1500)
+         export_flags=(--ngram-order 8) ;;
     zh)  corpus="$corpora/zh-fortunes/zh-fortunes.txt"
-         flags=(--tokenizer char "${zh[@]}") export_flags=(--quantize int8) ;;
+         flags=(--tokenizer char "${zh[@]}") export_flags=(--quantize int8 --ngram-order 8) ;;
     zh-word) corpus="$corpora/zh-fortunes/zh-fortunes.txt"
          flags=(--tokenizer jieba --vocab-size 12000 "${zh[@]}") export_flags=(--quantize int8) ;;
     *) echo "recipes.sh: unknown recipe '$name' (kjv, zh or zh-word)" >&2; exit 2 ;;
