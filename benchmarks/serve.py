@@ -131,7 +131,7 @@ def personal_history(model_path: str, device: str, ngrams: int = 10_000) -> dict
     import tempfile
 
     from benchmarks.texts import verses
-    from service.history import Histories, HistoryConfig, HistoryStore, units
+    from service.history import SERVED_FOR_HISTORY, Histories, HistoryConfig, HistoryStore, units, vocabulary_lacks
 
     artifact = load_artifact(model_path)
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)
@@ -145,9 +145,12 @@ def personal_history(model_path: str, device: str, ngrams: int = 10_000) -> dict
             histories.learn("reader", units(verse))
         learned = len(histories.user("reader"))
 
-        def personal(text: str) -> None:
+        lacks = vocabulary_lacks(artifact.tokenizer)
+
+        def personal(text: str) -> None:  # as the server answers a call that names a user
             split = suggester.split(text)
-            histories.suggest("reader", split.context, split.prefix, suggester.suggest(text, 3).suggestions, 3)
+            served = suggester.suggest(text, SERVED_FOR_HISTORY).suggestions
+            histories.suggest("reader", split.context, split.prefix, served, 3, lacks)
 
         texts = prompts()
         plain = p50_of(lambda text: suggester.suggest(text, 3), texts)
