@@ -25,6 +25,8 @@ STREAMED = {
     "/nextword.v1.NextWord/ExportHistory": pb.ExportHistoryRequest(),
 }
 TYPE = "/nextword.v1.NextWord/Type"
+IMPORT = "/nextword.v1.NextWord/ImportHistory"  # client-streaming: a user's history, chunk by chunk
+AS_USER = (("x-nextword-user", "fuzz"),)
 VALID = [
     pb.SuggestRequest(text="we like", num_suggestions=2).SerializeToString(),
     pb.GenerateRequest(prompt="we", max_tokens=2, stop=["x"]).SerializeToString(),
@@ -73,9 +75,9 @@ def served(tiny_char_model):
     server.stop(0)
 
 
-def code_of(call, request, streamed: bool = False) -> grpc.StatusCode:
+def code_of(call, request, streamed: bool = False, metadata=None) -> grpc.StatusCode:
     try:
-        answer = call(request, timeout=30)
+        answer = call(request, timeout=30, metadata=metadata)
         if streamed:
             list(answer)
         return grpc.StatusCode.OK
@@ -97,6 +99,8 @@ def test_unary_and_server_streaming_methods_never_answer_internal(served, data):
     for method in STREAMED:
         assert code_of(channel.unary_stream(method), data, streamed=True) not in NEVER, method
     assert code_of(channel.stream_stream(TYPE), iter([data]), streamed=True) not in NEVER
+    valid_chunk = pb.HistoryChunk(lines="").SerializeToString()
+    assert code_of(channel.stream_unary(IMPORT), iter([valid_chunk, data]), metadata=AS_USER) not in NEVER
 
 
 def test_each_malformed_form_is_invalid_argument_counted_and_logged_without_a_traceback(served, caplog):
@@ -149,4 +153,14 @@ def test_a_type_stream_that_receives_garbage_after_valid_edits_ends_with_invalid
     assert (
         caught.value.details() == "edit 3: request is not a valid nextword.v1.TypeRequest: String field had bad UTF-8"
     )
+    healthy(channel)
+
+
+def test_an_import_stream_that_receives_garbage_after_a_valid_chunk_is_invalid_argument(served):
+    _, channel = served
+    chunks = [pb.HistoryChunk(lines="").SerializeToString(), b"\x0a\x02\xff\xfe"]
+    with pytest.raises(grpc.RpcError) as caught:
+        channel.stream_unary(IMPORT)(iter(chunks), timeout=30, metadata=AS_USER)
+    assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "HistoryChunk" in caught.value.details()
     healthy(channel)
