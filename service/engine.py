@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+from collections.abc import Callable
 from dataclasses import dataclass
 
 from service.artifact import Artifact, load_artifact
@@ -9,6 +11,7 @@ from service.batching import BatchingModel
 from service.config import ServerConfig
 from service.generation import GenerationParams, Generator
 from service.hardware import ThreadPlan, resolve_device
+from service.history import vocabulary_lacks
 from service.mix import MixedModel, served_model
 from service.pinyin import Converter, Lexicon, reads_chinese
 from service.runner import ScriptedModel
@@ -65,6 +68,11 @@ class Engine:
             pass
         if self.converter is not None:
             self.converter.convert("我", "nihaozgr")
+
+    @functools.cached_property
+    def lacks(self) -> Callable[[str], bool]:
+        """Whether the model's vocabulary lacks a word (personal history: service/history.py)."""
+        return vocabulary_lacks(self.artifact.tokenizer)
 
     @property
     def mixed(self) -> bool:

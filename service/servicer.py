@@ -15,7 +15,7 @@ from service.config import ServerConfig
 from service.decoding import MalformedRequest
 from service.engine import Engine, by_name
 from service.generation import END_TOKEN, LENGTH, STOP_STRING, GenerationParams
-from service.history import SERVED_FOR_HISTORY, Histories, NextTokens, SessionLearner, units, vocabulary_lacks
+from service.history import SERVED_FOR_HISTORY, Histories, NextTokens, SessionLearner, units
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from service.pinyin import Candidate, PinyinError
@@ -90,7 +90,6 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self.config = config
         self.histories = histories  # personal histories (service/history.py); None: off
         self._next_tokens: dict[str, NextTokens] = {}  # by model, built at the first Generate that names a user
-        self._lacks: dict[str, Callable[[str], bool]] = {}  # by model: whether its vocabulary lacks a word
         self._sessions = threading.BoundedSemaphore(config.max_sessions)
         self._active_sessions = 0
         self._active_generations = 0
@@ -164,14 +163,11 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         """``suggest(count)``, mixed with the history of the call's user when it names one (the history is mixed
         with the first ``SERVED_FOR_HISTORY`` suggestions, service/history.py)."""
         user = calls.user()
-        if user is None or self.histories is None or not text:
+        if user is None or self.histories is None or not text or not len(self.histories.user(user)):
             return suggest(count)
         result = suggest(max(count, SERVED_FOR_HISTORY))
         split = engine.suggester.split(text)
-        lacks = self._lacks.get(engine.name)
-        if lacks is None:
-            lacks = self._lacks[engine.name] = vocabulary_lacks(engine.artifact.tokenizer)
-        mixed = self.histories.suggest(user, split.context, split.prefix, result.suggestions, count, lacks)
+        mixed = self.histories.suggest(user, split.context, split.prefix, result.suggestions, count, engine.lacks)
         return SuggestResult(mixed, result.completes_word, result.prefix)
 
     def _personal_candidates(self, context: str, candidates: list[Candidate]) -> list[Candidate]:
