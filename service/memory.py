@@ -150,29 +150,46 @@ class NgramMemory:
             np.add.at(p, o.ids[o.offsets[0] : o.offsets[1]], o.probs[o.offsets[0] : o.offsets[1]])
         return p.astype(np.float32)
 
-    def probabilities(self, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[B, width] histories -> ([B, V] next-token probabilities (float32), [B] longest context seen).
+    def parts(self, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The next-token distribution of [B, width] histories, unrolled but not added up:
 
-        The interpolation unrolled: P = sum over seen k of (product of gamma above k) * probs_k, plus the
-        product of every gamma times the base: one dense product and a sparse add per order."""
+            P[b] = scale[b] * base + the sparse values at (rows, ids)
+
+        (scale: the product of every seen order's gamma [B]; each (row, id, value): a follower of one seen
+        context, its discounted probability times the gammas of the longer orders). Also the longest
+        context seen [B]. A caller mixes or gathers from these without building [B, V] twice."""
         longest, found_at = self.seen(histories)
         rows = histories.shape[0]
         scale = np.ones(rows, dtype=np.float32)  # the product of the gammas of the orders above, so far
-        parts = []
+        at_rows, at_ids, at_values = [], [], []
         for o, index in reversed(list(zip(self.orders[1:], found_at))):
             hit = np.nonzero(index >= 0)[0]
             if len(hit) == 0:
                 continue
             contexts = index[hit]
             starts, ends = o.offsets[contexts], o.offsets[contexts + 1]
-            flat = np.concatenate([np.arange(a, b) for a, b in zip(starts, ends)])
-            parts.append(
-                (np.repeat(hit, ends - starts), o.ids[flat], o.probs[flat] * np.repeat(scale[hit], ends - starts))
-            )
+            lengths = ends - starts
+            # the followers' places in ids/probs: each context's run starts..ends, all at once
+            flat = np.arange(lengths.sum()) + np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
+            at_rows.append(np.repeat(hit, lengths))
+            at_ids.append(o.ids[flat])
+            at_values.append(o.probs[flat] * np.repeat(scale[hit], lengths))
             scale[hit] *= o.gamma[contexts]
+        if not at_rows:
+            empty = np.zeros(0, dtype=np.int64)
+            return scale, empty, empty, np.zeros(0, dtype=np.float32), longest
+        return scale, np.concatenate(at_rows), np.concatenate(at_ids), np.concatenate(at_values), longest
+
+    def probabilities(self, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[B, width] histories -> ([B, V] next-token probabilities (float32), [B] longest context seen).
+
+        The interpolation unrolled: P = sum over seen k of (product of gamma above k) * probs_k, plus the
+        product of every gamma times the base: one dense product and a sparse add (``parts``)."""
+        scale, rows, ids, values, longest = self.parts(histories)
         p = scale[:, None] * self.base[None, :]
-        for at_rows, ids, values in parts:
-            p[at_rows, ids] += values
+        # a token may follow several orders' contexts: their values add up
+        flat = torch.from_numpy(rows * self.vocab_size + ids)
+        torch.from_numpy(p).view(-1).index_add_(0, flat, torch.from_numpy(values))
         return p, longest
 
 

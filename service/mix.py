@@ -45,6 +45,7 @@ class MixedModel:
         self.vocab_size = network.vocab_size
         self.device = getattr(network, "device", torch.device("cpu"))
         self._size = network.init_state(1).size(2)
+        self._base = torch.from_numpy(memory.memory.base)  # P(w) with no context [V]
         if self._size < memory.width:
             raise ValueError(f"the network's state ({self._size} values) cannot carry {memory.width} history tokens")
 
@@ -71,12 +72,16 @@ class MixedModel:
         return list(zip(log_probs.split(sizes), states.split(sizes, dim=1)))
 
     def _mix(self, network_log_probs: Tensor, network_state: Tensor, histories: np.ndarray) -> tuple[Tensor, Tensor]:
-        width = self.memory.width
-        memory_probs, longest = self.memory.memory.probabilities(histories)
-        weight = self.weights[longest][:, None]  # [B, 1]
-        # numpy on purpose: on a [B, V] row these few element-wise operations cost less than torch's dispatch
-        mixed = weight * memory_probs + (1 - weight) * np.exp(network_log_probs.numpy())
+        """log(w * P_memory + (1 - w) * P_network) for each row, the memory's dense part and its sparse
+        followers added straight into the network's probabilities (no [B, V] memory array is built)."""
+        width, vocab = self.memory.width, self.vocab_size
+        scale, rows, ids, values, longest = self.memory.memory.parts(histories)
+        weight = self.weights[longest]  # [B]
+        mixed = network_log_probs.float().exp()
+        mixed.mul_(torch.from_numpy(1 - weight)[:, None])
+        mixed.addcmul_(torch.from_numpy(weight * scale)[:, None], self._base[None, :])
+        if len(rows):
+            mixed.view(-1).index_add_(0, torch.from_numpy(rows * vocab + ids), torch.from_numpy(values * weight[rows]))
         history = torch.zeros(1, histories.shape[0], self._size)
         history[0, :, :width] = torch.from_numpy(histories.astype(np.float32))
-        log_probs = torch.from_numpy(np.log(np.maximum(mixed, 1e-30, out=mixed), out=mixed))
-        return log_probs, torch.cat([network_state, history])
+        return mixed.clamp_min_(1e-30).log_(), torch.cat([network_state, history])

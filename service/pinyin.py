@@ -52,19 +52,36 @@ def plain(reading: str) -> str:
     return "".join(ch for ch in decomposed if not unicodedata.combining(ch)).lower()
 
 
+class SyllableTrie:
+    """A node of the lexicon's keys by syllable: ``next["hao"]`` below the node of ("ni",) is ("ni", "hao"),
+    whose ``words`` are 你好 and the others read so (None where no word ends)."""
+
+    __slots__ = ("key", "words", "next")
+
+    def __init__(self, key: tuple[str, ...] = ()) -> None:
+        self.key = key
+        self.words: list[tuple[str, float]] | None = None
+        self.next: dict[str, SyllableTrie] = {}
+
+
 @dataclass(repr=False)
 class Lexicon:
     """Words by their syllables. ``words[("ni", "hao")] == [("你好", log P), ...]``, most frequent first."""
 
     syllables: frozenset[str]
     words: dict[tuple[str, ...], list[tuple[str, float]]]
-    prefixes: set[tuple[str, ...]] = field(default_factory=set)  # every leading part of a key
+    trie: SyllableTrie = field(default_factory=SyllableTrie)  # the keys, a syllable at a time
     starting: dict[str, tuple[str, ...]] = field(default_factory=dict)  # letters -> syllables that start so
 
     def __post_init__(self) -> None:
-        for key in self.words:
-            for end in range(1, len(key) + 1):
-                self.prefixes.add(key[:end])
+        for key, options in self.words.items():
+            node = self.trie
+            for end, syllable in enumerate(key, 1):
+                child = node.next.get(syllable)
+                if child is None:
+                    child = node.next[syllable] = SyllableTrie(key[:end])
+                node = child
+            node.words = options
         for syllable in self.syllables:
             for end in range(1, len(syllable) + 1):
                 self.starting.setdefault(syllable[:end], ())
@@ -257,24 +274,24 @@ class Lattice:
         if found is not None:
             return found
         found = []
-        prefixes, words = self.lexicon.prefixes, self.lexicon.words
+        viable, length = self.viable, self.length
 
-        def walk(position: int, key: tuple[str, ...], abbreviated: int) -> None:
+        def walk(position: int, node: SyllableTrie, abbreviated: int) -> None:
+            below = node.next
             for token in self.tokens(position):
-                if token.next not in self.viable:
+                if token.next not in viable:
                     continue  # the rest could not be read: a dead end
+                count = abbreviated + token.abbreviated
                 for syllable in token.options:
-                    longer = (*key, syllable)
-                    if longer not in prefixes:
+                    child = below.get(syllable)
+                    if child is None:
                         continue
-                    count = abbreviated + token.abbreviated
-                    options = words.get(longer)
-                    if options:
-                        found.append(Edge(start, token.next, longer, options, count))
-                    if len(longer) < MAX_WORD_SYLLABLES and token.next < self.length:
-                        walk(token.next, longer, count)
+                    if child.words:
+                        found.append(Edge(start, token.next, child.key, child.words, count))
+                    if child.next and token.next < length:
+                        walk(token.next, child, count)
 
-        walk(start, (), 0)
+        walk(start, self.lexicon.trie, 0)
         self._edges[start] = found
         return found
 
@@ -370,14 +387,15 @@ class Converter:
                 self._schedules.clear()
         return found
 
-    def _arrays(self, key: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray]:
-        """For the words of ``key``: their first tokens, and their log priors per syllable."""
+    def _arrays(self, key: tuple[str, ...]) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """For the words of ``key``: their first tokens, their log priors per syllable, and their places."""
         found = self._by_key.get(key)
         if found is None:
             options = self.lexicon.words[key]
             found = self._by_key[key] = (
                 np.array([self.schedule(word)[0][0] for word, _ in options]),
                 np.array([prior / len(key) for _, prior in options], dtype=np.float32),
+                np.arange(len(options)),
             )
             if len(self._by_key) > 200_000:
                 self._by_key.clear()
@@ -456,7 +474,7 @@ class Converter:
             if not here:
                 continue
             edges, first, static, edge_of, word_of, share = here
-            scores = np.stack([h.log_probs for h in hypotheses])[:, first] + static  # [H, N]: first tokens, exactly
+            scores = np.stack([h.log_probs[first] for h in hypotheses]) + static  # [H, N]: first tokens, exactly
             scores += np.array([h.score for h in hypotheses], dtype=np.float32)[:, None]
             flat = scores.ravel()
             best = np.argpartition(-flat, wide)[:wide] if flat.size > wide else np.arange(flat.size)
@@ -494,7 +512,7 @@ class Converter:
                 share = config.prior_weight * np.concatenate([a[1] for a in arrays])  # [N] per syllable
                 sizes = [len(a[0]) for a in arrays]
                 edge_of = np.repeat(np.arange(len(edges)), sizes)
-                word_of = np.concatenate([np.arange(n) for n in sizes])
+                word_of = np.concatenate([a[2] for a in arrays])
                 abbreviated = np.array([edge.abbreviated for edge in edges], dtype=np.float32)[edge_of]
                 static = share - config.abbreviation_penalty * abbreviated + config.unknown * (first == UNK)
                 options[position] = here = (edges, first, static, edge_of, word_of, share)
