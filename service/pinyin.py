@@ -327,6 +327,7 @@ class _Hypothesis:
     state: torch.Tensor  # [L, 1, S], likewise
     read: tuple[int, ...] = ()  # tokens this step reads
     share: float = 0.0  # the current word's weighted prior, added at each of its syllables
+    path: tuple[int, ...] = ()  # every token read after the start, ``read`` not yet included
 
     @property
     def text(self) -> str:
@@ -408,9 +409,13 @@ class Converter:
         count: int = 9,
         fuzzy: bool = False,
         start: tuple[torch.Tensor, torch.Tensor] | None = None,
+        memo: dict | None = None,
     ) -> list[Candidate]:
         """Whole-input conversions first, best first; then conversions of a leading part, longest first.
-        ``start``: the model's (log-probs [V], state) after ``context``, when the caller has them."""
+        ``start``: the model's (log-probs [V], state) after ``context``, when the caller has them.
+        ``memo``: the model's outputs kept from the caller's last conversion after the same ``start`` (a
+        typing session's, whose next keystroke reads mostly the same tokens): outputs found there cost no
+        forward, and it is left holding this conversion's."""
         lattice = Lattice(pinyin, self.lexicon, fuzzy)
         if start is None:
             log_probs, state, _ = encode_context(self.model, self.tokenizer.encode(context), self.max_context_tokens)
@@ -420,6 +425,7 @@ class Converter:
         done: dict[int, list[_Hypothesis]] = {}  # by letter position: readings whose last word ends there
         options: dict[int, tuple] = {}
         size = max(count, self.config.beam)  # whole-input readings kept (their shares are within these)
+        used: dict[tuple[int, ...], tuple[np.ndarray, torch.Tensor]] = {}  # the model's outputs by token path
         for _ in range(lattice.length):
             children = self._children(live, lattice, options, self.config.beam + count)
             if not children:
@@ -448,7 +454,10 @@ class Converter:
             finished = self._distinct(done.get(lattice.length, []), size)
             if len(finished) == size:
                 live = [h for h in live if h.score >= finished[-1].score]
-            self._read(live)
+            self._read(live, memo, used)
+        if memo is not None:
+            memo.clear()
+            memo.update(used)
         kept = {position: self._distinct(found, size) for position, found in done.items()}
         return self._candidates(kept, lattice, count)
 
@@ -465,7 +474,9 @@ class Converter:
                     score += float(h.log_probs[tokens[0]]) + (config.unknown if tokens[0] == UNK else 0.0)
                 pending = h.pending[1:]
                 children.append(
-                    _Hypothesis(score, h.words, h.syllables, h.ends, pending, h.log_probs, h.state, tokens, h.share)
+                    _Hypothesis(
+                        score, h.words, h.syllables, h.ends, pending, h.log_probs, h.state, tokens, h.share, h.path
+                    )
                 )
             elif h.ends[-1] < lattice.length:
                 at_boundary.setdefault(h.ends[-1], []).append(h)
@@ -494,6 +505,7 @@ class Converter:
                         h.state,
                         schedule[0],
                         float(share[i]),
+                        h.path,
                     )
                 )
         return children
@@ -518,23 +530,32 @@ class Converter:
                 options[position] = here = (edges, first, static, edge_of, word_of, share)
         return here
 
-    def _read(self, hypotheses: list[_Hypothesis]) -> None:
-        """The tokens each hypothesis reads this step, in one forward for all. Hypotheses that read the
-        same tokens after the same state share a row (时 read for 时间 and for 时候; one text segmented
-        two ways), so they share the result."""
-        rows: dict[tuple[int, tuple[int, ...]], list[_Hypothesis]] = {}
+    def _read(self, hypotheses: list[_Hypothesis], memo: dict | None, used: dict) -> None:
+        """The tokens each hypothesis reads this step, in one forward for all. Hypotheses that read the same
+        tokens after the start share a row (时 read for 时间 and for 时候; one text segmented two ways), and a
+        row already in ``memo`` (or computed in this conversion) is taken from there."""
+        rows: dict[tuple[int, ...], list[_Hypothesis]] = {}
         for h in hypotheses:
             if h.read:
-                rows.setdefault((id(h.state), h.read), []).append(h)
+                rows.setdefault(h.path + h.read, []).append(h)
         if not rows:
             return
-        groups = list(rows.values())
-        # one stacked call per length: all of them in the usual step, where each reads one token
-        steps = [(torch.tensor([group[0].read], dtype=torch.int64), group[0].state) for group in groups]
-        for group, (log_probs, state) in zip(groups, ragged_by_length(self.model, steps)):
-            values = log_probs[0].numpy()
+        missing = []
+        for path in rows:
+            found = used.get(path) or (memo.get(path) if memo is not None else None)
+            if found is None:
+                missing.append(path)
+            else:
+                used[path] = found
+        if missing:
+            # one stacked call per length: all of them in the usual step, where each reads one token
+            steps = [(torch.tensor([rows[path][0].read], dtype=torch.int64), rows[path][0].state) for path in missing]
+            for path, (log_probs, state) in zip(missing, ragged_by_length(self.model, steps)):
+                used[path] = (log_probs[0].numpy(), state)
+        for path, group in rows.items():
+            values, state = used[path]
             for h in group:
-                h.log_probs, h.state, h.read = values, state, ()
+                h.log_probs, h.state, h.read, h.path = values, state, (), path
 
     @staticmethod
     def _distinct(hypotheses: list[_Hypothesis], size: int) -> list[_Hypothesis]:

@@ -13,7 +13,10 @@ goes back to a kept state without reading the text again.
 On a Chinese model a session also composes pinyin: letters typed into the
 composition are converted (service/pinyin.py) after the session's text, read
 from the same kept states; selecting a candidate commits its text and removes
-the letters it stands for.
+the letters it stands for. A keystroke in the composition reads mostly the
+tokens the last one read (the same readings of the same syllables), so the
+session keeps the model's outputs of its last conversion, by the tokens read
+after its text, and the next conversion computes only the rows it lacks.
 """
 
 from __future__ import annotations
@@ -72,6 +75,9 @@ class TypingSession:
         self.max_letters = max_letters
         self.composition = ""  # pinyin letters typed and not yet committed
         self.candidates: list[Candidate] = []  # the composition's candidates, as last answered
+        # the model's outputs of the last conversion, by the tokens read after the text (while it is unchanged)
+        self._memo: dict = {}
+        self._memo_text = ""
 
     def append(self, text: str) -> None:
         if len(self.text) + len(text) > self.max_chars:
@@ -115,7 +121,9 @@ class TypingSession:
         if self.converter is None or not self.composition.strip("'"):
             return self.candidates
         start = self.context.read(self.suggester.tokenizer.encode(self.text))
-        self.candidates = self.converter.convert(self.text, self.composition, k, fuzzy, start=start)
+        if self._memo_text != self.text:
+            self._memo, self._memo_text = {}, self.text
+        self.candidates = self.converter.convert(self.text, self.composition, k, fuzzy, start=start, memo=self._memo)
         return self.candidates
 
     def suggest(self, k: int) -> SuggestResult:

@@ -140,6 +140,52 @@ def test_the_search_computes_each_row_once_and_its_pruning_keeps_the_best_readin
         assert whole(found, pinyin)[:3] == whole(keeping_more, pinyin)[:3]
 
 
+def test_a_session_reuses_its_last_keystrokes_rows_and_answers_as_a_fresh_convert(ime):
+    """Letter by letter, a composing session computes only the rows its last conversion lacked; every answer
+    equals a fresh Convert of the same letters, including after a delete and after a commit (new text)."""
+    rows = []
+
+    class Counting:
+        def __init__(self, model) -> None:
+            self.model, self.vocab_size = model, model.vocab_size
+
+        def init_state(self, batch_size: int):
+            return self.model.init_state(batch_size)
+
+        def advance(self, tokens, state):
+            rows.append(tokens.size(0))
+            return self.model.advance(tokens, state)
+
+    base = ime.converter
+    counted = Converter(Counting(base.model), base.tokenizer, base.lexicon, base.config)
+    session = TypingSession(ime.suggester, 1000, converter=counted)
+    session.append("今天")
+    in_session, fresh = 0, 0
+    for letter in "shijianhenjin":
+        session.compose(letter)
+        rows.clear()
+        answer = session.convert(9)
+        in_session += sum(rows)
+        rows.clear()
+        expected = counted.convert(session.text, session.composition, 9)
+        fresh += sum(rows) - 1  # the context's row, which the session keeps anyway
+        assert [(c.text, c.consumed) for c in answer] == [(c.text, c.consumed) for c in expected]
+        assert [c.probability for c in answer] == pytest.approx([c.probability for c in expected], rel=1e-5)
+    assert in_session < fresh / 2
+
+    def same_as_fresh() -> None:
+        answer = session.convert(9)
+        expected = counted.convert(session.text, session.composition, 9)
+        assert [(c.text, c.probability) for c in answer] == [(c.text, pytest.approx(c.probability)) for c in expected]
+
+    session.delete(2)
+    same_as_fresh()
+    session.select(0)  # new text: the rows kept were read after the old one
+    assert session.text.startswith("今天") and len(session.text) > 2
+    session.compose("shijian"[len(session.composition) :])
+    same_as_fresh()
+
+
 def test_chinese_models_convert_and_others_do_not(ime, tiny_char_model):
     assert reads_chinese(ime.artifact.tokenizer)
     english = Engine.load(ServerConfig(model=tiny_char_model, batching=False, history_db="off"))
