@@ -15,6 +15,14 @@ stack along the batch dimension:
 delayed. A larger value waits up to that long for more rows once the first
 request of a batch arrives.
 
+With ``inline``, a step that finds the model idle and nothing queued runs on
+its caller's thread (there is nothing to stack it with), which saves the
+hand-off to the worker and back. Steps that arrive meanwhile queue for the
+worker as before, and once a forward has stacked several callers' steps (the
+server is loaded, and the hand-off gathers the next arrivals into one forward)
+steps go to the worker until a forward holds one step again. The server sets it when the worker has one intra-op thread,
+as the callers have, so that a forward runs alike on either thread.
+
 A step whose caller has cancelled or passed its deadline while it waited is not
 computed (``drop_ended``): under overload the model spends its time on answers
 that someone will receive.
@@ -56,6 +64,7 @@ class BatchingModel:
         max_wait: float = 0.0,
         threads: int | None = None,
         drop_ended: bool = True,
+        inline: bool = False,
     ) -> None:
         self.model = model
         self.drop_ended = drop_ended  # skip steps whose caller cancelled or passed its deadline
@@ -71,6 +80,9 @@ class BatchingModel:
         self.on_batch: Callable[[int], None] | None = None  # called with the rows of each forward (metrics)
         self.on_drop: Callable[[], None] | None = None  # called for each step skipped (metrics)
         self._closed = False
+        self._busy = threading.Lock()  # held while a forward runs, on the worker or on an idle caller's thread
+        self.inline = inline  # a step that finds the model idle and nothing queued runs on its caller's thread
+        self._last_steps = 0  # callers' steps in the last forward: more than one means load, so no inline
         self._worker = threading.Thread(target=self._run, name="model-worker", daemon=True)
         self._worker.start()
 
@@ -80,7 +92,19 @@ class BatchingModel:
     def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         if self._closed:
             raise RuntimeError("the model worker has stopped")
-        step = _Step(tokens, state, calls.still_wanted() if self.drop_ended else None)
+        wanted = calls.still_wanted() if self.drop_ended else None
+        if self.inline and self._last_steps <= 1 and self._queue.empty() and self._busy.acquire(blocking=False):
+            try:  # nothing else to stack with: no hand-off to the worker and back
+                ended = wanted() if wanted is not None else None
+                if ended is not None:
+                    self._dropped()
+                    raise ended
+                result = self.model.advance(tokens, state)
+                self._count(tokens.size(0), 1)
+                return result
+            finally:
+                self._busy.release()
+        step = _Step(tokens, state, wanted)
         self._queue.put(step)
         return step.future.result()
 
@@ -132,9 +156,7 @@ class BatchingModel:
             if ended is None:
                 kept.append(step)
             else:
-                self.dropped += 1
-                if self.on_drop is not None:
-                    self.on_drop()
+                self._dropped()
                 step.future.set_exception(ended)
         return kept
 
@@ -145,20 +167,31 @@ class BatchingModel:
             first = self._queue.get()
             if first is None:
                 return
-            steps = self._still_wanted(self._collect(first))
-            if not steps:
-                continue
-            try:
-                # steps of any lengths in one forward where the model can (service/runner.py)
-                results = advance_ragged(self.model, [(s.tokens, s.state) for s in steps])
-                self.batches += 1
-                rows = sum(s.tokens.size(0) for s in steps)
-                self.rows += rows
-                if self.on_batch is not None:
-                    self.on_batch(rows)
-                for step, result in zip(steps, results):
-                    step.future.set_result(result)
-            except Exception as error:  # noqa: BLE001 - hand the failure to every caller in the batch
-                for step in steps:
-                    if not step.future.done():
-                        step.future.set_exception(error)
+            with self._busy:
+                self._forward(self._still_wanted(self._collect(first)))
+
+    def _count(self, rows: int, steps: int) -> None:
+        self._last_steps = steps
+        self.batches += 1
+        self.rows += rows
+        if self.on_batch is not None:
+            self.on_batch(rows)
+
+    def _dropped(self) -> None:
+        self.dropped += 1
+        if self.on_drop is not None:
+            self.on_drop()
+
+    def _forward(self, steps: list[_Step]) -> None:
+        if not steps:
+            return
+        try:
+            # steps of any lengths in one forward where the model can (service/runner.py)
+            results = advance_ragged(self.model, [(s.tokens, s.state) for s in steps])
+            self._count(sum(s.tokens.size(0) for s in steps), len(steps))
+            for step, result in zip(steps, results):
+                step.future.set_result(result)
+        except Exception as error:  # noqa: BLE001 - hand the failure to every caller in the batch
+            for step in steps:
+                if not step.future.done():
+                    step.future.set_exception(error)

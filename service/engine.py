@@ -49,7 +49,12 @@ class Engine:
         model = served_model(network, artifact, config.ngram)
         if config.batching:
             model = BatchingModel(
-                model, config.max_batch_size, config.max_batch_wait_ms / 1000.0, threads.worker, config.drop_ended
+                model,
+                config.max_batch_size,
+                config.max_batch_wait_ms / 1000.0,
+                threads.worker,
+                config.drop_ended,
+                inline=threads.worker == 1 and threads.others == 1,
             )
         suggester = Suggester(model, artifact.tokenizer, SuggestConfig(max_context_tokens=config.max_context_tokens))
         generator = Generator(model, artifact.tokenizer, config.max_context_tokens)

@@ -229,3 +229,70 @@ def test_steps_of_callers_who_are_gone_are_dropped_before_the_model_runs_them():
     assert isinstance(outcomes["cancelled"], CallEnded) and not outcomes["cancelled"].deadline
     assert not isinstance(outcomes["live"], Exception) and not isinstance(outcomes["first"], Exception)
     assert model.rows == 2 and batched.dropped == 2 and len(drops) == 2
+
+
+def test_inline_a_lone_step_runs_on_its_callers_thread_and_steps_that_meet_a_busy_model_are_stacked():
+    class Where(GatedModel):
+        def __init__(self) -> None:
+            super().__init__()
+            self.threads: list[str] = []
+            self.batch_rows: list[int] = []
+
+        def advance(self, tokens, state):
+            self.threads.append(threading.current_thread().name)
+            self.batch_rows.append(tokens.size(0))
+            return super().advance(tokens, state)
+
+    model = Where()
+    batched = BatchingModel(model, inline=True)
+    counted = []
+    batched.on_batch = counted.append
+    model.gate.set()
+    batched.advance(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 1))
+    assert model.threads == [threading.current_thread().name] and counted == [1]  # no hand-off
+
+    model.gate.clear()
+    model.entered.clear()
+    first = threading.Thread(target=batched.advance, args=(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 1)))
+    first.start()
+    assert model.entered.wait(5)  # the first runs on its own thread and holds the model
+    others = [
+        threading.Thread(target=batched.advance, args=(torch.zeros(2, 1, dtype=torch.long), torch.zeros(1, 2, 1)))
+        for _ in range(3)
+    ]
+    for thread in others:
+        thread.start()
+    # they queue for the worker, which takes one and waits for the model: two stay queued
+    deadline = time.monotonic() + 5
+    while batched.queue_depth != 2 and time.monotonic() < deadline:
+        time.sleep(0.001)
+    time.sleep(0.05)
+    assert batched.queue_depth == 2
+    model.gate.set()
+    for thread in [first, *others]:
+        thread.join(5)
+    # after a forward of several callers' steps (load), a lone step goes to the worker; then inline again
+    batched.advance(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 1))
+    batched.advance(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 1))
+    batched.close()
+    here = threading.current_thread().name
+    assert model.threads[1:] == [first.name, "model-worker", "model-worker", here]
+    assert model.batch_rows == [1, 1, 6, 1, 1] and counted == [1, 1, 6, 1, 1]  # the three waiting: one forward
+
+
+def test_inline_a_step_of_a_caller_who_is_gone_is_dropped_on_its_thread():
+    from service import calls
+    from service.calls import CallEnded
+    from tests.service.fakes import FakeContext
+
+    model = GatedModel()
+    model.gate.set()
+    batched = BatchingModel(model, inline=True)
+    calls.begin(FakeContext(active=False))
+    try:
+        with pytest.raises(CallEnded):
+            batched.advance(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 1))
+    finally:
+        calls.end()
+    batched.close()
+    assert model.rows == 0 and batched.dropped == 1
