@@ -551,7 +551,10 @@ class Converter:
             # one stacked call per length: all of them in the usual step, where each reads one token
             steps = [(torch.tensor([rows[path][0].read], dtype=torch.int64), rows[path][0].state) for path in missing]
             for path, (log_probs, state) in zip(missing, ragged_by_length(self.model, steps)):
-                used[path] = (log_probs[0].numpy(), state)
+                values = log_probs[0].numpy()
+                if memo is not None:  # kept past this call: its own row, not a view that holds the whole batch
+                    values, state = values.copy(), state.clone()
+                used[path] = (values, state)
         for path, group in rows.items():
             values, state = used[path]
             for h in group:

@@ -172,6 +172,9 @@ def test_a_session_reuses_its_last_keystrokes_rows_and_answers_as_a_fresh_conver
         assert [(c.text, c.consumed) for c in answer] == [(c.text, c.consumed) for c in expected]
         assert [c.probability for c in answer] == pytest.approx([c.probability for c in expected], rel=1e-5)
     assert in_session < fresh / 2
+    # what the session keeps holds its own rows, never a view that keeps a whole batch's tensor alive
+    for values, state in session._memo.values():
+        assert values.base is None and state.untyped_storage().nbytes() == state.numel() * state.element_size()
 
     def same_as_fresh() -> None:
         answer = session.convert(9)
