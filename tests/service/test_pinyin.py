@@ -25,6 +25,20 @@ def ime(tiny_ime_model) -> Engine:
     return engine
 
 
+class Counting:
+    """A StepModel that passes each forward to ``model`` and records its (tokens, state) in ``forwards``."""
+
+    def __init__(self, model, forwards: list) -> None:
+        self.model, self.vocab_size, self.forwards = model, model.vocab_size, forwards
+
+    def init_state(self, batch_size: int):
+        return self.model.init_state(batch_size)
+
+    def advance(self, tokens, state):
+        self.forwards.append((tokens, state))
+        return self.model.advance(tokens, state)
+
+
 def texts(candidates) -> list[str]:
     return [c.text for c in candidates]
 
@@ -115,20 +129,8 @@ def test_the_search_computes_each_row_once_and_its_pruning_keeps_the_best_readin
     """Hypotheses that read the same token after the same state (时 of 时间 and of 时候) share a forward row;
     a reading below the whole-input candidates stops early, which never changes the best ones."""
     forwards = []
-
-    class Counting:
-        def __init__(self, model) -> None:
-            self.model, self.vocab_size = model, model.vocab_size
-
-        def init_state(self, batch_size: int):
-            return self.model.init_state(batch_size)
-
-        def advance(self, tokens, state):
-            forwards.append((tokens, state))
-            return self.model.advance(tokens, state)
-
     base = ime.converter
-    counted = Converter(Counting(base.model), base.tokenizer, base.lexicon, base.config)
+    counted = Converter(Counting(base.model, forwards), base.tokenizer, base.lexicon, base.config)
     for context, pinyin in [("今天", "shijianhenjin"), ("他在", "xianzaiqu"), ("", "nihaolaoshi")]:
         forwards.clear()
         found = counted.convert(context, pinyin, 9)
@@ -143,32 +145,24 @@ def test_the_search_computes_each_row_once_and_its_pruning_keeps_the_best_readin
 def test_a_session_reuses_its_last_keystrokes_rows_and_answers_as_a_fresh_convert(ime):
     """Letter by letter, a composing session computes only the rows its last conversion lacked; every answer
     equals a fresh Convert of the same letters, including after a delete and after a commit (new text)."""
-    rows = []
+    forwards = []
 
-    class Counting:
-        def __init__(self, model) -> None:
-            self.model, self.vocab_size = model, model.vocab_size
-
-        def init_state(self, batch_size: int):
-            return self.model.init_state(batch_size)
-
-        def advance(self, tokens, state):
-            rows.append(tokens.size(0))
-            return self.model.advance(tokens, state)
+    def rows() -> int:
+        return sum(tokens.size(0) for tokens, _ in forwards)
 
     base = ime.converter
-    counted = Converter(Counting(base.model), base.tokenizer, base.lexicon, base.config)
+    counted = Converter(Counting(base.model, forwards), base.tokenizer, base.lexicon, base.config)
     session = TypingSession(ime.suggester, 1000, converter=counted)
     session.append("今天")
     in_session, fresh = 0, 0
     for letter in "shijianhenjin":
         session.compose(letter)
-        rows.clear()
+        forwards.clear()
         answer = session.convert(9)
-        in_session += sum(rows)
-        rows.clear()
+        in_session += rows()
+        forwards.clear()
         expected = counted.convert(session.text, session.composition, 9)
-        fresh += sum(rows) - 1  # the context's row, which the session keeps anyway
+        fresh += rows() - 1  # the context's row, which the session keeps anyway
         assert [(c.text, c.consumed) for c in answer] == [(c.text, c.consumed) for c in expected]
         assert [c.probability for c in answer] == pytest.approx([c.probability for c in expected], rel=1e-5)
     assert in_session < fresh / 2
