@@ -426,7 +426,6 @@ class Converter:
         options: dict[int, tuple] = {}
         size = max(count, self.config.beam)  # whole-input readings kept (their shares are within these)
         used: dict[tuple[int, ...], tuple[np.ndarray, torch.Tensor]] = {}  # the model's outputs by token path
-        finished, finished_from = [], 0  # the best distinct whole-input readings, and of how many readings
         for _ in range(lattice.length):
             children = self._children(live, lattice, options, self.config.beam + count)
             if not children:
@@ -452,9 +451,7 @@ class Converter:
             # A score only falls as a reading goes on (every term is a log-probability or a penalty), so a
             # hypothesis below the size-th best distinct whole-input reading so far can no longer reach the
             # whole-input candidates: it stops, and the syllables only such readings would take cost no forward.
-            whole = done.get(lattice.length, [])
-            if len(whole) != finished_from:  # new whole-input readings since the last syllable
-                finished, finished_from = self._distinct(whole, size), len(whole)
+            finished = self._distinct(done.get(lattice.length, []), size)
             if len(finished) == size:
                 live = [h for h in live if h.score >= finished[-1].score]
             self._read(live, memo, used)
@@ -551,15 +548,10 @@ class Converter:
             else:
                 used[path] = found
         if missing:
-            reads = [rows[path][0].read for path in missing]
-            states = [rows[path][0].state for path in missing]
-            if all(len(read) == 1 for read in reads):  # the usual step: each reads one token, one call for all
-                log_probs, state = self.model.advance(torch.tensor(reads, dtype=torch.int64), torch.cat(states, dim=1))
-                outputs = zip(log_probs.numpy(), state.split(1, dim=1))
-            else:  # one stacked call per length
-                steps = [(torch.tensor([read], dtype=torch.int64), st) for read, st in zip(reads, states)]
-                outputs = ((log_probs[0].numpy(), st) for log_probs, st in ragged_by_length(self.model, steps))
-            for path, (values, state) in zip(missing, outputs):
+            # one stacked call per length: all of them in the usual step, where each reads one token
+            steps = [(torch.tensor([rows[path][0].read], dtype=torch.int64), rows[path][0].state) for path in missing]
+            for path, (log_probs, state) in zip(missing, ragged_by_length(self.model, steps)):
+                values = log_probs[0].numpy()
                 if memo is not None:  # kept past this call: its own row, not a view that holds the whole batch
                     values, state = values.copy(), state.clone()
                 used[path] = (values, state)
