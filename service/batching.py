@@ -20,8 +20,9 @@ its caller's thread (there is nothing to stack it with), which saves the
 hand-off to the worker and back. Steps that arrive meanwhile queue for the
 worker as before, and once a forward has stacked several callers' steps (the
 server is loaded, and the hand-off gathers the next arrivals into one forward)
-steps go to the worker until a forward holds one step again. The server sets it when the worker has one intra-op thread,
-as the callers have, so that a forward runs alike on either thread.
+steps go to the worker until a forward holds one step again. The server sets
+it when the worker has one intra-op thread, as the callers have, so that a
+forward runs alike on either thread.
 
 A step whose caller has cancelled or passed its deadline while it waited is not
 computed (``drop_ended``): under overload the model spends its time on answers
@@ -95,9 +96,8 @@ class BatchingModel:
         wanted = calls.still_wanted() if self.drop_ended else None
         if self.inline and self._last_steps <= 1 and self._queue.empty() and self._busy.acquire(blocking=False):
             try:  # nothing else to stack with: no hand-off to the worker and back
-                ended = wanted() if wanted is not None else None
+                ended = self._ended(wanted)
                 if ended is not None:
-                    self._dropped()
                     raise ended
                 result = self.model.advance(tokens, state)
                 self._count(tokens.size(0), 1)
@@ -152,11 +152,10 @@ class BatchingModel:
         """The steps whose callers still wait; the others end at once with the reason (CallEnded)."""
         kept = []
         for step in group:
-            ended = step.wanted() if step.wanted is not None else None
+            ended = self._ended(step.wanted)
             if ended is None:
                 kept.append(step)
             else:
-                self._dropped()
                 step.future.set_exception(ended)
         return kept
 
@@ -177,10 +176,14 @@ class BatchingModel:
         if self.on_batch is not None:
             self.on_batch(rows)
 
-    def _dropped(self) -> None:
-        self.dropped += 1
-        if self.on_drop is not None:
-            self.on_drop()
+    def _ended(self, wanted: Callable[[], CallEnded | None] | None) -> CallEnded | None:
+        """Why a step's caller is gone (the step is then counted as dropped), or None while it waits."""
+        ended = wanted() if wanted is not None else None
+        if ended is not None:
+            self.dropped += 1
+            if self.on_drop is not None:
+                self.on_drop()
+        return ended
 
     def _forward(self, steps: list[_Step]) -> None:
         if not steps:
