@@ -7,7 +7,10 @@ Measured in one run, on the same Chinese model (as served: the network mixed wit
     server's default worker processes has (p50, p99);
   * over gRPC: the server (default flags, --no-log-calls) answering one client's Convert calls;
   * a Type session composing the same pinyin letter by letter: the cost of a compose keystroke
-    (each answered with the candidates of the composition so far) against a Convert of the whole.
+    (each answered with the candidates of the composition so far) against a Convert of the whole;
+  * in-process, where a conversion's time goes (the network's forwards, the n-gram memory and the mix,
+    the search itself), and a compose keystroke with the rows the session keeps from the last
+    keystroke against one that computes every row again (rows per keystroke, p50).
 The inputs are everyday sentences (context, then 8 characters) written for this benchmark; their
 pinyin comes from pypinyin, joined without separators.
 """
@@ -26,6 +29,8 @@ from service.engine import Engine
 from service.hardware import ThreadPlan, default_workers
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
+from service.pinyin import Converter
+from service.session import TypingSession
 from training.pinyin_eval import reading
 
 # (context, eight characters to type as pinyin)
@@ -66,6 +71,73 @@ def timed(call, inputs, rounds: int) -> list[float]:
     return latencies
 
 
+class Timed:
+    """A StepModel around ``model`` that counts the rows it computes and the seconds it takes."""
+
+    def __init__(self, model) -> None:
+        self.model, self.vocab_size = model, model.vocab_size
+        self.rows, self.seconds = 0, 0.0
+
+    def init_state(self, batch_size: int):
+        return self.model.init_state(batch_size)
+
+    def advance(self, tokens, state):
+        start = time.perf_counter()
+        out = self.model.advance(tokens, state)
+        self.seconds += time.perf_counter() - start
+        self.rows += tokens.size(0)
+        return out
+
+
+def parts(engine: Engine, inputs, rounds: int) -> dict[str, float]:
+    """Mean ms per conversion: the network's forwards, the memory and the mix, and the rest (the search)."""
+    served = Timed(engine.model)
+    network = Timed(getattr(engine.model, "network", engine.model))
+    if hasattr(engine.model, "network"):
+        engine.model.network = network
+    converter = Converter(served, engine.artifact.tokenizer, engine.converter.lexicon)
+    try:
+        for context, pinyin in inputs:  # warm, then count from zero
+            converter.convert(context, pinyin)
+        network.seconds = served.seconds = 0.0
+        start = time.perf_counter()
+        for _ in range(rounds):
+            for context, pinyin in inputs:
+                converter.convert(context, pinyin)
+        total = time.perf_counter() - start
+    finally:
+        if hasattr(engine.model, "network"):
+            engine.model.network = network.model
+    count = rounds * len(inputs)
+    network_s, served_s = network.seconds, served.seconds
+    return {
+        "network": 1000 * network_s / count,
+        "memory and mix": 1000 * (served_s - network_s) / count,
+        "search": 1000 * (total - served_s) / count,
+    }
+
+
+def compose_in_process(engine: Engine, inputs, kept: bool) -> tuple[list[float], float]:
+    """In-process compose keystrokes over the sentences: latencies, and rows computed per keystroke; with
+    the rows the session keeps, or with every row computed again (the session's context state kept)."""
+    counted = Timed(engine.model)
+    converter = Converter(counted, engine.artifact.tokenizer, engine.converter.lexicon)
+    latencies = []
+    for context, pinyin in inputs:
+        session = TypingSession(engine.suggester, 10_000, converter=converter)
+        session.append(context)
+        for letter in pinyin:
+            session.compose(letter)
+            start = time.perf_counter()
+            if kept:
+                session.convert(9)
+            else:
+                read = session.context.read(engine.artifact.tokenizer.encode(session.text))
+                converter.convert(session.text, session.composition, 9, start=read)
+            latencies.append(1000 * (time.perf_counter() - start))
+    return latencies, counted.rows / len(latencies)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a Chinese model file")
@@ -80,6 +152,9 @@ def main() -> None:
         engine.converter.convert(context, pinyin)
 
     local = on_thread(threads.worker, lambda: timed(convert, inputs, args.rounds))
+    split = on_thread(threads.worker, lambda: parts(engine, inputs, args.rounds))
+    with_kept, kept_rows = on_thread(threads.worker, lambda: compose_in_process(engine, inputs, kept=True))
+    every_row, all_rows = on_thread(threads.worker, lambda: compose_in_process(engine, inputs, kept=False))
     with serving(args.model, "--no-log-calls", "--history-db", "off") as (port, _):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.NextWordStub(channel)
@@ -123,6 +198,12 @@ def main() -> None:
     print(
         f"  last compose keystroke / Convert over gRPC (p50): "
         f"{statistics.median(last) / statistics.median(over_grpc):.2f}x"
+    )
+    print("  in-process, ms per conversion: " + ", ".join(f"{name} {ms:.1f}" for name, ms in split.items()))
+    print(
+        f"  in-process compose keystroke: p50 {statistics.median(with_kept):.1f} ms, {kept_rows:.1f} rows "
+        f"with the rows the session keeps; p50 {statistics.median(every_row):.1f} ms, {all_rows:.1f} rows "
+        "with every row computed again"
     )
 
 
