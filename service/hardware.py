@@ -40,6 +40,18 @@ def default_workers(device: str) -> int:
     return max(1, min(usable_cores(), MAX_DEFAULT_WORKERS))
 
 
+def use_native_rnn_kernels() -> None:
+    """Run CPU recurrent layers (LSTM, GRU, RNN) on ATen's own kernels instead of oneDNN's (torch's default).
+
+    oneDNN's RNN primitive carries a fixed cost per layer call, most of a serving step of one row and
+    one token (a generated token, a keystroke after a word): such a forward of the default model takes
+    2.3x as long on it, and other shapes a server runs take as long or longer (``python -m
+    benchmarks.kernels``; docs/performance.md). Process-wide: torch reads the setting at each call. A
+    float32 network uses oneDNN for nothing else here (its linear layers run on MKL's GEMM), an int8
+    one not at all (FBGEMM), and CUDA ignores it."""
+    torch.backends.mkldnn.enabled = False
+
+
 def use_intra_op_threads(count: int) -> None:
     """Give the calling thread ``count`` intra-op threads for torch's CPU kernels."""
     torch.get_num_threads()  # torch's once-per-thread default runs now, so it cannot undo this later

@@ -70,3 +70,23 @@ def test_the_mix_reads_ragged_steps_as_it_reads_each_step(tiny_word_model):
         expected_log_probs, expected_state = mixed.advance(tokens, state)
         torch.testing.assert_close(log_probs, expected_log_probs, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(new_state, expected_state, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
+def test_a_cpu_network_runs_on_atens_recurrent_kernels_with_onednns_answers(cell):
+    """A ScriptedModel on the CPU turns oneDNN's RNN kernels off (service/hardware.py): for speed alone, so
+    every step's answer is the one oneDNN's kernels give."""
+    previous = torch.backends.mkldnn.enabled
+    try:
+        torch.backends.mkldnn.enabled = True
+        model = scripted(cell)
+        assert not torch.backends.mkldnn.enabled
+        steps = ragged_steps(model, seed=2)
+        aten = [model.advance(tokens, state) for tokens, state in steps]
+        torch.backends.mkldnn.enabled = True
+        onednn = [model.advance(tokens, state) for tokens, state in steps]
+    finally:
+        torch.backends.mkldnn.enabled = previous
+    for (log_probs, state), (expected_log_probs, expected_state) in zip(aten, onednn):
+        torch.testing.assert_close(log_probs, expected_log_probs, atol=1e-5, rtol=1e-4)
+        torch.testing.assert_close(state, expected_state, atol=1e-5, rtol=1e-4)
