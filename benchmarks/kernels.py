@@ -2,7 +2,7 @@
 
     python -m benchmarks.kernels [--model models/default.pt] [--rounds 8]
 
-In one process with one intra-op thread (a default worker's share here), the two settings of
+In one process with one intra-op thread (a default worker's share here; ``--threads``), the two settings of
 ``torch.backends.mkldnn.enabled`` alternated round by round, the median round of each printed:
   * one forward (``forward_last``) of B rows of T tokens, for the shapes a server runs: a lone
     step (1 x 1), a context (1 x 8), a beam or a batch of keystrokes (8 x 1, 32 x 1);
@@ -58,11 +58,12 @@ def main() -> None:
     parser = argparse.ArgumentParser(description="nextword: CPU recurrent kernels, ATen's against oneDNN's")
     parser.add_argument("--model", default=os.path.join(ROOT, "models", "default.pt"))
     parser.add_argument("--rounds", type=int, default=8)
+    parser.add_argument("--threads", type=int, default=1, help="intra-op threads (default 1: a default worker's)")
     args = parser.parse_args()
-    use_intra_op_threads(1)
+    use_intra_op_threads(args.threads)
     artifact = load_artifact(args.model)
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
-    print(f"model {args.model}; torch {torch.__version__}; one intra-op thread; {args.rounds} rounds alternated\n")
+    print(f"model {args.model}; torch {torch.__version__}; {args.threads} intra-op thread(s); {args.rounds} rounds\n")
     print("| work | oneDNN ms | ATen ms | oneDNN / ATen |")
     print("| --- | --- | --- | --- |")
     with torch.inference_mode():

@@ -232,7 +232,9 @@ def main() -> None:
         flush=True,
     )
     # as one of the server's default worker processes computes: its share of the intra-op threads
-    threads = ThreadPlan.for_server(0, True, default_workers(args.device)).worker
+    plan = ThreadPlan.for_server(0, True, default_workers(args.device))
+    plan.choose_rnn_kernels()  # as the server chooses them for this plan
+    threads = plan.worker
     use_intra_op_threads(1)  # as in the server: the thread measuring or serving the model alone has a team
     base = in_process(args.model, args.seconds, args.device, threads)
     print(

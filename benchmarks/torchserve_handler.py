@@ -17,6 +17,7 @@ import os
 import torch
 
 from service.artifact import load_artifact
+from service.hardware import ThreadPlan
 from service.mix import served_model
 from service.runner import ScriptedModel
 from service.suggest import Suggester
@@ -34,6 +35,8 @@ class NextWordHandler:
         properties = context.system_properties
         path = os.path.join(properties["model_dir"], context.manifest["model"]["serializedFile"])
         artifact = load_artifact(path)
+        # the recurrent kernels nextword's server picks for a model run on this many intra-op threads
+        ThreadPlan(worker=None, others=torch.get_num_threads()).choose_rnn_kernels()
         network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, "cpu")
         ngram = os.environ.get(NGRAM_ENV, "1") != "0"
         self.suggester = Suggester(served_model(network, artifact, ngram), artifact.tokenizer)

@@ -43,6 +43,8 @@ class Engine:
                 f"{path} has {quantization} weights, which run on CPU only; "
                 "serve it with --device cpu, or export the model without --quantize for the GPU"
             )
+        if device == "cpu":
+            threads.choose_rnn_kernels()
         network = ScriptedModel(
             artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda"
         )

@@ -43,12 +43,13 @@ def default_workers(device: str) -> int:
 def use_native_rnn_kernels() -> None:
     """Run CPU recurrent layers (LSTM, GRU, RNN) on ATen's own kernels instead of oneDNN's (torch's default).
 
-    oneDNN's RNN primitive carries a fixed cost per layer call, most of a serving step of one row and
-    one token (a generated token, a keystroke after a word): such a forward of the default model takes
-    2.3x as long on it, and other shapes a server runs take as long or longer (``python -m
-    benchmarks.kernels``; docs/performance.md). Process-wide: torch reads the setting at each call. A
-    float32 network uses oneDNN for nothing else here (its linear layers run on MKL's GEMM), an int8
-    one not at all (FBGEMM), and CUDA ignores it."""
+    For a model run on one intra-op thread (a default worker here): oneDNN's RNN primitive carries a fixed
+    cost per layer call, most of a step of one row and one token (a generated token, a keystroke after a
+    word), and it is no faster at any other shape a server runs. With more threads oneDNN parallelises a
+    multi-token or multi-row forward better, so ``ThreadPlan.choose_rnn_kernels`` keeps it there
+    (``python -m benchmarks.kernels [--threads N]``; docs/performance.md). Process-wide: torch reads the
+    setting at each call. A float32 network uses oneDNN for nothing else here (its linear layers run on
+    MKL's GEMM), an int8 one not at all (FBGEMM), and CUDA ignores it."""
     torch.backends.mkldnn.enabled = False
 
 
@@ -79,6 +80,12 @@ class ThreadPlan:
         """For a thread that is not the model worker (the main thread, a request thread)."""
         if self.others is not None:
             use_intra_op_threads(self.others)
+
+    def choose_rnn_kernels(self) -> None:
+        """ATen's recurrent kernels when the threads that run the model have one intra-op thread each
+        (``use_native_rnn_kernels``); otherwise torch's default."""
+        if (self.worker if self.worker is not None else self.others) == 1:
+            use_native_rnn_kernels()
 
     def apply_to_worker(self) -> None:
         if self.worker is not None:

@@ -32,7 +32,6 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from service.hardware import use_native_rnn_kernels
 from service.tokenizer import BOS
 
 
@@ -191,8 +190,6 @@ class ScriptedModel:
         self, module: torch.jit.ScriptModule, vocab_size: int, device: str | torch.device = "cpu", half: bool = False
     ) -> None:
         self.device = torch.device(device)
-        if self.device.type == "cpu":
-            use_native_rnn_kernels()  # see service/hardware.py: several times faster for a lone row
         self.module = module.to(self.device)
         self.dtype = torch.float16 if half else torch.float32
         if half:

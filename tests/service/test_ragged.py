@@ -3,6 +3,7 @@
 import pytest
 import torch
 
+from service.hardware import ThreadPlan
 from service.runner import PackedNetwork, ScriptedModel, advance_ragged
 from training.model import LanguageModel, ModelConfig
 
@@ -73,18 +74,21 @@ def test_the_mix_reads_ragged_steps_as_it_reads_each_step(tiny_word_model):
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
-def test_a_cpu_network_runs_on_atens_recurrent_kernels_with_onednns_answers(cell):
-    """A ScriptedModel on the CPU turns oneDNN's RNN kernels off (service/hardware.py): for speed alone, so
-    every step's answer is the one oneDNN's kernels give."""
+def test_a_model_on_one_intra_op_thread_runs_atens_recurrent_kernels_with_onednns_answers(cell):
+    """The thread plan picks ATen's RNN kernels for a model run on one intra-op thread and leaves torch's
+    default (oneDNN) for more (service/hardware.py): for speed alone, so the answers are oneDNN's."""
     previous = torch.backends.mkldnn.enabled
     try:
         torch.backends.mkldnn.enabled = True
+        ThreadPlan(worker=2, others=1).choose_rnn_kernels()
+        ThreadPlan(worker=None, others=None).choose_rnn_kernels()
+        assert torch.backends.mkldnn.enabled
         model = scripted(cell)
-        assert not torch.backends.mkldnn.enabled
         steps = ragged_steps(model, seed=2)
-        aten = [model.advance(tokens, state) for tokens, state in steps]
-        torch.backends.mkldnn.enabled = True
         onednn = [model.advance(tokens, state) for tokens, state in steps]
+        ThreadPlan(worker=1, others=1).choose_rnn_kernels()
+        assert not torch.backends.mkldnn.enabled
+        aten = [model.advance(tokens, state) for tokens, state in steps]
     finally:
         torch.backends.mkldnn.enabled = previous
     for (log_probs, state), (expected_log_probs, expected_state) in zip(aten, onednn):
