@@ -22,7 +22,7 @@ HELP = {
     "workers": "server processes sharing the port (SO_REUSEPORT), each with its own model; "
     "0 = one per core on CPU, up to 4, and 4 on CUDA (docs/serving.md); 1 = a single process",
     "threads": "intra-op threads for each process's model worker (0 = torch's default divided by --workers); "
-    "with batching, request threads use one",
+    "with batching, request threads use one; with one, recurrent layers run on ATen's kernels, not oneDNN's",
     "batching": "stack concurrent requests' model steps into one forward",
     "max_batch_size": "most sequences in one batched forward",
     "drop_ended": "with batching, skip a queued model step whose caller cancelled or passed its deadline",
