@@ -16,10 +16,10 @@ import argparse
 import functools
 import os
 import statistics
-import time
 
 import torch
 
+from benchmarks.convert import timed
 from service.artifact import load_artifact
 from service.generation import GenerationParams, Generator
 from service.hardware import use_intra_op_threads
@@ -32,25 +32,14 @@ SETTINGS = (("oneDNN", True), ("ATen", False))
 PROMPT = "And God said "
 
 
-def timed(call, repeats: int) -> float:
-    """Median milliseconds of ``repeats`` calls."""
-    times = []
-    for _ in range(repeats):
-        start = time.perf_counter()
-        call()
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
-
-
 def alternated(call, rounds: int, repeats: int) -> dict[str, float]:
     """The median over ``rounds`` of each setting's median, the settings alternated round by round."""
     runs: dict[str, list[float]] = {name: [] for name, _ in SETTINGS}
     for _ in range(rounds):
         for name, enabled in SETTINGS:
             torch.backends.mkldnn.enabled = enabled
-            call()  # the setting's first call may build its kernels
-            runs[name].append(timed(call, repeats))
-    torch.backends.mkldnn.enabled = False
+            # one warm-up call first: the setting's first call may build its kernels
+            runs[name].append(statistics.median(timed(call, [()], repeats)))
     return {name: statistics.median(values) for name, values in runs.items()}
 
 
