@@ -45,7 +45,6 @@ TORCHSERVE = ["torchserve==0.12.0", "torch-model-archiver==0.12.0", "pyyaml==6.0
 NEXTWORD_NEEDS = ["torch==2.13.0", "numpy==2.4.6", "sentencepiece==0.2.3"]  # what the handler imports
 HANDLER = os.path.join(ROOT, "benchmarks", "torchserve_handler.py")
 MODEL_NAME = "nextword"
-TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def install(venv: str) -> str:
@@ -63,28 +62,6 @@ def archive(bin_dir: str, model: str, store: str) -> None:
     command = [os.path.join(bin_dir, "torch-model-archiver"), "--model-name", MODEL_NAME, "--version", "1.0"]
     command += ["--serialized-file", model, "--handler", HANDLER, "--export-path", store, "--force"]
     subprocess.run(command, check=True)
-
-
-def process_tree_cpu(root: int) -> float:
-    """CPU seconds (user + system) of ``root`` and every process below it."""
-    parents: dict[int, int] = {}
-    times: dict[int, float] = {}
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat") as handle:
-                fields = handle.read().rsplit(")", 1)[1].split()
-        except OSError:
-            continue
-        parents[int(entry)] = int(fields[1])
-        times[int(entry)] = (int(fields[11]) + int(fields[12])) / TICKS
-    total, todo = 0.0, [root]
-    while todo:
-        pid = todo.pop()
-        total += times.get(pid, 0.0)
-        todo.extend(child for child, parent in parents.items() if parent == pid)
-    return total
 
 
 @contextlib.contextmanager
@@ -131,14 +108,14 @@ def load(port: int, clients: int, seconds: float, *flags: str) -> dict:
 
 
 def measure(port: int, pid: int, clients: list[int], seconds: float, runs: int, *flags: str) -> list[dict]:
-    """Per client count: the median run by QPS, with the server CPU per OK answer over all runs."""
+    """Per client count: the median run by QPS, with the server CPU per OK answer over all runs (the CPU time
+    of ``pid`` and its children within the measured windows)."""
     rows = []
     for count in clients:
         results, cpu, answers = [], 0.0, 0
         for _ in range(runs):
-            before = process_tree_cpu(pid)
-            result = load(port, count, seconds, *flags)
-            cpu += process_tree_cpu(pid) - before
+            result = load(port, count, seconds, "--server-pid", str(pid), *flags)
+            cpu += result["server_cpu_s"]
             answers += result["calls"]
             results.append(result)
         middle = sorted(results, key=lambda r: r["qps"])[len(results) // 2]

@@ -24,6 +24,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import threading
 import time
 from collections.abc import Iterator
@@ -191,19 +192,20 @@ def serving(model_path: str, *flags: str) -> Iterator[tuple[int, int]]:
     """A server process on the model (metrics on a free port); yields (its port, its pid) once it serves."""
     port = free_port()
     command = [sys.executable, "-m", "service", "--model", model_path, "--host", "127.0.0.1", "--port", str(port)]
-    server = subprocess.Popen(
-        [*command, "--metrics-port", "0", *flags],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        server.stdout.readline()  # "SERVING on port ..."
-        yield port, server.pid
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
+    with tempfile.TemporaryFile("w+") as errors:
+        server = subprocess.Popen(
+            [*command, "--metrics-port", "0", *flags], cwd=ROOT, stdout=subprocess.PIPE, stderr=errors, text=True
+        )
+        try:
+            if "SERVING" not in server.stdout.readline():
+                server.wait(timeout=30)
+                errors.seek(0)
+                last = errors.read().strip().splitlines()[-1:] or [f"exit status {server.returncode}"]
+                raise RuntimeError(f"nextword-serve {' '.join(flags)} did not start: {last[0]}")
+            yield port, server.pid
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
 
 
 def server_runs(

@@ -32,3 +32,22 @@ def test_serving_on_cuda_gives_the_cpu_suggestions(tiny_char_model, half):
         assert [w for w, _ in got] == [w for w, _ in expected]
         for (_, p), (_, q) in zip(got, expected):
             assert p == pytest.approx(q, rel=2e-2 if half else 1e-3)
+
+
+@pytest.mark.parametrize("half", [False, True])
+def test_a_batch_of_ragged_steps_on_cuda_gives_the_cpu_answers(half):
+    """The batcher's path on CUDA: rows of different lengths packed into one forward."""
+    from service.runner import ScriptedModel
+    from tests.service.test_ragged import ragged_steps, scripted
+
+    cpu = scripted("lstm")
+    gpu = ScriptedModel(scripted("lstm").module, cpu.vocab_size, device="cuda", half=half)  # the same weights
+    assert gpu._packed is not None
+    steps = ragged_steps(cpu)
+    tolerance = {"atol": 2e-2, "rtol": 2e-2} if half else {"atol": 1e-4, "rtol": 1e-3}
+    for (log_probs, state), (expected_log_probs, expected_state) in zip(
+        gpu.advance_ragged(steps), cpu.advance_ragged(steps)
+    ):
+        assert log_probs.device.type == "cpu" and state.dtype == torch.float32
+        torch.testing.assert_close(log_probs, expected_log_probs, **tolerance)
+        torch.testing.assert_close(state, expected_state, **tolerance)
