@@ -51,3 +51,25 @@ def test_a_batch_of_ragged_steps_on_cuda_gives_the_cpu_answers(half):
         assert log_probs.device.type == "cpu" and state.dtype == torch.float32
         torch.testing.assert_close(log_probs, expected_log_probs, **tolerance)
         torch.testing.assert_close(state, expected_state, **tolerance)
+
+
+def test_each_recurrent_layer_on_cuda_reads_its_weights_from_one_buffer(tiny_char_model):
+    """cuDNN copies a layer's weights into one buffer at every forward unless they already share one."""
+    import warnings
+
+    from service.artifact import load_artifact
+    from service.runner import ScriptedModel
+
+    artifact = load_artifact(tiny_char_model, "cuda")
+    network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device="cuda")
+    layers = [layer for layer in network.module.modules() if getattr(layer, "_flat_weights", None)]
+    assert layers
+    for layer in layers:
+        assert len({w.untyped_storage().data_ptr() for w in layer._flat_weights}) == 1
+        parameters = dict(layer.named_parameters())
+        for name, weight in zip(layer._flat_weights_names, layer._flat_weights):
+            assert parameters[name].data_ptr() == weight.data_ptr()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        network.advance(torch.tensor([[4, 5, 6]]), network.init_state(1))
+    assert not [w for w in caught if "contiguous chunk" in str(w.message)]

@@ -94,3 +94,15 @@ def test_a_model_on_one_intra_op_thread_runs_atens_recurrent_kernels_with_onednn
     for (log_probs, state), (expected_log_probs, expected_state) in zip(aten, onednn):
         torch.testing.assert_close(log_probs, expected_log_probs, atol=1e-5, rtol=1e-4)
         torch.testing.assert_close(state, expected_state, atol=1e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize(
+    ("cores", "cpu", "cuda"),
+    [(1, 1, 1), (2, 2, 2), (16, 4, 16), (64, 4, 16)],
+)
+def test_the_default_worker_count_follows_the_cores_and_the_device(monkeypatch, cores, cpu, cuda):
+    """A copy of the model per core on the CPU, up to 4; on CUDA one per core, up to 16 (docs/performance.md)."""
+    from service import hardware
+
+    monkeypatch.setattr(hardware, "usable_cores", lambda: cores)
+    assert (hardware.default_workers("cpu"), hardware.default_workers("cuda")) == (cpu, cuda)
