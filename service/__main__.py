@@ -20,7 +20,7 @@ HELP = {
     "ngram": "serve the network mixed with the model file's n-gram memory (--no-ngram: the network alone)",
     "half": "float16 weights on CUDA",
     "workers": "server processes sharing the port (SO_REUSEPORT), each with its own model; "
-    "0 = one per core on CPU, up to 4, and 4 on CUDA (docs/serving.md); 1 = a single process",
+    "0 = one per core, up to 4 on CPU and 16 on CUDA (docs/serving.md); 1 = a single process",
     "threads": "intra-op threads for each process's model worker (0 = torch's default divided by --workers); "
     "with batching, request threads use one; with one, recurrent layers run on ATen's kernels, not oneDNN's",
     "batching": "stack concurrent requests' model steps into one forward",
