@@ -17,6 +17,7 @@ import torch
 
 MAX_DEFAULT_WORKERS = 4  # on the CPU: each worker holds a copy of the model in memory
 MAX_DEFAULT_CUDA_WORKERS = 16  # on CUDA: the most measured (docs/performance.md, GPU hosts)
+GPU_MEMORY_PER_WORKER = 2 << 30  # bytes: a worker's CUDA context and model held 0.8 GB idle, 1.75 GB at most
 
 
 def resolve_device(name: str) -> str:
@@ -33,14 +34,24 @@ def usable_cores() -> int:
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
 
 
+def gpu_memory() -> int:
+    """Bytes of memory on the first CUDA device (0 when none can be read)."""
+    try:
+        return torch.cuda.get_device_properties(0).total_memory
+    except (AssertionError, RuntimeError):
+        return 0
+
+
 def default_workers(device: str) -> int:
     """--workers 0: one server process per usable core, at most MAX_DEFAULT_WORKERS (each holds a copy of the
     model); on CUDA at most MAX_DEFAULT_CUDA_WORKERS, which share the GPU: there the per-call Python, not the
     model, sets the pace, so every core that runs a worker adds answers (``python -m benchmarks.scale``:
-    16 workers answered 2.1x as many calls as 4 at 256 clients on a 16-core H200 host).
-    docs/performance.md has the measurements."""
-    most = MAX_DEFAULT_CUDA_WORKERS if device == "cuda" else MAX_DEFAULT_WORKERS
-    return max(1, min(usable_cores(), most))
+    16 workers answered 2.1x as many calls as 4 at 256 clients on a 16-core H200 host), and no more than
+    one per GPU_MEMORY_PER_WORKER of the GPU's memory. docs/performance.md has the measurements."""
+    if device == "cuda":
+        fit = gpu_memory() // GPU_MEMORY_PER_WORKER or MAX_DEFAULT_WORKERS
+        return max(1, min(usable_cores(), MAX_DEFAULT_CUDA_WORKERS, fit))
+    return max(1, min(usable_cores(), MAX_DEFAULT_WORKERS))
 
 
 def use_native_rnn_kernels() -> None:

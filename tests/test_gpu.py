@@ -73,3 +73,10 @@ def test_each_recurrent_layer_on_cuda_reads_its_weights_from_one_buffer(tiny_cha
         warnings.simplefilter("always")
         network.advance(torch.tensor([[4, 5, 6]]), network.init_state(1))
     assert not [w for w in caught if "contiguous chunk" in str(w.message)]
+
+
+def test_the_default_worker_count_on_cuda_reads_the_gpus_memory():
+    from service.hardware import GPU_MEMORY_PER_WORKER, default_workers, gpu_memory, usable_cores
+
+    assert gpu_memory() > GPU_MEMORY_PER_WORKER
+    assert 1 <= default_workers("cuda") <= min(usable_cores(), gpu_memory() // GPU_MEMORY_PER_WORKER)

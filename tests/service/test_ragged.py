@@ -97,12 +97,14 @@ def test_a_model_on_one_intra_op_thread_runs_atens_recurrent_kernels_with_onednn
 
 
 @pytest.mark.parametrize(
-    ("cores", "cpu", "cuda"),
-    [(1, 1, 1), (2, 2, 2), (16, 4, 16), (64, 4, 16)],
+    ("cores", "gpu_gib", "cpu", "cuda"),
+    [(1, 141, 1, 1), (2, 141, 2, 2), (16, 141, 4, 16), (64, 141, 4, 16), (16, 16, 4, 8), (8, 3, 4, 1)],
 )
-def test_the_default_worker_count_follows_the_cores_and_the_device(monkeypatch, cores, cpu, cuda):
-    """A copy of the model per core on the CPU, up to 4; on CUDA one per core, up to 16 (docs/performance.md)."""
+def test_the_default_worker_count_follows_the_cores_the_device_and_its_memory(monkeypatch, cores, gpu_gib, cpu, cuda):
+    """A copy of the model per core on the CPU, up to 4; on CUDA one per core, up to 16 and one per 2 GiB of
+    the GPU's memory (docs/performance.md)."""
     from service import hardware
 
     monkeypatch.setattr(hardware, "usable_cores", lambda: cores)
+    monkeypatch.setattr(hardware, "gpu_memory", lambda: gpu_gib << 30)
     assert (hardware.default_workers("cpu"), hardware.default_workers("cuda")) == (cpu, cuda)
