@@ -17,7 +17,8 @@ What it does:
     next-word texts), --runs runs of --seconds per point, nextword with its default flags and
     --no-log-calls;
   * prints the table (the median run's QPS, p50 and p99), the server CPU per request (the CPU
-    time of the server's processes divided by the OK answers) and the ratios against the targets.
+    time of the server's processes within the measured windows divided by the OK answers in them)
+    and the ratios against the targets.
 
 A benchmark, not a test: the suite needs neither TorchServe nor Java.
 """
