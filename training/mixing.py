@@ -12,7 +12,7 @@ single weight:
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -30,12 +30,21 @@ class Evidence:
     seen: np.ndarray  # [N] the longest context the memory had seen before it
 
 
+@dataclass
+class Position:
+    """One position of a group of lines read through both models: the rows still going."""
+
+    log_probs: torch.Tensor  # [rows, V] the network's next-token log-probabilities
+    histories: np.ndarray  # [rows, width] the memory's histories (NO_TOKEN where empty)
+    targets: np.ndarray  # [rows] the tokens that came next
+
+
 @torch.inference_mode()
-def collect(
+def walk(
     network: StepModel, memory: NgramMemory, sequences: Sequence[Sequence[int]], lines_at_once: int = 64
-) -> Evidence:
-    """Read each token sequence ``<s> ids </s>`` through both models, lines_at_once lines per model call."""
-    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+) -> Iterator[Position]:
+    """Read each token sequence ``<s> ids </s>`` through the network, lines_at_once lines per model call,
+    keeping the memory's histories beside it."""
     width = memory.width
     for first in range(0, len(sequences), lines_at_once):
         group = sorted(([BOS, *s, EOS] for s in sequences[first : first + lines_at_once]), key=len, reverse=True)
@@ -44,12 +53,21 @@ def collect(
         for position in range(len(group[0]) - 1):
             rows = sum(1 for s in group if len(s) > position + 1)
             tokens = [s[position] for s in group[:rows]]
-            targets = np.array([s[position + 1] for s in group[:rows]])
             log_probs, state = network.advance(torch.tensor(tokens).view(-1, 1), state[:, :rows])
             histories = np.concatenate([histories[:rows, 1:], np.array(tokens).reshape(-1, 1)], axis=1)
-            probabilities, longest = memory.probabilities(histories)
-            picked = log_probs[torch.arange(rows), torch.from_numpy(targets)].exp().numpy()
-            parts.append((picked, probabilities[np.arange(rows), targets], longest))
+            yield Position(log_probs, histories, np.array([s[position + 1] for s in group[:rows]]))
+
+
+def collect(
+    network: StepModel, memory: NgramMemory, sequences: Sequence[Sequence[int]], lines_at_once: int = 64
+) -> Evidence:
+    """Both models' probabilities of each token of the sequences, and the longest context seen before it."""
+    parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
+    for at in walk(network, memory, sequences, lines_at_once):
+        rows = len(at.targets)
+        probabilities, longest = memory.probabilities(at.histories)
+        picked = at.log_probs[torch.arange(rows), torch.from_numpy(at.targets)].exp().numpy()
+        parts.append((picked, probabilities[np.arange(rows), at.targets], longest))
     return Evidence(*(np.concatenate(column) for column in zip(*parts)))
 
 
