@@ -34,6 +34,7 @@ FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.bin"
 MEMORY_FILE = "memory.npz"
+MIX_RULES = ("linear", "log-linear")  # how a file's memory may be mixed with its network (service/mix.py)
 
 
 class ArtifactError(ValueError):
@@ -77,6 +78,7 @@ class MemorySpec:
     weights: list[float]  # the memory's mixing weight by the longest context seen, 0 .. order - 1
     sha256: str = ""  # of the memory's bytes
     fitted_on: str = ""  # what the weights were fitted on, and the perplexities there
+    rule: str = "linear"  # how the two are mixed (service/mix.py RULES); files before the choice: linear
 
 
 @dataclass(frozen=True)
@@ -176,10 +178,16 @@ class Manifest:
             missing = [key for key in ("cell", "num_layers", "hidden_size", "vocab_size") if key not in network]
             if missing:
                 raise KeyError(f"model.{missing[0]}")
+
         except (KeyError, TypeError, ValueError) as error:
             raise ArtifactError(
                 f"damaged model file: {path} has an incomplete {MANIFEST_FILE} ({type(error).__name__}: {error})"
             ) from None
+        if manifest.memory is not None and manifest.memory.rule not in MIX_RULES:
+            raise ArtifactError(
+                f"{path} mixes its n-gram memory by the rule {manifest.memory.rule!r}, which this nextword does not "
+                f"serve ({', '.join(MIX_RULES)}): upgrade nextword or re-export the file"
+            )
         return manifest
 
 

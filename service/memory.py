@@ -186,11 +186,14 @@ class NgramMemory:
         The interpolation unrolled: P = sum over seen k of (product of gamma above k) * probs_k, plus the
         product of every gamma times the base: one dense product and a sparse add (``parts``)."""
         scale, rows, ids, values, longest = self.parts(histories)
-        p = scale[:, None] * self.base[None, :]
+        return self.dense(scale, rows, ids, values).numpy(), longest
+
+    def dense(self, scale: np.ndarray, rows: np.ndarray, ids: np.ndarray, values: np.ndarray) -> Tensor:
+        """``parts``' distribution added up: [B, V] float32."""
+        p = torch.from_numpy(scale)[:, None] * torch.from_numpy(self.base)[None, :]
         # a token may follow several orders' contexts: their values add up
-        flat = torch.from_numpy(rows * self.vocab_size + ids)
-        torch.from_numpy(p).view(-1).index_add_(0, flat, torch.from_numpy(values))
-        return p, longest
+        p.view(-1).index_add_(0, torch.from_numpy(rows * self.vocab_size + ids), torch.from_numpy(values))
+        return p
 
 
 class MemoryModel:

@@ -1,11 +1,13 @@
 """The served distribution: the network mixed with the n-gram memory of its training text.
 
-    P(w | h) = lambda_k * P_memory(w | h) + (1 - lambda_k) * P_network(w | h)
+    linear:      P(w | h) = lambda_k * P_memory(w | h) + (1 - lambda_k) * P_network(w | h)
+    log-linear:  P(w | h) proportional to P_memory(w | h) ** lambda_k * P_network(w | h) ** (1 - lambda_k)
 
 k is the longest context of h that the memory has seen (0 .. order - 1): where the whole context
 occurred in training the memory recalls what followed it, and its weight is high; where little of
 it did, the network carries the answer. The weights, one per k, are fitted at export by EM on the
-validation lines (training/mixing.py) and stored in the manifest.
+validation lines, and export keeps the rule that ranks those lines better (training/mixing.py);
+the manifest stores both. Files from before the choice are linear.
 
 ``MixedModel`` is a StepModel, so suggestions, sessions, generation and the batcher use it as they
 use the network. Its state is the network's [L, B, S] with one more layer [1, B, S] whose first
@@ -23,6 +25,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from service.artifact import MIX_RULES
 from service.memory import NO_TOKEN, MemoryModel
 from service.runner import Step, StepModel, advance_ragged
 
@@ -32,13 +35,17 @@ def served_model(network: StepModel, artifact, ngram: bool = True) -> StepModel:
     (and ``ngram``), else the network alone. The server, evaluation and benchmarks all build it here."""
     if not ngram or artifact.memory is None:
         return network
-    return MixedModel(network, MemoryModel(artifact.memory), artifact.manifest.memory.weights)
+    spec = artifact.manifest.memory
+    return MixedModel(network, MemoryModel(artifact.memory), spec.weights, spec.rule)
 
 
 class MixedModel:
-    def __init__(self, network: StepModel, memory: MemoryModel, weights: list[float]) -> None:
+    def __init__(self, network: StepModel, memory: MemoryModel, weights: list[float], rule: str = "linear") -> None:
         if len(weights) != memory.memory.order:
             raise ValueError(f"{len(weights)} mixing weights for a memory of order {memory.memory.order}")
+        if rule not in MIX_RULES:
+            raise ValueError(f"unknown mixing rule {rule!r}; choose one of {', '.join(MIX_RULES)}")
+        self.rule = rule
         self.network = network
         self.memory = memory
         self.weights = np.asarray(weights, dtype=np.float32)
@@ -71,17 +78,33 @@ class MixedModel:
         sizes = [tokens.size(0) for tokens, _ in steps]
         return list(zip(log_probs.split(sizes), states.split(sizes, dim=1)))
 
+    def mix(self, network_log_probs: Tensor, histories: np.ndarray) -> Tensor:
+        """The served log-probabilities [B, V] after the network's and the memory's [B, width] histories."""
+        parts = self.memory.memory.parts(histories)
+        weight = self.weights[parts[-1]]  # [B], by the longest context seen
+        mix = self._linear if self.rule == "linear" else self._log_linear
+        return mix(network_log_probs.float(), parts, weight)
+
     def _mix(self, network_log_probs: Tensor, network_state: Tensor, histories: np.ndarray) -> tuple[Tensor, Tensor]:
+        history = torch.zeros(1, histories.shape[0], self._size)
+        history[0, :, : self.memory.width] = torch.from_numpy(histories.astype(np.float32))
+        return self.mix(network_log_probs, histories), torch.cat([network_state, history])
+
+    def _linear(self, network_log_probs: Tensor, parts: tuple, weight: np.ndarray) -> Tensor:
         """log(w * P_memory + (1 - w) * P_network) for each row, the memory's dense part and its sparse
         followers added straight into the network's probabilities (no [B, V] memory array is built)."""
-        width, vocab = self.memory.width, self.vocab_size
-        scale, rows, ids, values, longest = self.memory.memory.parts(histories)
-        weight = self.weights[longest]  # [B]
-        mixed = network_log_probs.float().exp()
+        scale, rows, ids, values, _ = parts
+        mixed = network_log_probs.exp()
         mixed.mul_(torch.from_numpy(1 - weight)[:, None])
         mixed.addcmul_(torch.from_numpy(weight * scale)[:, None], self._base[None, :])
         if len(rows):
-            mixed.view(-1).index_add_(0, torch.from_numpy(rows * vocab + ids), torch.from_numpy(values * weight[rows]))
-        history = torch.zeros(1, histories.shape[0], self._size)
-        history[0, :, :width] = torch.from_numpy(histories.astype(np.float32))
-        return mixed.clamp_min_(1e-30).log_(), torch.cat([network_state, history])
+            flat = torch.from_numpy(rows * self.vocab_size + ids)
+            mixed.view(-1).index_add_(0, flat, torch.from_numpy(values * weight[rows]))
+        return mixed.clamp_min_(1e-30).log_()
+
+    def _log_linear(self, network_log_probs: Tensor, parts: tuple, weight: np.ndarray) -> Tensor:
+        """w * log P_memory + (1 - w) * log P_network for each row, normalised over the vocabulary."""
+        memory_log_probs = self.memory.memory.dense(*parts[:4]).clamp_min_(1e-30).log_()
+        w = torch.from_numpy(weight)[:, None]
+        mixed = memory_log_probs.mul_(w).add_(network_log_probs * (1 - w))
+        return mixed.sub_(torch.logsumexp(mixed, dim=1, keepdim=True))

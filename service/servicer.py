@@ -441,6 +441,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             components=["network", "ngram-memory"] if engine.mixed else ["network"],
             ngram_weights=manifest.memory.weights if engine.mixed else [],
             ngram_order=manifest.memory.order if engine.mixed else 0,
+            ngram_mix=manifest.memory.rule if engine.mixed else "",
             history_store=self.histories.store.kind if self.histories is not None else "off",
             history_max_entries=self.config.history_max_entries if self.histories is not None else 0,
             learning=self.histories is not None and self.histories.learning,

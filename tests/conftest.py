@@ -134,9 +134,11 @@ def tiny_ime_word_model(tmp_path_factory) -> str:
 
 
 def export_run(run: str, path: str) -> str:
+    """The shared fixtures' files: the linear mix, named, so that each export skips comparing the rules
+    (tests/training/test_memory_export.py tests that comparison)."""
     from training.export import export
 
-    export(run, path)
+    export(run, path, mix_rule="linear")
     return path
 
 

@@ -29,6 +29,7 @@ from datetime import UTC, datetime
 import torch
 
 from service.artifact import (
+    MIX_RULES,
     ArtifactError,
     Manifest,
     MemorySpec,
@@ -44,7 +45,7 @@ from service.tokenizer import load_tokenizer
 from training.checkpoint import BEST, CheckpointError, load_checkpoint
 from training.config import TrainConfig
 from training.data import CorpusError, read_corpus, split_lines
-from training.mixing import collect, fit_weights
+from training.mixing import best_rule, collect, fit_weights, score_rules
 from training.mixing import perplexity as mix_perplexity
 from training.model import LanguageModel, ModelConfig
 from training.ngram import NgramCounts, to_memory
@@ -53,6 +54,7 @@ PROG = "nextword-export"
 DEFAULT_ORDER = 5  # the n-gram memory's order
 DEFAULT_MIN_COUNT = 1  # keep every n-gram (a larger value gives a smaller file)
 MAX_FIT_LINES = 2000  # validation lines the mixing weights are fitted on
+AUTO_RULE = "auto"  # --mix-rule: choose on the validation lines
 
 
 class ExportError(RuntimeError):
@@ -125,19 +127,36 @@ def written_forms(tokenizer, lines: Sequence[str]) -> list[str] | None:
 
 
 def build_memory(
-    model: torch.nn.Module, tokenizer, train: Sequence[str], validation: Sequence[str], order: int, min_count: int
+    model: torch.nn.Module,
+    tokenizer,
+    train: Sequence[str],
+    validation: Sequence[str],
+    order: int,
+    min_count: int,
+    rule: str = AUTO_RULE,
 ) -> tuple[NgramMemory, MemorySpec]:
-    """The n-gram memory of the training lines, and its mixing weights fitted on the validation lines."""
+    """The n-gram memory of the training lines, and its mixing weights fitted on the validation lines; with
+    ``rule`` "auto", the mixing rule whose suggestions rank those lines better."""
     memory = to_memory(NgramCounts.from_text(train, tokenizer, order), min_count)
     sequences = [tokenizer.encode(line) for line in validation[:MAX_FIT_LINES]]
     network = ScriptedModel(model, tokenizer.vocab_size)
     evidence = collect(network, memory, sequences)
     weights = fit_weights(evidence, order)
-    fitted_on = (
-        f"{len(sequences)} validation lines, {len(evidence.seen)} tokens: perplexity "
-        f"{mix_perplexity(evidence, None):.2f} network, {mix_perplexity(evidence, weights):.2f} mixed"
+    fitted_on = f"{len(sequences)} validation lines, {len(evidence.seen)} tokens: perplexity "
+    fitted_on += f"{mix_perplexity(evidence, None):.2f} network, "
+    if rule == AUTO_RULE:
+        scores = score_rules(network, memory, tokenizer, validation[:MAX_FIT_LINES], weights)
+        rule = best_rule(scores)
+        fitted_on += ", ".join(
+            f"{r} mix {s.perplexity:.2f} (top-1 {100 * s.top1:.1f} %, keys saved {100 * s.keystroke_savings:.1f} %)"
+            for r, s in scores.items()
+        )
+    elif rule == "linear":
+        fitted_on += f"linear mix {mix_perplexity(evidence, weights):.2f}"
+    fitted_on += f"; served: {rule}"
+    spec = MemorySpec(
+        order=order, min_count=min_count, entries=memory.entries(), weights=weights, fitted_on=fitted_on, rule=rule
     )
-    spec = MemorySpec(order=order, min_count=min_count, entries=memory.entries(), weights=weights, fitted_on=fitted_on)
     return memory, spec
 
 
@@ -149,6 +168,7 @@ def export(
     ngram_order: int = DEFAULT_ORDER,
     ngram_min_count: int = DEFAULT_MIN_COUNT,
     corpus: Sequence[str] = (),
+    mix_rule: str = AUTO_RULE,
 ) -> Manifest:
     if os.path.isdir(checkpoint_path) and os.path.exists(os.path.join(checkpoint_path, BEST)):
         checkpoint_path = os.path.join(checkpoint_path, BEST)
@@ -188,7 +208,7 @@ def export(
     if ngram_order:
         train, validation = training_lines(checkpoint, corpus)
         tokenizer.written = written_forms(tokenizer, train)  # None except for lower-cased word vocabularies
-        memory, spec = build_memory(model, tokenizer, train, validation, ngram_order, ngram_min_count)
+        memory, spec = build_memory(model, tokenizer, train, validation, ngram_order, ngram_min_count, mix_rule)
         manifest = replace(manifest, memory=spec)
 
     def verify(temporary: str) -> None:
@@ -225,6 +245,13 @@ def main(argv: list[str] | None = None) -> int:
         help=f"leave out n-grams of 3 or more tokens seen fewer times: a smaller file (default {DEFAULT_MIN_COUNT})",
     )
     parser.add_argument(
+        "--mix-rule",
+        choices=[AUTO_RULE, *MIX_RULES],
+        default=AUTO_RULE,
+        help="how the memory is mixed with the network; auto: the rule whose suggestions rank the validation "
+        "lines better, each scored as nextword-eval scores a model (docs/model-file.md; default auto)",
+    )
+    parser.add_argument(
         "--corpus",
         action="append",
         default=[],
@@ -240,6 +267,7 @@ def main(argv: list[str] | None = None) -> int:
             ngram_order=args.ngram_order,
             ngram_min_count=args.ngram_min_count,
             corpus=args.corpus,
+            mix_rule=args.mix_rule,
         )
     except (CheckpointError, ArtifactError, ExportError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)
@@ -256,8 +284,8 @@ def main(argv: list[str] | None = None) -> int:
     if manifest.memory is not None:
         m = manifest.memory
         print(
-            f"{PROG}: n-gram memory of order {m.order}, {m.entries:,} entries; mixing weights by context seen "
-            f"{', '.join(f'{w:.3f}' for w in m.weights)}; fitted on {m.fitted_on}"
+            f"{PROG}: n-gram memory of order {m.order}, {m.entries:,} entries, mixed {m.rule}; mixing weights by "
+            f"context seen {', '.join(f'{w:.3f}' for w in m.weights)}; fitted on {m.fitted_on}"
         )
     return 0
 

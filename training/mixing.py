@@ -7,6 +7,11 @@ single weight:
 
     r_i      = lambda_k P_memory(w_i) / (lambda_k P_memory(w_i) + (1 - lambda_k) P_network(w_i))
     lambda_k = mean of r_i over the tokens whose context length is k
+
+Then the rule (service/mix.py): the same weights used linearly and log-linearly, each served on the
+same lines and judged as nextword-eval judges a model (``score_rules``), and export keeps the one
+whose first suggestion is right more often (linear on a tie). ``python -m benchmarks.mixing``
+compares more rules by the next token alone.
 """
 
 from __future__ import annotations
@@ -18,9 +23,12 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.memory import NO_TOKEN, NgramMemory
+from service.artifact import MIX_RULES
+from service.memory import NO_TOKEN, MemoryModel, NgramMemory
+from service.mix import MixedModel
 from service.runner import StepModel
-from service.tokenizer import BOS, EOS
+from service.tokenizer import BOS, EOS, Tokenizer
+from training.scoring import Scorer, score
 
 
 @dataclass
@@ -69,6 +77,31 @@ def collect(
         picked = at.log_probs[torch.arange(rows), torch.from_numpy(at.targets)].exp().numpy()
         parts.append((picked, probabilities[np.arange(rows), at.targets], longest))
     return Evidence(*(np.concatenate(column) for column in zip(*parts)))
+
+
+@dataclass
+class RuleScore:
+    perplexity: float
+    top1: float  # share of targets (words, or phrases and characters) that Suggest's first suggestion gets
+    keystroke_savings: float
+
+
+def score_rules(
+    network: StepModel, memory: NgramMemory, tokenizer: Tokenizer, lines: Sequence[str], weights: Sequence[float]
+) -> dict[str, RuleScore]:
+    """Each mixing rule with ``weights``, served on the lines and judged as nextword-eval judges a model."""
+    scores = {}
+    for rule in MIX_RULES:
+        mix = MixedModel(network, MemoryModel(memory), list(weights), rule)
+        units, tally = score(Scorer(rule, mix, mix), tokenizer, lines)
+        report = tally.report(units)
+        scores[rule] = RuleScore(report["perplexity"], report["top1"], report["ksr"] or 0.0)
+    return scores
+
+
+def best_rule(scores: dict[str, RuleScore]) -> str:
+    """The rule whose first suggestion is right most often; linear, the plainer, on a tie."""
+    return max(scores, key=lambda rule: (scores[rule].top1, rule == "linear"))
 
 
 def fit_weights(evidence: Evidence, order: int, iterations: int = 30) -> list[float]:

@@ -118,16 +118,50 @@ def test_a_damaged_memory_is_refused():
         NgramMemory.from_bytes(b"PK\x03\x04 not an archive")
 
 
+@pytest.mark.parametrize("rule", ["linear", "log-linear"])
 @pytest.mark.parametrize("weight", [0.0, 1.0])
-def test_the_mix_with_weight_0_or_1_is_each_component(word_memory, weight):
+def test_the_mix_with_weight_0_or_1_is_each_component(word_memory, weight, rule):
     tokenizer, _, memory = word_memory
     network, model = Uniform(tokenizer.vocab_size), MemoryModel(memory)
-    mixed = MixedModel(network, model, [weight] * memory.order)
+    mixed = MixedModel(network, model, [weight] * memory.order, rule)
     tokens = torch.tensor([[BOS, *tokenizer.encode("the old man")]])
     log_probs, state = mixed.advance(tokens, mixed.init_state(1))
     alone = (model if weight == 1.0 else network).advance(tokens, (model if weight == 1.0 else network).init_state(1))
     torch.testing.assert_close(log_probs.exp(), alone[0].float().exp(), atol=1e-6, rtol=1e-5)
     assert state.shape == (2, 1, 8) and state[-1, 0, :3].tolist() == tokens[0, -3:].float().tolist()
+
+
+class Peaked(Uniform):
+    """A stand-in network with a fixed, uneven next-token distribution."""
+
+    def advance(self, tokens, state):
+        logits = torch.sin(torch.arange(self.vocab_size, dtype=torch.float32) * 0.7) * 3
+        return torch.log_softmax(logits, 0).expand(tokens.size(0), -1).clone(), state + 1
+
+
+def test_the_log_linear_mix_is_the_normalised_weighted_sum_of_log_probabilities(word_memory):
+    tokenizer, _, memory = word_memory
+    network = Peaked(tokenizer.vocab_size)
+    weights = [0.1, 0.3, 0.5, 0.9]
+    mixed = MixedModel(network, MemoryModel(memory), weights, "log-linear")
+    texts = ["the old man", "she cook", "zzz unknown words", "the"]
+    steps = [(torch.tensor([[BOS, *tokenizer.encode(text)]]), mixed.init_state(1)) for text in texts]
+    for (tokens, state), (ragged_log_probs, _) in zip(steps, mixed.advance_ragged(steps)):
+        log_probs, new_state = mixed.advance(tokens, state)
+        history = new_state[-1, :, : memory.width].numpy().astype(np.int64)
+        memory_p, longest = memory.probabilities(history)
+        w = weights[int(longest[0])]
+        expected = w * np.log(np.maximum(memory_p[0], 1e-30)) + (1 - w) * network.advance(tokens, state)[0][0].numpy()
+        expected -= np.logaddexp.reduce(expected)
+        np.testing.assert_allclose(log_probs[0].numpy(), expected, atol=1e-4)
+        torch.testing.assert_close(ragged_log_probs, log_probs)
+        assert abs(float(log_probs.exp().sum()) - 1.0) < 1e-4
+
+
+def test_an_unknown_mixing_rule_is_refused(word_memory):
+    tokenizer, _, memory = word_memory
+    with pytest.raises(ValueError, match="unknown mixing rule 'geometric'; choose one of linear, log-linear"):
+        MixedModel(Uniform(tokenizer.vocab_size), MemoryModel(memory), [0.5] * memory.order, "geometric")
 
 
 def test_em_recovers_the_weights_of_a_synthetic_mixture():

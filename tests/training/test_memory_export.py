@@ -22,6 +22,32 @@ def test_export_stores_the_memory_and_fits_weights_on_validation(tiny_word_run, 
     assert all(0.0 <= w <= 1.0 for w in spec.weights) and "validation lines" in spec.fitted_on
     artifact = load_artifact(str(tmp_path / "m.pt"))
     assert artifact.memory.entries() == spec.entries and artifact.memory.order == 5
+    assert spec.rule in ("linear", "log-linear") and spec.fitted_on.endswith(f"served: {spec.rule}")
+
+
+def test_export_keeps_the_rule_that_ranks_the_validation_lines_better(tiny_word_run, monkeypatch, tmp_path):
+    from training import export as export_module
+    from training.mixing import RuleScore
+
+    for better in ("linear", "log-linear"):
+        scores = {"linear": RuleScore(20.0, 0.30, 0.5), "log-linear": RuleScore(19.0, 0.30, 0.5)}
+        scores[better] = RuleScore(25.0, 0.31, 0.4)  # its first suggestion is right more often
+        monkeypatch.setattr(export_module, "score_rules", lambda *args, scores=scores: scores)
+        manifest = export(tiny_word_run, str(tmp_path / f"{better}.pt"))
+        assert manifest.memory.rule == better
+        assert load_artifact(str(tmp_path / f"{better}.pt")).manifest.memory.rule == better
+    tie = {"linear": RuleScore(20.0, 0.3, 0.5), "log-linear": RuleScore(19.0, 0.3, 0.6)}
+    monkeypatch.setattr(export_module, "score_rules", lambda *args: tie)
+    assert export(tiny_word_run, str(tmp_path / "tie.pt")).memory.rule == "linear"
+
+
+def test_a_named_mixing_rule_is_exported_without_scoring_both(tiny_word_run, monkeypatch, tmp_path):
+    from training import export as export_module
+
+    monkeypatch.setattr(export_module, "score_rules", lambda *args: pytest.fail("scored the rules"))
+    for rule in ("linear", "log-linear"):
+        spec = export(tiny_word_run, str(tmp_path / f"{rule}.pt"), mix_rule=rule).memory
+        assert spec.rule == rule and spec.fitted_on.endswith(f"served: {rule}")
 
 
 def test_a_damaged_memory_is_refused_with_one_line(tiny_word_run, tmp_path):
@@ -55,6 +81,7 @@ def test_served_with_the_mix_and_without_and_info_says_which(tiny_word_run, tmp_
             server.stop(0)
         assert list(info.components) == (["network", "ngram-memory"] if ngram else ["network"])
         assert (len(info.ngram_weights), info.ngram_order) == ((5, 5) if ngram else (0, 0))
+        assert info.ngram_mix == (load_artifact(path).manifest.memory.rule if ngram else "")
     assert answers[True] != answers[False]
 
 
@@ -110,3 +137,18 @@ def test_the_evaluation_scores_the_mix_and_the_network_alone(tiny_word_run, tmp_
         return json.loads(result.stdout[result.stdout.index("{") :])["results"]["model"]["perplexity"]
 
     assert perplexity(mixed) != perplexity(alone)
+
+
+def test_a_file_whose_mixing_rule_this_nextword_lacks_is_refused_with_one_line(tiny_word_run, tmp_path):
+    export(tiny_word_run, str(tmp_path / "m.pt"))
+
+    def other_rule(name, data):
+        if name.endswith("extra/manifest.json"):
+            manifest = json.loads(data)
+            manifest["memory"]["rule"] = "geometric"
+            return json.dumps(manifest).encode()
+        return data
+
+    rewrite(str(tmp_path / "m.pt"), tmp_path / "other.pt", other_rule)
+    with pytest.raises(ArtifactError, match=r"by the rule 'geometric', which this nextword does not serve"):
+        load_artifact(str(tmp_path / "other.pt"))
