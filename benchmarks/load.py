@@ -258,8 +258,8 @@ def run(load: Load, processes: int = 1, server_pid: int = 0) -> dict:
     """The load from ``processes`` load-generator processes (the clients split as evenly as they go); with
     ``server_pid``, that server's CPU seconds in the measured window too."""
     start_at = time.time() + (START_SLACK if processes > 1 else 1.0)
-    cpu = ServerCpu(server_pid, start_at + load.warmup, start_at + load.warmup + load.seconds)
-    if server_pid:
+    cpu = ServerCpu(server_pid, start_at + load.warmup, start_at + load.warmup + load.seconds) if server_pid else None
+    if cpu is not None:
         cpu.start()
     if processes <= 1:
         sample = asyncio.run(collect(load, 0, start_at))
@@ -276,7 +276,7 @@ def run(load: Load, processes: int = 1, server_pid: int = 0) -> dict:
             for job in jobs:
                 sample.add(job.result())
     result = summary(load, sample, processes)
-    if server_pid:
+    if cpu is not None:
         cpu.join()
         result["server_cpu_s"] = cpu.seconds
     return result

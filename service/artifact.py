@@ -78,7 +78,7 @@ class MemorySpec:
     weights: list[float]  # the memory's mixing weight by the longest context seen, 0 .. order - 1
     sha256: str = ""  # of the memory's bytes
     fitted_on: str = ""  # what the weights were fitted on, and the perplexities there
-    rule: str = "linear"  # how the two are mixed (service/mix.py RULES); files before the choice: linear
+    rule: str = "linear"  # how the two are mixed, one of MIX_RULES (service/mix.py); files before the choice: linear
 
 
 @dataclass(frozen=True)
@@ -178,7 +178,6 @@ class Manifest:
             missing = [key for key in ("cell", "num_layers", "hidden_size", "vocab_size") if key not in network]
             if missing:
                 raise KeyError(f"model.{missing[0]}")
-
         except (KeyError, TypeError, ValueError) as error:
             raise ArtifactError(
                 f"damaged model file: {path} has an incomplete {MANIFEST_FILE} ({type(error).__name__}: {error})"

@@ -183,15 +183,18 @@ def walk_batch(model: StepModel, sequences: Sequence[Sequence[int]]) -> list[lis
     return outputs
 
 
-def compact_recurrent_weights(module: torch.jit.ScriptModule) -> int:
-    """Give each CUDA recurrent layer's weights one buffer, in cuDNN's layout; the layers compacted.
+def compact_recurrent_weights(module: torch.jit.ScriptModule) -> None:
+    """Give each CUDA recurrent layer's weights one buffer, in cuDNN's layout.
 
     cuDNN reads a layer's weights from one buffer. A loaded file has a tensor per weight, so without this
     each forward first copies them into a new buffer (and torch warns "RNN module weights are not part of
     single contiguous chunk of memory"). ``nn.RNNBase.flatten_parameters`` does this for an eager module;
     a TorchScript one does not have it, so it is done here the same way: the weights become views of the
     buffer in place, which the scripted layer's own list of them sees. CPU layers are left as they are."""
-    compacted = 0
+    if not torch._use_cudnn_rnn_flatten_weight():
+        return
+    from torch.backends.cudnn import rnn as cudnn_rnn
+
     for layer in module.modules():
         weights = list(getattr(layer, "_flat_weights", None) or [])
         if (
@@ -199,11 +202,8 @@ def compact_recurrent_weights(module: torch.jit.ScriptModule) -> int:
             or not all(w.is_cuda and w.dtype == weights[0].dtype for w in weights)
             or not all(torch.backends.cudnn.is_acceptable(w) for w in weights)
             or len({w.data_ptr() for w in weights}) != len(weights)
-            or not torch._use_cudnn_rnn_flatten_weight()
         ):
             continue
-        from torch.backends.cudnn import rnn as cudnn_rnn
-
         per_layer = (4 if layer.bias else 2) + (1 if layer.proj_size > 0 else 0)
         with torch.cuda.device_of(weights[0]), torch.no_grad():
             torch._cudnn_rnn_flatten_weight(
@@ -217,8 +217,6 @@ def compact_recurrent_weights(module: torch.jit.ScriptModule) -> int:
                 layer.batch_first,
                 bool(layer.bidirectional),
             )
-        compacted += 1
-    return compacted
 
 
 class ScriptedModel:

@@ -143,16 +143,15 @@ def build_memory(
     evidence = collect(network, memory, sequences)
     weights = fit_weights(evidence, order)
     fitted_on = f"{len(sequences)} validation lines, {len(evidence.seen)} tokens: perplexity "
-    fitted_on += f"{mix_perplexity(evidence, None):.2f} network, "
+    fitted_on += f"{mix_perplexity(evidence, None):.2f} network, linear mix {mix_perplexity(evidence, weights):.2f}"
     if rule == AUTO_RULE:
         scores = score_rules(network, memory, tokenizer, validation[:MAX_FIT_LINES], weights)
         rule = best_rule(scores)
-        fitted_on += ", ".join(
-            f"{r} mix {s.perplexity:.2f} (top-1 {100 * s.top1:.1f} %, keys saved {100 * s.keystroke_savings:.1f} %)"
-            for r, s in scores.items()
+        fitted_on += "; as served, " + ", ".join(
+            f"{name} top-1 {100 * got.top1:.1f} %, keys saved {100 * got.keystroke_savings:.1f} %, "
+            f"perplexity {got.perplexity:.2f}"
+            for name, got in scores.items()
         )
-    elif rule == "linear":
-        fitted_on += f"linear mix {mix_perplexity(evidence, weights):.2f}"
     fitted_on += f"; served: {rule}"
     spec = MemorySpec(
         order=order, min_count=min_count, entries=memory.entries(), weights=weights, fitted_on=fitted_on, rule=rule
