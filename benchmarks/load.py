@@ -18,6 +18,10 @@ every call that deadline (overload: what counts is the OK answers per second, th
 before its next call: its deadline, doubled at each failure in a row up to ``MAX_BACKOFF`` seconds,
 times a random factor from 0.5 to 1 (full jitter's usual form); an OK answer resets it.
 
+Each connection's first call waits for the server (a server still starting), at most
+``--connect-timeout`` seconds (default 60); then the load generator stops with one line and exit
+status 1.
+
 ``--server-pid PID`` adds ``server_cpu_s``: the CPU seconds of that process and its children within the
 measured window (the server's CPU per request is that over the OK calls).
 
@@ -107,6 +111,11 @@ class Load:
     peer: str = ""
     model_name: str = "nextword"
     backoff: bool = False
+    connect_timeout: float = 60.0  # seconds for every connection's first call to be answered
+
+
+class NoServer(RuntimeError):
+    """The target did not answer the first calls in time."""
 
 
 @dataclass
@@ -158,10 +167,17 @@ async def collect(load: Load, first_seed: int = 0, start_at: float | None = None
             def call(stub, rng):
                 return stub.Suggest(pb.SuggestRequest(text=rng.choice(texts)), timeout=timeout)
 
-        if load.peer == "torchserve":
-            await asyncio.gather(*(s(texts[0], wait_for_ready=True, timeout=60) for s in stubs))
-        else:
-            await asyncio.gather(*(s.Suggest(pb.SuggestRequest(text="warm up"), wait_for_ready=True) for s in stubs))
+        # the first call on each connection waits for the server, but not forever
+        first = dict(wait_for_ready=True, timeout=load.connect_timeout)
+        try:
+            if load.peer == "torchserve":
+                await asyncio.gather(*(s(texts[0], **first) for s in stubs))
+            else:
+                await asyncio.gather(*(s.Suggest(pb.SuggestRequest(text="warm up"), **first) for s in stubs))
+        except grpc.aio.AioRpcError as error:
+            raise NoServer(
+                f"no answer from {load.target} within {load.connect_timeout:g} s ({error.code().name})"
+            ) from None
         start = time.perf_counter()
         if start_at is not None:
             start += start_at - time.time()
@@ -318,6 +334,9 @@ def main() -> None:
     parser.add_argument("--backoff", action="store_true", help="a client waits after a failed call (see above)")
     parser.add_argument("--processes", type=int, default=1, help="load-generator processes the clients are split over")
     parser.add_argument("--server-pid", type=int, default=0, help="report its CPU seconds (see above)")
+    parser.add_argument(
+        "--connect-timeout", type=float, default=60.0, help="seconds to wait for the first answers (default 60)"
+    )
     args = parser.parse_args()
     load = Load(
         args.target,
@@ -332,8 +351,13 @@ def main() -> None:
         args.peer,
         args.model_name,
         args.backoff,
+        args.connect_timeout,
     )
-    print(json.dumps(run(load, args.processes, args.server_pid)))
+    try:
+        result = run(load, args.processes, args.server_pid)
+    except NoServer as error:
+        raise SystemExit(f"benchmarks.load: {error}") from None
+    print(json.dumps(result))
 
 
 if __name__ == "__main__":
