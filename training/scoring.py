@@ -243,12 +243,14 @@ def score(
     progress: Callable[[int], None] | None = None,
     lines_at_once: int = LINES_AT_ONCE,
     learning: Learning | None = None,
+    row: type[Suggester] = Suggester,
 ) -> tuple[str, Tally]:
     """The units scored ("words" or "characters") and the tally of every metric, per target included.
     ``progress(n)`` is told each time n more lines are scored. ``learning``: the suggestions are a simulated
-    user's, who learns each line once it is typed (perplexity is the model's either way)."""
+    user's, who learns each line once it is typed (perplexity is the model's either way). ``row``: what fills
+    the suggestions (the served Suggester, or another way to compare with it)."""
     units = "characters" if text_without_spaces(lines) else "words"
-    suggester = Suggester(scorer.ranking, tokenizer, config)
+    suggester = row(scorer.ranking, tokenizer, config)
     tally = Tally()
     for first in range(0, len(lines), lines_at_once):
         group = lines[first : first + lines_at_once]
