@@ -58,8 +58,9 @@ def main() -> None:
     sequences = [artifact.tokenizer.encode(line) for line in validation[: args.max_lines]]
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
 
-    evidence = collect(network, memory, sequences)
-    gammas = np.concatenate([longest_gamma(memory, at.histories)[1] for at in walk(network, memory, sequences)])
+    found: list[np.ndarray] = []  # each position's gamma, from the same read of the network
+    evidence = collect(network, memory, sequences, each=lambda at: found.append(longest_gamma(memory, at.histories)[1]))
+    gammas = np.concatenate(found)
     half = len(evidence.seen) // 2
     fit = slice(0, half)
     served = np.asarray(

@@ -17,7 +17,7 @@ compares more rules by the next token alone.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,11 +67,18 @@ def walk(
 
 
 def collect(
-    network: StepModel, memory: NgramMemory, sequences: Sequence[Sequence[int]], lines_at_once: int = 64
+    network: StepModel,
+    memory: NgramMemory,
+    sequences: Sequence[Sequence[int]],
+    lines_at_once: int = 64,
+    each: Callable[[Position], None] | None = None,
 ) -> Evidence:
-    """Both models' probabilities of each token of the sequences, and the longest context seen before it."""
+    """Both models' probabilities of each token of the sequences, and the longest context seen before it.
+    ``each`` is shown every position of the walk as well (for a caller that wants more of it in the same read)."""
     parts: list[tuple[np.ndarray, np.ndarray, np.ndarray]] = []
     for at in walk(network, memory, sequences, lines_at_once):
+        if each is not None:
+            each(at)
         rows = len(at.targets)
         probabilities, longest = memory.probabilities(at.histories)
         picked = at.log_probs[torch.arange(rows), torch.from_numpy(at.targets)].exp().numpy()
