@@ -300,7 +300,7 @@ class Lattice:
 class ConvertConfig:
     beam: int = 12  # hypotheses kept after each syllable
     prior_weight: float = 0.25  # of the dictionary's log-frequency, added to the model's (best on validation)
-    abbreviation_penalty: float = 1.5  # per syllable typed as initials or partly
+    abbreviation_penalty: float = 8.0  # per syllable typed as initials or partly (best on validation)
     unknown: float = -8.0  # added to <unk>'s log-probability for a character the vocabulary lacks
 
 
@@ -326,7 +326,7 @@ class _Hypothesis:
     log_probs: np.ndarray  # [V] after the tokens read (the parent's until ``read`` is read)
     state: torch.Tensor  # [L, 1, S], likewise
     read: tuple[int, ...] = ()  # tokens this step reads
-    share: float = 0.0  # the current word's weighted prior, added at each of its syllables
+    share: float = 0.0  # the current word's weighted prior and penalty per syllable, added at each of its syllables
     path: tuple[int, ...] = ()  # every token read after the start, ``read`` not yet included
 
     @property
@@ -521,12 +521,17 @@ class Converter:
             else:
                 arrays = [self._arrays(edge.key) for edge in edges]
                 first = np.concatenate([a[0] for a in arrays])
-                share = config.prior_weight * np.concatenate([a[1] for a in arrays])  # [N] per syllable
                 sizes = [len(a[0]) for a in arrays]
                 edge_of = np.repeat(np.arange(len(edges)), sizes)
                 word_of = np.concatenate([a[2] for a in arrays])
-                abbreviated = np.array([edge.abbreviated for edge in edges], dtype=np.float32)[edge_of]
-                static = share - config.abbreviation_penalty * abbreviated + config.unknown * (first == UNK)
+                # per syllable: the weighted prior, and the word's abbreviation penalty spread over its syllables,
+                # so that readings compared after the same syllables have paid alike (中国人 for zgr, charged
+                # at its first syllable, would fall behind 在 and be pruned before 国 and 人 were read)
+                penalty = np.array([edge.abbreviated / len(edge.key) for edge in edges], dtype=np.float32)[edge_of]
+                share = (
+                    config.prior_weight * np.concatenate([a[1] for a in arrays]) - config.abbreviation_penalty * penalty
+                )
+                static = share + config.unknown * (first == UNK)
                 options[position] = here = (edges, first, static, edge_of, word_of, share)
         return here
 

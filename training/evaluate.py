@@ -247,6 +247,13 @@ def main(argv: list[str] | None = None) -> int:
         " as served)",
     )
     pinyin.add_argument(
+        "--abbreviation-penalty",
+        type=ranged(float, 0.0),
+        default=ConvertConfig.abbreviation_penalty,
+        help="subtracted per syllable typed as an initial or partly (default "
+        f"{ConvertConfig.abbreviation_penalty:g}, as served)",
+    )
+    pinyin.add_argument(
         "--rankers",
         default="prior,ngram,network,mix",
         help="which rankers to run, of prior, ngram (needs --baseline ngram), network and mix (default all)",
@@ -389,7 +396,9 @@ def _pinyin(args, artifact, lines: list[str], train_lines: list[str]) -> int:
     if args.baseline:
         counts = NgramCounts.from_text(train_lines, artifact.tokenizer, args.order)
         ngram_model = NgramStepModel(counts, "kneser-ney")
-    config = ConvertConfig(prior_weight=args.prior_weight, beam=args.beam)
+    config = ConvertConfig(
+        prior_weight=args.prior_weight, beam=args.beam, abbreviation_penalty=args.abbreviation_penalty
+    )
     wanted = args.rankers.split(",")
     results = {}
     for name, converter in rankers(artifact, ngram_model, config).items():

@@ -217,7 +217,10 @@ def rankers(artifact, ngram_model, config: ConvertConfig, prior_only_weight: flo
     network = ScriptedModel(artifact.model, tokenizer.vocab_size)
     out = {
         "prior": Converter(
-            PriorOnly(tokenizer.vocab_size), tokenizer, lexicon, ConvertConfig(prior_weight=prior_only_weight)
+            PriorOnly(tokenizer.vocab_size),
+            tokenizer,
+            lexicon,
+            ConvertConfig(prior_weight=prior_only_weight, abbreviation_penalty=config.abbreviation_penalty),
         ),
     }
     if ngram_model is not None:

@@ -97,6 +97,27 @@ def test_the_dictionary_alone_ranks_by_word_frequency(lexicon):
     assert prior.convert("", "zongguo")[0].text != "中国"
 
 
+def test_full_syllables_outrank_letters_read_as_initials(lexicon):
+    """renzhen is 认真 (ren zhen), not 人这年 (ren zh(e) n(ian)): letters that are whole syllables are read so,
+    and initials stand for syllables only where the input needs them."""
+    chars = sorted({word for options in lexicon.words.values() for word, _ in options if len(word) == 1})
+    tokenizer = CharTokenizer(list(SPECIAL_TOKENS) + chars)
+    prior = Converter(PriorOnly(tokenizer.vocab_size), tokenizer, lexicon, ConvertConfig(prior_weight=1.0))
+    for pinyin, syllables in (("renzhenzhunbei", 4), ("dianying", 2), ("shentijiankang", 4)):
+        whole = [c for c in prior.convert("", pinyin) if c.consumed == len(pinyin)]
+        assert [len(c.syllables) for c in whole[:3]] == [syllables] * 3, (pinyin, whole[:3])
+
+
+def test_a_word_typed_as_initials_pays_its_penalty_a_syllable_at_a_time(lexicon):
+    """With a large penalty, 中国人 (three initials, one word) still beats 在 + 个人: were its whole penalty
+    charged at its first syllable, the beam would drop it before reading 国 and 人."""
+    chars = sorted({word for options in lexicon.words.values() for word, _ in options if len(word) == 1})
+    tokenizer = CharTokenizer(list(SPECIAL_TOKENS) + chars)
+    config = ConvertConfig(prior_weight=1.0, abbreviation_penalty=20.0)
+    prior = Converter(PriorOnly(tokenizer.vocab_size), tokenizer, lexicon, config)
+    assert prior.convert("", "zgr")[0].text == "中国人"
+
+
 def test_hand_made_cases_on_a_tiny_model(ime):
     convert = ime.converter.convert
     assert convert("", "nihao")[0].text == "你好"
