@@ -19,6 +19,13 @@ def lexicon() -> Lexicon:
 
 
 @pytest.fixture(scope="module")
+def every_character(lexicon) -> CharTokenizer:
+    """A character vocabulary of every single-character word in the lexicon (for the dictionary alone)."""
+    chars = sorted({word for options in lexicon.words.values() for word, _ in options if len(word) == 1})
+    return CharTokenizer(list(SPECIAL_TOKENS) + chars)
+
+
+@pytest.fixture(scope="module")
 def ime(tiny_ime_model) -> Engine:
     engine = Engine.load(ServerConfig(model=tiny_ime_model, batching=False, history_db="off"))
     assert engine.converter is not None
@@ -87,34 +94,28 @@ def test_letters_outside_the_alphabet_are_refused_by_name(lexicon, pinyin, probl
         Lattice(pinyin, lexicon)
 
 
-def test_the_dictionary_alone_ranks_by_word_frequency(lexicon):
-    chars = sorted({word for options in lexicon.words.values() for word, _ in options if len(word) == 1})
-    tokenizer = CharTokenizer(list(SPECIAL_TOKENS) + chars)
-    prior = Converter(PriorOnly(tokenizer.vocab_size), tokenizer, lexicon, ConvertConfig(prior_weight=1.0))
+def test_the_dictionary_alone_ranks_by_word_frequency(lexicon, every_character):
+    prior = Converter(PriorOnly(every_character.vocab_size), every_character, lexicon, ConvertConfig(prior_weight=1.0))
     assert prior.convert("", "zgr")[0].text == "中国人"
     assert prior.convert("", "zhongguorenmin")[0].text == "中国人民"
     assert prior.convert("", "zongguo", fuzzy=True)[0].text == "中国"  # z reads as zh with fuzzy pinyin
     assert prior.convert("", "zongguo")[0].text != "中国"
 
 
-def test_full_syllables_outrank_letters_read_as_initials(lexicon):
+def test_full_syllables_outrank_letters_read_as_initials(lexicon, every_character):
     """renzhen is 认真 (ren zhen), not 人这年 (ren zh(e) n(ian)): letters that are whole syllables are read so,
     and initials stand for syllables only where the input needs them."""
-    chars = sorted({word for options in lexicon.words.values() for word, _ in options if len(word) == 1})
-    tokenizer = CharTokenizer(list(SPECIAL_TOKENS) + chars)
-    prior = Converter(PriorOnly(tokenizer.vocab_size), tokenizer, lexicon, ConvertConfig(prior_weight=1.0))
+    prior = Converter(PriorOnly(every_character.vocab_size), every_character, lexicon, ConvertConfig(prior_weight=1.0))
     for pinyin, syllables in (("renzhenzhunbei", 4), ("dianying", 2), ("shentijiankang", 4)):
         whole = [c for c in prior.convert("", pinyin) if c.consumed == len(pinyin)]
         assert [len(c.syllables) for c in whole[:3]] == [syllables] * 3, (pinyin, whole[:3])
 
 
-def test_a_word_typed_as_initials_pays_its_penalty_a_syllable_at_a_time(lexicon):
+def test_a_word_typed_as_initials_pays_its_penalty_a_syllable_at_a_time(lexicon, every_character):
     """With a large penalty, 中国人 (three initials, one word) still beats 在 + 个人: were its whole penalty
     charged at its first syllable, the beam would drop it before reading 国 and 人."""
-    chars = sorted({word for options in lexicon.words.values() for word, _ in options if len(word) == 1})
-    tokenizer = CharTokenizer(list(SPECIAL_TOKENS) + chars)
     config = ConvertConfig(prior_weight=1.0, abbreviation_penalty=20.0)
-    prior = Converter(PriorOnly(tokenizer.vocab_size), tokenizer, lexicon, config)
+    prior = Converter(PriorOnly(every_character.vocab_size), every_character, lexicon, config)
     assert prior.convert("", "zgr")[0].text == "中国人"
 
 
