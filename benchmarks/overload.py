@@ -2,8 +2,8 @@
 
     python -m benchmarks.overload [--model models/default.pt] [--seconds 8]
 
-Against the server on the default model (default flags, ``--no-log-calls``), driven by
-``benchmarks/load.py`` from another process, in one run:
+Against the server on the default model (default flags, ``--no-log-calls``, any ``--server-flag``),
+driven by ``benchmarks/load.py`` from other processes (``--load-processes``), in one run:
 
 1. the QPS of 64 closed-loop Suggest clients without deadlines (the reference);
 2. 256 clients whose every Suggest has a 100 ms deadline: OK answers per second (goodput), the
@@ -38,12 +38,15 @@ def main() -> None:
     parser.add_argument("--deadline-ms", type=float, default=100.0, help="their deadline (default 100)")
     parser.add_argument("--server-flag", action="append", default=[], help="one more server flag (repeatable)")
     parser.add_argument("--skip-isolation", action="store_true", help="leave out the Generate measurement")
+    parser.add_argument(
+        "--load-processes", type=int, default=1, help="load-generator processes (default 1; a many-core host needs more)"
+    )
     args = parser.parse_args()
-    deadline = ["--deadline-ms", str(args.deadline_ms)]
+    deadline = ["--deadline-ms", str(args.deadline_ms), "--processes", str(args.load_processes)]
     results = {}
     flags = ["--no-log-calls", *args.server_flag]
     with serving(args.model, *flags) as (port, _):
-        results["reference"] = measure(port, 64, args.seconds)
+        results["reference"] = measure(port, 64, args.seconds, "--processes", str(args.load_processes))
         results["dropping"] = measure(port, args.clients, args.seconds, *deadline)
         results["dropping, clients back off"] = measure(port, args.clients, args.seconds, *deadline, "--backoff")
         if not args.skip_isolation:
