@@ -49,14 +49,17 @@ class Engine:
             artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda"
         )
         model = served_model(network, artifact, config.ngram)
-        if config.batching:
+        if config.batching or device != "cpu":
+            # On a GPU one thread, the worker, runs every forward: each thread that touches CUDA gets
+            # cuBLAS and cuDNN handles and workspaces of its own, and a request thread per call would
+            # fill the GPU's memory with them. Without batching, it runs one call's step per forward.
             model = BatchingModel(
                 model,
-                config.max_batch_size,
+                config.max_batch_size if config.batching else 1,
                 config.max_batch_wait_ms / 1000.0,
                 threads.worker,
                 config.drop_ended,
-                inline=threads.worker == 1 and threads.others == 1,
+                inline=device == "cpu" and threads.worker == 1 and threads.others == 1,
             )
         suggester = Suggester(model, artifact.tokenizer, SuggestConfig(max_context_tokens=config.max_context_tokens))
         generator = Generator(model, artifact.tokenizer, config.max_context_tokens)

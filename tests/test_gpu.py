@@ -80,3 +80,13 @@ def test_the_default_worker_count_on_cuda_reads_the_gpus_memory():
 
     assert gpu_memory() > GPU_MEMORY_PER_WORKER
     assert 1 <= default_workers("cuda") <= min(usable_cores(), gpu_memory() // GPU_MEMORY_PER_WORKER)
+
+
+@pytest.mark.parametrize("batching", [True, False])
+def test_on_cuda_every_forward_runs_on_the_model_worker_thread(tiny_char_model, batching):
+    """Each thread that runs CUDA work gets cuBLAS and cuDNN handles and workspaces of its own (about
+    100 MiB): with a forward on every request thread, a loaded server filled the GPU's memory."""
+    from tests.service.test_batching import forward_threads
+
+    threads, worker = forward_threads(tiny_char_model, "cuda", batching)
+    assert threads == {worker}

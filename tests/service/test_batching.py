@@ -296,3 +296,34 @@ def test_inline_a_step_of_a_caller_who_is_gone_is_dropped_on_its_thread():
         calls.end()
     batched.close()
     assert model.rows == 0 and batched.dropped == 1
+
+
+def forward_threads(model_path: str, device: str, batching: bool) -> tuple[set[int], int]:
+    """The threads on which an engine on ``device`` ran its forwards for Suggest calls, alone and from 16
+    threads at once, with one intra-op thread per thread (the plan under which a CPU server runs a lone
+    step on its caller's thread); and its model worker's thread."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    from service.config import ServerConfig
+    from service.engine import Engine
+    from service.hardware import ThreadPlan
+
+    plan = ThreadPlan(worker=1, others=1) if batching else ThreadPlan(worker=None, others=1)
+    engine = Engine.load(ServerConfig(model=model_path, device=device, batching=batching), plan)
+    inner, threads = engine.model.model, set()
+    for name in ("advance", "advance_ragged"):
+        method = getattr(inner, name, None)
+        if method is not None:
+            setattr(inner, name, lambda *args, _method=method: threads.add(threading.get_ident()) or _method(*args))
+    texts = ["she cook fresh ", "we want gre", "the old man "] * 8
+    alone = [[w for w, _ in engine.suggester.suggest(text, 3).suggestions] for text in texts[:3]]
+    with ThreadPoolExecutor(16) as pool:
+        together = list(pool.map(lambda text: [w for w, _ in engine.suggester.suggest(text, 3).suggestions], texts))
+    assert together[:3] == alone
+    engine.close()
+    return threads, engine.model._worker.ident
+
+
+def test_on_cpu_an_idle_models_forward_runs_on_its_callers_thread(tiny_char_model):
+    threads, _ = forward_threads(tiny_char_model, "cpu", True)
+    assert threading.get_ident() in threads  # a lone call ran on its own thread
