@@ -23,7 +23,8 @@ HELP = {
     "0 = one per core, up to 4 on CPU and 16 on CUDA (docs/serving.md); 1 = a single process",
     "threads": "intra-op threads for each process's model worker (0 = torch's default divided by --workers); "
     "with batching, request threads use one; with one, recurrent layers run on ATen's kernels, not oneDNN's",
-    "batching": "stack concurrent requests' model steps into one forward",
+    "batching": "stack concurrent requests' model steps into one forward "
+    "(on CUDA, --no-batching runs one call's step per forward, on the model worker thread)",
     "max_batch_size": "most sequences in one batched forward",
     "drop_ended": "with batching, skip a queued model step whose caller cancelled or passed its deadline",
     "max_batch_wait_ms": "wait this long for more work once a batch starts (0 = never wait)",
