@@ -29,6 +29,32 @@ def resolve_device(name: str) -> str:
     return name
 
 
+# What torch's messages say when the GPU itself failed, also inside a TorchScript traceback: a CUDA context
+# that has seen one of these usually stays broken, so the process restarts (service/server.py)
+_DEVICE_FAILURES = (
+    "CUDA error",
+    "CUDA out of memory",
+    "CUDA driver error",
+    "cuDNN error",
+    "CUDNN_STATUS_",
+    "CUBLAS_STATUS_",
+)
+
+
+DEVICE_FAILED_EXIT = 3  # the exit status of a server process whose GPU failed
+
+
+def device_failure(error: BaseException) -> str | None:
+    """What went wrong when ``error`` is the GPU failing (the line of torch's message that says so), else None."""
+    if not isinstance(error, RuntimeError):
+        return None
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    said = [line for line in lines if any(marker in line for marker in _DEVICE_FAILURES)]
+    if said:
+        return said[-1]
+    return (lines[0] if lines else "CUDA out of memory") if isinstance(error, torch.cuda.OutOfMemoryError) else None
+
+
 def usable_cores() -> int:
     """The cores this process may run on (its CPU affinity, which a container's cpuset limits)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1

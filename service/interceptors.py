@@ -29,13 +29,14 @@ import os
 import re
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import grpc
 
 from service import calls
 from service.calls import CallEnded
 from service.decoding import MalformedRequest, RequestDecoder
+from service.hardware import device_failure
 from service.metrics import Metrics
 from service.users import USER_KEY, BadUser, Grant, user_of
 
@@ -79,6 +80,8 @@ class CallGuard(grpc.ServerInterceptor):
         self._lock = threading.Lock()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         metrics.gauge_function(metrics.active_calls, lambda: self._active)
+        self.on_device_failure: Callable[[], None] | None = None  # the server stops (service/server.py)
+        self._device_failed = False
 
     @property
     def active(self) -> int:
@@ -105,6 +108,21 @@ class CallGuard(grpc.ServerInterceptor):
     def leave(self) -> None:
         with self._lock:
             self._active -= 1
+
+    def device_failed(self, failure: str, error: Exception, request_id: str, method: str) -> None:
+        """A call's model step failed on the GPU: the first such call logs its traceback and stops the server
+        (``on_device_failure``); the calls that fail with it log one line each."""
+        with self._lock:
+            first, self._device_failed = not self._device_failed, True
+        extra = {"request_id": request_id, "method": method}
+        if not first:
+            log.error("the model's device failed: %s", failure, extra=extra)
+            return
+        log.error(
+            "the model's device failed: %s; NOT_SERVING, and this process stops", failure, exc_info=error, extra=extra
+        )
+        if self.on_device_failure is not None:
+            self.on_device_failure()
 
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
@@ -170,6 +188,13 @@ class MethodGuard:
         if isinstance(error, CallEnded):
             context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED if error.deadline else grpc.StatusCode.CANCELLED, str(error)
+            )
+        failure = device_failure(error)
+        if failure is not None:
+            self.guard.device_failed(failure, error, request_id, self.name)
+            context.abort(
+                grpc.StatusCode.UNAVAILABLE,
+                f"the model's device failed (request id {request_id}); this server process restarts: retry",
             )
         log.exception("internal error", extra={"request_id": request_id, "method": self.name})
         context.abort(

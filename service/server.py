@@ -16,7 +16,7 @@ from grpc_reflection.v1alpha import reflection
 
 from service.config import ServerConfig
 from service.engine import Engine, by_name
-from service.hardware import ThreadPlan, default_workers, resolve_device
+from service.hardware import DEVICE_FAILED_EXIT, ThreadPlan, default_workers, resolve_device
 from service.history import open_histories
 from service.interceptors import CallGuard
 from service.metrics import Metrics
@@ -91,6 +91,8 @@ class Server:
         self.guard = CallGuard(
             self.metrics, tokens, config.max_concurrent_rpcs, config.health_without_auth, config.log_calls
         )
+        self.guard.on_device_failure = self._device_failed
+        self.device_failed = False  # the model's GPU failed: the process exits with DEVICE_FAILED_EXIT
         options = [
             ("grpc.max_receive_message_length", config.max_message_bytes),
             ("grpc.max_send_message_length", config.max_message_bytes),
@@ -155,6 +157,12 @@ class Server:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
+
+    def _device_failed(self) -> None:
+        """A model step failed on the GPU, whose CUDA context then usually stays broken: stop (NOT_SERVING at
+        once, the calls in flight drain), so that the process exits and is started again."""
+        self.device_failed = True
+        threading.Thread(target=self.stop, name="device-failed", daemon=True).start()
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, then in-flight calls get ``grace`` seconds to finish; then the model worker stops."""
@@ -251,6 +259,11 @@ def serve(config: ServerConfig) -> None:
     )
     _announce(config, server.port, what, server.auth, server.metrics_port)
     server.wait()
+    if server.device_failed:
+        log.error(
+            "stopped: the model's device failed (exit status %d, for a process manager to restart)", DEVICE_FAILED_EXIT
+        )
+        raise SystemExit(DEVICE_FAILED_EXIT)
     log.info("stopped")
 
 
@@ -260,6 +273,8 @@ def serve_worker(config: ServerConfig, serving: Callable[[Callable[[], None]], N
     _stop_on_signals(server.stop, config.grace)
     serving(server.stop)
     server.wait()
+    if server.device_failed:
+        raise SystemExit(DEVICE_FAILED_EXIT)  # the parent starts a replacement
 
 
 def _serve_workers(config: ServerConfig) -> None:

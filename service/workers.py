@@ -12,7 +12,8 @@ The parent process loads no model. It
   and warmed up its model and listens (a worker that fails before then fails the start: exit 1);
 - serves /metrics: the sum over the workers, from prometheus-client's multiprocess files;
 - replaces a worker that exits while serving (the log says which and how it ended; replacements
-  that fail to start are retried with a growing pause);
+  that fail to start are retried with a growing pause), such as one whose GPU failed (a CUDA, cuDNN
+  or cuBLAS error, or its memory ran out: service/server.py), which exits with DEVICE_FAILED_EXIT;
 - on SIGTERM or SIGINT, passes SIGTERM to every worker: each turns health NOT_SERVING and drains
   its calls within ``--grace``, then exits. A worker still running ``KILL_AFTER`` seconds past the
   grace is killed.
@@ -37,6 +38,7 @@ import time
 from dataclasses import dataclass, replace
 
 from service.config import ServerConfig
+from service.hardware import DEVICE_FAILED_EXIT
 from service.metrics import MULTIPROCESS_ENV
 
 log = logging.getLogger("nextword")
@@ -196,6 +198,8 @@ class Supervisor:
         self._ended(worker)
         code = worker.process.exitcode
         how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited ({code})"
+        if code == DEVICE_FAILED_EXIT:
+            how = f"stopped because its model's device failed (exit {code})"
         if worker.serving:
             self._failures[worker.index] = 0
             log.warning("worker %d %s while serving; starting a replacement", worker.index, how)

@@ -360,3 +360,45 @@ def test_stop_ends_the_model_worker_too(tiny_char_model):
     assert not engine.model.running
     with pytest.raises(RuntimeError, match="the model worker has stopped"):
         engine.suggester.suggest("we ", 3)
+
+
+class FailingDevice:
+    """A StepModel whose every step fails as a broken GPU fails."""
+
+    def __init__(self, model) -> None:
+        self.vocab_size, self.init_state = model.vocab_size, model.init_state
+
+    def advance(self, tokens, state):
+        raise RuntimeError("CUDA error: an illegal memory access was encountered")
+
+
+def test_a_gpu_failure_answers_unavailable_and_the_worker_exits_to_be_replaced(tiny_char_model, monkeypatch):
+    import service.server
+    from service.hardware import DEVICE_FAILED_EXIT
+    from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
+
+    server, port, engine = start(tiny_char_model)
+    engine.model.model = FailingDevice(engine.model.model)  # what the batching worker runs
+    monkeypatch.setattr(service.server, "_started", lambda config: server)
+    monkeypatch.setattr(service.server, "_stop_on_signals", lambda stop, grace: None)
+    codes = []
+
+    def call(stop):
+        with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:  # no client retries: the status as sent
+            try:
+                pb_grpc.NextWordStub(channel).Suggest(pb.SuggestRequest(text="we "), timeout=10)
+            except grpc.RpcError as error:
+                codes.append((error.code(), error.details()))
+
+    watchdog = threading.Timer(30, server.stop, (0,))  # a server that kept serving would end the test here
+    watchdog.start()
+    try:
+        with pytest.raises(SystemExit) as exited:
+            service.server.serve_worker(server.config, call)  # returns once the server has stopped
+    finally:
+        watchdog.cancel()
+        server.stop(0)
+    assert exited.value.code == DEVICE_FAILED_EXIT
+    [(code, details)] = codes
+    assert code == grpc.StatusCode.UNAVAILABLE and "device failed" in details and "retry" in details
+    assert server.device_failed and not engine.model.running

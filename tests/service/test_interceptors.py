@@ -5,7 +5,9 @@ from types import SimpleNamespace
 
 import grpc
 import pytest
+import torch
 
+from service.hardware import device_failure
 from service.interceptors import REQUEST_ID_KEY, CallGuard
 from service.metrics import Metrics
 from tests.service.fakes import Aborted, FakeContext
@@ -142,3 +144,55 @@ def test_new_request_ids_are_unique_and_sane():
 
     ids = [new_request_id() for _ in range(1000)]
     assert len(set(ids)) == 1000 and all(_SANE_ID.fullmatch(i) for i in ids)
+
+
+TORCHSCRIPT_CUDNN_FAILURE = (
+    "The following operation failed in the TorchScript interpreter.\n"
+    "Traceback of TorchScript, serialized code (most recent call last):\n"
+    '  File "code/__torch__/training/model.py", line 27, in forward_last\n'
+    "    x, new_state, = (self).encode(tokens, state, )\n"
+    "RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR\n"
+)
+
+
+@pytest.mark.parametrize(
+    "error, said",
+    [
+        (RuntimeError(TORCHSCRIPT_CUDNN_FAILURE), "RuntimeError: cuDNN error: CUDNN_STATUS_INTERNAL_ERROR"),
+        (
+            RuntimeError("CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`"),
+            "CUDA error: CUBLAS_STATUS_ALLOC_FAILED when calling `cublasCreate(handle)`",
+        ),
+        (
+            RuntimeError("CUDA error: an illegal memory access was encountered\nCompile with `TORCH_USE_CUDA_DSA`"),
+            "CUDA error: an illegal memory access was encountered",
+        ),
+        (torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB."), "CUDA out of memory. Tried"),
+        (RuntimeError("shape '[2, 3]' is invalid for input of size 5"), None),
+        (ValueError("CUDA error: not from torch"), None),
+    ],
+)
+def test_a_gpu_failure_is_told_from_other_errors_by_torchs_message(error, said):
+    found = device_failure(error)
+    assert found == said if said is None else found.startswith(said)
+
+
+def test_a_gpu_failure_is_unavailable_and_stops_the_server_once(caplog):
+    def failing(request, context):
+        raise RuntimeError(TORCHSCRIPT_CUDNN_FAILURE)
+
+    call, guard = guarded(failing)
+    stops = []
+    guard.on_device_failure = lambda: stops.append(1)
+    with caplog.at_level(logging.ERROR, logger="nextword"):
+        for request_id in ("req-1", "req-2"):
+            context = FakeContext([(REQUEST_ID_KEY, request_id)])
+            with pytest.raises(Aborted):
+                call("private text", context)
+            assert context.status == grpc.StatusCode.UNAVAILABLE
+            assert f"request id {request_id}" in context.details and "retry" in context.details
+    assert stops == [1] and count(guard, "UNAVAILABLE") == 2 and count(guard, "INTERNAL") == 0
+    failures = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert [r.request_id for r in failures] == ["req-1", "req-2"]
+    assert failures[0].exc_info and not failures[1].exc_info  # one traceback, then a line per call
+    assert "CUDNN_STATUS_INTERNAL_ERROR" in failures[1].getMessage() and "private text" not in caplog.text
