@@ -39,7 +39,10 @@ def main() -> None:
     parser.add_argument("--server-flag", action="append", default=[], help="one more server flag (repeatable)")
     parser.add_argument("--skip-isolation", action="store_true", help="leave out the Generate measurement")
     parser.add_argument(
-        "--load-processes", type=int, default=1, help="load-generator processes (default 1; a many-core host needs more)"
+        "--load-processes",
+        type=int,
+        default=1,
+        help="load-generator processes (default 1; a many-core host needs more)",
     )
     args = parser.parse_args()
     deadline = ["--deadline-ms", str(args.deadline_ms), "--processes", str(args.load_processes)]
