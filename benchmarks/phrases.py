@@ -24,6 +24,7 @@ import argparse
 import math
 import time
 
+import numpy as np
 import torch
 
 from service.artifact import load_artifact
@@ -71,11 +72,78 @@ class SavingsRow(Suggester):
         return [(phrase, math.exp(value)) for phrase, value in chosen]
 
 
+def counted_continuations(memory, histories: np.ndarray, least: int) -> list[tuple[float, int] | None]:
+    """For each row's history [B, width]: where the memory saw at least ``least`` tokens of it, the follower
+    with the highest relative frequency there (its discounted probability plus its share of the context's
+    backoff weight) and that frequency; else None."""
+    longest, found = memory.seen(histories)
+    out: list[tuple[float, int] | None] = []
+    for row, k in enumerate(longest.tolist()):
+        if k < least:
+            out.append(None)
+            continue
+        order, context = memory.orders[k], int(found[k - 1][row])
+        start, end = order.offsets[context], order.offsets[context + 1]
+        frequency = order.probs[start:end] + order.gamma[context] / max(end - start, 1)
+        best = int(np.argmax(frequency))
+        out.append((float(frequency[best]), int(order.ids[start + best])))
+    return out
+
+
+class MemoryRow(Suggester):
+    """The served row's first suggestion, then phrases extended as the n-gram memory counted them: where the
+    mix gives no next character the threshold but the memory saw at least 2 tokens of the context and one
+    follower there has a relative frequency of at least the threshold, the phrase goes on with it and
+    scores that frequency (as a classic n-gram row ranks). Models without a memory get the served row."""
+
+    def _phrases(self, log_probs, state, k):
+        served = super()._phrases(log_probs, state, k)
+        memory = getattr(self.model, "memory", None)
+        if memory is None or not served:
+            return served
+        ids, limit, threshold = self.cjk_ids, self.config.max_phrase_chars, self.config.phrase_threshold
+        han = set(ids.tolist())
+        top = log_probs[ids].topk(min(ids.numel(), max(3 * k, 10)))
+        live = [(v, self.texts[int(j)].strip(), int(j)) for v, j in zip(top.values.tolist(), ids[top.indices].tolist())]
+        live = [c for c in live if len(c[1]) <= limit]
+        done = []
+        states = state.expand(-1, len(live), -1).contiguous()
+        while live:
+            next_log_probs, states = self.model.advance(torch.tensor([[c[2]] for c in live]), states)
+            histories = states[-1, :, : memory.width].numpy().astype(np.int64)
+            counted = counted_continuations(memory.memory, histories, 2)
+            best_values, best_index = next_log_probs[:, ids].max(dim=1)
+            keep, extended = [], []
+            for i, (value, phrase, _) in enumerate(live):
+                token, gain = int(ids[best_index[i]]), best_values[i].item()
+                if math.exp(gain) < threshold:
+                    found = counted[i]
+                    if found is None or found[0] < threshold or found[1] not in han:
+                        done.append((value, phrase))
+                        continue
+                    token, gain = found[1], math.log(max(found[0], math.exp(next_log_probs[i, found[1]].item())))
+                piece = self.texts[token].strip()
+                if len(phrase) + len(piece) > limit:
+                    done.append((value, phrase))
+                    continue
+                extended.append((value + gain, phrase + piece, token))
+                keep.append(i)
+            live = extended
+            states = states[:, keep] if keep else states
+        merged: dict[str, float] = {}
+        for value, phrase in done:
+            merged[phrase] = float(np.logaddexp(merged.get(phrase, -math.inf), value))
+        ranked = sorted(merged.items(), key=lambda item: -item[1])
+        row = [served[0]] + [(phrase, math.exp(value)) for phrase, value in ranked if phrase != served[0][0]]
+        return row[:k]
+
+
 WAYS = {
     "served": (Suggester, SuggestConfig()),
     "threshold 0.15": (Suggester, SuggestConfig(phrase_threshold=0.15)),
     "up to 7 characters": (Suggester, SuggestConfig(max_phrase_chars=7)),
     "savings": (SavingsRow, SuggestConfig()),
+    "memory counts": (MemoryRow, SuggestConfig()),
 }
 
 
