@@ -96,46 +96,27 @@ class MemoryRow(Suggester):
     follower there has a relative frequency of at least the threshold, the phrase goes on with it and
     scores that frequency (as a classic n-gram row ranks). Models without a memory get the served row."""
 
+    def __init__(self, model, tokenizer, config: SuggestConfig = SuggestConfig()) -> None:
+        super().__init__(model, tokenizer, config)
+        self.served = Suggester(model, tokenizer, config)
+        self.memory = getattr(model, "memory", None)
+        self.han = set(self.cjk_ids.tolist())
+
     def _phrases(self, log_probs, state, k):
-        served = super()._phrases(log_probs, state, k)
-        memory = getattr(self.model, "memory", None)
-        if memory is None or not served:
+        served = self.served._phrases(log_probs, state, k)
+        if self.memory is None or not served:
             return served
-        ids, limit, threshold = self.cjk_ids, self.config.max_phrase_chars, self.config.phrase_threshold
-        han = set(ids.tolist())
-        top = log_probs[ids].topk(min(ids.numel(), max(3 * k, 10)))
-        live = [(v, self.texts[int(j)].strip(), int(j)) for v, j in zip(top.values.tolist(), ids[top.indices].tolist())]
-        live = [c for c in live if len(c[1]) <= limit]
-        done = []
-        states = state.expand(-1, len(live), -1).contiguous()
-        while live:
-            next_log_probs, states = self.model.advance(torch.tensor([[c[2]] for c in live]), states)
-            histories = states[-1, :, : memory.width].numpy().astype(np.int64)
-            counted = counted_continuations(memory.memory, histories, 2)
-            best_values, best_index = next_log_probs[:, ids].max(dim=1)
-            keep, extended = [], []
-            for i, (value, phrase, _) in enumerate(live):
-                token, gain = int(ids[best_index[i]]), best_values[i].item()
-                if math.exp(gain) < threshold:
-                    found = counted[i]
-                    if found is None or found[0] < threshold or found[1] not in han:
-                        done.append((value, phrase))
-                        continue
-                    token, gain = found[1], math.log(max(found[0], math.exp(next_log_probs[i, found[1]].item())))
-                piece = self.texts[token].strip()
-                if len(phrase) + len(piece) > limit:
-                    done.append((value, phrase))
-                    continue
-                extended.append((value + gain, phrase + piece, token))
-                keep.append(i)
-            live = extended
-            states = states[:, keep] if keep else states
-        merged: dict[str, float] = {}
-        for value, phrase in done:
-            merged[phrase] = float(np.logaddexp(merged.get(phrase, -math.inf), value))
-        ranked = sorted(merged.items(), key=lambda item: -item[1])
-        row = [served[0]] + [(phrase, math.exp(value)) for phrase, value in ranked if phrase != served[0][0]]
-        return row[:k]
+        mine = super()._phrases(log_probs, state, k)
+        return ([served[0]] + [item for item in mine if item[0] != served[0][0]])[:k]
+
+    def _next_pieces(self, log_probs, states):
+        pieces = super()._next_pieces(log_probs, states)
+        histories = states[-1, :, : self.memory.width].numpy().astype(np.int64)
+        threshold = self.config.phrase_threshold
+        for i, found in enumerate(counted_continuations(self.memory.memory, histories, 2)):
+            if pieces[i] is None and found is not None and found[0] >= threshold and found[1] in self.han:
+                pieces[i] = (found[1], math.log(max(found[0], math.exp(log_probs[i, found[1]].item()))))
+        return pieces
 
 
 WAYS = {

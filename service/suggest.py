@@ -271,13 +271,11 @@ class Suggester:
         while live:
             tokens = torch.tensor([[c[2]] for c in live], dtype=torch.long)
             next_log_probs, states = self.model.advance(tokens, states)
-            best_values, best_index = next_log_probs[:, ids].max(dim=1)
             keep, extended = [], []
-            for i, (score, phrase, _) in enumerate(live):
-                token = int(ids[best_index[i]])
-                piece = self.texts[token].strip()
-                if best_values[i].exp() >= self.config.phrase_threshold and len(phrase) + len(piece) <= limit:
-                    extended.append((score + best_values[i].item(), phrase + piece, token))
+            for i, ((score, phrase, _), step) in enumerate(zip(live, self._next_pieces(next_log_probs, states))):
+                piece = self.texts[step[0]].strip() if step is not None else ""
+                if step is not None and len(phrase) + len(piece) <= limit:
+                    extended.append((score + step[1], phrase + piece, step[0]))
                     keep.append(i)
                 else:
                     done.append((score, phrase))
@@ -288,3 +286,11 @@ class Suggester:
             merged[phrase] = _logaddexp(merged.get(phrase, -math.inf), score)
         ranked = sorted(merged.items(), key=lambda item: -item[1])[:k]
         return [(phrase, math.exp(score)) for phrase, score in ranked]
+
+    def _next_pieces(self, log_probs: Tensor, states: Tensor) -> list[tuple[int, float] | None]:
+        """For each phrase just read (a row of ``log_probs``; ``states``, the model's after it): the token it goes
+        on with and that token's log-probability, or None where no next character is phrase_threshold probable."""
+        best_values, best_index = log_probs[:, self.cjk_ids].max(dim=1)
+        tokens = self.cjk_ids[best_index].tolist()
+        passing = (best_values.exp() >= self.config.phrase_threshold).tolist()
+        return [(t, v) if ok else None for t, v, ok in zip(tokens, best_values.tolist(), passing)]
