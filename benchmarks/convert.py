@@ -81,9 +81,9 @@ class Timed:
     def init_state(self, batch_size: int):
         return self.model.init_state(batch_size)
 
-    def advance(self, tokens, state):
+    def advance(self, tokens, state, **options):
         start = time.perf_counter()
-        out = self.model.advance(tokens, state)
+        out = self.model.advance(tokens, state, **options)
         self.seconds += time.perf_counter() - start
         self.rows += tokens.size(0)
         return out

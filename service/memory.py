@@ -110,36 +110,47 @@ class NgramMemory:
     def seen(self, histories: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
         """For histories [B, width] (NO_TOKEN where empty): the longest context length seen [B], and per
         order k >= 1 the index of each row's context in that order's arrays (-1 where unseen)."""
-        rows, width = histories.shape
+        rows = histories.shape[0]
         longest = np.zeros(rows, dtype=np.int64)
         found_at: list[np.ndarray] = []
-        alive = np.ones(rows, dtype=bool)
-        vocab = np.uint64(self.vocab_size)
-        keys = np.zeros(rows, dtype=np.uint64)
-        power = np.uint64(1)  # files without chained keys: V ** (k - 1)
-        for k in range(1, self.order):
-            token = histories[:, width - k]  # the context of the last k tokens gains its first (oldest) token
-            alive &= token >= 0
-            oldest = np.where(token >= 0, token, 0).astype(np.uint64)
-            if self.chained:
-                keys = keys * vocab + oldest  # keys holds the index of the k - 1 newest tokens' context
-            else:
-                keys = keys + oldest * power
-                power = power * vocab
-            o = self.orders[k]
+        for k, (live, contexts) in enumerate(self._contexts(histories), 1):
             index = np.full(rows, -1, dtype=np.int64)
-            if len(o.keys) and alive.any():
-                at = np.minimum(np.searchsorted(o.keys, keys), len(o.keys) - 1)
-                hit = alive & (o.keys[at] == keys)
-                index[hit] = at[hit]
-            alive &= index >= 0
-            if self.chained:
-                keys = np.where(alive, index, 0).astype(np.uint64)
-            longest[alive] = k
+            index[live] = contexts
+            longest[live] = k
             found_at.append(index)
-            if not alive.any():
-                break
         return longest, found_at
+
+    def _contexts(self, histories: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+        """Per order k = 1, 2, ... while any row's last k tokens were seen: those rows, and their contexts'
+        indices in order k's arrays."""
+        rows, width = histories.shape
+        out = []
+        live = np.arange(rows)  # the rows whose context of k - 1 tokens was seen
+        keys = np.zeros(rows, dtype=np.uint64)  # for the live rows: that context's index (chained keys)
+        vocab = np.uint64(self.vocab_size)
+        power = np.uint64(1)  # files without chained keys: V ** (k - 1), and keys hold the packed tokens
+        for k in range(1, self.order):
+            token = histories[live, width - k]  # the context of the last k tokens gains its first (oldest) token
+            if token.min(initial=0) < 0:  # a text shorter than k tokens: no context of k
+                known = token >= 0
+                live, token, keys = live[known], token[known], keys[known]
+            if self.chained:
+                keys = keys * vocab + token.astype(np.uint64)
+            else:
+                keys = keys + token.astype(np.uint64) * power
+                power = power * vocab
+            order_keys = self.orders[k].keys
+            if not len(live) or not len(order_keys):
+                break
+            at = np.searchsorted(order_keys, keys)
+            np.minimum(at, len(order_keys) - 1, out=at)
+            hit = order_keys[at] == keys
+            live, at = live[hit], at[hit]
+            if not len(live):
+                break
+            out.append((live, at))
+            keys = at.astype(np.uint64) if self.chained else keys[hit]
+        return out
 
     @functools.cached_property
     def base(self) -> np.ndarray:
@@ -158,23 +169,25 @@ class NgramMemory:
         (scale: the product of every seen order's gamma [B]; each (row, id, value): a follower of one seen
         context, its discounted probability times the gammas of the longer orders). Also the longest
         context seen [B]. A caller mixes or gathers from these without building [B, V] twice."""
-        longest, found_at = self.seen(histories)
+        found = self._contexts(histories)
         rows = histories.shape[0]
+        longest = np.zeros(rows, dtype=np.int64)
+        for k, (live, _) in enumerate(found, 1):  # a row seen at k was seen at every shorter length
+            longest[live] = k
         scale = np.ones(rows, dtype=np.float32)  # the product of the gammas of the orders above, so far
         at_rows, at_ids, at_values = [], [], []
-        for o, index in reversed(list(zip(self.orders[1:], found_at))):
-            hit = np.nonzero(index >= 0)[0]
-            if len(hit) == 0:
-                continue
-            contexts = index[hit]
-            starts, ends = o.offsets[contexts], o.offsets[contexts + 1]
-            lengths = ends - starts
+        for k in range(len(found), 0, -1):
+            live, contexts = found[k - 1]
+            o = self.orders[k]
+            starts = o.offsets[contexts]
+            lengths = o.offsets[contexts + 1] - starts
             # the followers' places in ids/probs: each context's run starts..ends, all at once
-            flat = np.arange(lengths.sum()) + np.repeat(starts - np.cumsum(lengths) + lengths, lengths)
-            at_rows.append(np.repeat(hit, lengths))
+            of = np.repeat(np.arange(len(live)), lengths)
+            flat = np.arange(len(of)) + (starts - np.cumsum(lengths) + lengths)[of]
+            at_rows.append(live[of])
             at_ids.append(o.ids[flat])
-            at_values.append(o.probs[flat] * np.repeat(scale[hit], lengths))
-            scale[hit] *= o.gamma[contexts]
+            at_values.append(o.probs[flat] * scale[live][of])
+            scale[live] *= o.gamma[contexts]
         if not at_rows:
             empty = np.zeros(0, dtype=np.int64)
             return scale, empty, empty, np.zeros(0, dtype=np.float32), longest

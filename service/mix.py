@@ -52,6 +52,9 @@ class MixedModel:
         self.vocab_size = network.vocab_size
         self.device = getattr(network, "device", torch.device("cpu"))
         self._size = network.init_state(1).size(2)
+        # the linear mix adds probabilities: from a network that gives them (one softmax), no log then exp
+        linear = rule == "linear" and getattr(network, "gives_probabilities", False)
+        self._network_options = {"probabilities": True} if linear else {}
         self._base = torch.from_numpy(memory.memory.base)  # P(w) with no context [V]
         if self._size < memory.width:
             raise ValueError(f"the network's state ({self._size} values) cannot carry {memory.width} history tokens")
@@ -63,44 +66,50 @@ class MixedModel:
 
     def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         width = self.memory.width
-        network_log_probs, network_state = self.network.advance(tokens, state[:-1])
+        network_out, network_state = self.network.advance(tokens, state[:-1], **self._network_options)
         histories = self.memory.read(tokens, state[-1:, :, :width])
-        return self._mix(network_log_probs, network_state, histories)
+        return self._mix(network_out, network_state, histories)
 
     def advance_ragged(self, steps: Sequence[Step]) -> list[Step]:
         """Steps of different lengths: the network's in one forward (service/runner.py), the memory's at once."""
         width = self.memory.width
-        network = advance_ragged(self.network, [(tokens, state[:-1]) for tokens, state in steps])
+        inner = [(tokens, state[:-1]) for tokens, state in steps]
+        network = advance_ragged(self.network, inner, **self._network_options)
         histories = np.concatenate([self.memory.read(tokens, state[-1:, :, :width]) for tokens, state in steps])
         log_probs, states = self._mix(
-            torch.cat([lp for lp, _ in network]), torch.cat([st for _, st in network], dim=1), histories
+            torch.cat([out for out, _ in network]), torch.cat([st for _, st in network], dim=1), histories
         )
         sizes = [tokens.size(0) for tokens, _ in steps]
         return list(zip(log_probs.split(sizes), states.split(sizes, dim=1)))
 
-    def mix(self, network_log_probs: Tensor, histories: np.ndarray) -> Tensor:
-        """The served log-probabilities [B, V] after the network's and the memory's [B, width] histories."""
-        parts = self.memory.memory.parts(histories)
-        weight = self.weights[parts[-1]]  # [B], by the longest context seen
-        mix = self._linear if self.rule == "linear" else self._log_linear
-        return mix(network_log_probs.float(), parts, weight)
-
-    def _mix(self, network_log_probs: Tensor, network_state: Tensor, histories: np.ndarray) -> tuple[Tensor, Tensor]:
+    def _mix(self, network_out: Tensor, network_state: Tensor, histories: np.ndarray) -> tuple[Tensor, Tensor]:
+        """The served log-probabilities [B, V] and state after the network's output (its probabilities where
+        ``_network_options`` asks for them, else its log-probabilities) and the memory's [B, width] histories."""
         history = torch.zeros(1, histories.shape[0], self._size)
         history[0, :, : self.memory.width] = torch.from_numpy(histories.astype(np.float32))
-        return self.mix(network_log_probs, histories), torch.cat([network_state, history])
+        parts = self.memory.memory.parts(histories)
+        weight = self.weights[parts[-1]]  # [B], by the longest context seen
+        if self.rule == "linear":
+            probabilities = network_out.float() if self._network_options else network_out.float().exp()
+            mixed = self._linear(probabilities, parts, weight)
+        else:
+            mixed = self._log_linear(network_out.float(), parts, weight)
+        return mixed, torch.cat([network_state, history])
 
-    def _linear(self, network_log_probs: Tensor, parts: tuple, weight: np.ndarray) -> Tensor:
-        """log(w * P_memory + (1 - w) * P_network) for each row, the memory's dense part and its sparse
-        followers added straight into the network's probabilities (no [B, V] memory array is built)."""
+    def _linear(self, probabilities: Tensor, parts: tuple, weight: np.ndarray) -> Tensor:
+        """log(w * P_memory + (1 - w) * P_network) for each row: the memory's dense part and its sparse
+        followers are added straight into the network's weighted probabilities (no [B, V] memory array)."""
         scale, rows, ids, values, _ = parts
-        mixed = network_log_probs.exp()
-        mixed.mul_(torch.from_numpy(1 - weight)[:, None])
+        # a new tensor: the network's may be an inference tensor, which cannot change outside inference mode
+        mixed = probabilities * torch.from_numpy(1 - weight)[:, None]
         mixed.addcmul_(torch.from_numpy(weight * scale)[:, None], self._base[None, :])
         if len(rows):
             flat = torch.from_numpy(rows * self.vocab_size + ids)
             mixed.view(-1).index_add_(0, flat, torch.from_numpy(values * weight[rows]))
-        return mixed.clamp_min_(1e-30).log_()
+        out = mixed.numpy()  # the logarithm in place, by numpy (about twice as fast as torch's on CPU here)
+        np.maximum(out, 1e-30, out=out)
+        np.log(out, out=out)
+        return mixed
 
     def _log_linear(self, network_log_probs: Tensor, parts: tuple, weight: np.ndarray) -> Tensor:
         """w * log P_memory + (1 - w) * log P_network for each row, normalised over the vocabulary."""

@@ -48,18 +48,18 @@ class StepModel(Protocol):
 Step = tuple[Tensor, Tensor]  # (tokens [b, T], state [L, b, S]) in; (log-probs [b, V], state) out
 
 
-def ragged_by_length(model: StepModel, steps: Sequence[Step]) -> list[Step]:
-    """``advance`` for each step, steps of equal length stacked into one call."""
+def ragged_by_length(model: StepModel, steps: Sequence[Step], **options) -> list[Step]:
+    """``advance`` for each step, steps of equal length stacked into one call (``options`` passed on)."""
     by_length: dict[int, list[int]] = {}
     for index, (tokens, _) in enumerate(steps):
         by_length.setdefault(tokens.size(1), []).append(index)
     results: dict[int, Step] = {}
     for members in by_length.values():
         if len(members) == 1:
-            results[members[0]] = model.advance(*steps[members[0]])
+            results[members[0]] = model.advance(*steps[members[0]], **options)
             continue
         log_probs, states = model.advance(
-            torch.cat([steps[i][0] for i in members]), torch.cat([steps[i][1] for i in members], dim=1)
+            torch.cat([steps[i][0] for i in members]), torch.cat([steps[i][1] for i in members], dim=1), **options
         )
         sizes = [steps[i][0].size(0) for i in members]
         for i, lp, st in zip(members, log_probs.split(sizes), states.split(sizes, dim=1)):
@@ -67,10 +67,10 @@ def ragged_by_length(model: StepModel, steps: Sequence[Step]) -> list[Step]:
     return [results[i] for i in range(len(steps))]
 
 
-def advance_ragged(model: StepModel, steps: Sequence[Step]) -> list[Step]:
+def advance_ragged(model: StepModel, steps: Sequence[Step], **options) -> list[Step]:
     """Many steps of any lengths: in one forward when the model can, else one per length."""
     ragged = getattr(model, "advance_ragged", None)
-    return ragged(steps) if ragged is not None else ragged_by_length(model, steps)
+    return ragged(steps, **options) if ragged is not None else ragged_by_length(model, steps, **options)
 
 
 def window_start(num_tokens: int, limit: int) -> int:
@@ -220,7 +220,12 @@ def compact_recurrent_weights(module: torch.jit.ScriptModule) -> None:
 
 
 class ScriptedModel:
-    """The exported TorchScript network on one device; safe to call from many threads."""
+    """The exported TorchScript network on one device; safe to call from many threads.
+
+    ``advance`` and ``advance_ragged`` give log-probabilities, or with ``probabilities=True`` the
+    probabilities themselves (one softmax), which the linear mix adds to the memory's (service/mix.py)."""
+
+    gives_probabilities = True
 
     def __init__(
         self, module: torch.jit.ScriptModule, vocab_size: int, device: str | torch.device = "cpu", half: bool = False
@@ -243,8 +248,13 @@ class ScriptedModel:
         # States live on the CPU in float32 between steps; advance() moves them to the device.
         return self._start.repeat(1, batch_size, 1)
 
+    @staticmethod
+    def _normalised(logits: Tensor, probabilities: bool) -> Tensor:
+        logits = logits.float()
+        return torch.softmax(logits, dim=-1) if probabilities else torch.log_softmax(logits, dim=-1)
+
     @torch.inference_mode()
-    def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+    def advance(self, tokens: Tensor, state: Tensor, probabilities: bool = False) -> tuple[Tensor, Tensor]:
         with self._lock:
             tokens, state = tokens.to(self.device), state.to(self.device, self.dtype)
             if self._forward_last:
@@ -252,14 +262,14 @@ class ScriptedModel:
             else:
                 logits, new_state = self.module(tokens, state)
                 logits = logits[:, -1]
-            log_probs = torch.log_softmax(logits.float(), dim=-1)
-            return log_probs.cpu(), new_state.to("cpu", torch.float32)
+            return self._normalised(logits, probabilities).cpu(), new_state.to("cpu", torch.float32)
 
     @torch.inference_mode()
-    def advance_ragged(self, steps: Sequence[Step]) -> list[Step]:
+    def advance_ragged(self, steps: Sequence[Step], probabilities: bool = False) -> list[Step]:
         """Steps of different lengths in one forward (see the module docstring)."""
         if self._packed is None or len({tokens.size(1) for tokens, _ in steps}) == 1:
-            return ragged_by_length(self, steps)  # one length: forward_last is a little faster
+            # one length: forward_last is a little faster
+            return ragged_by_length(self, steps, probabilities=probabilities)
         lengths = torch.tensor([tokens.size(1) for tokens, _ in steps])
         sizes = [tokens.size(0) for tokens, _ in steps]
         padded = torch.zeros(sum(sizes), int(lengths.max()), dtype=torch.int64)
@@ -272,7 +282,7 @@ class ScriptedModel:
             logits, new_state = self._packed(
                 padded.to(self.device), lengths.repeat_interleave(torch.tensor(sizes)), state
             )
-            log_probs = torch.log_softmax(logits.float(), dim=-1).cpu()
+            log_probs = self._normalised(logits, probabilities).cpu()
             new_state = new_state.to("cpu", torch.float32)
         return list(zip(log_probs.split(sizes), new_state.split(sizes, dim=1)))
 
