@@ -23,11 +23,12 @@ import threading
 import unicodedata
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import NamedTuple
 
 import numpy as np
 import torch
 
-from service.runner import StepModel, encode_context, ragged_by_length
+from service.runner import StepModel, encode_context
 from service.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
 
 INITIALS = frozenset("zh ch sh b p m f d t n l g k h j q x r z c s y w".split())
@@ -82,7 +83,7 @@ class Lexicon:
                     child = node.next[syllable] = SyllableTrie(key[:end])
                 node = child
             node.words = options
-        for syllable in self.syllables:
+        for syllable in sorted(self.syllables):  # a fixed order, whatever the process's string hashing
             for end in range(1, len(syllable) + 1):
                 self.starting.setdefault(syllable[:end], ())
                 self.starting[syllable[:end]] += (syllable,)
@@ -177,8 +178,7 @@ def reads_chinese(tokenizer: Tokenizer) -> bool:
     return size > 0 and han >= size / 3
 
 
-@dataclass(frozen=True)
-class Token:
+class Token(NamedTuple):
     """Letters ``start:end`` of the input read as one syllable; ``next`` skips a separator after it."""
 
     start: int
@@ -188,8 +188,7 @@ class Token:
     abbreviated: bool  # initials or a partial last syllable, not a whole syllable
 
 
-@dataclass(frozen=True)
-class Edge:
+class Edge(NamedTuple):
     """Words that letters ``start:next`` may stand for, all with the syllables ``key``."""
 
     start: int
@@ -552,11 +551,17 @@ class Converter:
                 missing.append(path)
             else:
                 used[path] = found
-        if missing:
-            # one stacked call per length: all of them in the usual step, where each reads one token
-            steps = [(torch.tensor([rows[path][0].read], dtype=torch.int64), rows[path][0].state) for path in missing]
-            for path, (log_probs, state) in zip(missing, ragged_by_length(self.model, steps)):
-                values = log_probs[0].numpy()
+        by_length: dict[int, list[tuple[int, ...]]] = {}
+        for path in missing:  # one stacked call per length: all of them in the usual step, where each reads one token
+            by_length.setdefault(len(rows[path][0].read), []).append(path)
+        for paths in by_length.values():
+            firsts = [rows[path][0] for path in paths]
+            log_probs, states = self.model.advance(
+                torch.tensor([h.read for h in firsts], dtype=torch.int64), torch.cat([h.state for h in firsts], dim=1)
+            )
+            table = log_probs.numpy()
+            for row, path in enumerate(paths):
+                values, state = table[row], states[:, row : row + 1]
                 if memo is not None:  # kept past this call: its own row, not a view that holds the whole batch
                     values, state = values.copy(), state.clone()
                 used[path] = (values, state)
