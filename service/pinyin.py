@@ -1,7 +1,8 @@
 """Pinyin to hanzi: the typed letters become a lattice of readings, and a language model ranks it.
 
     letters   n i h a o s j                       ("'" separates syllables, v is ü)
-    tokens    ni | hao | s | j                    full syllables; initials; a partial last syllable
+    tokens    ni | hao | s | j                    full syllables; initials (where no whole syllable begins,
+                                                  or at the end); a partial last syllable
     words     你 尼 拟 .. (ni)   你好 (ni hao)   好 号 (hao)   是 说 (s*)   世界 时间 (s* j*) ..
     beam      a syllable at a time (a Han character is one syllable): every hypothesis reads its
               current word's next token, or at a word boundary tries every word that starts there;
@@ -249,6 +250,10 @@ class Lattice:
             while after < self.length and text[after] == SEPARATOR:
                 after += 1
             found.append(Token(start, end, after, options, abbreviated))
+        if any(not token.abbreviated for token in found):
+            # letters that begin a whole syllable here are not also an initial alone (w of women), except where
+            # the input ends; a separator still makes one (n'ihao)
+            found = [token for token in found if not token.abbreviated or token.end == self.length]
         self._tokens[start] = found
         return found
 

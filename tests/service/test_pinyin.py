@@ -70,13 +70,15 @@ def test_the_lattice_reads_whole_syllables_separators_initials_and_a_partial_las
     def ends(pinyin: str, start: int = 0) -> set[int]:
         return {token.next for token in Lattice(pinyin, lexicon).tokens(start)}
 
-    assert ends("xian") == {1, 2, 3, 4}  # x (an initial), xi, xia, xian
-    assert ends("xi'an") == {1, 3} and ends("xi'an", 3) == {4, 5}  # the separator goes with the syllable before it
+    assert ends("xian") == {2, 3, 4}  # xi, xia, xian: where a whole syllable begins, x is not an initial alone
+    assert ends("x") == {1} and ends("nihaox", 5) == {6}  # an initial at the end of the input
+    assert ends("x'ian") == {2}  # a separator makes one anywhere
+    assert ends("xi'an") == {3} and ends("xi'an", 3) == {4, 5}  # the separator goes with the syllable before it
     last = Lattice("zhongg", lexicon).tokens(5)
     assert last[0].abbreviated and "guo" in last[0].options  # an unfinished last syllable stands for its completions
     middle = Lattice("zhonggw", lexicon).tokens(5)
     assert middle[0].options and all(s.startswith("g") for s in middle[0].options)  # g is an initial anywhere
-    assert {t.next for t in Lattice("zhongguo", lexicon).tokens(0)} == {2, 5}  # zh is one initial, never z + h
+    assert ends("zhgr") == {2} and ends("zhongguo") == {5}  # zh is one initial, never z + h
 
 
 @pytest.mark.parametrize(
