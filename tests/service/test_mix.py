@@ -191,3 +191,29 @@ def test_a_session_answers_as_suggest_with_the_mix_on(tiny_word_model):
     for ch in "the old man likes fresh bread. my friend wants gr":
         session.append(ch)
         same(session.suggest(3), suggester.suggest(session.text, 3))
+
+
+def test_the_linear_mix_of_a_real_network_adds_its_probabilities_to_the_memorys(tiny_word_model):
+    """A scripted network gives the linear mix its probabilities directly (one softmax): the served
+    distribution is still w * P_memory + (1 - w) * P_network, alone and in a ragged batch."""
+    from service.artifact import load_artifact
+    from service.runner import ScriptedModel
+
+    artifact = load_artifact(tiny_word_model)
+    network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
+    weights = np.linspace(0.2, 0.9, artifact.memory.order).tolist()  # a different weight per context seen
+    mixed = MixedModel(network, MemoryModel(artifact.memory), weights, "linear")
+    texts = ["the old man", "she cook", "my friend wants", "the"]
+    steps = [(torch.tensor([[BOS, *artifact.tokenizer.encode(text)]]), mixed.init_state(1)) for text in texts]
+    for (tokens, state), (ragged_log_probs, ragged_state) in zip(steps, mixed.advance_ragged(steps)):
+        log_probs, new_state = mixed.advance(tokens, state)
+        network_log_probs, _ = network.advance(tokens, state[:-1])
+        probabilities, _ = network.advance(tokens, state[:-1], probabilities=True)
+        torch.testing.assert_close(probabilities, network_log_probs.exp())
+        history = new_state[-1, :, : artifact.memory.width].numpy().astype(np.int64)
+        memory_p, longest = artifact.memory.probabilities(history)
+        w = weights[int(longest[0])]
+        expected = w * memory_p[0] + (1 - w) * network_log_probs[0].exp().numpy()
+        np.testing.assert_allclose(log_probs[0].exp().numpy(), expected, atol=1e-6, rtol=1e-4)
+        torch.testing.assert_close(ragged_log_probs, log_probs, atol=1e-5, rtol=1e-5)
+        torch.testing.assert_close(ragged_state, new_state)
