@@ -10,7 +10,9 @@ Measured in one run, on the same Chinese model (as served: the network mixed wit
     (each answered with the candidates of the composition so far) against a Convert of the whole;
   * in-process, where a conversion's time goes (the network's forwards, the n-gram memory and the mix,
     the search itself), and a compose keystroke with the rows the session keeps from the last
-    keystroke against one that computes every row again (rows per keystroke, p50).
+    keystroke against one that computes every row again (rows per keystroke, p50);
+  * with --compare-beam N, in-process conversions with a beam of N against the served beam, their
+    rounds alternated.
 The inputs are everyday sentences (context, then 8 characters) written for this benchmark; their
 pinyin comes from pypinyin, joined without separators.
 """
@@ -20,6 +22,7 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
+from dataclasses import replace
 
 import grpc
 
@@ -138,10 +141,30 @@ def compose_in_process(engine: Engine, inputs, kept: bool) -> tuple[list[float],
     return latencies, counted.rows / len(latencies)
 
 
+def compare_beams(engine: Engine, inputs, rounds: int, beam: int) -> dict[int, list[float]]:
+    """In-process latencies with the served beam and with ``beam``, a round of each in turn ({} without one)."""
+    if not beam or beam == engine.converter.config.beam:
+        return {}
+    served = engine.converter
+    other = Converter(served.model, served.tokenizer, served.lexicon, replace(served.config, beam=beam))
+    latencies: dict[int, list[float]] = {served.config.beam: [], beam: []}
+    for _ in range(rounds):
+        for converter in (served, other):
+            call = converter.convert
+            latencies[converter.config.beam] += timed(lambda c, p, call=call: call(c, p), inputs, 1)
+    return latencies
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", required=True, help="a Chinese model file")
     parser.add_argument("--rounds", type=int, default=5, help="passes over the sentences (default 5)")
+    parser.add_argument(
+        "--compare-beam",
+        type=int,
+        default=0,
+        help="also time in-process conversions with this beam, rounds alternated with the served beam's",
+    )
     args = parser.parse_args()
     inputs = cases()
     workers = default_workers("cpu")
@@ -155,6 +178,7 @@ def main() -> None:
     split = on_thread(threads.worker, lambda: parts(engine, inputs, args.rounds))
     with_kept, kept_rows = on_thread(threads.worker, lambda: compose_in_process(engine, inputs, kept=True))
     every_row, all_rows = on_thread(threads.worker, lambda: compose_in_process(engine, inputs, kept=False))
+    beams = on_thread(threads.worker, lambda: compare_beams(engine, inputs, args.rounds, args.compare_beam))
     with serving(args.model, "--no-log-calls", "--history-db", "off") as (port, _):
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             stub = pb_grpc.NextWordStub(channel)
@@ -205,6 +229,13 @@ def main() -> None:
         f"with the rows the session keeps; p50 {statistics.median(every_row):.1f} ms, {all_rows:.1f} rows "
         "with every row computed again"
     )
+    if beams:
+        (mine, served_ms), (other, other_ms) = beams.items()
+        print(
+            f"  in-process Convert, beam {other} against the served {mine} (rounds alternated): p50 "
+            f"{statistics.median(other_ms):.1f} against {statistics.median(served_ms):.1f} ms, "
+            f"{statistics.median(other_ms) / statistics.median(served_ms):.2f}x"
+        )
 
 
 if __name__ == "__main__":
