@@ -27,13 +27,13 @@ from dataclasses import replace
 import grpc
 
 from benchmarks.serve import on_thread, serving
-from service.config import ServerConfig
-from service.engine import Engine
-from service.hardware import ThreadPlan, default_workers
+from service.api.config import ServerConfig
+from service.model.engine import Engine
+from service.model.hardware import ThreadPlan, default_workers
+from service.model.pinyin import Converter
+from service.model.typing_session import TypingSession
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
-from service.pinyin import Converter
-from service.session import TypingSession
 from training.pinyin_eval import reading
 
 # (context, eight characters to type as pinyin)

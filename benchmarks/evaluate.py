@@ -20,7 +20,7 @@ import time
 import torch
 
 from benchmarks.texts import CORPUS
-from service.artifact import load_artifact
+from service.model.artifact import load_artifact
 from training.data import split_lines
 from training.evaluate import format_table, network_scorer
 from training.scoring import LINES_AT_ONCE, score

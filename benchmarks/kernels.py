@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import torch
 
 from benchmarks.convert import timed
-from service.artifact import load_artifact
-from service.generation import GenerationParams, Generator
-from service.hardware import use_intra_op_threads
-from service.mix import served_model
-from service.runner import ScriptedModel
+from service.model.artifact import load_artifact
+from service.model.generation import GenerationParams, Generator
+from service.model.hardware import use_intra_op_threads
+from service.model.mix import served_model
+from service.model.steps import ScriptedModel
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = ((1, 1), (1, 8), (8, 1), (32, 1))

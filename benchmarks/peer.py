@@ -40,7 +40,7 @@ from collections.abc import Iterator
 from benchmarks.serve import ROOT, free_port, serving
 from benchmarks.texts import next_word_prompts
 from benchmarks.torchserve_handler import NGRAM_ENV
-from service.hardware import usable_cores
+from service.model.hardware import usable_cores
 
 TORCHSERVE = ["torchserve==0.12.0", "torch-model-archiver==0.12.0", "pyyaml==6.0.3"]
 NEXTWORD_NEEDS = ["torch==2.13.0", "numpy==2.4.6", "sentencepiece==0.2.3"]  # what the handler imports

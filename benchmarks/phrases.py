@@ -27,8 +27,8 @@ import time
 import numpy as np
 import torch
 
-from service.artifact import load_artifact
-from service.suggest import SuggestConfig, Suggester
+from service.model.artifact import load_artifact
+from service.model.suggest import SuggestConfig, Suggester
 from training.data import read_corpus, split_lines
 from training.evaluate import network_scorer
 from training.ngram import NgramCounts, NgramStepModel

@@ -23,7 +23,7 @@ import torch
 
 from benchmarks.peer import measure
 from benchmarks.serve import ROOT, serving
-from service.hardware import usable_cores
+from service.model.hardware import usable_cores
 
 
 def device_name(device: str) -> str:

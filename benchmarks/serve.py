@@ -32,13 +32,13 @@ from collections.abc import Iterator
 import torch
 
 from benchmarks.texts import long_text, prompts
-from service.artifact import load_artifact
-from service.batching import BatchingModel
-from service.hardware import ThreadPlan, default_workers, use_intra_op_threads
-from service.mix import served_model
-from service.runner import ScriptedModel
-from service.session import TypingSession
-from service.suggest import Suggester
+from service.model.artifact import load_artifact
+from service.model.batching import BatchingModel
+from service.model.hardware import ThreadPlan, default_workers, use_intra_op_threads
+from service.model.mix import served_model
+from service.model.steps import ScriptedModel
+from service.model.suggest import Suggester
+from service.model.typing_session import TypingSession
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -132,7 +132,14 @@ def personal_history(model_path: str, device: str, ngrams: int = 10_000) -> dict
     import tempfile
 
     from benchmarks.texts import verses
-    from service.history import SERVED_FOR_HISTORY, Histories, HistoryConfig, HistoryStore, units, vocabulary_lacks
+    from service.history.histories import (
+        SERVED_FOR_HISTORY,
+        Histories,
+        HistoryConfig,
+        HistoryStore,
+        units,
+        vocabulary_lacks,
+    )
 
     artifact = load_artifact(model_path)
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)

@@ -16,12 +16,12 @@ import os
 
 import torch
 
-from service.artifact import load_artifact
-from service.hardware import ThreadPlan
-from service.mix import served_model
-from service.runner import ScriptedModel
-from service.suggest import Suggester
-from service.tokenizer import BOS
+from service.model.artifact import load_artifact
+from service.model.hardware import ThreadPlan
+from service.model.mix import served_model
+from service.model.steps import ScriptedModel
+from service.model.suggest import Suggester
+from service.model.tokenizer import BOS
 
 SUGGESTIONS = 3
 NGRAM_ENV = "NEXTWORD_PEER_NGRAM"  # "0": the network alone, as nextword-serve --no-ngram

@@ -23,8 +23,8 @@ from torch import nn
 
 from benchmarks.texts import CORPUS
 from training.data import batchify, encode_lines, make_stream, windows
-from training.tokenizers import build_tokenizer
 from training.train import main as train_main
+from training.vocabulary import build_tokenizer
 
 COMMON = [
     "--tokenizer",

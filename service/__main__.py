@@ -6,10 +6,10 @@ import argparse
 import sys
 from dataclasses import fields
 
-from service.artifact import ArtifactError
-from service.cli import OneLineParser, ranged
-from service.config import ServerConfig
-from service.logs import configure_logging
+from service.api.config import ServerConfig
+from service.api.logs import configure_logging
+from service.model.artifact import ArtifactError
+from service.model.command_line import OneLineParser, ranged
 
 HELP = {
     "model": "an exported model file (nextword-export), as PATH or NAME=PATH; repeat it to serve several "
@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     configure_logging(config.log_format)
-    from service.server import serve
+    from service.api.server import serve
 
     try:
         serve(config)

@@ -20,8 +20,8 @@ def test_training_on_cuda_matches_cpu_for_a_few_steps(tmp_path):
 
 @pytest.mark.parametrize("half", [False, True])
 def test_serving_on_cuda_gives_the_cpu_suggestions(tiny_char_model, half):
-    from service.config import ServerConfig
-    from service.engine import Engine
+    from service.api.config import ServerConfig
+    from service.model.engine import Engine
 
     cpu = Engine.load(ServerConfig(model=tiny_char_model, device="cpu"))
     gpu = Engine.load(ServerConfig(model=tiny_char_model, device="cuda", half=half))
@@ -37,7 +37,7 @@ def test_serving_on_cuda_gives_the_cpu_suggestions(tiny_char_model, half):
 @pytest.mark.parametrize("half", [False, True])
 def test_a_batch_of_ragged_steps_on_cuda_gives_the_cpu_answers(half):
     """The batcher's path on CUDA: rows of different lengths packed into one forward."""
-    from service.runner import ScriptedModel
+    from service.model.steps import ScriptedModel
     from tests.service.test_ragged import ragged_steps, scripted
 
     cpu = scripted("lstm")
@@ -57,8 +57,8 @@ def test_each_recurrent_layer_on_cuda_reads_its_weights_from_one_buffer(tiny_cha
     """cuDNN copies a layer's weights into one buffer at every forward unless they already share one."""
     import warnings
 
-    from service.artifact import load_artifact
-    from service.runner import ScriptedModel
+    from service.model.artifact import load_artifact
+    from service.model.steps import ScriptedModel
 
     artifact = load_artifact(tiny_char_model, "cuda")
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device="cuda")
@@ -76,7 +76,7 @@ def test_each_recurrent_layer_on_cuda_reads_its_weights_from_one_buffer(tiny_cha
 
 
 def test_the_default_worker_count_on_cuda_reads_the_gpus_memory():
-    from service.hardware import GPU_MEMORY_PER_WORKER, default_workers, gpu_memory, usable_cores
+    from service.model.hardware import GPU_MEMORY_PER_WORKER, default_workers, gpu_memory, usable_cores
 
     assert gpu_memory() > GPU_MEMORY_PER_WORKER
     assert 1 <= default_workers("cuda") <= min(usable_cores(), gpu_memory() // GPU_MEMORY_PER_WORKER)

@@ -15,7 +15,7 @@ from typing import Any
 
 import torch
 
-from service.artifact import atomic_write
+from service.model.artifact import atomic_write
 
 CHECKPOINT_FORMAT = "nextword-checkpoint"
 CHECKPOINT_VERSION = 1

@@ -5,8 +5,8 @@ from __future__ import annotations
 import argparse
 from dataclasses import asdict, dataclass, fields
 
-from service.cli import OneLineParser, ranged
-from training.tokenizers import DEFAULT_VOCAB_SIZE
+from service.model.command_line import OneLineParser, ranged
+from training.vocabulary import DEFAULT_VOCAB_SIZE
 
 
 @dataclass(frozen=True)

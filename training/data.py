@@ -27,7 +27,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from service.tokenizer import BOS, EOS, Tokenizer
+from service.model.tokenizer import BOS, EOS, Tokenizer
 
 
 class CorpusError(ValueError):

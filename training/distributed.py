@@ -6,7 +6,7 @@ import os
 
 import torch
 
-from service.hardware import resolve_device
+from service.model.hardware import resolve_device
 
 
 class TrainingError(RuntimeError):

@@ -5,7 +5,7 @@
     python -m training.evaluate int8.pt --text test.txt --against float.pt
 
 Every line of the text is read on its own, from ``<s>``, as the service reads
-a request. Suggestions come from the serving code itself (service/suggest.py),
+a request. Suggestions come from the serving code itself (service/model/suggest.py),
 for the network and for the baseline alike, so what is scored is what a user
 would see.
 
@@ -52,15 +52,15 @@ from collections.abc import Sequence
 import torch
 from tqdm import tqdm
 
-from service.artifact import ArtifactError, load_artifact
-from service.cli import OneLineParser, ranged
-from service.config import ServerConfig
-from service.history import HistoryConfig
-from service.mix import served_model
-from service.pinyin import ConvertConfig, reads_chinese
-from service.runner import ScriptedModel
-from service.suggest import Suggester
-from service.tokenizer import BOS, Tokenizer
+from service.api.config import ServerConfig
+from service.history.histories import HistoryConfig
+from service.model.artifact import ArtifactError, load_artifact
+from service.model.command_line import OneLineParser, ranged
+from service.model.mix import served_model
+from service.model.pinyin import ConvertConfig, reads_chinese
+from service.model.steps import ScriptedModel
+from service.model.suggest import Suggester
+from service.model.tokenizer import BOS, Tokenizer
 from training.data import CorpusError, read_corpus
 from training.ngram import NgramCounts, NgramStepModel
 from training.pinyin_eval import association, evaluate_ranker, format_pinyin_table, rankers

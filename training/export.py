@@ -3,8 +3,8 @@
     python -m training.export runs/kjv --out model.pt      (a run directory: its best checkpoint)
     python -m training.export runs/kjv/checkpoint_last.pt --out model.pt
 
-The file is scripted with torch.jit.script and written through service.artifact.
-Before it is renamed into place it is loaded back through service.artifact and
+The file is scripted with torch.jit.script and written through service.model.artifact.
+Before it is renamed into place it is loaded back through service.model.artifact and
 must give the eager model's logits and state on random inputs; otherwise the
 export fails and leaves no file.
 
@@ -28,7 +28,7 @@ from datetime import UTC, datetime
 
 import torch
 
-from service.artifact import (
+from service.model.artifact import (
     MIX_RULES,
     ArtifactError,
     Manifest,
@@ -38,15 +38,15 @@ from service.artifact import (
     load_artifact,
     write_artifact,
 )
-from service.cli import OneLineParser, ranged
-from service.memory import NgramMemory
-from service.runner import ScriptedModel
-from service.tokenizer import load_tokenizer
+from service.model.command_line import OneLineParser, ranged
+from service.model.memory import NgramMemory
+from service.model.steps import ScriptedModel
+from service.model.tokenizer import load_tokenizer
 from training.checkpoint import BEST, CheckpointError, load_checkpoint
 from training.config import TrainConfig
 from training.data import CorpusError, read_corpus, split_lines
-from training.mixing import best_rule, collect, fit_weights, score_rules
-from training.mixing import perplexity as mix_perplexity
+from training.mix_fit import best_rule, collect, fit_weights, score_rules
+from training.mix_fit import perplexity as mix_perplexity
 from training.model import LanguageModel, ModelConfig
 from training.ngram import NgramCounts, to_memory
 

@@ -4,7 +4,7 @@ The baseline that ``training.evaluate --baseline ngram`` compares a network
 with. It is built on the same tokenizer (so the same vocabulary and the same
 ``<unk>``) and from the same training lines, and it implements the engine's
 ``StepModel`` interface, so suggestions, completions and keystroke savings are
-computed for it by the very code that serves the network (service/suggest.py).
+computed for it by the very code that serves the network (service/model/suggest.py).
 
 Two ways to score the next token, as n-gram input methods do:
 
@@ -31,8 +31,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.memory import MemoryOrder, NgramMemory
-from service.tokenizer import BOS, EOS, PAD
+from service.model.memory import MemoryOrder, NgramMemory
+from service.model.tokenizer import BOS, EOS, PAD
 
 SCORINGS = ("kneser-ney", "backoff")
 BACKOFF_FACTOR = 0.4
@@ -134,7 +134,7 @@ class NgramCounts:
 
 
 class NgramStepModel:
-    """An ``NgramCounts`` behind the engine's StepModel interface (see service/runner.py)."""
+    """An ``NgramCounts`` behind the engine's StepModel interface (see service/model/steps.py)."""
 
     def __init__(self, counts: NgramCounts, scoring: str = "kneser-ney") -> None:
         if scoring not in SCORINGS:
@@ -163,7 +163,7 @@ class NgramStepModel:
 
 
 def to_memory(counts: NgramCounts, min_count: int = 1) -> NgramMemory:
-    """The Kneser-Ney model of ``counts`` as the arrays a model file stores (service/memory.py).
+    """The Kneser-Ney model of ``counts`` as the arrays a model file stores (service/model/memory.py).
 
     ``min_count`` prunes: n-grams of three or more tokens seen fewer times are left out, and their
     probability goes to the shorter context (the distribution still sums to one). Shorter n-grams
@@ -188,7 +188,7 @@ def to_memory(counts: NgramCounts, min_count: int = 1) -> NgramMemory:
                 if not keep.any():
                     continue
             p = np.maximum(followers.counts[keep] - discount, 0.0) / followers.total
-            # the key chains to the index of the context without its oldest token (service/memory.py)
+            # the key chains to the index of the context without its oldest token (service/model/memory.py)
             keys.append(np.uint64(position[context[1:]]) * vocab + np.uint64(context[0]) if k else np.uint64(0))
             kept.append(context)
             gammas.append(max(0.0, 1.0 - float(p.sum())))

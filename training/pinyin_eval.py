@@ -25,10 +25,10 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
-from service.mix import served_model
-from service.pinyin import ConvertConfig, Converter, Lexicon, PriorOnly
-from service.runner import ScriptedModel
-from service.tokenizer import JiebaTokenizer
+from service.model.mix import served_model
+from service.model.pinyin import ConvertConfig, Converter, Lexicon, PriorOnly
+from service.model.steps import ScriptedModel
+from service.model.tokenizer import JiebaTokenizer
 
 CLAUSE = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]+")
 TYPING_CANDIDATES = 5

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 import os
 
-from service.files import atomic_write
+from service.model.atomic import atomic_write
 from training.config import TrainConfig
 from training.model import ModelConfig
 

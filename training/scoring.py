@@ -1,5 +1,5 @@
 """Scoring a model on held-out text: every line read on its own from ``<s>``, as the service reads a
-request, and typed through the serving code (service/suggest.py), so what is counted is what a user
+request, and typed through the serving code (service/model/suggest.py), so what is counted is what a user
 would see. ``training/evaluate.py`` turns the counts into metrics and tables; the metrics are
 described there.
 
@@ -17,10 +17,17 @@ from dataclasses import dataclass, field
 
 import torch
 
-from service.history import SERVED_FOR_HISTORY, Histories, HistoryConfig, HistoryStore, units, vocabulary_lacks
-from service.runner import PrefixStates, StepModel, walk_batch
-from service.suggest import SUGGESTED_WORD, SplitText, SuggestConfig, Suggester
-from service.tokenizer import BOS, EOS, UNK, Tokenizer, is_cjk
+from service.history.histories import (
+    SERVED_FOR_HISTORY,
+    Histories,
+    HistoryConfig,
+    HistoryStore,
+    units,
+    vocabulary_lacks,
+)
+from service.model.steps import PrefixStates, StepModel, walk_batch
+from service.model.suggest import SUGGESTED_WORD, SplitText, SuggestConfig, Suggester
+from service.model.tokenizer import BOS, EOS, UNK, Tokenizer, is_cjk
 
 TOP_K = (1, 3, 5)
 PREFIXES = (1, 2, 3)
@@ -101,7 +108,7 @@ def _matches(suggestion: str, target: str, tokenizer: Tokenizer) -> bool:
 
 class Learning:
     """A simulated user (``nextword-eval --learn``): the text is typed in order by one user whose personal
-    history (service/history.py, in a temporary SQLite file) learns each line after it is typed, and
+    history (service/history/histories.py, in a temporary SQLite file) learns each line after it is typed, and
     whose suggestions mix that history in, as the server does for a call that names a user."""
 
     USER = "evaluation"

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 import sys
 
-from service.cli import OneLineParser, ranged
+from service.model.command_line import OneLineParser, ranged
 from training.data import CorpusError, read_corpus, split_lines
 
 

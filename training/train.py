@@ -26,7 +26,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from service.tokenizer import load_tokenizer
+from service.model.tokenizer import load_tokenizer
 from training.checkpoint import BEST, LAST, CheckpointError, load_checkpoint, save_checkpoint
 from training.config import RESUMABLE_OVERRIDES, TrainConfig, parse_args
 from training.data import (
@@ -42,7 +42,7 @@ from training.data import (
 from training.distributed import Distributed, TrainingError, pick_device
 from training.model import LanguageModel, ModelConfig, line_start_state
 from training.runlog import RunLog
-from training.tokenizers import TokenizerError, build_tokenizer
+from training.vocabulary import TokenizerError, build_tokenizer
 
 PROG = "nextword-train"
 DRY_RUN_STEPS = 3
@@ -140,7 +140,7 @@ def validation_loss(
 
 
 def stream_perplexity(loss: float | None) -> str:
-    """How logs name the validation figure: the held-out lines read as one stream (see service/artifact.py)."""
+    """How logs name the validation figure: the held-out lines read as one stream (see service/model/artifact.py)."""
     return f"stream validation perplexity {math.exp(min(loss, 50)):.2f}" if loss is not None else ""
 
 

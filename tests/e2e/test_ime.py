@@ -7,11 +7,11 @@ import urllib.request
 import grpc
 import pytest
 
+from service.api.config import ServerConfig
+from service.api.server import create_server
 from service.client import NextWordClient
-from service.config import ServerConfig
-from service.engine import Engine
+from service.model.engine import Engine
 from service.pb.nextword.v1 import nextword_pb2 as pb
-from service.server import create_server
 from tests.conftest import run_cli
 from tests.e2e.test_server import serve_process
 

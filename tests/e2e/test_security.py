@@ -17,11 +17,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import NameOID
 
+from service.api.config import ServerConfig
+from service.api.logs import JsonFormatter
+from service.api.server import create_server, load_tokens
 from service.client import NextWordClient
-from service.config import ServerConfig
-from service.logs import JsonFormatter
 from service.pb.nextword.v1 import nextword_pb2 as pb
-from service.server import create_server, load_tokens
 from tests.e2e.test_server import held_session, start
 
 TOKEN = "s3cret-token-0123456789"
@@ -156,7 +156,7 @@ def test_mutual_tls_needs_a_client_certificate_signed_by_the_client_ca(tiny_char
     ],
 )
 def test_security_settings_errors_name_the_problem(tiny_char_model, overrides, message):
-    from service.engine import Engine
+    from service.model.engine import Engine
 
     config = ServerConfig(model=tiny_char_model, host="127.0.0.1", port=0, metrics_port=0, **overrides)
     with pytest.raises(ValueError, match=message):

@@ -11,12 +11,12 @@ import grpc
 import pytest
 import torch
 
+from service.api.config import ServerConfig
+from service.api.server import create_server
 from service.client import NextWordClient
-from service.config import ServerConfig
-from service.engine import Engine
-from service.generation import GenerationParams
+from service.model.engine import Engine
+from service.model.generation import GenerationParams
 from service.pb.nextword.v1 import nextword_pb2 as pb
-from service.server import create_server
 from tests.conftest import ROOT, run_cli
 
 
@@ -373,14 +373,14 @@ class FailingDevice:
 
 
 def test_a_gpu_failure_answers_unavailable_and_the_worker_exits_to_be_replaced(tiny_char_model, monkeypatch):
-    import service.server
-    from service.hardware import DEVICE_FAILED_EXIT
+    import service.api.server
+    from service.model.hardware import DEVICE_FAILED_EXIT
     from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 
     server, port, engine = start(tiny_char_model)
     engine.model.model = FailingDevice(engine.model.model)  # what the batching worker runs
-    monkeypatch.setattr(service.server, "_started", lambda config: server)
-    monkeypatch.setattr(service.server, "_stop_on_signals", lambda stop, grace: None)
+    monkeypatch.setattr(service.api.server, "_started", lambda config: server)
+    monkeypatch.setattr(service.api.server, "_stop_on_signals", lambda stop, grace: None)
     codes = []
 
     def call(stop):
@@ -394,7 +394,7 @@ def test_a_gpu_failure_answers_unavailable_and_the_worker_exits_to_be_replaced(t
     watchdog.start()
     try:
         with pytest.raises(SystemExit) as exited:
-            service.server.serve_worker(server.config, call)  # returns once the server has stopped
+            service.api.server.serve_worker(server.config, call)  # returns once the server has stopped
     finally:
         watchdog.cancel()
         server.stop(0)

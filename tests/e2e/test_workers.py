@@ -1,4 +1,4 @@
-"""--workers: several server processes on one port, supervised by a parent (service/workers.py)."""
+"""--workers: several server processes on one port, supervised by a parent (service/api/workers.py)."""
 
 import json
 import os

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from service.tokenizer import SPECIAL_TOKENS, CharTokenizer, WordTokenizer
+from service.model.tokenizer import SPECIAL_TOKENS, CharTokenizer, WordTokenizer
 
 
 class FakeModel:
@@ -85,10 +85,10 @@ class FakeContext:
 
 def fake_engine(model=None, tokenizer=None):
     """An Engine over a FakeModel and a char tokenizer, with a manifest that says so."""
-    from service.artifact import Artifact, Manifest, Provenance, TokenizerSpec
-    from service.engine import Engine
-    from service.generation import Generator
-    from service.suggest import Suggester
+    from service.model.artifact import Artifact, Manifest, Provenance, TokenizerSpec
+    from service.model.engine import Engine
+    from service.model.generation import Generator
+    from service.model.suggest import Suggester
 
     tokenizer = tokenizer or char_tokenizer("abc ")
     model = model or FakeModel(tokenizer.vocab_size, lambda history: {4: 0.5, 5: 0.3, 6: 0.15, 7: 0.05})

@@ -4,11 +4,11 @@ import time
 import pytest
 import torch
 
-from service.artifact import load_artifact
-from service.batching import BatchingModel
-from service.hardware import use_intra_op_threads
-from service.runner import ScriptedModel
-from service.suggest import Suggester
+from service.model.artifact import load_artifact
+from service.model.batching import BatchingModel
+from service.model.hardware import use_intra_op_threads
+from service.model.steps import ScriptedModel
+from service.model.suggest import Suggester
 
 
 @pytest.fixture(scope="module")
@@ -184,8 +184,8 @@ class GatedModel:
 
 
 def test_steps_of_callers_who_are_gone_are_dropped_before_the_model_runs_them():
-    from service import calls
-    from service.calls import CallEnded
+    from service.model import current_call
+    from service.model.current_call import CallEnded
     from tests.service.fakes import FakeContext
 
     class Expired(FakeContext):
@@ -199,13 +199,13 @@ def test_steps_of_callers_who_are_gone_are_dropped_before_the_model_runs_them():
     outcomes = {}
 
     def call(name, context, length):
-        calls.begin(context)
+        current_call.begin(context)
         try:
             outcomes[name] = batched.advance(torch.zeros(1, length, dtype=torch.long), torch.zeros(1, 1, 1))
         except CallEnded as error:
             outcomes[name] = error
         finally:
-            calls.end()
+            current_call.end()
 
     first = threading.Thread(target=call, args=("first", None, 1))  # no call: always computed
     first.start()
@@ -281,19 +281,19 @@ def test_inline_a_lone_step_runs_on_its_callers_thread_and_steps_that_meet_a_bus
 
 
 def test_inline_a_step_of_a_caller_who_is_gone_is_dropped_on_its_thread():
-    from service import calls
-    from service.calls import CallEnded
+    from service.model import current_call
+    from service.model.current_call import CallEnded
     from tests.service.fakes import FakeContext
 
     model = GatedModel()
     model.gate.set()
     batched = BatchingModel(model, inline=True)
-    calls.begin(FakeContext(active=False))
+    current_call.begin(FakeContext(active=False))
     try:
         with pytest.raises(CallEnded):
             batched.advance(torch.zeros(1, 1, dtype=torch.long), torch.zeros(1, 1, 1))
     finally:
-        calls.end()
+        current_call.end()
     batched.close()
     assert model.rows == 0 and batched.dropped == 1
 
@@ -304,9 +304,9 @@ def forward_threads(model_path: str, device: str, batching: bool) -> tuple[set[i
     step on its caller's thread); and its model worker's thread."""
     from concurrent.futures import ThreadPoolExecutor
 
-    from service.config import ServerConfig
-    from service.engine import Engine
-    from service.hardware import ThreadPlan
+    from service.api.config import ServerConfig
+    from service.model.engine import Engine
+    from service.model.hardware import ThreadPlan
 
     plan = ThreadPlan(worker=1, others=1) if batching else ThreadPlan(worker=None, others=1)
     engine = Engine.load(ServerConfig(model=model_path, device=device, batching=batching), plan)

@@ -1,6 +1,6 @@
 import torch
 
-from service.generation import (
+from service.model.generation import (
     CANCELLED,
     END_TOKEN,
     LENGTH,
@@ -10,7 +10,7 @@ from service.generation import (
     filter_logits,
     pick_token,
 )
-from service.tokenizer import BOS, EOS, PAD, UNK
+from service.model.tokenizer import BOS, EOS, PAD, UNK
 from tests.service.fakes import FakeModel, char_tokenizer
 
 TOK = char_tokenizer("abc ")

@@ -1,4 +1,4 @@
-"""Personal history (service/history.py) against a real SQLite file: learning, prediction, the mix,
+"""Personal history (service/history/histories.py) against a real SQLite file: learning, prediction, the mix,
 forgetting, limits, recency, and concurrent learners in separate processes."""
 
 import json
@@ -9,7 +9,7 @@ import uuid
 
 import pytest
 
-from service.history import (
+from service.history.histories import (
     Histories,
     HistoryConfig,
     HistoryStore,
@@ -20,7 +20,7 @@ from service.history import (
     vocabulary_lacks,
 )
 from tests.postgres import missing, postgres_server
-from training.tokenizers import build_tokenizer
+from training.vocabulary import build_tokenizer
 
 
 def open_store(path, **options) -> Histories:
@@ -225,8 +225,8 @@ def test_ngrams_unused_for_longer_than_the_age_limit_are_dropped(location):
 
 @pytest.mark.parametrize("kind", ["word", "char"])
 def test_predicted_words_become_next_token_probabilities(kind):
-    from service.history import NextTokens
-    from training.tokenizers import build_tokenizer
+    from service.history.histories import NextTokens
+    from training.vocabulary import build_tokenizer
 
     tokenizer = build_tokenizer(kind, ["we like zelda and zeal", "we like rice"] * 3, lowercase=True)
     tokens = NextTokens(tokenizer)

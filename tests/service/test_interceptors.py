@@ -7,9 +7,9 @@ import grpc
 import pytest
 import torch
 
-from service.hardware import device_failure
-from service.interceptors import REQUEST_ID_KEY, CallGuard
-from service.metrics import Metrics
+from service.api.interceptors import REQUEST_ID_KEY, CallGuard
+from service.api.metrics import Metrics
+from service.model.hardware import device_failure
 from tests.service.fakes import Aborted, FakeContext
 
 TOKEN = "a-token-of-enough-length"
@@ -140,7 +140,7 @@ def test_a_malformed_message_in_a_request_stream_is_invalid_argument():
 
 
 def test_new_request_ids_are_unique_and_sane():
-    from service.interceptors import _SANE_ID, new_request_id
+    from service.api.interceptors import _SANE_ID, new_request_id
 
     ids = [new_request_id() for _ in range(1000)]
     assert len(set(ids)) == 1000 and all(_SANE_ID.fullmatch(i) for i in ids)

@@ -4,15 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from service.memory import MemoryModel, MemoryOrder, NgramMemory
-from service.mix import MixedModel, served_model
-from service.session import TypingSession
-from service.suggest import Suggester
-from service.tokenizer import BOS
+from service.model.memory import MemoryModel, MemoryOrder, NgramMemory
+from service.model.mix import MixedModel, served_model
+from service.model.suggest import Suggester
+from service.model.tokenizer import BOS
+from service.model.typing_session import TypingSession
 from tests.conftest import TINY_EN
-from training.mixing import Evidence, fit_weights
+from training.mix_fit import Evidence, fit_weights
 from training.ngram import NgramCounts, to_memory
-from training.tokenizers import build_tokenizer
+from training.vocabulary import build_tokenizer
 
 LINES = open(TINY_EN, encoding="utf-8").read().splitlines()
 
@@ -177,8 +177,8 @@ def test_em_recovers_the_weights_of_a_synthetic_mixture():
 
 
 def test_a_session_answers_as_suggest_with_the_mix_on(tiny_word_model):
-    from service.artifact import load_artifact
-    from service.runner import ScriptedModel
+    from service.model.artifact import load_artifact
+    from service.model.steps import ScriptedModel
     from tests.service.test_tiny_models import same
 
     artifact = load_artifact(tiny_word_model)
@@ -196,8 +196,8 @@ def test_a_session_answers_as_suggest_with_the_mix_on(tiny_word_model):
 def test_the_linear_mix_of_a_real_network_adds_its_probabilities_to_the_memorys(tiny_word_model):
     """A scripted network gives the linear mix its probabilities directly (one softmax): the served
     distribution is still w * P_memory + (1 - w) * P_network, alone and in a ragged batch."""
-    from service.artifact import load_artifact
-    from service.runner import ScriptedModel
+    from service.model.artifact import load_artifact
+    from service.model.steps import ScriptedModel
 
     artifact = load_artifact(tiny_word_model)
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)

@@ -6,11 +6,20 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from service.config import ServerConfig
-from service.engine import Engine
-from service.pinyin import ConvertConfig, Converter, Lattice, Lexicon, PinyinError, PriorOnly, plain, reads_chinese
-from service.session import EditError, TypingSession
-from service.tokenizer import SPECIAL_TOKENS, CharTokenizer
+from service.api.config import ServerConfig
+from service.model.engine import Engine
+from service.model.pinyin import (
+    ConvertConfig,
+    Converter,
+    Lattice,
+    Lexicon,
+    PinyinError,
+    PriorOnly,
+    plain,
+    reads_chinese,
+)
+from service.model.tokenizer import SPECIAL_TOKENS, CharTokenizer
+from service.model.typing_session import EditError, TypingSession
 
 
 @pytest.fixture(scope="module")

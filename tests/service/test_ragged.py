@@ -1,10 +1,10 @@
-"""Steps of different lengths in one forward (service/runner.py): the same answers as one call per step."""
+"""Steps of different lengths in one forward (service/model/steps.py): the same answers as one call per step."""
 
 import pytest
 import torch
 
-from service.hardware import ThreadPlan
-from service.runner import PackedNetwork, ScriptedModel, advance_ragged
+from service.model.hardware import ThreadPlan
+from service.model.steps import PackedNetwork, ScriptedModel, advance_ragged
 from training.model import LanguageModel, ModelConfig
 
 
@@ -54,8 +54,8 @@ def test_a_one_hot_network_is_run_per_length_with_the_same_answers():
 
 
 def test_the_mix_reads_ragged_steps_as_it_reads_each_step(tiny_word_model):
-    from service.artifact import load_artifact
-    from service.mix import MixedModel, served_model
+    from service.model.artifact import load_artifact
+    from service.model.mix import MixedModel, served_model
 
     artifact = load_artifact(tiny_word_model)
     mixed = served_model(ScriptedModel(artifact.model, artifact.tokenizer.vocab_size), artifact)
@@ -76,7 +76,7 @@ def test_the_mix_reads_ragged_steps_as_it_reads_each_step(tiny_word_model):
 @pytest.mark.parametrize("cell", ["lstm", "gru", "rnn"])
 def test_a_model_on_one_intra_op_thread_runs_atens_recurrent_kernels_with_onednns_answers(cell):
     """The thread plan picks ATen's RNN kernels for a model run on one intra-op thread and leaves torch's
-    default (oneDNN) for more (service/hardware.py): for speed alone, so the answers are oneDNN's."""
+    default (oneDNN) for more (service/model/hardware.py): for speed alone, so the answers are oneDNN's."""
     previous = torch.backends.mkldnn.enabled
     try:
         torch.backends.mkldnn.enabled = True
@@ -103,7 +103,7 @@ def test_a_model_on_one_intra_op_thread_runs_atens_recurrent_kernels_with_onednn
 def test_the_default_worker_count_follows_the_cores_the_device_and_its_memory(monkeypatch, cores, gpu_gib, cpu, cuda):
     """A copy of the model per core on the CPU, up to 4; on CUDA one per core, up to 16 and one per 2 GiB of
     the GPU's memory (docs/performance.md)."""
-    from service import hardware
+    from service.model import hardware
 
     monkeypatch.setattr(hardware, "usable_cores", lambda: cores)
     monkeypatch.setattr(hardware, "gpu_memory", lambda: gpu_gib << 30)

@@ -7,9 +7,9 @@ import time
 import grpc
 import pytest
 
-from service.config import ServerConfig
+from service.api.config import ServerConfig
+from service.api.servicer import EDIT_QUEUE, NextWordServicer
 from service.pb.nextword.v1 import nextword_pb2 as pb
-from service.servicer import EDIT_QUEUE, NextWordServicer
 from tests.service.fakes import Aborted, FakeContext, fake_engine
 
 

@@ -1,7 +1,7 @@
 import pytest
 
-from service.suggest import SuggestConfig, Suggester
-from service.tokenizer import EOS
+from service.model.suggest import SuggestConfig, Suggester
+from service.model.tokenizer import EOS
 from tests.service.fakes import FakeModel, char_tokenizer, close, word_tokenizer
 
 # A char model over " ab.x": after the context "x" comes a space, then a word:

@@ -5,10 +5,10 @@ import random
 import pytest
 import torch
 
-from service.artifact import load_artifact
-from service.runner import ScriptedModel, encode_context, window_start
-from service.session import IncrementalContext, TypingSession
-from service.suggest import SuggestConfig, Suggester
+from service.model.artifact import load_artifact
+from service.model.steps import ScriptedModel, encode_context, window_start
+from service.model.suggest import SuggestConfig, Suggester
+from service.model.typing_session import IncrementalContext, TypingSession
 
 
 def engine(path, **config):

@@ -1,8 +1,8 @@
 import torch
 
-from service.tokenizer import BOS, EOS
+from service.model.tokenizer import BOS, EOS
 from training.data import batchify, encode_lines, make_stream, num_windows, split_lines, windows
-from training.tokenizers import build_tokenizer
+from training.vocabulary import build_tokenizer
 
 
 def test_targets_are_inputs_shifted_by_one():

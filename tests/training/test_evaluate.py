@@ -288,7 +288,7 @@ def test_command_baseline_and_against_are_exclusive(tiny_word_model):
 
 
 def test_typing_pinyin_counts_letters_and_a_key_per_candidate_taken():
-    from service.pinyin import Candidate
+    from service.model.pinyin import Candidate
     from training.pinyin_eval import edit_distance, typed_keys
 
     def convert(context, pinyin, count):  # knows 你好 once "nih" is typed, and 世界 only in full

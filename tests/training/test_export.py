@@ -7,7 +7,7 @@ import zipfile
 import pytest
 import torch
 
-from service.artifact import FORMAT_VERSION, ArtifactError, load_artifact
+from service.model.artifact import FORMAT_VERSION, ArtifactError, load_artifact
 from tests.conftest import ROOT, TINY_EN, TINY_ZH, run_cli
 from training.checkpoint import load_checkpoint
 from training.model import LanguageModel, ModelConfig
@@ -49,7 +49,7 @@ def test_manifest_says_what_the_model_is(tiny_char_run, tiny_char_model):
 def test_artifact_loads_without_training(tiny_char_model):
     code = (
         "import sys; sys.modules['training'] = None\n"
-        "from service.artifact import load_artifact\n"
+        "from service.model.artifact import load_artifact\n"
         f"a = load_artifact({tiny_char_model!r})\n"
         "print(a.tokenizer.kind, a.tokenizer.decode(a.tokenizer.encode('the garden')))"
     )
@@ -133,9 +133,9 @@ def test_export_command(tiny_char_run, tmp_path):
 @pytest.mark.slow
 @pytest.mark.parametrize("run", ["tiny_word_run", "tiny_zh_run"])
 def test_int8_export_serves_close_to_float_and_its_checksum_covers_the_int8_weights(run, request, tmp_path):
-    from service.config import ServerConfig
-    from service.engine import Engine
-    from service.runner import ScriptedModel
+    from service.api.config import ServerConfig
+    from service.model.engine import Engine
+    from service.model.steps import ScriptedModel
     from training.scoring import Scorer
     from training.scoring import metrics as score_metrics
 
@@ -161,7 +161,7 @@ def test_int8_export_serves_close_to_float_and_its_checksum_covers_the_int8_weig
     engine = Engine.load(ServerConfig(model=paths["int8"], metrics_port=0))
     assert engine.suggester.suggest("we " if run == "tiny_word_run" else "我", 3).suggestions
     # the checksum covers the int8 weights, which the state_dict does not list: change one, the digest changes
-    from service.artifact import weights_digest
+    from service.model.artifact import weights_digest
 
     module = load_artifact(paths["int8"]).model
     before = weights_digest(module)
@@ -173,7 +173,7 @@ def test_int8_export_serves_close_to_float_and_its_checksum_covers_the_int8_weig
 
 
 def test_the_start_state_goes_from_training_into_the_file_and_the_service_starts_there(tiny_char_run, tiny_char_model):
-    from service.runner import ScriptedModel
+    from service.model.steps import ScriptedModel
     from training.data import encode_lines, read_corpus
 
     model, checkpoint = eager_model(tiny_char_run)

@@ -4,13 +4,13 @@ import json
 
 import pytest
 
-from service.artifact import ArtifactError, load_artifact
 from service.client import NextWordClient
+from service.model.artifact import ArtifactError, load_artifact
 from tests.conftest import run_cli
 from tests.e2e.test_server import start
 from tests.training.test_export import rewrite
 from training.export import export, written_forms
-from training.tokenizers import build_tokenizer
+from training.vocabulary import build_tokenizer
 
 pytestmark = pytest.mark.slow
 
@@ -27,7 +27,7 @@ def test_export_stores_the_memory_and_fits_weights_on_validation(tiny_word_run, 
 
 def test_export_keeps_the_rule_that_ranks_the_validation_lines_better(tiny_word_run, monkeypatch, tmp_path):
     from training import export as export_module
-    from training.mixing import RuleScore
+    from training.mix_fit import RuleScore
 
     for better in ("linear", "log-linear"):
         scores = {"linear": RuleScore(20.0, 0.30, 0.5), "log-linear": RuleScore(19.0, 0.30, 0.5)}
@@ -114,7 +114,7 @@ def test_words_are_shown_as_written_and_completed_regardless_of_case():
     written = written_forms(tokenizer, lines)
     tokenizer.written = written
     assert written[tokenizer.index["moses"]] == "Moses" and written[tokenizer.index["lord"]] in ("LORD", "lord")
-    from service.suggest import Suggester
+    from service.model.suggest import Suggester
     from tests.service.fakes import FakeModel
 
     moses = tokenizer.index["moses"]

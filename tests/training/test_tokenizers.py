@@ -1,8 +1,8 @@
 import pytest
 
-from service.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, load_tokenizer
+from service.model.tokenizer import BOS, EOS, PAD, SPECIAL_TOKENS, UNK, load_tokenizer
 from tests.conftest import TINY_EN, TINY_ZH
-from training.tokenizers import TokenizerError, build_tokenizer
+from training.vocabulary import TokenizerError, build_tokenizer
 
 
 def lines(path):

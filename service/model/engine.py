@@ -6,16 +6,16 @@ import functools
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from service.artifact import Artifact, load_artifact
-from service.batching import BatchingModel
-from service.config import ServerConfig
-from service.generation import GenerationParams, Generator
-from service.hardware import ThreadPlan, resolve_device
-from service.history import vocabulary_lacks
-from service.mix import MixedModel, served_model
-from service.pinyin import Converter, Lexicon, reads_chinese
-from service.runner import ScriptedModel
-from service.suggest import SuggestConfig, Suggester
+from service.api.config import ServerConfig
+from service.history.histories import vocabulary_lacks
+from service.model.artifact import Artifact, load_artifact
+from service.model.batching import BatchingModel
+from service.model.generation import GenerationParams, Generator
+from service.model.hardware import ThreadPlan, resolve_device
+from service.model.mix import MixedModel, served_model
+from service.model.pinyin import Converter, Lexicon, reads_chinese
+from service.model.steps import ScriptedModel
+from service.model.suggest import SuggestConfig, Suggester
 
 
 @dataclass
@@ -81,7 +81,7 @@ class Engine:
 
     @functools.cached_property
     def lacks(self) -> Callable[[str], bool]:
-        """Whether the model's vocabulary lacks a word (personal history: service/history.py)."""
+        """Whether the model's vocabulary lacks a word (personal history: service/history/histories.py)."""
         return vocabulary_lacks(self.artifact.tokenizer)
 
     @property

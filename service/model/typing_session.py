@@ -1,7 +1,7 @@
 """Typing sessions: the text typed so far and the model state that reads it.
 
 An edit re-tokenises the context (cheap) and reads it through ``PrefixStates``
-(service/runner.py), which keeps the output after the ends of recent reads and
+(service/model/steps.py), which keeps the output after the ends of recent reads and
 feeds the model only what follows the longest prefix it shares with them:
 
     read:     <s> I ▁like ▁eat ing              kept after: 1, 3, 5 tokens
@@ -11,7 +11,7 @@ So a keystroke costs a step or two however long the text is, and a delete
 goes back to a kept state without reading the text again.
 
 On a Chinese model a session also composes pinyin: letters typed into the
-composition are converted (service/pinyin.py) after the session's text, read
+composition are converted (service/model/pinyin.py) after the session's text, read
 from the same kept states; selecting a candidate commits its text and removes
 the letters it stands for. A keystroke in the composition reads mostly the
 tokens the last one read (the same readings of the same syllables), so the
@@ -23,14 +23,14 @@ from __future__ import annotations
 
 from torch import Tensor
 
-from service.pinyin import Candidate, Converter
-from service.runner import PrefixStates, StepModel, window_start
-from service.suggest import Suggester, SuggestResult
-from service.tokenizer import BOS
+from service.model.pinyin import Candidate, Converter
+from service.model.steps import PrefixStates, StepModel, window_start
+from service.model.suggest import Suggester, SuggestResult
+from service.model.tokenizer import BOS
 
 
 class IncrementalContext:
-    """Reads growing and shrinking texts within the context window (see service/runner.py)."""
+    """Reads growing and shrinking texts within the context window (see service/model/steps.py)."""
 
     def __init__(self, model: StepModel, limit: int, history: int = 64) -> None:
         self.limit = limit

@@ -18,7 +18,7 @@ class ServerConfig:
     device: str = "auto"  # auto | cpu | cuda
     ngram: bool = True  # mix the network with the file's n-gram memory (when it has one)
     half: bool = False  # float16 weights on CUDA
-    workers: int = 0  # server processes sharing the port; 0 = chosen for the machine (service/hardware.py)
+    workers: int = 0  # server processes sharing the port; 0 = chosen for the machine (service/model/hardware.py)
     threads: int = 0  # torch intra-op threads per worker process; 0 = its share of the cores
     batching: bool = True  # stack concurrent requests' model steps into one forward
     max_batch_size: int = 64  # most sequences in one batched forward

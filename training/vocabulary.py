@@ -6,7 +6,7 @@ import io
 from collections import Counter
 from collections.abc import Sequence
 
-from service.tokenizer import (
+from service.model.tokenizer import (
     SPECIAL_TOKENS,
     CharTokenizer,
     JiebaTokenizer,

@@ -30,7 +30,7 @@ def resolve_device(name: str) -> str:
 
 
 # What torch's messages say when the GPU itself failed, also inside a TorchScript traceback: a CUDA context
-# that has seen one of these usually stays broken, so the process restarts (service/server.py)
+# that has seen one of these usually stays broken, so the process restarts (service/api/server.py)
 _DEVICE_FAILURES = (
     "CUDA error",
     "CUDA out of memory",

@@ -6,12 +6,12 @@
 k is the longest context of h that the memory has seen (0 .. order - 1): where the whole context
 occurred in training the memory recalls what followed it, and its weight is high; where little of
 it did, the network carries the answer. The weights, one per k, are fitted at export by EM on the
-validation lines, and export keeps the rule that ranks those lines better (training/mixing.py);
+validation lines, and export keeps the rule that ranks those lines better (training/mix_fit.py);
 the manifest stores both. Files from before the choice are linear.
 
 ``MixedModel`` is a StepModel, so suggestions, sessions, generation and the batcher use it as they
 use the network. Its state is the network's [L, B, S] with one more layer [1, B, S] whose first
-``width`` places hold the memory's history (service/memory.py):
+``width`` places hold the memory's history (service/model/memory.py):
 
     state [L + 1, B, S]:  layers 0 .. L-1  the network's
                           layer L          history tokens | zeros
@@ -25,9 +25,9 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.artifact import MIX_RULES
-from service.memory import NO_TOKEN, MemoryModel
-from service.runner import Step, StepModel, advance_ragged
+from service.model.artifact import MIX_RULES
+from service.model.memory import NO_TOKEN, MemoryModel
+from service.model.steps import Step, StepModel, advance_ragged
 
 
 def served_model(network: StepModel, artifact, ngram: bool = True) -> StepModel:
@@ -71,7 +71,7 @@ class MixedModel:
         return self._mix(network_out, network_state, histories)
 
     def advance_ragged(self, steps: Sequence[Step]) -> list[Step]:
-        """Steps of different lengths: the network's in one forward (service/runner.py), the memory's at once."""
+        """Steps of different lengths: the network's in one forward (service/model/steps.py), the memory's at once."""
         width = self.memory.width
         inner = [(tokens, state[:-1]) for tokens, state in steps]
         network = advance_ragged(self.network, inner, **self._network_options)

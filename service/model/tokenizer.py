@@ -15,7 +15,7 @@ need to ask which kind they have:
 
 A tokenizer serialises to bytes (``to_bytes``) so an exported artifact can
 carry it; ``load_tokenizer(data)`` is the inverse. Building a tokenizer
-from a corpus lives in ``training/tokenizers.py``; this module only needs the
+from a corpus lives in ``training/vocabulary.py``; this module only needs the
 standard library and sentencepiece.
 """
 

@@ -10,18 +10,18 @@ from collections.abc import Callable, Iterator
 
 import grpc
 
-from service import calls
-from service.config import ServerConfig
-from service.decoding import MalformedRequest
-from service.engine import Engine, by_name
-from service.generation import END_TOKEN, LENGTH, STOP_STRING, GenerationParams
-from service.history import SERVED_FOR_HISTORY, Histories, NextTokens, SessionLearner, units
+from service.api.config import ServerConfig
+from service.api.parse import MalformedRequest
+from service.api.users import USER_KEY
+from service.history.histories import SERVED_FOR_HISTORY, Histories, NextTokens, SessionLearner, units
+from service.model import current_call
+from service.model.engine import Engine, by_name
+from service.model.generation import END_TOKEN, LENGTH, STOP_STRING, GenerationParams
+from service.model.pinyin import Candidate, PinyinError
+from service.model.suggest import SuggestResult
+from service.model.typing_session import EditError, TypingSession
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
-from service.pinyin import Candidate, PinyinError
-from service.session import EditError, TypingSession
-from service.suggest import SuggestResult
-from service.users import USER_KEY
 
 DEFAULT_SUGGESTIONS = 3
 DEFAULT_CANDIDATES = 9
@@ -88,7 +88,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self.engines = by_name(engines)
         self.engine = next(iter(self.engines.values()))
         self.config = config
-        self.histories = histories  # personal histories (service/history.py); None: off
+        self.histories = histories  # personal histories (service/history/histories.py); None: off
         self._next_tokens: dict[str, NextTokens] = {}  # by model, built at the first Generate that names a user
         self._sessions = threading.BoundedSemaphore(config.max_sessions)
         self._active_sessions = 0
@@ -114,7 +114,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 grpc.StatusCode.NOT_FOUND,
                 f"no model named {name[:64]!r}; this server has {', '.join(repr(n) for n in self.engines)}",
             )
-        calls.set_model(engine.name)
+        current_call.set_model(engine.name)
         return engine
 
     def _text(self, text: str, field: str, required: bool = True) -> str:
@@ -161,8 +161,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self, engine: Engine, suggest: Callable[[int], SuggestResult], text: str, count: int
     ) -> SuggestResult:
         """``suggest(count)``, mixed with the history of the call's user when it names one (the history is mixed
-        with the first ``SERVED_FOR_HISTORY`` suggestions, service/history.py)."""
-        user = calls.user()
+        with the first ``SERVED_FOR_HISTORY`` suggestions, service/history/histories.py)."""
+        user = current_call.user()
         if user is None or self.histories is None or not text or not len(self.histories.user(user)):
             return suggest(count)
         result = suggest(max(count, SERVED_FOR_HISTORY))
@@ -172,14 +172,14 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     def _personal_candidates(self, context: str, candidates: list[Candidate]) -> list[Candidate]:
         """Conversions re-ranked with the call's user's history, when it names one."""
-        user = calls.user()
+        user = current_call.user()
         if user is None or self.histories is None or not candidates:
             return candidates
         return self.histories.rerank_conversions(user, context, candidates)
 
     def _next_token_mix(self, engine: Engine):
         """For Generate: the next-token distribution mixed with the call's user's history, or None."""
-        user = calls.user()
+        user = current_call.user()
         if user is None or self.histories is None:
             return None
         tokens = self._next_tokens.get(engine.name)
@@ -195,7 +195,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             )
         if writes and not self.histories.learning:
             context.abort(grpc.StatusCode.FAILED_PRECONDITION, "learning is off on this server (--no-learning)")
-        user = calls.user()
+        user = current_call.user()
         if user is None:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"this call needs metadata {USER_KEY} naming its user")
         return user
@@ -406,7 +406,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 learner.update(session.text, final=True)
 
     def _learner(self, incognito: bool) -> SessionLearner | None:
-        user = calls.user()
+        user = current_call.user()
         if user is None or incognito or self.histories is None or not self.histories.learning:
             return None
         return SessionLearner(self.histories, user)

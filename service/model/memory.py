@@ -1,7 +1,7 @@
 """The n-gram memory stored in a model file: what followed each context in the training text.
 
 A network generalises; an n-gram recalls. Where a whole context occurred in training, the n-gram
-knows verbatim what came next, so the service mixes the two (service/mix.py). training/ builds the
+knows verbatim what came next, so the service mixes the two (service/model/mix.py). training/ builds the
 memory at export (interpolated Kneser-Ney over the model's own tokens, the training split only);
 this module reads it and answers, for a batch of histories at once, the next token's probability
 over the whole vocabulary.
@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.tokenizer import BOS, PAD
+from service.model.tokenizer import BOS, PAD
 
 NO_TOKEN = -1.0  # an empty place in a history (a text shorter than order - 1 tokens)
 
@@ -210,7 +210,7 @@ class NgramMemory:
 
 
 class MemoryModel:
-    """The memory behind the engine's StepModel interface (service/runner.py): its state is the last
+    """The memory behind the engine's StepModel interface (service/model/steps.py): its state is the last
     ``width`` tokens read, as floats [1, B, width], NO_TOKEN where the text is shorter."""
 
     def __init__(self, memory: NgramMemory) -> None:

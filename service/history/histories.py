@@ -55,7 +55,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from service.tokenizer import UNK, is_cjk
+from service.model.tokenizer import UNK, is_cjk
 
 log = logging.getLogger("nextword")
 SEPARATOR = "\x1f"  # between the units of a stored n-gram (a control character no one types)
@@ -603,7 +603,7 @@ class Histories:
         return personalize(served, predicted, history.weight(evidence), k, completing=bool(prefix), lacks=lacks)
 
     def rerank_conversions(self, user: str, context: str, candidates: Sequence):
-        """Pinyin conversions (service/pinyin.py Candidates) re-ranked with ``user``'s history: within
+        """Pinyin conversions (service/model/pinyin.py Candidates) re-ranked with ``user``'s history: within
         each group that consumes as many letters, a candidate's share is mixed with P_user(its characters |
         context), normalised over the group, with the weight the evidence gives a word the model lacks."""
         history = self.user(user)

@@ -8,7 +8,7 @@ stack along the batch dimension:
     advance(tokens [b1, T], state) --\\
     advance(tokens [b2, 1], state) ---+-> queue -> take what is waiting (up to max_batch_size rows)
     advance(tokens [b3, 1], state) --/            one forward of rows of any lengths
-                                                  (packed by length: service/runner.py)
+                                                  (packed by length: service/model/steps.py)
                                                   split results -> each caller's future
 
 ``max_wait`` = 0 runs at once with whatever is queued: a lone request is never
@@ -41,17 +41,17 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from service import calls
-from service.calls import CallEnded
-from service.hardware import use_intra_op_threads
-from service.runner import StepModel, advance_ragged
+from service.model import current_call
+from service.model.current_call import CallEnded
+from service.model.hardware import use_intra_op_threads
+from service.model.steps import StepModel, advance_ragged
 
 
 @dataclass
 class _Step:
     tokens: Tensor  # [b, T]
     state: Tensor  # [L, b, S]
-    wanted: Callable[[], CallEnded | None] | None = None  # the caller's check (service/calls.py)
+    wanted: Callable[[], CallEnded | None] | None = None  # the caller's check (service/model/current_call.py)
     future: Future = field(default_factory=Future)
 
 
@@ -93,7 +93,7 @@ class BatchingModel:
     def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         if self._closed:
             raise RuntimeError("the model worker has stopped")
-        wanted = calls.still_wanted() if self.drop_ended else None
+        wanted = current_call.still_wanted() if self.drop_ended else None
         if self.inline and self._last_steps <= 1 and self._queue.empty() and self._busy.acquire(blocking=False):
             try:  # nothing else to stack with: no hand-off to the worker and back
                 ended = self._ended(wanted)
@@ -189,7 +189,7 @@ class BatchingModel:
         if not steps:
             return
         try:
-            # steps of any lengths in one forward where the model can (service/runner.py)
+            # steps of any lengths in one forward where the model can (service/model/steps.py)
             results = advance_ragged(self.model, [(s.tokens, s.state) for s in steps])
             self._count(sum(s.tokens.size(0) for s in steps), len(steps))
             for step, result in zip(steps, results):

@@ -3,7 +3,7 @@
 Everything above this module (suggestions, generation, typing sessions) talks
 to a ``StepModel``: ``init_state(batch)`` and ``advance(tokens, state)``. The
 real one wraps the TorchScript network; tests use fakes with fixed logits; the
-batcher (service/batching.py) stacks many callers' steps into one call.
+batcher (service/model/batching.py) stacks many callers' steps into one call.
 
 Steps of different lengths (a 3-token context, a 9-token one, a keystroke) go
 through one forward with ``advance_ragged``: the rows are packed by length
@@ -32,7 +32,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils.rnn import pack_padded_sequence
 
-from service.tokenizer import BOS
+from service.model.tokenizer import BOS
 
 
 class StepModel(Protocol):
@@ -223,7 +223,7 @@ class ScriptedModel:
     """The exported TorchScript network on one device; safe to call from many threads.
 
     ``advance`` and ``advance_ragged`` give log-probabilities, or with ``probabilities=True`` the
-    probabilities themselves (one softmax), which the linear mix adds to the memory's (service/mix.py)."""
+    probabilities themselves (one softmax), which the linear mix adds to the memory's (service/model/mix.py)."""
 
     gives_probabilities = True
 

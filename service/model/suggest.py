@@ -33,8 +33,8 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
-from service.runner import StepModel, encode_context
-from service.tokenizer import EOS, SPECIAL_TOKENS, Tokenizer, is_cjk
+from service.model.steps import StepModel, encode_context
+from service.model.tokenizer import EOS, SPECIAL_TOKENS, Tokenizer, is_cjk
 
 _PARTIAL_WORD = re.compile(r"[\w'’]+$")
 SUGGESTED_WORD = re.compile(r"[\w'’]*\w[\w'’]*")  # a word as suggestions show it (and evaluation scores it)
@@ -43,7 +43,7 @@ _NO_SPACE_SCRIPT = re.compile(r"[\u3000-\u303f\uff00-\uffef]")  # CJK punctuatio
 
 @dataclass(frozen=True)
 class SuggestConfig:
-    max_context_tokens: int = 1024  # longer text keeps its last tokens (see service/runner.py)
+    max_context_tokens: int = 1024  # longer text keeps its last tokens (see service/model/steps.py)
     beam_size: int = 8  # hypotheses kept per step of the word search
     max_word_chars: int = 24  # the word search gives up on longer words
     max_phrase_chars: int = 4  # longest phrase for text without spaces

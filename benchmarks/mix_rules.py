@@ -1,6 +1,6 @@
 """Mixing rules for the network and the n-gram memory, compared on validation lines.
 
-    python -m benchmarks.mixing --model build/recipes/kjv.pt --train build/kjv/train.txt [--max-lines 2000]
+    python -m benchmarks.mix_rules --model build/recipes/kjv.pt --train build/kjv/train.txt [--max-lines 2000]
 
 The validation lines are the ones training held out of --train (``split_lines(lines, 0.1, seed 0)``,
 as the recipes train). Each rule is fitted on the first half of their tokens and scored on the
@@ -20,11 +20,11 @@ import math
 
 import numpy as np
 
-from service.artifact import load_artifact
-from service.memory import NgramMemory
-from service.runner import ScriptedModel
+from service.model.artifact import load_artifact
+from service.model.memory import NgramMemory
+from service.model.steps import ScriptedModel
 from training.data import read_corpus, split_lines
-from training.mixing import Evidence, collect, fit_weights, walk
+from training.mix_fit import Evidence, collect, fit_weights, walk
 
 BUCKETS = 4  # quantiles of gamma for the gated rule
 SCALES = (0.7, 1.3)  # of the served weights, linear
@@ -53,7 +53,7 @@ def main() -> None:
     artifact = load_artifact(args.model)
     memory = artifact.memory
     if memory is None:
-        raise SystemExit(f"benchmarks.mixing: {args.model} has no n-gram memory")
+        raise SystemExit(f"benchmarks.mix_rules: {args.model} has no n-gram memory")
     _, validation = split_lines(read_corpus([args.train]).lines, args.val_fraction, args.seed)
     sequences = [artifact.tokenizer.encode(line) for line in validation[: args.max_lines]]
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)

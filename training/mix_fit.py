@@ -8,9 +8,9 @@ single weight:
     r_i      = lambda_k P_memory(w_i) / (lambda_k P_memory(w_i) + (1 - lambda_k) P_network(w_i))
     lambda_k = mean of r_i over the tokens whose context length is k
 
-Then the rule (service/mix.py): the same weights used linearly and log-linearly, each served on the
+Then the rule (service/model/mix.py): the same weights used linearly and log-linearly, each served on the
 same lines and judged as nextword-eval judges a model (``score_rules``), and export keeps the one
-whose first suggestion is right more often (linear on a tie). ``python -m benchmarks.mixing``
+whose first suggestion is right more often (linear on a tie). ``python -m benchmarks.mix_rules``
 compares more rules by the next token alone.
 """
 
@@ -23,11 +23,11 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from service.artifact import MIX_RULES
-from service.memory import NO_TOKEN, MemoryModel, NgramMemory
-from service.mix import MixedModel
-from service.runner import StepModel
-from service.tokenizer import BOS, EOS, Tokenizer
+from service.model.artifact import MIX_RULES
+from service.model.memory import NO_TOKEN, MemoryModel, NgramMemory
+from service.model.mix import MixedModel
+from service.model.steps import StepModel
+from service.model.tokenizer import BOS, EOS, Tokenizer
 from training.scoring import Scorer, score
 
 

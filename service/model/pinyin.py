@@ -29,8 +29,8 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
-from service.runner import StepModel, encode_context
-from service.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
+from service.model.steps import StepModel, encode_context
+from service.model.tokenizer import SPECIAL_TOKENS, UNK, Tokenizer
 
 INITIALS = frozenset("zh ch sh b p m f d t n l g k h j q x r z c s y w".split())
 SEPARATOR = "'"

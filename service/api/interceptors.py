@@ -1,13 +1,13 @@
 """What every RPC goes through before and after its handler (one interceptor, in this order):
 
-0. the request is decoded here, not by gRPC (service/decoding.py): malformed bytes are
+0. the request is decoded here, not by gRPC (service/api/parse.py): malformed bytes are
    INVALID_ARGUMENT, counted and logged like any other call;
 1. a request id: the client's ``x-request-id`` metadata when it is sane, else a new one (this
    process's random prefix and a counter: unique without a system call per call);
    it comes back in the trailing metadata and is in every log line about the call;
 2. authentication: ``authorization: Bearer <token>`` against the configured tokens
    (UNAUTHENTICATED otherwise); the health service may be left open; then the user the call
-   names (``x-nextword-user``, service/users.py): INVALID_ARGUMENT when malformed,
+   names (``x-nextword-user``, service/api/users.py): INVALID_ARGUMENT when malformed,
    PERMISSION_DENIED when the token may not name it;
 3. the concurrency limit: more than ``max_concurrent_rpcs`` calls at once get
    RESOURCE_EXHAUSTED naming the limit (health checks are not counted);
@@ -33,12 +33,12 @@ from collections.abc import Callable, Sequence
 
 import grpc
 
-from service import calls
-from service.calls import CallEnded
-from service.decoding import MalformedRequest, RequestDecoder
-from service.hardware import device_failure
-from service.metrics import Metrics
-from service.users import USER_KEY, BadUser, Grant, user_of
+from service.api.metrics import Metrics
+from service.api.parse import MalformedRequest, RequestDecoder
+from service.api.users import USER_KEY, BadUser, Grant, user_of
+from service.model import current_call
+from service.model.current_call import CallEnded
+from service.model.hardware import device_failure
 
 log = logging.getLogger("nextword")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -80,7 +80,7 @@ class CallGuard(grpc.ServerInterceptor):
         self._lock = threading.Lock()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
         metrics.gauge_function(metrics.active_calls, lambda: self._active)
-        self.on_device_failure: Callable[[], None] | None = None  # the server stops (service/server.py)
+        self.on_device_failure: Callable[[], None] | None = None  # the server stops (service/api/server.py)
         self._device_failed = False
 
     @property
@@ -175,7 +175,7 @@ class MethodGuard:
                 f"too many calls at once: the limit is {self.guard.max_concurrent_rpcs} "
                 "(server setting max_concurrent_rpcs); retry with backoff",
             )
-        calls.begin(context, user)
+        current_call.begin(context, user)
         return request_id
 
     def fail(self, context, error: Exception, request_id: str) -> None:
@@ -202,7 +202,7 @@ class MethodGuard:
         )
 
     def after(self, context, request_id: str, started: float, admitted: bool, cancelled: bool = False) -> None:
-        model = calls.end()
+        model = current_call.end()
         if admitted:
             self.guard.leave()
         code = _code(context)

@@ -13,7 +13,7 @@ The parent process loads no model. It
 - serves /metrics: the sum over the workers, from prometheus-client's multiprocess files;
 - replaces a worker that exits while serving (the log says which and how it ended; replacements
   that fail to start are retried with a growing pause), such as one whose GPU failed (a CUDA, cuDNN
-  or cuBLAS error, or its memory ran out: service/server.py), which exits with DEVICE_FAILED_EXIT;
+  or cuBLAS error, or its memory ran out: service/api/server.py), which exits with DEVICE_FAILED_EXIT;
 - on SIGTERM or SIGINT, passes SIGTERM to every worker: each turns health NOT_SERVING and drains
   its calls within ``--grace``, then exits. A worker still running ``KILL_AFTER`` seconds past the
   grace is killed.
@@ -37,9 +37,9 @@ import threading
 import time
 from dataclasses import dataclass, replace
 
-from service.config import ServerConfig
-from service.hardware import DEVICE_FAILED_EXIT
-from service.metrics import MULTIPROCESS_ENV
+from service.api.config import ServerConfig
+from service.api.metrics import MULTIPROCESS_ENV
+from service.model.hardware import DEVICE_FAILED_EXIT
 
 log = logging.getLogger("nextword")
 KILL_AFTER = 5.0  # seconds past the grace before a draining worker is killed
@@ -67,8 +67,8 @@ def reserve_port(host: str, port: int) -> socket.socket:
 def run_worker(config: ServerConfig, index: int, channel) -> None:
     """A worker process: one whole server on the shared port. It sends the parent ("serving", "") once it
     listens, or ("error", why) when it cannot start."""
-    from service.logs import configure_logging
-    from service.server import serve_worker
+    from service.api.logs import configure_logging
+    from service.api.server import serve_worker
 
     configure_logging(config.log_format, worker=index)
     try:
@@ -112,7 +112,7 @@ class Supervisor:
         self._workers: dict[int, _Worker] = {}
         self._failures: dict[int, int] = {}  # replacements of a worker index that failed to start, in a row
         self._metrics_dir = tempfile.mkdtemp(prefix="nextword-metrics-")
-        os.environ[MULTIPROCESS_ENV] = self._metrics_dir  # inherited by the workers (service/metrics.py)
+        os.environ[MULTIPROCESS_ENV] = self._metrics_dir  # inherited by the workers (service/api/metrics.py)
         self._port_holder = reserve_port(config.host, config.port)
         self.port = self._port_holder.getsockname()[1]
         self.worker_config = replace(config, port=self.port, metrics=False)
@@ -155,7 +155,7 @@ class Supervisor:
                     self.stop()
                     raise ValueError(why)
         if self.config.metrics:
-            from service.metrics import serve_shared_http
+            from service.api.metrics import serve_shared_http
 
             self._metrics_http = serve_shared_http(self.config.host, self.config.metrics_port, self._metrics_dir)
             self.metrics_port = self._metrics_http.server_port

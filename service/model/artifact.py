@@ -8,7 +8,7 @@
         │                   provenance (corpus names and hashes, steps, stream validation
         │                   perplexity),
         │                   creation time, torch version, checksums of the weights and tokenizer
-        └── tokenizer.bin   service.tokenizer.Tokenizer.to_bytes()
+        └── tokenizer.bin   service.model.tokenizer.Tokenizer.to_bytes()
 
 This module is the only reader and writer of the format, and needs torch,
 sentencepiece and the standard library alone (never training/).
@@ -25,16 +25,16 @@ from typing import Any
 
 import torch
 
-from service.files import atomic_write
-from service.memory import NgramMemory
-from service.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer
+from service.model.atomic import atomic_write
+from service.model.memory import NgramMemory
+from service.model.tokenizer import BOS, EOS, PAD, UNK, Tokenizer, load_tokenizer
 
 FORMAT = "nextword-model"
 FORMAT_VERSION = 1
 MANIFEST_FILE = "manifest.json"
 TOKENIZER_FILE = "tokenizer.bin"
 MEMORY_FILE = "memory.npz"
-MIX_RULES = ("linear", "log-linear")  # how a file's memory may be mixed with its network (service/mix.py)
+MIX_RULES = ("linear", "log-linear")  # how a file's memory may be mixed with its network (service/model/mix.py)
 
 
 class ArtifactError(ValueError):
@@ -70,7 +70,7 @@ class Provenance:
 
 @dataclass(frozen=True)
 class MemorySpec:
-    """The n-gram memory (service/memory.py) and how the service mixes it with the network (service/mix.py)."""
+    """The n-gram memory (service/model/memory.py) and how the service mixes it with the network (service/model/mix.py)."""
 
     order: int  # n: contexts of up to n - 1 tokens
     min_count: int  # n-grams of 3+ tokens seen fewer times were pruned
@@ -78,7 +78,9 @@ class MemorySpec:
     weights: list[float]  # the memory's mixing weight by the longest context seen, 0 .. order - 1
     sha256: str = ""  # of the memory's bytes
     fitted_on: str = ""  # what the weights were fitted on, and the perplexities there
-    rule: str = "linear"  # how the two are mixed, one of MIX_RULES (service/mix.py); files before the choice: linear
+    rule: str = (
+        "linear"  # how the two are mixed, one of MIX_RULES (service/model/mix.py); files before the choice: linear
+    )
 
 
 @dataclass(frozen=True)

@@ -14,16 +14,16 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from service.config import ServerConfig
-from service.engine import Engine, by_name
-from service.hardware import DEVICE_FAILED_EXIT, ThreadPlan, default_workers, resolve_device
-from service.history import open_histories
-from service.interceptors import CallGuard
-from service.metrics import Metrics
+from service.api.config import ServerConfig
+from service.api.interceptors import CallGuard
+from service.api.metrics import Metrics
+from service.api.servicer import NextWordServicer
+from service.api.users import Grant
+from service.history.histories import open_histories
+from service.model.engine import Engine, by_name
+from service.model.hardware import DEVICE_FAILED_EXIT, ThreadPlan, default_workers, resolve_device
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
-from service.servicer import NextWordServicer
-from service.users import Grant
 
 log = logging.getLogger("nextword")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextWord"].full_name  # "nextword.v1.NextWord"
@@ -41,7 +41,7 @@ def _read(path: str, what: str) -> bytes:
 
 def load_tokens(config: ServerConfig) -> list[Grant]:
     """Bearer tokens from auth_token_file (a token per line, optionally with the users it may name, # comments;
-    see service/users.py) and the NEXTWORD_AUTH_TOKEN variable (a token that names no user)."""
+    see service/api/users.py) and the NEXTWORD_AUTH_TOKEN variable (a token that names no user)."""
     grants = []
     if config.auth_token_file:
         text = _read(config.auth_token_file, "--auth-token-file").decode("utf-8", errors="replace")
@@ -80,7 +80,7 @@ class Server:
         reuse_port: bool = False,
     ) -> None:
         """``engines``: the served models by name (the first answers requests that name none);
-        ``reuse_port``: share the port with other processes (the workers of service/workers.py)."""
+        ``reuse_port``: share the port with other processes (the workers of service/api/workers.py)."""
         self.config = config
         self.engines = by_name(engines)
         self.engine = next(iter(self.engines.values()))
@@ -105,7 +105,7 @@ class Server:
             initializer=threads.apply_here,
         )
         self.grpc = grpc.server(pool, interceptors=[self.guard], options=options)
-        self.histories = open_histories(config)  # service/history.py; None: off
+        self.histories = open_histories(config)  # service/history/histories.py; None: off
         self.servicer = NextWordServicer(self.engines, config, self.histories)
         self.metrics.watch(lambda: self.servicer.active_sessions, lambda: self.servicer.active_generations)
         for name, engine in self.engines.items():
@@ -204,7 +204,7 @@ def _stop_on_signals(stop: Callable[[], None], grace: float) -> None:
 
 def _started(config: ServerConfig) -> Server:
     """Load, warm up and start: the server of this process."""
-    threads = ThreadPlan.for_server(config.threads, config.batching, config.workers)  # see service/hardware.py
+    threads = ThreadPlan.for_server(config.threads, config.batching, config.workers)  # see service/model/hardware.py
     threads.apply_here()  # this thread loads the model and warms it up
     engines = {name: Engine.load(config, threads, name, path) for name, path in config.models}
     for engine in engines.values():
@@ -268,7 +268,7 @@ def serve(config: ServerConfig) -> None:
 
 
 def serve_worker(config: ServerConfig, serving: Callable[[Callable[[], None]], None]) -> None:
-    """One worker process of ``--workers`` (service/workers.py): ``serving(stop)`` is called once it listens."""
+    """One worker process of ``--workers`` (service/api/workers.py): ``serving(stop)`` is called once it listens."""
     server = _started(config)
     _stop_on_signals(server.stop, config.grace)
     serving(server.stop)
@@ -278,7 +278,7 @@ def serve_worker(config: ServerConfig, serving: Callable[[Callable[[], None]], N
 
 
 def _serve_workers(config: ServerConfig) -> None:
-    from service.workers import Supervisor
+    from service.api.workers import Supervisor
 
     load_tokens(config)  # bad flags fail here, once, before any worker starts
     server_credentials(config)

@@ -15,8 +15,8 @@ from dataclasses import dataclass, field
 import torch
 from torch import Tensor
 
-from service.runner import StepModel, encode_context
-from service.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
+from service.model.steps import StepModel, encode_context
+from service.model.tokenizer import BOS, EOS, PAD, UNK, Tokenizer
 
 LENGTH, END_TOKEN, STOP_STRING, CANCELLED = "length", "end_token", "stop_string", "cancelled"
 

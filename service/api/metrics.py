@@ -12,7 +12,7 @@
 
 Each server has its own registry, so several can live in one process (tests).
 
-With several worker processes (``--workers``, service/workers.py) the values live in
+With several worker processes (``--workers``, service/api/workers.py) the values live in
 prometheus-client's multiprocess files (``PROMETHEUS_MULTIPROC_DIR``, set by the parent
 before it starts the workers), and the parent serves their sum on the one metrics port.
 There a gauge holds the sum over the live workers, sampled every ``SAMPLE_SECONDS``, and
