@@ -132,14 +132,10 @@ def personal_history(model_path: str, device: str, ngrams: int = 10_000) -> dict
     import tempfile
 
     from benchmarks.texts import verses
-    from service.history.histories import (
-        SERVED_FOR_HISTORY,
-        Histories,
-        HistoryConfig,
-        HistoryStore,
-        units,
-        vocabulary_lacks,
-    )
+    from service.history.histories import Histories
+    from service.history.store import HistoryStore
+    from service.model.personal import HistoryConfig, units
+    from service.model.personal_mix import SERVED_FOR_HISTORY, vocabulary_lacks
 
     artifact = load_artifact(model_path)
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)

@@ -45,19 +45,17 @@ from __future__ import annotations
 
 import json
 import sys
-import tempfile
 import time
 from collections.abc import Sequence
 
 import torch
 from tqdm import tqdm
 
-from service.api.config import ServerConfig
-from service.history.histories import HistoryConfig
 from service.model.artifact import ArtifactError, load_artifact
 from service.model.command_line import OneLineParser, ranged
 from service.model.mix import served_model
-from service.model.pinyin import ConvertConfig, reads_chinese
+from service.model.personal import HistoryConfig
+from service.model.pinyin import MAX_PINYIN_LETTERS, ConvertConfig, reads_chinese
 from service.model.steps import ScriptedModel
 from service.model.suggest import Suggester
 from service.model.tokenizer import BOS, Tokenizer
@@ -323,17 +321,12 @@ def main(argv: list[str] | None = None) -> int:
                 dynamic_ncols=True,
                 file=sys.stderr,
                 disable=args.quiet or not sys.stderr.isatty(),
-            ) as bar,
-            tempfile.TemporaryDirectory(prefix="nextword-eval-") as folder,
+            ) as bar
         ):
-            learning = Learning(folder, scorer_tokenizer, args.evidence_scale) if learn else None
-            try:
-                units, tallies[name] = score(
-                    scorer, scorer_tokenizer, lines, args.suggestions, progress=bar.update, learning=learning
-                )
-            finally:
-                if learning is not None:
-                    learning.close()
+            learning = Learning(scorer_tokenizer, args.evidence_scale) if learn else None
+            units, tallies[name] = score(
+                scorer, scorer_tokenizer, lines, args.suggestions, progress=bar.update, learning=learning
+            )
         results[name] = {"units": units, **tallies[name].report(units)}
         results[name]["seconds"] = round(time.perf_counter() - started, 1)
     learned = results.pop("learning", None)
@@ -406,7 +399,7 @@ def _pinyin(args, artifact, lines: list[str], train_lines: list[str]) -> int:
             continue
         started = time.perf_counter()
         tally = evaluate_ranker(
-            converter.convert, lines, ServerConfig.max_pinyin_letters, args.typing_clauses, args.initials_words
+            converter.convert, lines, MAX_PINYIN_LETTERS, args.typing_clauses, args.initials_words
         )
         if name in ("network", "mix"):  # association: the same model's Suggest
             association(Suggester(converter.model, artifact.tokenizer).suggest, lines, tally, args.association_words)

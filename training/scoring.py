@@ -11,20 +11,15 @@ suggestions at every word of the line.
 from __future__ import annotations
 
 import math
-import os
+import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
-from service.history.histories import (
-    SERVED_FOR_HISTORY,
-    Histories,
-    HistoryConfig,
-    HistoryStore,
-    units,
-    vocabulary_lacks,
-)
+from service.model.personal import HistoryConfig, UserHistory, ngrams_ending, units
+from service.model.personal_mix import SERVED_FOR_HISTORY, vocabulary_lacks
+from service.model.personal_mix import suggest as personal_suggest
 from service.model.steps import PrefixStates, StepModel, walk_batch
 from service.model.suggest import SUGGESTED_WORD, SplitText, SuggestConfig, Suggester
 from service.model.tokenizer import BOS, EOS, UNK, Tokenizer, is_cjk
@@ -108,26 +103,22 @@ def _matches(suggestion: str, target: str, tokenizer: Tokenizer) -> bool:
 
 class Learning:
     """A simulated user (``nextword-eval --learn``): the text is typed in order by one user whose personal
-    history (service/history/histories.py, in a temporary SQLite file) learns each line after it is typed, and
-    whose suggestions mix that history in, as the server does for a call that names a user."""
+    history (service/model/personal.py, kept in memory as the server's cache keeps it) learns each line
+    after it is typed, and whose suggestions mix that history in, as the server does for a call that
+    names a user."""
 
-    USER = "evaluation"
-
-    def __init__(self, folder: str, tokenizer: Tokenizer, evidence_scale: float = HistoryConfig.evidence_scale) -> None:
-        config = HistoryConfig(flush_ms=1000.0, evidence_scale=evidence_scale)
-        self.histories = Histories(HistoryStore(os.path.join(folder, "history.sqlite"), config), config)
+    def __init__(self, tokenizer: Tokenizer, evidence_scale: float = HistoryConfig.evidence_scale) -> None:
+        self.history = UserHistory(HistoryConfig(evidence_scale=evidence_scale))
         self.lacks = vocabulary_lacks(tokenizer)
 
     def suggest(self, split: SplitText, suggestions: list[tuple[str, float]], k: int) -> list[tuple[str, float]]:
         """The first k of ``suggestions`` (``SERVED_FOR_HISTORY`` of them) mixed with the user's history."""
-        return self.histories.suggest(self.USER, split.context, split.prefix, suggestions, k, self.lacks)
+        return personal_suggest(self.history, split.context, split.prefix, suggestions, k, self.lacks)
 
     def learn(self, line: str) -> None:
-        self.histories.learn(self.USER, units(line))
-
-    def close(self) -> None:
-        self.histories.close()
-
+        now = time.time()
+        for gram in ngrams_ending(units(line), 0, self.history.config.order):
+            self.history.add(gram, 1.0, now)
 
 def _shown(suggester: Suggester, split: SplitText, log_probs, state, k: int, learning: Learning | None) -> list[str]:
     if learning is None:

@@ -6,6 +6,8 @@ import os
 import re
 from dataclasses import dataclass
 
+from service.model.pinyin import MAX_PINYIN_LETTERS
+
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 
 
@@ -51,7 +53,7 @@ class ServerConfig:
     history_half_life_days: float = 30.0  # a use counts half as much after this long
     history_max_age_days: float = 0.0  # drop n-grams not used for this long (0 = keep)
     history_flush_ms: float = 200.0  # learned counts are written at most this often
-    max_pinyin_letters: int = 64  # longest Convert pinyin or Type composition
+    max_pinyin_letters: int = MAX_PINYIN_LETTERS  # longest Convert pinyin or Type composition
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):  # one path given as a string

@@ -70,7 +70,7 @@ class Provenance:
 
 @dataclass(frozen=True)
 class MemorySpec:
-    """The n-gram memory (service/model/memory.py) and how the service mixes it with the network (service/model/mix.py)."""
+    """The n-gram memory (service/model/memory.py) and how the service mixes it with the network (mix.py)."""
 
     order: int  # n: contexts of up to n - 1 tokens
     min_count: int  # n-grams of 3+ tokens seen fewer times were pruned

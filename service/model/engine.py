@@ -5,17 +5,32 @@ from __future__ import annotations
 import functools
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Protocol
 
-from service.api.config import ServerConfig
-from service.history.histories import vocabulary_lacks
 from service.model.artifact import Artifact, load_artifact
 from service.model.batching import BatchingModel
 from service.model.generation import GenerationParams, Generator
 from service.model.hardware import ThreadPlan, resolve_device
 from service.model.mix import MixedModel, served_model
+from service.model.personal_mix import NextTokens, vocabulary_lacks
 from service.model.pinyin import Converter, Lexicon, reads_chinese
 from service.model.steps import ScriptedModel
 from service.model.suggest import SuggestConfig, Suggester
+
+
+class EngineOptions(Protocol):
+    """What loading an engine reads of a server's configuration (service/api/config.py ServerConfig)."""
+
+    models: list[tuple[str, str]]  # (name, path) of each served model
+    device: str
+    half: bool
+    ngram: bool
+    threads: int
+    batching: bool
+    max_batch_size: int
+    max_batch_wait_ms: float
+    drop_ended: bool
+    max_context_tokens: int
 
 
 @dataclass
@@ -29,7 +44,7 @@ class Engine:
     converter: Converter | None = None  # pinyin conversion, for a model that reads Chinese
 
     @classmethod
-    def load(cls, config: ServerConfig, threads: ThreadPlan | None = None, name: str = "", path: str = "") -> Engine:
+    def load(cls, config: EngineOptions, threads: ThreadPlan | None = None, name: str = "", path: str = "") -> Engine:
         """The model ``path`` named ``name`` (default: the config's first); ``threads``: the server's thread
         plan (by default the one ``config`` implies)."""
         if not path:
@@ -81,8 +96,13 @@ class Engine:
 
     @functools.cached_property
     def lacks(self) -> Callable[[str], bool]:
-        """Whether the model's vocabulary lacks a word (personal history: service/history/histories.py)."""
+        """Whether the model's vocabulary lacks a word (personal history: service/model/personal_mix.py)."""
         return vocabulary_lacks(self.artifact.tokenizer)
+
+    @functools.cached_property
+    def next_tokens(self) -> NextTokens:
+        """A user's predicted words as next tokens of this model (Generate for a user), built at first use."""
+        return NextTokens(self.artifact.tokenizer)
 
     @property
     def mixed(self) -> bool:

@@ -43,6 +43,9 @@ _HAN = re.compile(r"[\u3400-\u4dbf\u4e00-\u9fff]+")
 FUZZY_INITIALS = (("zh", "z"), ("ch", "c"), ("sh", "s"))  # with fuzzy pinyin, and -in/-ing, -en/-eng
 
 
+MAX_PINYIN_LETTERS = 64  # the default limit on a Convert's pinyin or a Type composition (servers may set another)
+
+
 class PinyinError(ValueError):
     """Letters that cannot be read as pinyin."""
 

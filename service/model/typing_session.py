@@ -21,6 +21,10 @@ after its text, and the next conversion computes only the rows it lacks.
 
 from __future__ import annotations
 
+import queue
+import threading
+from collections.abc import Iterator
+
 from torch import Tensor
 
 from service.model.pinyin import Candidate, Converter
@@ -134,3 +138,46 @@ class TypingSession:
             self._context_text, self._context_ids = split.context, self.suggester.context_ids(split)
         log_probs, state = self.context.read(self._context_ids)
         return self.suggester.suggest_from(split, log_probs, state, k)
+
+
+class EditStream:
+    """A session's incoming edits, read ahead on a thread of their own so that waiting for the next one can
+    time out (an idle session) while the stream itself blocks. At most ``ahead`` edits wait; an exception of
+    type ``passes`` from the stream is handed on as an item (the caller answers it), and any other ends the
+    stream as if it had finished."""
+
+    END = object()  # the stream finished
+
+    def __init__(self, edits: Iterator, ahead: int, passes: type[Exception], poll: float = 0.25) -> None:
+        self._queue: queue.Queue = queue.Queue(maxsize=ahead)
+        self._ended = threading.Event()  # the session is over: the reader stops too
+        self._poll = poll  # seconds between a blocked reader's checks that the session is still on
+        threading.Thread(target=self._read, args=(edits, passes), daemon=True, name="type-reader").start()
+
+    def _offer(self, item) -> bool:
+        while not self._ended.is_set():
+            try:
+                self._queue.put(item, timeout=self._poll)
+                return True
+            except queue.Full:
+                pass
+        return False
+
+    def _read(self, edits: Iterator, passes: type[Exception]) -> None:
+        try:
+            for item in edits:
+                if not self._offer(item):
+                    return
+        except passes as error:
+            self._offer(error)
+            return
+        except Exception:  # noqa: BLE001 - the stream broke or was cancelled: the session ends
+            pass
+        self._offer(self.END)
+
+    def next(self, timeout: float):
+        """The next edit, an exception of type ``passes``, or END; raises ``queue.Empty`` after ``timeout`` s."""
+        return self._queue.get(timeout=timeout)
+
+    def close(self) -> None:
+        self._ended.set()

@@ -9,16 +9,11 @@ import uuid
 
 import pytest
 
-from service.history.histories import (
-    Histories,
-    HistoryConfig,
-    HistoryStore,
-    SessionLearner,
-    UserHistory,
-    personalize,
-    units,
-    vocabulary_lacks,
-)
+from service.history.for_user import SessionLearner
+from service.history.histories import Histories
+from service.history.store import HistoryStore
+from service.model.personal import HistoryConfig, UserHistory, units
+from service.model.personal_mix import personalize, vocabulary_lacks
 from tests.postgres import missing, postgres_server
 from training.vocabulary import build_tokenizer
 
@@ -225,7 +220,7 @@ def test_ngrams_unused_for_longer_than_the_age_limit_are_dropped(location):
 
 @pytest.mark.parametrize("kind", ["word", "char"])
 def test_predicted_words_become_next_token_probabilities(kind):
-    from service.history.histories import NextTokens
+    from service.model.personal_mix import NextTokens
     from training.vocabulary import build_tokenizer
 
     tokenizer = build_tokenizer(kind, ["we like zelda and zeal", "we like rice"] * 3, lowercase=True)

@@ -1,0 +1,82 @@
+"""An engine as one user sees it: its answers mixed with that user's history, and what their typing
+sessions learn. The servicer asks for one per call and holds no history policy of its own."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from service.history.histories import Histories
+from service.model.engine import Engine
+from service.model.personal import units
+from service.model.personal_mix import SERVED_FOR_HISTORY, UNFINISHED
+from service.model.pinyin import Candidate
+from service.model.suggest import SuggestResult
+
+
+class SessionLearner:
+    """What one Type session learns: a word once a boundary (space, punctuation, newline) follows it, and
+    the rest at a commit or when the session ends. Text deleted before it was finished is never learned,
+    and deleting and retyping finished text does not learn it twice."""
+
+    def __init__(self, histories: Histories, user: str) -> None:
+        self.histories = histories
+        self.user = user
+        self.learned: list[str] = []  # the units of the session's text learned so far, in order
+
+    def update(self, text: str, final: bool = False) -> None:
+        finished = text if final else text[: len(text) - len(m.group())] if (m := UNFINISHED.search(text)) else text
+        sequence = units(finished)
+        common = 0
+        for a, b in zip(sequence, self.learned):
+            if a != b:
+                break
+            common += 1
+        if common == len(sequence):  # nothing new (the same text, or some of it deleted)
+            return
+        self.histories.learn(self.user, sequence, start=common)
+        self.learned = sequence
+
+
+@dataclass(frozen=True)
+class PersonalEngine:
+    """``engine`` for ``user`` (None: a call that names no one, answered as the engine answers)."""
+
+    engine: Engine
+    histories: Histories | None
+    user: str | None
+
+    @property
+    def personal(self) -> bool:
+        return self.user is not None and self.histories is not None
+
+    def suggest(self, suggest: Callable[[int], SuggestResult], text: str, count: int) -> SuggestResult:
+        """``suggest(count)`` (the engine's, or a typing session's), mixed with the user's history: the history
+        is mixed with the first ``SERVED_FOR_HISTORY`` suggestions (service/model/personal_mix.py)."""
+        if not self.personal or not text or not len(self.histories.user(self.user)):
+            return suggest(count)
+        result = suggest(max(count, SERVED_FOR_HISTORY))
+        split = self.engine.suggester.split(text)
+        mixed = self.histories.suggest(
+            self.user, split.context, split.prefix, result.suggestions, count, self.engine.lacks
+        )
+        return SuggestResult(mixed, result.completes_word, result.prefix)
+
+    def candidates(self, context: str, candidates: list[Candidate]) -> list[Candidate]:
+        """Pinyin conversions re-ranked with the user's history."""
+        if not self.personal or not candidates:
+            return candidates
+        return self.histories.rerank_conversions(self.user, context, candidates)
+
+    def next_token_mix(self) -> Callable | None:
+        """For Generate: the next-token distribution mixed with the user's history, or None."""
+        if not self.personal:
+            return None
+        histories, user, tokens = self.histories, self.user, self.engine.next_tokens
+        return lambda text, log_probs: histories.mix_next_token(user, tokens, text, log_probs)
+
+    def learner(self, incognito: bool) -> SessionLearner | None:
+        """What a Type session learns, or None: no user, incognito, or learning off."""
+        if not self.personal or incognito or not self.histories.learning:
+            return None
+        return SessionLearner(self.histories, self.user)

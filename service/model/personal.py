@@ -1,0 +1,225 @@
+"""A user's personal history as a model: n-gram counts of what they typed, and its mix with the served
+suggestions (the store that keeps the counts is service/history/).
+
+What is stored, per user: n-grams (orders 1 to ``order``) of the units they typed: words in text
+with spaces, single characters in Chinese and other text without spaces. Units are surface forms
+("Zelda", "LORD"), never a tokenizer's ids, so a history keeps working with another model file,
+and words the model's vocabulary lacks are kept too. Raw text is never stored, only the counts.
+
+Recency: each n-gram's count decays with a half-life (``--history-half-life-days``); a row holds
+the count as of its ``last_used`` time, and a database upsert adds a new use as
+
+    count = old_count * 2 ** (-(now - old_last_used) / half_life) + added
+
+which is atomic, so concurrent learners (sessions, worker processes, replicas on one PostgreSQL)
+lose no counts.
+
+Prediction: an interpolated (Witten-Bell) estimate over the user's n-grams, restricted to the
+units that start with what is being typed. Its weight in the mix grows with the evidence for the
+context at hand (``E``): the count of the longest context the user has typed before, or of the
+units matching the prefix. With share = E / (E + evidence_scale) (``personalize``), over the first
+``SERVED_FOR_HISTORY`` served suggestions:
+
+    a word among them:                   (1 - known_weight * share) * P_served + known_weight * share * P_user
+    a word the model's vocabulary lacks: min(max_weight, share) * P_user
+    any other word (ranked lower):       known_weight * share * P_user
+
+and for a next word (no prefix) both weights times the served model's doubt (1 - its top
+probability). docs/history.md has the measurements behind the constants. A user with no
+history, or none that applies, gets exactly the unpersonalised answer.
+
+The store and its writer are service/history/; this module is the model alone, in memory, so that
+evaluation (training/scoring.py) scores what the server would answer.
+"""
+
+from __future__ import annotations
+
+import bisect
+import heapq
+import re
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass, field
+
+from service.model.tokenizer import is_cjk
+
+TOTAL_SECONDS = 60.0  # how long a user's decayed unigram total is reused
+_UNIT = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|[^\s\w]", re.UNICODE)
+
+
+def units(text: str) -> list[str]:
+    """The units of a text: words (letters, with inner apostrophes), numbers, CJK characters one by one.
+    Punctuation separates units and is not learned."""
+    found = []
+    for match in _UNIT.finditer(text):
+        unit = match.group()
+        if any(is_cjk(ch) for ch in unit):
+            found.extend(ch for ch in unit if ch.strip())
+        elif unit[0].isalnum():
+            found.append(unit)
+        else:
+            found.append("")  # punctuation: a break between sentences and clauses, not a unit
+    return found
+
+
+def ngrams_ending(sequence: Sequence[str], start: int, order: int) -> Iterator[tuple[str, ...]]:
+    """The n-grams (1..order) that end at each unit from ``start`` on, not crossing a break ("")."""
+    for end in range(start, len(sequence)):
+        if not sequence[end]:
+            continue
+        for n in range(1, order + 1):
+            begin = end - n + 1
+            if begin < 0 or not all(sequence[begin : end + 1]):
+                break
+            yield tuple(sequence[begin : end + 1])
+
+
+@dataclass(frozen=True)
+class HistoryConfig:
+    order: int = 3  # n-gram orders 1..order
+    half_life_days: float = 30.0
+    max_entries: int = 20_000  # per user; the least recently used beyond it are pruned
+    max_age_days: float = 0.0  # 0: keep; else drop n-grams not used for that long
+    flush_ms: float = 200.0
+    evidence_scale: float = 10.0  # share = E / (E + evidence_scale), see the module docstring
+    max_weight: float = 0.9  # the most a word the served suggestions lack can get from the history
+    known_weight: float = 0.1  # the most the history moves the words the model has
+
+    @property
+    def half_life(self) -> float:
+        return self.half_life_days * 86400.0
+
+
+def decayed(count: float, since: float, now: float, half_life: float) -> float:
+    return count * 2.0 ** (-max(0.0, now - since) / half_life)
+
+
+@dataclass
+class UserHistory:
+    """One user's n-grams in memory, indexed for prediction. Keys are casefolded; ``shown`` keeps the
+    surface form last typed."""
+
+    config: HistoryConfig
+    counts: dict[tuple[str, ...], list[float]] = field(default_factory=dict)  # n-gram -> [count, last_used]
+    version: int = 0  # the store's version of this user when read
+    checked: float = 0.0  # when the version was last compared with the store's
+
+    def __post_init__(self) -> None:
+        self.followers: dict[tuple[str, ...], dict[str, list[float]]] = {}
+        self.shown: dict[str, str] = {}
+        self._words: list[str] = []  # the unigrams' keys, sorted: the completions of a prefix are a range
+        self._total: tuple[float, float] | None = None  # (when, the decayed count of every unigram) cached
+        for gram, (count, last) in list(self.counts.items()):
+            self._index(gram, count, last)
+
+    def __len__(self) -> int:
+        return len(self.counts)
+
+    def add(self, gram: tuple[str, ...], count: float, now: float) -> None:
+        entry = self.counts.get(gram)
+        if entry is None:
+            entry = self.counts[gram] = [0.0, now]
+        entry[0] = decayed(entry[0], entry[1], now, self.config.half_life) + count
+        entry[1] = max(entry[1], now)
+        self._index(gram, count, now)
+
+    def _index(self, gram: tuple[str, ...], count: float, last: float) -> None:
+        key = tuple(unit.casefold() for unit in gram)
+        self.shown[key[-1]] = gram[-1]
+        followers = self.followers.setdefault(key[:-1], {})
+        slot = followers.get(key[-1])
+        if slot is None:
+            slot = followers[key[-1]] = [0.0, last]
+            if len(key) == 1:
+                bisect.insort(self._words, key[0])
+        slot[0] = decayed(slot[0], slot[1], last, self.config.half_life) + count
+        slot[1] = max(slot[1], last)
+        if len(key) == 1:
+            self._total = None
+
+    def forget(self, word: str) -> list[tuple[str, ...]]:
+        """Drop every n-gram that contains ``word`` (casefolded); the dropped n-grams."""
+        key = word.casefold()
+        gone = [gram for gram in self.counts if any(unit.casefold() == key for unit in gram)]
+        for gram in gone:
+            del self.counts[gram]
+        self.followers.clear()
+        self.shown.clear()
+        self._words.clear()
+        self._total = None
+        for gram, (count, last) in self.counts.items():
+            self._index(gram, count, last)
+        return gone
+
+    def _unigram_total(self, now: float) -> float:
+        if self._total is None or now - self._total[0] > TOTAL_SECONDS:
+            half = self.config.half_life
+            total = sum(decayed(c, t, now, half) for c, t in self.followers.get((), {}).values())
+            self._total = (now, total)
+        return self._total[1]
+
+    def unigram(self, unit: str, now: float) -> tuple[float, float]:
+        """(P_user(unit) regardless of context, its decayed count)."""
+        slot = self.followers.get((), {}).get(unit.casefold())
+        total = self._unigram_total(now)
+        if slot is None or total <= 0:
+            return 0.0, 0.0
+        count = decayed(slot[0], slot[1], now, self.config.half_life)
+        return count / total, count
+
+    def predict(
+        self, context: Sequence[str], prefix: str, now: float, limit: int | None = None
+    ) -> tuple[list[tuple[str, float]], float]:
+        """(units with P_user(unit | context, prefix), best first; the evidence E) for what follows
+        ``context`` (units) and starts with ``prefix``. With a prefix the candidates are the units that
+        start with it; without one, those that followed the contexts seen (with none seen, the user's
+        history says nothing about this place: no prediction)."""
+        start = prefix.casefold()
+        recent = [unit.casefold() for unit in context[-(self.config.order - 1) :] if unit] if context else []
+        seen_contexts = []
+        for n in range(1, len(recent) + 1):
+            followers = self.followers.get(tuple(recent[-n:]))
+            if not followers:
+                break  # a longer context contains this one: not seen either
+            seen_contexts.append(followers)
+        unigrams = self.followers.get((), {})
+        if start:
+            low = bisect.bisect_left(self._words, start)
+            high = bisect.bisect_left(self._words, start + "\U0010ffff")
+            candidates = self._words[low:high]
+        elif seen_contexts:
+            candidates = list({w for followers in seen_contexts for w in followers})
+        else:
+            return [], 0.0
+        rate = 1.0 / self.config.half_life  # decayed(c, t) = c * 2 ** ((t - now) * rate), inlined for speed
+        base = {w: unigrams[w][0] * 2.0 ** (min(0.0, unigrams[w][1] - now) * rate) for w in candidates if w in unigrams}
+        total = sum(base.values()) if start else self._unigram_total(now)
+        if total <= 0 or not base:
+            return [], 0.0
+        probabilities = {w: c / total for w, c in base.items()}
+        typed = sum(base.values()) if start else 0.0  # without a prefix, word frequency is weak evidence
+        seen_count = 0.0
+        for followers in seen_contexts:
+            seen = {
+                w: followers[w][0] * 2.0 ** (min(0.0, followers[w][1] - now) * rate)
+                for w in probabilities
+                if w in followers
+            }
+            count = sum(seen.values())
+            if count <= 0:
+                break
+            types = len(seen)
+            probabilities = {w: (seen.get(w, 0.0) + types * p) / (count + types) for w, p in probabilities.items()}
+            seen_count = count  # the longest context seen
+        evidence = max(typed, seen_count)  # with a prefix, the larger: a name typed often in new contexts still counts
+        if limit is None:
+            ranked = sorted(probabilities.items(), key=lambda item: -item[1])
+        else:
+            ranked = heapq.nlargest(limit, probabilities.items(), key=lambda item: item[1])
+        return [(self.shown.get(w, w), p) for w, p in ranked], evidence
+
+    def weight(self, evidence: float) -> tuple[float, float]:
+        """(the weight of the history for words the served suggestions lack, for those they have)."""
+        if not evidence:
+            return 0.0, 0.0
+        share = evidence / (evidence + self.config.evidence_scale)
+        return min(self.config.max_weight, share), self.config.known_weight * share
