@@ -31,9 +31,9 @@ SCALES = (0.7, 1.3)  # of the served weights, linear
 LOG_LINEAR_SCALES = (1.0, 1.5, 2.0)
 
 
-def longest_gamma(memory: NgramMemory, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+def longest_gamma(memory: NgramMemory, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """The longest context seen [B] and its backoff weight gamma [B]."""
-    longest, found = memory.seen(histories)
+    longest, found = memory.seen(contexts)
     gamma = np.full(len(longest), float(memory.orders[0].gamma[0]) if len(memory.orders[0].gamma) else 1.0)
     for k in range(1, memory.order):
         rows = longest == k
@@ -59,7 +59,7 @@ def main() -> None:
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size)
 
     found: list[np.ndarray] = []  # each position's gamma, from the same read of the network
-    evidence = collect(network, memory, sequences, each=lambda at: found.append(longest_gamma(memory, at.histories)[1]))
+    evidence = collect(network, memory, sequences, each=lambda at: found.append(longest_gamma(memory, at.contexts)[1]))
     gammas = np.concatenate(found)
     half = len(evidence.seen) // 2
     fit = slice(0, half)
@@ -87,9 +87,9 @@ def main() -> None:
         index += rows
         if not held.any():
             continue
-        memory_p, longest = memory.probabilities(at.histories)
+        memory_p, longest = memory.probabilities(at.contexts)
         network_log = at.log_probs.numpy()
-        _, gamma = longest_gamma(memory, at.histories)
+        _, gamma = longest_gamma(memory, at.contexts)
         targets, rows_at = at.targets[held], np.nonzero(held)[0]
         for name, (kind, scale) in rules.items():
             if kind == "network":

@@ -93,7 +93,7 @@ def parse_args(argv: list[str] | None) -> ServerConfig:
 def main(argv: list[str] | None = None) -> int:
     config = parse_args(argv)
     configure_logging(config.log_format)
-    from service.api.server import serve
+    from service.api.launch import serve
 
     try:
         serve(config)

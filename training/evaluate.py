@@ -55,7 +55,8 @@ from service.model.artifact import ArtifactError, load_artifact
 from service.model.command_line import OneLineParser, ranged
 from service.model.mix import served_model
 from service.model.personal import HistoryConfig
-from service.model.pinyin import MAX_PINYIN_LETTERS, ConvertConfig, reads_chinese
+from service.model.pinyin import ConvertConfig
+from service.model.pinyin_lattice import MAX_PINYIN_LETTERS, reads_chinese
 from service.model.steps import ScriptedModel
 from service.model.suggest import Suggester
 from service.model.tokenizer import BOS, Tokenizer
@@ -313,16 +314,14 @@ def main(argv: list[str] | None = None) -> int:
         runs.append((*scorers[0], "learning", True))
     for scorer, scorer_tokenizer, name, learn in runs:
         started = time.perf_counter()
-        with (
-            tqdm(
-                total=len(lines),
-                desc=name,
-                unit="line",
-                dynamic_ncols=True,
-                file=sys.stderr,
-                disable=args.quiet or not sys.stderr.isatty(),
-            ) as bar
-        ):
+        with tqdm(
+            total=len(lines),
+            desc=name,
+            unit="line",
+            dynamic_ncols=True,
+            file=sys.stderr,
+            disable=args.quiet or not sys.stderr.isatty(),
+        ) as bar:
             learning = Learning(scorer_tokenizer, args.evidence_scale) if learn else None
             units, tallies[name] = score(
                 scorer, scorer_tokenizer, lines, args.suggestions, progress=bar.update, learning=learning
@@ -398,9 +397,7 @@ def _pinyin(args, artifact, lines: list[str], train_lines: list[str]) -> int:
         if name not in wanted:
             continue
         started = time.perf_counter()
-        tally = evaluate_ranker(
-            converter.convert, lines, MAX_PINYIN_LETTERS, args.typing_clauses, args.initials_words
-        )
+        tally = evaluate_ranker(converter.convert, lines, MAX_PINYIN_LETTERS, args.typing_clauses, args.initials_words)
         if name in ("network", "mix"):  # association: the same model's Suggest
             association(Suggester(converter.model, artifact.tokenizer).suggest, lines, tally, args.association_words)
         results[name] = {**tally.report(), "seconds": round(time.perf_counter() - started, 1)}

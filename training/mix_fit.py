@@ -43,7 +43,7 @@ class Position:
     """One position of a group of lines read through both models: the rows still going."""
 
     log_probs: torch.Tensor  # [rows, V] the network's next-token log-probabilities
-    histories: np.ndarray  # [rows, width] the memory's histories (NO_TOKEN where empty)
+    contexts: np.ndarray  # [rows, width] the memory's contexts (NO_TOKEN where empty)
     targets: np.ndarray  # [rows] the tokens that came next
 
 
@@ -52,18 +52,18 @@ def walk(
     network: StepModel, memory: NgramMemory, sequences: Sequence[Sequence[int]], lines_at_once: int = 64
 ) -> Iterator[Position]:
     """Read each token sequence ``<s> ids </s>`` through the network, lines_at_once lines per model call,
-    keeping the memory's histories beside it."""
+    keeping the memory's contexts beside it."""
     width = memory.width
     for first in range(0, len(sequences), lines_at_once):
         group = sorted(([BOS, *s, EOS] for s in sequences[first : first + lines_at_once]), key=len, reverse=True)
         state = network.init_state(len(group))
-        histories = np.full((len(group), width), int(NO_TOKEN), dtype=np.int64)
+        contexts = np.full((len(group), width), int(NO_TOKEN), dtype=np.int64)
         for position in range(len(group[0]) - 1):
             rows = sum(1 for s in group if len(s) > position + 1)
             tokens = [s[position] for s in group[:rows]]
             log_probs, state = network.advance(torch.tensor(tokens).view(-1, 1), state[:, :rows])
-            histories = np.concatenate([histories[:rows, 1:], np.array(tokens).reshape(-1, 1)], axis=1)
-            yield Position(log_probs, histories, np.array([s[position + 1] for s in group[:rows]]))
+            contexts = np.concatenate([contexts[:rows, 1:], np.array(tokens).reshape(-1, 1)], axis=1)
+            yield Position(log_probs, contexts, np.array([s[position + 1] for s in group[:rows]]))
 
 
 def collect(
@@ -80,7 +80,7 @@ def collect(
         if each is not None:
             each(at)
         rows = len(at.targets)
-        probabilities, longest = memory.probabilities(at.histories)
+        probabilities, longest = memory.probabilities(at.contexts)
         picked = at.log_probs[torch.arange(rows), torch.from_numpy(at.targets)].exp().numpy()
         parts.append((picked, probabilities[np.arange(rows), at.targets], longest))
     return Evidence(*(np.concatenate(column) for column in zip(*parts)))

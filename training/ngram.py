@@ -31,7 +31,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from service.model.memory import MemoryOrder, NgramMemory
+from service.model.memory import NgramMemory
 from service.model.tokenizer import BOS, EOS, PAD
 
 SCORINGS = ("kneser-ney", "backoff")
@@ -169,17 +169,12 @@ def to_memory(counts: NgramCounts, min_count: int = 1) -> NgramMemory:
     probability goes to the shorter context (the distribution still sums to one). Shorter n-grams
     are always kept.
     """
-    orders = []
-    vocab = np.uint64(counts.vocab_size)
-    position: dict[tuple, int] = {(): 0}  # each kept context of the previous order: its index there
+    tables = []
     for k, table in enumerate(counts.kn):
         raw = counts.raw[k]
         discount = counts.discounts[k]
-        keys, gammas, offsets, ids, probs, kept = [], [], [0], [], [], []
-        for context in table:
-            if k and context[1:] not in position:
-                continue  # its shorter context was pruned: a lookup never gets here
-            followers = table[context]
+        rows = []
+        for context, followers in table.items():
             keep = np.ones(len(followers.ids), dtype=bool)
             if k >= 2 and min_count > 1:  # prune by how often the n-gram itself occurred
                 seen = raw[context]
@@ -188,27 +183,6 @@ def to_memory(counts: NgramCounts, min_count: int = 1) -> NgramMemory:
                 if not keep.any():
                     continue
             p = np.maximum(followers.counts[keep] - discount, 0.0) / followers.total
-            # the key chains to the index of the context without its oldest token (service/model/memory.py)
-            keys.append(np.uint64(position[context[1:]]) * vocab + np.uint64(context[0]) if k else np.uint64(0))
-            kept.append(context)
-            gammas.append(max(0.0, 1.0 - float(p.sum())))
-            ids.append(followers.ids[keep])
-            probs.append(p)
-            offsets.append(offsets[-1] + int(keep.sum()))
-        packed = np.array(keys, dtype=np.uint64)
-        order = np.argsort(packed, kind="stable")
-        position = {kept[i]: rank for rank, i in enumerate(order.tolist())}
-        starts, ends = np.array(offsets[:-1])[order], np.array(offsets[1:])[order]
-        flat_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
-        flat_probs = np.concatenate(probs) if probs else np.empty(0)
-        index = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(order) else np.empty(0, int)
-        orders.append(
-            MemoryOrder(
-                keys=packed[order],
-                gamma=np.array(gammas, dtype=np.float32)[order],
-                offsets=np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64),
-                ids=flat_ids[index].astype(np.int32),
-                probs=flat_probs[index].astype(np.float32),
-            )
-        )
-    return NgramMemory(orders, counts.vocab_size)
+            rows.append((context, followers.ids[keep], p, max(0.0, 1.0 - float(p.sum()))))
+        tables.append(rows)
+    return NgramMemory.build(tables, counts.vocab_size)

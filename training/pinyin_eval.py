@@ -26,7 +26,8 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 from service.model.mix import served_model
-from service.model.pinyin import ConvertConfig, Converter, Lexicon, PriorOnly
+from service.model.pinyin import ConvertConfig, Converter, PriorOnly
+from service.model.pinyin_lattice import Lexicon
 from service.model.steps import ScriptedModel
 from service.model.tokenizer import JiebaTokenizer
 

@@ -120,6 +120,7 @@ class Learning:
         for gram in ngrams_ending(units(line), 0, self.history.config.order):
             self.history.add(gram, 1.0, now)
 
+
 def _shown(suggester: Suggester, split: SplitText, log_probs, state, k: int, learning: Learning | None) -> list[str]:
     if learning is None:
         return [text for text, _ in suggester.suggest_from(split, log_probs, state, k).suggestions]

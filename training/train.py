@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import math
 import os
-import signal
 import sys
 import time
 from dataclasses import replace
@@ -41,12 +40,11 @@ from training.data import (
 )
 from training.distributed import Distributed, TrainingError, pick_device
 from training.model import LanguageModel, ModelConfig, line_start_state
-from training.runlog import RunLog
+from training.runlog import Progress, RunLog, StopFlag
 from training.vocabulary import TokenizerError, build_tokenizer
 
 PROG = "nextword-train"
 DRY_RUN_STEPS = 3
-LOG_EVERY = 20  # steps between train lines in metrics.jsonl
 
 
 def resolve_resume(config: TrainConfig, given: set[str]) -> tuple[TrainConfig, dict | None]:
@@ -341,75 +339,6 @@ class TrainingRun:
     def say(self, text: str) -> None:
         if self.dist.main:
             print(f"{PROG}: {text}", file=sys.stderr)
-
-
-class Progress:
-    """The tqdm bar on a terminal (rank 0), and the train lines of metrics.jsonl every LOG_EVERY steps."""
-
-    def __init__(self, run: TrainingRun) -> None:
-        self.run = run
-        self.bar = None
-        if run.dist.main and sys.stderr.isatty():
-            from tqdm import tqdm
-
-            self.bar = tqdm(
-                total=run.total_steps, initial=min(run.step_count, run.total_steps), unit="step", dynamic_ncols=True
-            )
-        self.tokens, self.since = 0, time.perf_counter()
-
-    def update(self, loss: torch.Tensor, tokens: int, lr: float) -> None:
-        run = self.run
-        self.tokens += tokens * run.dist.world_size
-        if run.step_count % LOG_EVERY == 0 or run.step_count == 1:
-            mean = run.dist.sum(loss.item())[0] / run.dist.world_size  # the global mean, not rank 0's
-            now = time.perf_counter()
-            tokens_per_s = self.tokens / max(1e-9, now - self.since)
-            self.tokens, self.since = 0, now
-            run.log.write(
-                {
-                    "kind": "train",
-                    "step": run.step_count,
-                    "epoch": run.epoch,
-                    "loss": mean,
-                    "ppl": math.exp(min(mean, 50)),
-                    "lr": lr,
-                    "tokens_per_s": tokens_per_s,
-                    "elapsed": run.elapsed,
-                }
-            )
-            if self.bar is not None:
-                self.bar.set_postfix(
-                    loss=f"{mean:.3f}",
-                    ppl=f"{math.exp(min(mean, 50)):.1f}",
-                    tok_s=f"{tokens_per_s:,.0f}",
-                    refresh=False,
-                )
-        if self.bar is not None:
-            self.bar.update(1)
-
-    def close(self) -> None:
-        if self.bar is not None:
-            self.bar.close()
-
-
-class StopFlag:
-    """Ctrl-C / SIGTERM ask the loop to stop at the next step boundary and save."""
-
-    def __init__(self) -> None:
-        self.signal: int | None = None
-
-    def __enter__(self) -> StopFlag:
-        self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        if self.signal is not None:  # a second Ctrl-C stops at once
-            raise KeyboardInterrupt
-        self.signal = signum
-
-    def __exit__(self, *exc) -> None:
-        for s, handler in self.previous.items():
-            signal.signal(s, handler)
 
 
 def train(config: TrainConfig, checkpoint: dict | None = None) -> int:

@@ -6,7 +6,7 @@ import os
 import re
 from dataclasses import dataclass
 
-from service.model.pinyin import MAX_PINYIN_LETTERS
+from service.model.pinyin_lattice import MAX_PINYIN_LETTERS
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 

@@ -8,7 +8,6 @@ import signal
 import threading
 from collections.abc import Callable
 from concurrent import futures
-from dataclasses import replace
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -21,7 +20,7 @@ from service.api.servicer import NextWordServicer
 from service.api.users import Grant
 from service.history.histories import open_histories
 from service.model.engine import Engine, by_name
-from service.model.hardware import DEVICE_FAILED_EXIT, ThreadPlan, default_workers, resolve_device
+from service.model.hardware import DEVICE_FAILED_EXIT, ThreadPlan
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 
@@ -243,30 +242,6 @@ def _announce(config: ServerConfig, port: int, what: str, secure: bool, metrics_
         )
 
 
-def serve(config: ServerConfig) -> None:
-    """``nextword-serve``: one process, or with ``--workers`` above 1 a parent of worker processes."""
-    config = replace(config, workers=config.workers or default_workers(resolve_device(config.device)))
-    if config.workers > 1:
-        _serve_workers(config)
-        return
-    server = _started(config)
-    _stop_on_signals(server.stop, config.grace)
-    what = "; ".join(
-        f"{name}: {engine.path} ({engine.artifact.manifest.describe()}"
-        + (", pinyin" if engine.converter is not None else "")
-        + f"), device {engine.model.device}"
-        for name, engine in server.engines.items()
-    )
-    _announce(config, server.port, what, server.auth, server.metrics_port)
-    server.wait()
-    if server.device_failed:
-        log.error(
-            "stopped: the model's device failed (exit status %d, for a process manager to restart)", DEVICE_FAILED_EXIT
-        )
-        raise SystemExit(DEVICE_FAILED_EXIT)
-    log.info("stopped")
-
-
 def serve_worker(config: ServerConfig, serving: Callable[[Callable[[], None]], None]) -> None:
     """One worker process of ``--workers`` (service/api/workers.py): ``serving(stop)`` is called once it listens."""
     server = _started(config)
@@ -275,19 +250,3 @@ def serve_worker(config: ServerConfig, serving: Callable[[Callable[[], None]], N
     server.wait()
     if server.device_failed:
         raise SystemExit(DEVICE_FAILED_EXIT)  # the parent starts a replacement
-
-
-def _serve_workers(config: ServerConfig) -> None:
-    from service.api.workers import Supervisor
-
-    load_tokens(config)  # bad flags fail here, once, before any worker starts
-    server_credentials(config)
-    supervisor = Supervisor(config)
-    _stop_on_signals(supervisor.stop, config.grace)
-    if not supervisor.start():
-        return
-    what = f"{', '.join(f'{name}: {path}' for name, path in config.models)} in {config.workers} worker processes"
-    _announce(config, supervisor.port, what, bool(load_tokens(config)), supervisor.metrics_port)
-    supervisor.watch()
-    supervisor.wait()
-    log.info("stopped")

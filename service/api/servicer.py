@@ -26,7 +26,8 @@ from service.model import current_call
 from service.model.engine import Engine, by_name
 from service.model.generation import END_TOKEN, LENGTH, STOP_STRING
 from service.model.personal import units
-from service.model.pinyin import Candidate, PinyinError
+from service.model.pinyin import Candidate
+from service.model.pinyin_lattice import PinyinError
 from service.model.typing_session import EditError, EditStream, TypingSession
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc

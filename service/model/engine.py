@@ -13,7 +13,8 @@ from service.model.generation import GenerationParams, Generator
 from service.model.hardware import ThreadPlan, resolve_device
 from service.model.mix import MixedModel, served_model
 from service.model.personal_mix import NextTokens, vocabulary_lacks
-from service.model.pinyin import Converter, Lexicon, reads_chinese
+from service.model.pinyin import Converter
+from service.model.pinyin_lattice import Lexicon, reads_chinese
 from service.model.steps import ScriptedModel
 from service.model.suggest import SuggestConfig, Suggester
 

@@ -126,7 +126,3 @@ class ThreadPlan:
         (``use_native_rnn_kernels``); otherwise torch's default."""
         if (self.worker if self.worker is not None else self.others) == 1:
             use_native_rnn_kernels()
-
-    def apply_to_worker(self) -> None:
-        if self.worker is not None:
-            use_intra_op_threads(self.worker)

@@ -1,10 +1,10 @@
 """The n-gram memory stored in a model file: what followed each context in the training text.
 
 A network generalises; an n-gram recalls. Where a whole context occurred in training, the n-gram
-knows verbatim what came next, so the service mixes the two (service/model/mix.py). training/ builds the
-memory at export (interpolated Kneser-Ney over the model's own tokens, the training split only);
-this module reads it and answers, for a batch of histories at once, the next token's probability
-over the whole vocabulary.
+knows verbatim what came next, so the service mixes the two (service/model/mix.py). training/ counts the
+n-grams at export (interpolated Kneser-Ney over the model's own tokens, the training split only);
+this module lays them out (``NgramMemory.build``), reads them and answers, for a batch of contexts
+at once, the next token's probability over the whole vocabulary.
 
 The arrays, per context length k = 0 .. order-1 (the file's ``memory.npz``):
 
@@ -28,6 +28,7 @@ from __future__ import annotations
 import functools
 import io
 import zipfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -36,7 +37,9 @@ from torch import Tensor
 
 from service.model.tokenizer import BOS, PAD
 
-NO_TOKEN = -1.0  # an empty place in a history (a text shorter than order - 1 tokens)
+# a context's row for NgramMemory.build: (context tokens, oldest first; follower ids; their probabilities; gamma)
+ContextRow = tuple[tuple[int, ...], np.ndarray, np.ndarray, float]
+NO_TOKEN = -1.0  # an empty place in a context (a text shorter than order - 1 tokens)
 
 
 @dataclass
@@ -58,9 +61,47 @@ class NgramMemory:
         uniform[[PAD, BOS]] = 0.0
         self.uniform = uniform / uniform.sum()
 
+    @classmethod
+    def build(cls, tables: Sequence[Sequence[ContextRow]], vocab_size: int) -> NgramMemory:
+        """The memory of ``tables``: per context length k = 0 .. order-1, a row (context, follower ids,
+        their probabilities, gamma) per context, laid out as the module docstring says. A context whose
+        shorter context has no row (it was pruned) is left out: a lookup never reaches it."""
+        orders = []
+        vocab = np.uint64(vocab_size)
+        position: dict[tuple, int] = {(): 0}  # each kept context of the previous order: its index there
+        for k, rows in enumerate(tables):
+            keys, gammas, offsets, ids, probs, kept = [], [], [0], [], [], []
+            for context, follower_ids, p, gamma in rows:
+                if k and context[1:] not in position:
+                    continue
+                # the key chains to the index of the context without its oldest token
+                keys.append(np.uint64(position[context[1:]]) * vocab + np.uint64(context[0]) if k else np.uint64(0))
+                kept.append(context)
+                gammas.append(gamma)
+                ids.append(follower_ids)
+                probs.append(p)
+                offsets.append(offsets[-1] + len(follower_ids))
+            packed = np.array(keys, dtype=np.uint64)
+            order = np.argsort(packed, kind="stable")
+            position = {kept[i]: rank for rank, i in enumerate(order.tolist())}
+            starts, ends = np.array(offsets[:-1])[order], np.array(offsets[1:])[order]
+            flat_ids = np.concatenate(ids) if ids else np.empty(0, np.int64)
+            flat_probs = np.concatenate(probs) if probs else np.empty(0)
+            index = np.concatenate([np.arange(s, e) for s, e in zip(starts, ends)]) if len(order) else np.empty(0, int)
+            orders.append(
+                MemoryOrder(
+                    keys=packed[order],
+                    gamma=np.array(gammas, dtype=np.float32)[order],
+                    offsets=np.concatenate([[0], np.cumsum(ends - starts)]).astype(np.int64),
+                    ids=flat_ids[index].astype(np.int32),
+                    probs=flat_probs[index].astype(np.float32),
+                )
+            )
+        return cls(orders, vocab_size)
+
     @property
     def width(self) -> int:
-        """Tokens of history it reads: order - 1 (at least one place, so the state is never empty)."""
+        """Tokens of context it reads: order - 1 (at least one place, so the state is never empty)."""
         return max(1, self.order - 1)
 
     # ------------------------------------------------------------------ the file's bytes
@@ -107,30 +148,30 @@ class NgramMemory:
 
     # ------------------------------------------------------------------ queries
 
-    def seen(self, histories: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
-        """For histories [B, width] (NO_TOKEN where empty): the longest context length seen [B], and per
+    def seen(self, contexts: np.ndarray) -> tuple[np.ndarray, list[np.ndarray]]:
+        """For contexts [B, width] (NO_TOKEN where empty): the longest context length seen [B], and per
         order k >= 1 the index of each row's context in that order's arrays (-1 where unseen)."""
-        rows = histories.shape[0]
+        rows = contexts.shape[0]
         longest = np.zeros(rows, dtype=np.int64)
         found_at: list[np.ndarray] = []
-        for k, (live, contexts) in enumerate(self._contexts(histories), 1):
+        for k, (live, at) in enumerate(self._lookup(contexts), 1):
             index = np.full(rows, -1, dtype=np.int64)
-            index[live] = contexts
+            index[live] = at
             longest[live] = k
             found_at.append(index)
         return longest, found_at
 
-    def _contexts(self, histories: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
+    def _lookup(self, contexts: np.ndarray) -> list[tuple[np.ndarray, np.ndarray]]:
         """Per order k = 1, 2, ... while any row's last k tokens were seen: those rows, and their contexts'
         indices in order k's arrays."""
-        rows, width = histories.shape
+        rows, width = contexts.shape
         out = []
         live = np.arange(rows)  # the rows whose context of k - 1 tokens was seen
         keys = np.zeros(rows, dtype=np.uint64)  # for the live rows: that context's index (chained keys)
         vocab = np.uint64(self.vocab_size)
         power = np.uint64(1)  # files without chained keys: V ** (k - 1), and keys hold the packed tokens
         for k in range(1, self.order):
-            token = histories[live, width - k]  # the context of the last k tokens gains its first (oldest) token
+            token = contexts[live, width - k]  # the context of the last k tokens gains its first (oldest) token
             if token.min(initial=0) < 0:  # a text shorter than k tokens: no context of k
                 known = token >= 0
                 live, token, keys = live[known], token[known], keys[known]
@@ -161,16 +202,16 @@ class NgramMemory:
             np.add.at(p, o.ids[o.offsets[0] : o.offsets[1]], o.probs[o.offsets[0] : o.offsets[1]])
         return p.astype(np.float32)
 
-    def parts(self, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-        """The next-token distribution of [B, width] histories, unrolled but not added up:
+    def parts(self, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """The next-token distribution of [B, width] contexts, unrolled but not added up:
 
             P[b] = scale[b] * base + the sparse values at (rows, ids)
 
         (scale: the product of every seen order's gamma [B]; each (row, id, value): a follower of one seen
         context, its discounted probability times the gammas of the longer orders). Also the longest
         context seen [B]. A caller mixes or gathers from these without building [B, V] twice."""
-        found = self._contexts(histories)
-        rows = histories.shape[0]
+        found = self._lookup(contexts)
+        rows = contexts.shape[0]
         longest = np.zeros(rows, dtype=np.int64)
         for k, (live, _) in enumerate(found, 1):  # a row seen at k was seen at every shorter length
             longest[live] = k
@@ -193,12 +234,12 @@ class NgramMemory:
             return scale, empty, empty, np.zeros(0, dtype=np.float32), longest
         return scale, np.concatenate(at_rows), np.concatenate(at_ids), np.concatenate(at_values), longest
 
-    def probabilities(self, histories: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        """[B, width] histories -> ([B, V] next-token probabilities (float32), [B] longest context seen).
+    def probabilities(self, contexts: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """[B, width] contexts -> ([B, V] next-token probabilities (float32), [B] longest context seen).
 
         The interpolation unrolled: P = sum over seen k of (product of gamma above k) * probs_k, plus the
         product of every gamma times the base: one dense product and a sparse add (``parts``)."""
-        scale, rows, ids, values, longest = self.parts(histories)
+        scale, rows, ids, values, longest = self.parts(contexts)
         return self.dense(scale, rows, ids, values).numpy(), longest
 
     def dense(self, scale: np.ndarray, rows: np.ndarray, ids: np.ndarray, values: np.ndarray) -> Tensor:
@@ -222,13 +263,13 @@ class MemoryModel:
         return torch.full((1, batch_size, self.width), NO_TOKEN)
 
     def read(self, tokens: Tensor, state: Tensor) -> np.ndarray:
-        """The histories after ``tokens`` [B, T]: [B, width] int64."""
+        """The contexts after ``tokens`` [B, T]: [B, width] int64."""
         joined = torch.cat([state[0], tokens.to(state.dtype)], dim=1)
         return joined[:, joined.size(1) - self.width :].numpy().astype(np.int64)
 
     def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        histories = self.read(tokens, state)
-        probabilities, _ = self.memory.probabilities(histories)
+        contexts = self.read(tokens, state)
+        probabilities, _ = self.memory.probabilities(contexts)
         with np.errstate(divide="ignore"):
             log_probs = torch.from_numpy(np.log(probabilities))
-        return log_probs, torch.from_numpy(histories.astype(np.float32)).unsqueeze(0)
+        return log_probs, torch.from_numpy(contexts.astype(np.float32)).unsqueeze(0)

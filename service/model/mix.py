@@ -11,10 +11,10 @@ the manifest stores both. Files from before the choice are linear.
 
 ``MixedModel`` is a StepModel, so suggestions, sessions, generation and the batcher use it as they
 use the network. Its state is the network's [L, B, S] with one more layer [1, B, S] whose first
-``width`` places hold the memory's history (service/model/memory.py):
+``width`` places hold the memory's context (service/model/memory.py):
 
     state [L + 1, B, S]:  layers 0 .. L-1  the network's
-                          layer L          history tokens | zeros
+                          layer L          context tokens | zeros
 """
 
 from __future__ import annotations
@@ -57,7 +57,7 @@ class MixedModel:
         self._network_options = {"probabilities": True} if linear else {}
         self._base = torch.from_numpy(memory.memory.base)  # P(w) with no context [V]
         if self._size < memory.width:
-            raise ValueError(f"the network's state ({self._size} values) cannot carry {memory.width} history tokens")
+            raise ValueError(f"the network's state ({self._size} values) cannot carry {memory.width} context tokens")
 
     def init_state(self, batch_size: int) -> Tensor:
         history = torch.zeros(1, batch_size, self._size)
@@ -67,27 +67,27 @@ class MixedModel:
     def advance(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
         width = self.memory.width
         network_out, network_state = self.network.advance(tokens, state[:-1], **self._network_options)
-        histories = self.memory.read(tokens, state[-1:, :, :width])
-        return self._mix(network_out, network_state, histories)
+        contexts = self.memory.read(tokens, state[-1:, :, :width])
+        return self._mix(network_out, network_state, contexts)
 
     def advance_ragged(self, steps: Sequence[Step]) -> list[Step]:
         """Steps of different lengths: the network's in one forward (service/model/steps.py), the memory's at once."""
         width = self.memory.width
         inner = [(tokens, state[:-1]) for tokens, state in steps]
         network = advance_ragged(self.network, inner, **self._network_options)
-        histories = np.concatenate([self.memory.read(tokens, state[-1:, :, :width]) for tokens, state in steps])
+        contexts = np.concatenate([self.memory.read(tokens, state[-1:, :, :width]) for tokens, state in steps])
         log_probs, states = self._mix(
-            torch.cat([out for out, _ in network]), torch.cat([st for _, st in network], dim=1), histories
+            torch.cat([out for out, _ in network]), torch.cat([st for _, st in network], dim=1), contexts
         )
         sizes = [tokens.size(0) for tokens, _ in steps]
         return list(zip(log_probs.split(sizes), states.split(sizes, dim=1)))
 
-    def _mix(self, network_out: Tensor, network_state: Tensor, histories: np.ndarray) -> tuple[Tensor, Tensor]:
+    def _mix(self, network_out: Tensor, network_state: Tensor, contexts: np.ndarray) -> tuple[Tensor, Tensor]:
         """The served log-probabilities [B, V] and state after the network's output (its probabilities where
-        ``_network_options`` asks for them, else its log-probabilities) and the memory's [B, width] histories."""
-        history = torch.zeros(1, histories.shape[0], self._size)
-        history[0, :, : self.memory.width] = torch.from_numpy(histories.astype(np.float32))
-        parts = self.memory.memory.parts(histories)
+        ``_network_options`` asks for them, else its log-probabilities) and the memory's [B, width] contexts."""
+        history = torch.zeros(1, contexts.shape[0], self._size)
+        history[0, :, : self.memory.width] = torch.from_numpy(contexts.astype(np.float32))
+        parts = self.memory.memory.parts(contexts)
         weight = self.weights[parts[-1]]  # [B], by the longest context seen
         if self.rule == "linear":
             probabilities = network_out.float() if self._network_options else network_out.float().exp()

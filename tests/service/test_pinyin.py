@@ -8,16 +8,8 @@ from hypothesis import strategies as st
 
 from service.api.config import ServerConfig
 from service.model.engine import Engine
-from service.model.pinyin import (
-    ConvertConfig,
-    Converter,
-    Lattice,
-    Lexicon,
-    PinyinError,
-    PriorOnly,
-    plain,
-    reads_chinese,
-)
+from service.model.pinyin import ConvertConfig, Converter, PriorOnly
+from service.model.pinyin_lattice import Lattice, Lexicon, PinyinError, plain, reads_chinese
 from service.model.tokenizer import SPECIAL_TOKENS, CharTokenizer
 from service.model.typing_session import EditError, TypingSession
 

@@ -1,0 +1,52 @@
+"""``nextword-serve``: one server process, or with ``--workers`` above 1 a supervisor of worker processes
+(service/api/workers.py), each a whole server (service/api/server.py) on the shared port."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import replace
+
+from service.api.config import ServerConfig
+from service.api.server import _announce, _started, _stop_on_signals, load_tokens, server_credentials
+from service.api.workers import Supervisor
+from service.model.hardware import DEVICE_FAILED_EXIT, default_workers, resolve_device
+
+log = logging.getLogger("nextword")
+
+
+def serve(config: ServerConfig) -> None:
+    """``nextword-serve``: one process, or with ``--workers`` above 1 a parent of worker processes."""
+    config = replace(config, workers=config.workers or default_workers(resolve_device(config.device)))
+    if config.workers > 1:
+        _serve_workers(config)
+        return
+    server = _started(config)
+    _stop_on_signals(server.stop, config.grace)
+    what = "; ".join(
+        f"{name}: {engine.path} ({engine.artifact.manifest.describe()}"
+        + (", pinyin" if engine.converter is not None else "")
+        + f"), device {engine.model.device}"
+        for name, engine in server.engines.items()
+    )
+    _announce(config, server.port, what, server.auth, server.metrics_port)
+    server.wait()
+    if server.device_failed:
+        log.error(
+            "stopped: the model's device failed (exit status %d, for a process manager to restart)", DEVICE_FAILED_EXIT
+        )
+        raise SystemExit(DEVICE_FAILED_EXIT)
+    log.info("stopped")
+
+
+def _serve_workers(config: ServerConfig) -> None:
+    load_tokens(config)  # bad flags fail here, once, before any worker starts
+    server_credentials(config)
+    supervisor = Supervisor(config)
+    _stop_on_signals(supervisor.stop, config.grace)
+    if not supervisor.start():
+        return
+    what = f"{', '.join(f'{name}: {path}' for name, path in config.models)} in {config.workers} worker processes"
+    _announce(config, supervisor.port, what, bool(load_tokens(config)), supervisor.metrics_port)
+    supervisor.watch()
+    supervisor.wait()
+    log.info("stopped")
