@@ -22,8 +22,9 @@ import torch
 from benchmarks.texts import CORPUS
 from service.model.artifact import load_artifact
 from training.data import split_lines
-from training.evaluate import format_table, network_scorer
+from training.evaluate import network_scorer
 from training.scoring import LINES_AT_ONCE, score
+from training.tables import format_table
 
 
 def held_out_verses() -> list[str]:

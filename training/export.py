@@ -23,7 +23,7 @@ import sys
 import warnings
 from collections import Counter
 from collections.abc import Sequence
-from dataclasses import replace
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 
 import torch
@@ -38,7 +38,7 @@ from service.model.artifact import (
     load_artifact,
     write_artifact,
 )
-from service.model.command_line import OneLineParser, ranged
+from service.model.command_line import build_parser, config_from, option
 from service.model.memory import NgramMemory
 from service.model.steps import ScriptedModel
 from service.model.tokenizer import load_tokenizer
@@ -222,42 +222,38 @@ def export(
     return write_artifact(out, scripted, manifest, tokenizer, verify=verify, memory=memory)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog=PROG, description="Export a training checkpoint to one TorchScript model file.")
-    parser.add_argument("checkpoint", help="a checkpoint file, or a run directory (its best checkpoint)")
-    parser.add_argument("--out", required=True, metavar="PATH", help="the model file to write, e.g. model.pt")
-    parser.add_argument(
-        "--quantize",
+@dataclass(frozen=True)
+class ExportConfig:
+    checkpoint: str = option(help="a checkpoint file, or a run directory (its best checkpoint)", positional=True)
+    out: str = option(help="the model file to write, e.g. model.pt", required=True, metavar="PATH")
+    quantize: str | None = option(
+        None,
+        "int8: dynamic int8 weights for faster CPU serving, CPU only",
         choices=QUANTIZATIONS,
-        help="int8: dynamic int8 weights for faster CPU serving, CPU only (default: float weights)",
+        default_text="float weights",
     )
-    parser.add_argument(
-        "--ngram-order",
-        type=ranged(int, 0, 9),
-        default=DEFAULT_ORDER,
-        help=f"the n-gram memory's order, mixed with the network when served; 0: none (default {DEFAULT_ORDER})",
+    ngram_order: int = option(
+        DEFAULT_ORDER, "the n-gram memory's order, mixed with the network when served; 0: none", low=0, high=9
     )
-    parser.add_argument(
-        "--ngram-min-count",
-        type=ranged(int, 1),
-        default=DEFAULT_MIN_COUNT,
-        help=f"leave out n-grams of 3 or more tokens seen fewer times: a smaller file (default {DEFAULT_MIN_COUNT})",
+    ngram_min_count: int = option(
+        DEFAULT_MIN_COUNT, "leave out n-grams of 3 or more tokens seen fewer times: a smaller file", low=1
     )
-    parser.add_argument(
-        "--mix-rule",
+    mix_rule: str = option(
+        AUTO_RULE,
+        "how the memory is mixed with the network; auto: the rule whose suggestions rank the validation "
+        "lines better, each scored as nextword-eval scores a model (docs/model-file.md)",
         choices=[AUTO_RULE, *MIX_RULES],
-        default=AUTO_RULE,
-        help="how the memory is mixed with the network; auto: the rule whose suggestions rank the validation "
-        "lines better, each scored as nextword-eval scores a model (docs/model-file.md; default auto)",
     )
-    parser.add_argument(
-        "--corpus",
-        action="append",
-        default=[],
+    corpus: tuple[str, ...] = option(
+        (),
+        "the training text, when it is no longer where training read it (repeat for several)",
         metavar="PATH",
-        help="the training text, when it is no longer where training read it (repeat for several)",
     )
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser(PROG, "Export a training checkpoint to one TorchScript model file.", ExportConfig)
+    args = config_from(ExportConfig, parser.parse_args(argv))
     try:
         manifest = export(
             args.checkpoint,
@@ -265,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
             quantize=args.quantize,
             ngram_order=args.ngram_order,
             ngram_min_count=args.ngram_min_count,
-            corpus=args.corpus,
+            corpus=list(args.corpus),
             mix_rule=args.mix_rule,
         )
     except (CheckpointError, ArtifactError, ExportError, OSError) as error:

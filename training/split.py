@@ -12,23 +12,23 @@ from __future__ import annotations
 
 import os
 import sys
+from dataclasses import dataclass
 
-from service.model.command_line import OneLineParser, ranged
+from service.model.command_line import build_parser, config_from, option
 from training.data import CorpusError, read_corpus, split_lines
 
 
+@dataclass(frozen=True)
+class SplitConfig:
+    corpus: str = option(help="UTF-8 text, one sequence per line", positional=True)
+    out: str = option(help="writes DIR/train.txt and DIR/test.txt", required=True, metavar="DIR")
+    test_fraction: float = option(0.1, "fraction of lines for the test file", low=0.0, high=0.9, low_open=True)
+    seed: int = option(0, "random seed")
+
+
 def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="python -m training.split", description=__doc__.split("\n\n")[0])
-    parser.add_argument("corpus", help="UTF-8 text, one sequence per line")
-    parser.add_argument("--out", required=True, metavar="DIR", help="writes DIR/train.txt and DIR/test.txt")
-    parser.add_argument(
-        "--test-fraction",
-        type=ranged(float, 0.0, 0.9, low_open=True),
-        default=0.1,
-        help="fraction of lines for the test file (default 0.1)",
-    )
-    parser.add_argument("--seed", type=int, default=0, help="random seed (default 0)")
-    args = parser.parse_args(argv)
+    parser = build_parser("python -m training.split", __doc__.split("\n\n")[0], SplitConfig)
+    args = config_from(SplitConfig, parser.parse_args(argv))
     try:
         corpus = read_corpus([args.corpus])
     except CorpusError as error:

@@ -1,4 +1,5 @@
-"""Server configuration: one frozen dataclass, filled from the command line (service/__main__.py)."""
+"""Server configuration: one frozen dataclass whose fields carry their flags' help; the command line
+(service/__main__.py) is built from it."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import os
 import re
 from dataclasses import dataclass
 
+from service.model.command_line import option
 from service.model.pinyin_lattice import MAX_PINYIN_LETTERS
 
 _MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
@@ -14,46 +16,86 @@ _MODEL_NAME = re.compile(r"[A-Za-z0-9._-]{1,64}")
 @dataclass(frozen=True)
 class ServerConfig:
     # the served model files, "PATH" or "NAME=PATH" each; requests choose one by name, the first by default
-    model: tuple[str, ...] = ("models/default.pt",)
-    host: str = "[::]"
-    port: int = 50051
-    device: str = "auto"  # auto | cpu | cuda
-    ngram: bool = True  # mix the network with the file's n-gram memory (when it has one)
-    half: bool = False  # float16 weights on CUDA
-    workers: int = 0  # server processes sharing the port; 0 = chosen for the machine (service/model/hardware.py)
-    threads: int = 0  # torch intra-op threads per worker process; 0 = its share of the cores
-    batching: bool = True  # stack concurrent requests' model steps into one forward
-    max_batch_size: int = 64  # most sequences in one batched forward
-    drop_ended: bool = True  # skip queued model steps whose caller cancelled or passed its deadline
-    max_batch_wait_ms: float = 0.0  # wait this long for more work once a batch starts (0 = never wait)
-    max_concurrent_rpcs: int = 256  # calls handled at once (a Type session is one); more: RESOURCE_EXHAUSTED
-    grace: float = 10.0  # seconds in-flight calls get to finish on SIGTERM
-    max_text_chars: int = 10_000  # Suggest text, Generate prompt, a Type session's text
-    max_suggestions: int = 20
-    max_generate_tokens: int = 512
-    max_context_tokens: int = 1024  # longer text keeps its last tokens
-    max_sessions: int = 256  # concurrent Type streams
-    session_idle_timeout: float = 300.0  # a Type stream with no edit for this long is closed
-    session_history: int = 64  # saved states per Type session (how far a delete goes back cheaply)
-    max_message_bytes: int = 1 << 20
-    reflection: bool = True
-    tls_cert: str = ""  # PEM server certificate chain; with tls_key, the port speaks TLS only
-    tls_key: str = ""  # PEM private key
-    tls_client_ca: str = ""  # PEM CA bundle: clients must present a certificate it signed (mutual TLS)
-    auth_token_file: str = ""  # bearer tokens, one per line; or env NEXTWORD_AUTH_TOKEN
-    health_without_auth: bool = True  # the health service answers without a token (for probes)
-    metrics: bool = True  # Prometheus metrics over HTTP on metrics_port
-    metrics_port: int = 9464
-    log_format: str = "json"  # json: one object per line; text: for people
-    log_calls: bool = True  # a log line per call; off: startup, errors and shutdown only
-    history_db: str = "nextword-history.sqlite"  # SQLite file, postgresql://... URL, or "off"
-    learning: bool = True  # Type sessions and Learn add to the users' histories
-    history_order: int = 3  # n-gram orders 1..N learned per user
-    history_max_entries: int = 20_000  # n-grams per user; the least recently used beyond are pruned
-    history_half_life_days: float = 30.0  # a use counts half as much after this long
-    history_max_age_days: float = 0.0  # drop n-grams not used for this long (0 = keep)
-    history_flush_ms: float = 200.0  # learned counts are written at most this often
-    max_pinyin_letters: int = MAX_PINYIN_LETTERS  # longest Convert pinyin or Type composition
+    model: tuple[str, ...] = option(
+        ("models/default.pt",),
+        "an exported model file (nextword-export), as PATH or NAME=PATH; repeat it to serve several (requests "
+        "choose one by name, the first by default; a name defaults to the file's stem)",
+        metavar="[NAME=]PATH",
+    )
+    host: str = option("[::]", "address to listen on ([::] = every interface)")
+    port: int = option(50051, "port to listen on (0 = any free port)", low=0)
+    device: str = option("auto", "auto picks cuda when available", choices=["auto", "cpu", "cuda"])
+    ngram: bool = option(
+        True, "serve the network mixed with the model file's n-gram memory (--no-ngram: the network alone)"
+    )
+    half: bool = option(False, "float16 weights on CUDA")
+    workers: int = option(
+        0,
+        "server processes sharing the port (SO_REUSEPORT), each with its own model; 0 = one per core, up to 4 "
+        "on CPU and 16 on CUDA (docs/serving.md); 1 = a single process",
+        low=0,
+    )
+    threads: int = option(
+        0,
+        "intra-op threads for each process's model worker (0 = torch's default divided by --workers); with "
+        "batching, request threads use one; with one, recurrent layers run on ATen's kernels, not oneDNN's",
+        low=0,
+    )
+    batching: bool = option(
+        True,
+        "stack concurrent requests' model steps into one forward (on CUDA, --no-batching runs one call's step "
+        "per forward, on the model worker thread)",
+    )
+    max_batch_size: int = option(64, "most sequences in one batched forward", low=0)
+    drop_ended: bool = option(
+        True, "with batching, skip a queued model step whose caller cancelled or passed its deadline"
+    )
+    max_batch_wait_ms: float = option(0.0, "wait this long for more work once a batch starts (0 = never wait)", low=0)
+    max_concurrent_rpcs: int = option(
+        256, "calls handled at once, a Type session counting as one; more get RESOURCE_EXHAUSTED", low=0
+    )
+    grace: float = option(10.0, "seconds in-flight calls get to finish on SIGTERM", low=0)
+    max_text_chars: int = option(
+        10_000, "longest Suggest text, Generate prompt or Type session text, in characters", low=0
+    )
+    max_suggestions: int = option(20, "most suggestions one request may ask for", low=0)
+    max_generate_tokens: int = option(512, "most tokens one Generate may ask for", low=0)
+    max_context_tokens: int = option(1024, "longer text keeps its last tokens", low=0)
+    max_sessions: int = option(256, "concurrent Type sessions; more get RESOURCE_EXHAUSTED", low=0)
+    session_idle_timeout: float = option(300.0, "seconds a Type session may go without an edit", low=0)
+    session_history: int = option(64, "saved states per Type session (how far back a delete is free)", low=0)
+    max_message_bytes: int = option(1 << 20, "largest request or response message", low=0)
+    reflection: bool = option(True, "gRPC server reflection (for grpcurl)")
+    tls_cert: str = option("", "PEM certificate chain; with --tls-key the port accepts TLS only")
+    tls_key: str = option("", "PEM private key for --tls-cert")
+    tls_client_ca: str = option("", "PEM CA bundle; clients must show a certificate it signed (mutual TLS)")
+    auth_token_file: str = option(
+        "", "file of bearer tokens, one per line (or set NEXTWORD_AUTH_TOKEN); calls without one get UNAUTHENTICATED"
+    )
+    health_without_auth: bool = option(True, "let the health service answer without a token")
+    metrics: bool = option(True, "serve Prometheus metrics over HTTP")
+    metrics_port: int = option(9464, "port for /metrics (0 = any free port)", low=0)
+    log_format: str = option("json", "json (one object per line) or text", choices=["json", "text"])
+    log_calls: bool = option(
+        True, "a log line per call (method, status, duration, request id); errors are logged either way"
+    )
+    history_db: str = option(
+        "nextword-history.sqlite",
+        "where personal histories live: a SQLite file, a postgresql://... URL, or off (docs/history.md)",
+    )
+    learning: bool = option(
+        True, "Type sessions and Learn add to the history of the user a call names (--no-learning: read only)"
+    )
+    history_order: int = option(3, "n-gram orders 1..N learned per user", low=0)
+    history_max_entries: int = option(20_000, "n-grams kept per user; the least recently used beyond are pruned", low=0)
+    history_half_life_days: float = option(30.0, "a use counts half as much after this many days", low=0)
+    history_max_age_days: float = option(0.0, "drop n-grams not used for this many days (0 = keep them)", low=0)
+    history_flush_ms: float = option(
+        200.0, "learned counts are written to the database at most this often (a SIGTERM writes them)", low=0
+    )
+    max_pinyin_letters: int = option(
+        MAX_PINYIN_LETTERS, "most letters in a Convert request's pinyin or a Type session's composition", low=0
+    )
 
     def __post_init__(self) -> None:
         if isinstance(self.model, str):  # one path given as a string

@@ -19,13 +19,14 @@ from __future__ import annotations
 import json
 import os
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
 
 import grpc
 from google.protobuf.json_format import MessageToDict
 
 from service.client import NextWordClient
-from service.model.command_line import OneLineParser
+from service.model.command_line import OneLineParser, add_options, config_from, option
 from service.pb.nextword.v1 import nextword_pb2 as pb
 
 
@@ -95,133 +96,230 @@ def read_text(path: str) -> str:
         return handle.read()
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = OneLineParser(prog="nextword-client", description="Call a nextword server.")
-    parser.add_argument("--target", default="localhost:50051", help="server address (default localhost:50051)")
-    parser.add_argument("--timeout", type=float, default=30.0, help="seconds per call (default 30)")
-    parser.add_argument("--json", action="store_true", help="print responses as JSON")
-    parser.add_argument("--token-file", help="file with the bearer token (default: env NEXTWORD_AUTH_TOKEN)")
-    parser.add_argument("--tls", action="store_true", help="connect with TLS, trusting the system's CAs")
-    parser.add_argument("--tls-ca", help="PEM CA bundle that signed the server's certificate (implies --tls)")
-    parser.add_argument("--tls-cert", help="PEM client certificate, for mutual TLS")
-    parser.add_argument("--tls-key", help="PEM key of --tls-cert")
-    parser.add_argument("--user", help="the user the calls are for (personal history; default: none)")
-    parser.add_argument("--model", default="", help="the served model to ask, by name (default: the server's first)")
-    commands = parser.add_subparsers(dest="command", required=True)
-    suggest = commands.add_parser("suggest", help="suggestions for the text before the cursor")
-    suggest.add_argument("text", help="the text before the cursor; a half-typed last word is completed")
-    suggest.add_argument("-n", "--num-suggestions", type=int, default=0, help="how many (default 0: the server's 3)")
-    generate = commands.add_parser("generate", help="continue a prompt, streaming the text")
-    generate.add_argument("prompt", help="the text to continue")
-    generate.add_argument("--temperature", type=float, help="0 is greedy (default: the server's 1.0)")
-    generate.add_argument(
-        "--top-k", type=int, default=0, help="sample from the k most probable tokens (default 0: all)"
-    )
-    generate.add_argument("--top-p", type=float, help="nucleus sampling mass, in (0, 1] (default: the server's 1.0)")
-    generate.add_argument("--max-tokens", type=int, default=0, help="tokens to generate (default 0: the server's 64)")
-    generate.add_argument("--stop", action="append", default=[], help="stop before this text; repeat for several")
-    generate.add_argument("--seed", type=int, help="the same seed gives the same text (default: a random one)")
-    typing = commands.add_parser("type", help="an interactive typing session")
-    typing.add_argument(
-        "-n", "--num-suggestions", type=int, default=0, help="suggestions per keystroke (default 0: the server's 3)"
-    )
-    learn = commands.add_parser("learn", help="learn a text file into --user's history (- reads standard input)")
-    learn.add_argument("file", help="UTF-8 text, sent in pieces of at most 8,000 characters")
-    forget = commands.add_parser("forget", help="remove a word and its n-grams from --user's history")
-    forget.add_argument("word", help='the word; "" removes all of the history')
-    commands.add_parser("export", help="print --user's history (JSON lines)")
-    importing = commands.add_parser("import", help="add a file of exported history lines to --user's history")
-    importing.add_argument("file", help="JSON lines as export prints them (- reads standard input)")
-    convert = commands.add_parser("convert", help="pinyin to hanzi candidates (a Chinese model)")
-    convert.add_argument("pinyin", help="letters: nihao, xi'an, lvse (v for ü), zhongg, nh, nihaosj")
-    convert.add_argument("--context", default="", help="the committed text before the cursor")
-    convert.add_argument("-n", "--num-candidates", type=int, default=0, help="how many (default 0: the server's 9)")
-    convert.add_argument("--fuzzy", action="store_true", help="fuzzy pinyin: z=zh, c=ch, s=sh, in=ing, en=eng")
-    commands.add_parser("info", help="what model the server runs")
-    commands.add_parser("health", help="the server's health status")
-    args = parser.parse_args(argv)
+@dataclass(frozen=True)
+class Connection:
+    target: str = option("localhost:50051", "server address")
+    timeout: float = option(30.0, "seconds per call", low=0.0, low_open=True)
+    json: bool = option(False, "print responses as JSON")
+    token_file: str | None = option(None, "file with the bearer token", default_text="env NEXTWORD_AUTH_TOKEN")
+    tls: bool = option(False, "connect with TLS, trusting the system's CAs")
+    tls_ca: str | None = option(None, "PEM CA bundle that signed the server's certificate (implies --tls)")
+    tls_cert: str | None = option(None, "PEM client certificate, for mutual TLS")
+    tls_key: str | None = option(None, "PEM key of --tls-cert")
+    user: str | None = option(None, "the user the calls are for (personal history)", default_text="none")
+    model: str = option("", "the served model to ask, by name", default_text="the server's first")
 
-    try:
-        token = (
-            open(args.token_file, encoding="utf-8").read().strip()
-            if args.token_file
-            else os.environ.get("NEXTWORD_AUTH_TOKEN", "").strip() or None
-        )
+    def client(self) -> NextWordClient:
+        """A client of the server (raises OSError when a token or PEM file cannot be read)."""
+        if self.token_file:
+            with open(self.token_file, encoding="utf-8") as handle:
+                token = handle.read().strip()
+        else:
+            token = os.environ.get("NEXTWORD_AUTH_TOKEN", "").strip() or None
         pem = {
-            name: open(path, "rb").read() if path else None
-            for name, path in (("ca", args.tls_ca), ("cert", args.tls_cert), ("key", args.tls_key))
+            name: _read(path) for name, path in (("ca", self.tls_ca), ("cert", self.tls_cert), ("key", self.tls_key))
         }
+        return NextWordClient(
+            self.target,
+            self.timeout,
+            token=token,
+            tls=self.tls,
+            root_certificates=pem["ca"],
+            private_key=pem["key"],
+            certificate_chain=pem["cert"],
+            user=self.user,
+            model=self.model,
+        )
+
+
+def _read(path: str | None) -> bytes | None:
+    if not path:
+        return None
+    with open(path, "rb") as handle:
+        return handle.read()
+
+
+def _print_json(response) -> None:
+    print(json.dumps(MessageToDict(response), ensure_ascii=False))
+
+
+@dataclass(frozen=True)
+class Suggest:
+    """suggestions for the text before the cursor"""
+
+    text: str = option(help="the text before the cursor; a half-typed last word is completed", positional=True)
+    num_suggestions: int = option(0, "how many (0: the server's 3)", low=0, short="-n")
+
+    def run(self, client: NextWordClient, connection: Connection) -> int:
+        response = client.suggest(self.text, self.num_suggestions)
+        _print_json(response) if connection.json else print(show(response))
+        return 0
+
+
+@dataclass(frozen=True)
+class Generate:
+    """continue a prompt, streaming the text"""
+
+    prompt: str = option(help="the text to continue", positional=True)
+    temperature: float | None = option(None, "0 is greedy", default_text="the server's 1.0")
+    top_k: int = option(0, "sample from the k most probable tokens (0: all)", low=0)
+    top_p: float | None = option(None, "nucleus sampling mass, in (0, 1]", default_text="the server's 1.0")
+    max_tokens: int = option(0, "tokens to generate (0: the server's 64)", low=0)
+    stop: tuple[str, ...] = option((), "stop before this text; repeat for several")
+    seed: int | None = option(None, "the same seed gives the same text", default_text="a random one")
+
+    def run(self, client: NextWordClient, connection: Connection) -> int:
+        params = {
+            "temperature": self.temperature,
+            "top_k": self.top_k,
+            "top_p": self.top_p,
+            "max_tokens": self.max_tokens,
+            "stop": list(self.stop),
+            "seed": self.seed,
+        }
+        for response in client.generate(self.prompt, **{k: v for k, v in params.items() if v is not None}):
+            if response.HasField("finished"):
+                finished = response.finished
+                print(
+                    f"\n[{pb.FinishReason.Name(finished.reason)}, {finished.prompt_tokens} prompt tokens, "
+                    f"{finished.generated_tokens} generated]",
+                    file=sys.stderr,
+                )
+            else:
+                print(response.text, end="", flush=True)
+        return 0
+
+
+@dataclass(frozen=True)
+class Type:
+    """an interactive typing session"""
+
+    num_suggestions: int = option(0, "suggestions per keystroke (0: the server's 3)", low=0, short="-n")
+
+    def run(self, client: NextWordClient, connection: Connection) -> int:
+        interactive_type(client, self.num_suggestions)
+        return 0
+
+
+@dataclass(frozen=True)
+class Learn:
+    """learn a text file into --user's history (- reads standard input)"""
+
+    file: str = option(help="UTF-8 text, sent in pieces of at most 8,000 characters", positional=True)
+
+    def run(self, client: NextWordClient, connection: Connection) -> int:
+        pieces = learn_pieces(read_text(self.file))
+        print(f"learned {sum(client.learn(piece).ngrams for piece in pieces)} n-grams")
+        return 0
+
+
+@dataclass(frozen=True)
+class Forget:
+    """remove a word and its n-grams from --user's history"""
+
+    word: str = option(help='the word; "" removes all of the history', positional=True)
+
+    def run(self, client: NextWordClient, connection: Connection) -> int:
+        print(f"removed {client.forget(self.word).removed} n-grams")
+        return 0
+
+
+@dataclass(frozen=True)
+class Export:
+    """print --user's history (JSON lines)"""
+
+    def run(self, client: NextWordClient, connection: Connection) -> int:
+        for line in client.export_history():
+            print(line)
+        return 0
+
+
+@dataclass(frozen=True)
+class Import:
+    """add a file of exported history lines to --user's history"""
+
+    file: str = option(help="JSON lines as export prints them (- reads standard input)", positional=True)
+
+    def run(self, client: NextWordClient, connection: Connection) -> int:
+        print(f"imported {client.import_history(read_text(self.file).splitlines()).ngrams} n-grams")
+        return 0
+
+
+@dataclass(frozen=True)
+class Convert:
+    """pinyin to hanzi candidates (a Chinese model)"""
+
+    pinyin: str = option(help="letters: nihao, xi'an, lvse (v for ü), zhongg, nh, nihaosj", positional=True)
+    context: str = option("", "the committed text before the cursor")
+    num_candidates: int = option(0, "how many (0: the server's 9)", low=0, short="-n")
+    fuzzy: bool = option(False, "fuzzy pinyin: z=zh, c=ch, s=sh, in=ing, en=eng")
+
+    def run(self, client: NextWordClient, connection: Connection) -> int:
+        response = client.convert(self.pinyin, self.context, self.num_candidates, self.fuzzy)
+        if connection.json:
+            _print_json(response)
+            return 0
+        for index, c in enumerate(response.candidates):
+            rest = self.pinyin[c.consumed :]
+            print(f"{index}. {c.text}  ({c.syllables}; {c.probability:.1%})" + (f"  + {rest}" if rest else ""))
+        return 0
+
+
+@dataclass(frozen=True)
+class Info:
+    """what model the server runs"""
+
+    def run(self, client: NextWordClient, connection: Connection) -> int:
+        info = MessageToDict(client.info(), preserving_proto_field_name=True)
+        info.pop("manifest_json", None)
+        print(json.dumps(info, indent=2, ensure_ascii=False))
+        return 0
+
+
+@dataclass(frozen=True)
+class Health:
+    """the server's health status"""
+
+    def run(self, client: NextWordClient, connection: Connection) -> int:
+        status = client.health()
+        print(status)
+        return 0 if status == "SERVING" else 1
+
+
+COMMANDS: dict[str, type] = {
+    "suggest": Suggest,
+    "generate": Generate,
+    "type": Type,
+    "learn": Learn,
+    "forget": Forget,
+    "export": Export,
+    "import": Import,
+    "convert": Convert,
+    "info": Info,
+    "health": Health,
+}
+
+
+def parse_args(argv: list[str] | None) -> tuple[Connection, Callable[[NextWordClient, Connection], int]]:
+    """The connection's options, and the command's ``run``."""
+    parser = OneLineParser(prog="nextword-client", description="Call a nextword server.")
+    add_options(parser, Connection)
+    commands = parser.add_subparsers(dest="command", required=True)
+    for name, command in COMMANDS.items():
+        add_options(commands.add_parser(name, help=command.__doc__), command)
+    args = parser.parse_args(argv)
+    return config_from(Connection, args), config_from(COMMANDS[args.command], args).run
+
+
+def main(argv: list[str] | None = None) -> int:
+    connection, run = parse_args(argv)
+    try:
+        client = connection.client()
     except OSError as error:
         print(f"nextword-client: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
-    client = NextWordClient(
-        args.target,
-        args.timeout,
-        token=token,
-        tls=args.tls,
-        root_certificates=pem["ca"],
-        private_key=pem["key"],
-        certificate_chain=pem["cert"],
-        user=args.user,
-        model=args.model,
-    )
     try:
-        if args.command == "suggest":
-            response = client.suggest(args.text, args.num_suggestions)
-            print(json.dumps(MessageToDict(response), ensure_ascii=False) if args.json else show(response))
-        elif args.command == "generate":
-            params = {
-                k: v
-                for k, v in dict(
-                    temperature=args.temperature,
-                    top_k=args.top_k,
-                    top_p=args.top_p,
-                    max_tokens=args.max_tokens,
-                    stop=args.stop,
-                    seed=args.seed,
-                ).items()
-                if v is not None
-            }
-            for response in client.generate(args.prompt, **params):
-                if response.HasField("finished"):
-                    finished = response.finished
-                    print(
-                        f"\n[{pb.FinishReason.Name(finished.reason)}, {finished.prompt_tokens} prompt tokens, "
-                        f"{finished.generated_tokens} generated]",
-                        file=sys.stderr,
-                    )
-                else:
-                    print(response.text, end="", flush=True)
-        elif args.command == "convert":
-            response = client.convert(args.pinyin, args.context, args.num_candidates, args.fuzzy)
-            if args.json:
-                print(json.dumps(MessageToDict(response), ensure_ascii=False))
-            else:
-                for index, c in enumerate(response.candidates):
-                    rest = args.pinyin[c.consumed :]
-                    print(f"{index}. {c.text}  ({c.syllables}; {c.probability:.1%})" + (f"  + {rest}" if rest else ""))
-        elif args.command == "type":
-            interactive_type(client, args.num_suggestions)
-        elif args.command in ("learn", "import"):
-            text = read_text(args.file)
-            if args.command == "learn":
-                pieces = learn_pieces(text)
-                print(f"learned {sum(client.learn(piece).ngrams for piece in pieces)} n-grams")
-            else:
-                print(f"imported {client.import_history(text.splitlines()).ngrams} n-grams")
-        elif args.command == "forget":
-            print(f"removed {client.forget(args.word).removed} n-grams")
-        elif args.command == "export":
-            for line in client.export_history():
-                print(line)
-        elif args.command == "info":
-            info = MessageToDict(client.info(), preserving_proto_field_name=True)
-            info.pop("manifest_json", None)
-            print(json.dumps(info, indent=2, ensure_ascii=False))
-        elif args.command == "health":
-            status = client.health()
-            print(status)
-            return 0 if status == "SERVING" else 1
+        return run(client, connection)
     except grpc.RpcError as error:
         print(f"nextword-client: {error.code().name}: {error.details()}", file=sys.stderr)
         return 1
@@ -231,14 +329,13 @@ def main(argv: list[str] | None = None) -> int:
     except OSError as error:
         print(f"nextword-client: cannot read {error.filename}: {error.strerror}", file=sys.stderr)
         return 2
-    except UnicodeDecodeError:
-        print(f"nextword-client: {args.file} is not UTF-8 text", file=sys.stderr)
+    except UnicodeDecodeError as error:
+        print(f"nextword-client: the input is not UTF-8 text ({error.reason})", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         return 130
     finally:
         client.close()
-    return 0
 
 
 if __name__ == "__main__":

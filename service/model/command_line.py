@@ -1,10 +1,28 @@
-"""Command-line helpers shared by nextword's commands: one-line errors, ranged numbers."""
+"""Command lines, written one way for every nextword command (train, export, eval, serve, client).
+
+A command's options are a frozen dataclass whose fields carry their own default and help
+(``option``); ``build_parser`` makes the argparse parser from it and ``config_from`` the config from
+the parsed flags. A bad flag is reported in one line with exit status 2 (``OneLineParser``).
+
+    @dataclass(frozen=True)
+    class ExportConfig:
+        checkpoint: str = option(help="a checkpoint file or run directory", positional=True)
+        out: str = option(help="the model file to write", required=True, metavar="PATH")
+        ngram_order: int = option(5, "the n-gram memory's order; 0: none", low=0, high=9)
+"""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import math
-from typing import NoReturn
+import types
+import typing
+from collections.abc import Callable, Sequence
+from typing import Any, NoReturn, TypeVar
+
+Config = TypeVar("Config")
+_REQUIRED = object()  # no default: the flag must be given (or the field is positional)
 
 
 class OneLineParser(argparse.ArgumentParser):
@@ -31,3 +49,122 @@ def ranged(kind, low=None, high=None, low_open=False):
         return value
 
     return parse
+
+
+def option(
+    default: Any = _REQUIRED,
+    help: str = "",
+    *,
+    choices: Sequence[str] | None = None,
+    low: float | None = None,
+    high: float | None = None,
+    low_open: bool = False,
+    parse: Callable[[str], Any] | None = None,
+    metavar: str | None = None,
+    group: str | None = None,
+    positional: bool = False,
+    required: bool = False,
+    default_text: str | None = None,
+    short: str | None = None,
+) -> Any:
+    """A config field that is also a command-line flag.
+
+    ``default``: the field's default (a list or tuple default makes a repeatable flag); ``low``, ``high``:
+    the range of a number; ``parse``: a converter of its own; ``short``: a one-letter flag beside the long
+    one; ``group``: the heading it is listed under; ``default_text``: how --help shows the default (None:
+    the value itself, "": not at all)."""
+    metadata = {
+        "help": help,
+        "choices": choices,
+        "range": (low, high, low_open),
+        "parse": parse,
+        "metavar": metavar,
+        "group": group,
+        "positional": positional,
+        "required": required,
+        "default_text": default_text,
+        "short": short,
+    }
+    if default is _REQUIRED:
+        return dataclasses.field(metadata=metadata)
+    if isinstance(default, (list, tuple)):
+        return dataclasses.field(default=tuple(default), metadata=metadata)
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+def _kind(annotation: Any) -> Any:
+    """``int`` for ``int``, ``int | None`` and ``tuple[int, ...]``; the annotation itself otherwise."""
+    origin = typing.get_origin(annotation)
+    if origin in (typing.Union, types.UnionType):
+        kinds = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return _kind(kinds[0]) if len(kinds) == 1 else str
+    if origin in (tuple, list):
+        return _kind(typing.get_args(annotation)[0])
+    return annotation
+
+
+def add_options(parser: argparse.ArgumentParser, config: type, skip: Sequence[str] = ()) -> None:
+    """A flag (or positional argument) for every field of the dataclass ``config`` that ``option`` made."""
+    hints = typing.get_type_hints(config)
+    groups: dict[str, Any] = {}
+    for field in dataclasses.fields(config):
+        meta = field.metadata
+        if "help" not in meta or field.name in skip:
+            continue
+        target = parser
+        if meta["group"]:
+            target = groups.get(meta["group"]) or groups.setdefault(
+                meta["group"], parser.add_argument_group(meta["group"])
+            )
+        has_default = field.default is not dataclasses.MISSING
+        default = field.default if has_default else None
+        kind = _kind(hints[field.name])
+        shown = meta["default_text"]
+        if shown is None and has_default and default not in (None, (), ""):
+            shown = {True: "on", False: "off"}.get(default) if isinstance(default, bool) else None
+            shown = shown or (", ".join(default) if isinstance(default, tuple) else str(default))
+        text = meta["help"] + (f" (default {shown})" if shown else "")
+        kwargs: dict[str, Any] = {"help": text.replace("%", "%%")}
+        if meta["metavar"]:
+            kwargs["metavar"] = meta["metavar"]
+        if meta["choices"]:
+            kwargs["choices"] = list(meta["choices"])
+        if meta["parse"]:
+            kwargs["type"] = meta["parse"]
+        elif kind in (int, float):
+            kwargs["type"] = ranged(kind, *meta["range"])
+        if meta["positional"]:
+            target.add_argument(field.name, **kwargs)
+            continue
+        names = [*([meta["short"]] if meta["short"] else []), "--" + field.name.replace("_", "-")]
+        if kind is bool:
+            kwargs.pop("type", None)
+            target.add_argument(*names, action=argparse.BooleanOptionalAction, default=default, **kwargs)
+        elif isinstance(default, tuple):
+            target.add_argument(*names, action="append", default=None, dest=field.name, **kwargs)
+        else:
+            target.add_argument(*names, default=default, required=meta["required"], dest=field.name, **kwargs)
+
+
+def build_parser(prog: str, description: str, *configs: type, skip: Sequence[str] = ()) -> OneLineParser:
+    """The parser of a command whose options are the fields of ``configs``."""
+    parser = OneLineParser(prog=prog, description=description)
+    for config in configs:
+        add_options(parser, config, skip)
+    return parser
+
+
+def config_from(config: type[Config], values: argparse.Namespace | dict, **overrides: Any) -> Config:
+    """An instance of the dataclass ``config`` from parsed flags: a repeated flag's values as a tuple (its
+    default where it was not given), other names ignored."""
+    given = vars(values) if isinstance(values, argparse.Namespace) else dict(values)
+    given.update(overrides)
+    out = {}
+    for field in dataclasses.fields(config):
+        if field.name not in given:
+            continue
+        value = given[field.name]
+        if isinstance(field.default, tuple) or isinstance(value, list):
+            value = tuple(value) if value is not None else field.default
+        out[field.name] = value
+    return config(**out)

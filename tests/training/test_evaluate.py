@@ -9,9 +9,9 @@ import pytest
 
 from tests.conftest import TINY_EN, TINY_IME, run_cli
 from tests.service.fakes import FakeModel, char_tokenizer, close, word_tokenizer
-from training.evaluate import by_context, format_by_context, format_table, seen_context_length
 from training.ngram import NgramCounts, NgramStepModel
 from training.scoring import Scorer, metrics, score
+from training.tables import by_context, format_by_context, format_table, seen_context_length
 
 A, B, C = 4, 5, 6  # ids of "a", "b", "c" after the four special tokens
 
