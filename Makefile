@@ -26,9 +26,10 @@ test: install-dev       ## the whole test suite (offline, CPU)
 test-fast: install-dev  ## the suite without the tests marked slow (the edit-test loop)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
-lint: install-dev       ## ruff (lint and format check, rules in pyproject.toml) and hadolint on the Dockerfile
+lint: install-dev       ## ruff (lint, size and complexity, format check), mypy and hadolint (the same as .pre-commit-config.yaml)
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 	$(VENV)/bin/hadolint Dockerfile
 
 smoke: install          ## start the server on the default model, call Suggest, stop it

@@ -25,6 +25,7 @@ from collections import Counter
 from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
+from typing import cast
 
 import torch
 
@@ -41,7 +42,7 @@ from service.model.artifact import (
 from service.model.command_line import build_parser, config_from, option
 from service.model.memory import NgramMemory
 from service.model.steps import ScriptedModel
-from service.model.tokenizer import load_tokenizer
+from service.model.tokenizer import WordTokenizer, load_tokenizer
 from training.checkpoint import BEST, CheckpointError, load_checkpoint
 from training.config import TrainConfig
 from training.data import CorpusError, read_corpus, split_lines
@@ -61,7 +62,7 @@ class ExportError(RuntimeError):
     pass
 
 
-def check_parity(eager: torch.nn.Module, path: str, trials: int = 3) -> float:
+def check_parity(eager: LanguageModel, path: str, trials: int = 3) -> float:
     """Largest difference between the eager model and the file at ``path`` on random inputs."""
     loaded = load_artifact(path).model
     generator = torch.Generator().manual_seed(0)
@@ -87,12 +88,13 @@ def check_parity(eager: torch.nn.Module, path: str, trials: int = 3) -> float:
 QUANTIZATIONS = ("int8",)
 
 
-def quantize_int8(model: torch.nn.Module) -> torch.nn.Module:
+def quantize_int8(model: LanguageModel) -> LanguageModel:
     with warnings.catch_warnings():  # torch.ao announces its successor (torchao); the pinned torch has it
         warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
+        quantized = torch.ao.quantization.quantize_dynamic(
             model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN, torch.nn.Linear}, dtype=torch.qint8
         )
+    return cast(LanguageModel, quantized)  # a copy of the same class, its layers swapped
 
 
 def training_lines(checkpoint: dict, corpus: Sequence[str] = ()) -> tuple[list[str], list[str]]:
@@ -127,7 +129,7 @@ def written_forms(tokenizer, lines: Sequence[str]) -> list[str] | None:
 
 
 def build_memory(
-    model: torch.nn.Module,
+    model: torch.jit.ScriptModule | LanguageModel,
     tokenizer,
     train: Sequence[str],
     validation: Sequence[str],
@@ -173,7 +175,7 @@ def export(
         checkpoint_path = os.path.join(checkpoint_path, BEST)
     checkpoint = load_checkpoint(checkpoint_path)
     config = ModelConfig(**checkpoint["model_config"])
-    model = LanguageModel(config)
+    model: LanguageModel = LanguageModel(config)
     model.load_weights(checkpoint["model"])
     model.eval()
     tokenizer = load_tokenizer(checkpoint["tokenizer"])
@@ -206,7 +208,8 @@ def export(
     memory = None
     if ngram_order:
         train, validation = training_lines(checkpoint, corpus)
-        tokenizer.written = written_forms(tokenizer, train)  # None except for lower-cased word vocabularies
+        if isinstance(tokenizer, WordTokenizer):  # lower-cased: each word shown as it is most often written
+            tokenizer.written = written_forms(tokenizer, train)
         memory, spec = build_memory(model, tokenizer, train, validation, ngram_order, ngram_min_count, mix_rule)
         manifest = replace(manifest, memory=spec)
 

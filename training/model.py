@@ -149,6 +149,10 @@ _LAYERS = {"lstm": LSTMLayer, "gru": GRULayer, "rnn": TanhRNNLayer}
 
 
 class LanguageModel(nn.Module):
+    start_state: Tensor  # a buffer [L, S] (register_buffer below)
+    embedding: nn.Module
+    first: nn.Module
+
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
         self.num_layers = config.num_layers
@@ -166,7 +170,7 @@ class LanguageModel(nn.Module):
         self.dropout = nn.Dropout(config.dropout)
         self.decoder = nn.Linear(H, config.vocab_size)
         if config.tie_weights:
-            self.decoder.weight = self.embedding.weight  # [V, H] shared with the input
+            self.decoder.weight = self.embedding.weight  # type: ignore[assignment] # [V, H] shared with the input
         # where each line starts (see the module docstring); not a weight, so it stays float when the
         # layers are quantised, and it gives the states their dtype and device
         self.register_buffer("start_state", torch.zeros(config.num_layers, self.state_size))
@@ -174,7 +178,7 @@ class LanguageModel(nn.Module):
 
     def _init_weights(self, config: ModelConfig) -> None:
         if not self.onehot:
-            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)
+            nn.init.uniform_(self.embedding.weight, -0.1, 0.1)  # type: ignore[arg-type]
         nn.init.zeros_(self.decoder.bias)
         if not config.tie_weights:
             nn.init.uniform_(self.decoder.weight, -0.1, 0.1)

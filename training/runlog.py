@@ -54,7 +54,8 @@ class RunLog:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        train, val = [], []
+        train: list[tuple[int, float]] = []
+        val: list[tuple[int, float]] = []
         with open(self.path, encoding="utf-8") as handle:
             for line in handle:
                 record = json.loads(line)

@@ -115,7 +115,7 @@ def learning_rate(config: TrainConfig, step: int, total_steps: int, elapsed: flo
 
 @torch.no_grad()
 def validation_loss(
-    model: nn.Module,
+    model: LanguageModel,
     rows: torch.Tensor,
     bptt: int,
     device: torch.device,
@@ -133,8 +133,8 @@ def validation_loss(
         total += F.cross_entropy(logits.flatten(0, 1), targets.to(device).flatten(), reduction="sum").item()
         count += targets.numel()
     model.train()
-    total, count = dist.sum(total, count)
-    return total / max(1.0, count)
+    total_sum, count_sum = dist.sum(total, count)
+    return total_sum / max(1.0, count_sum)
 
 
 def stream_perplexity(loss: float | None) -> str:

@@ -30,6 +30,7 @@ import re
 import threading
 import time
 from collections.abc import Callable, Sequence
+from typing import Any
 
 import grpc
 
@@ -146,7 +147,7 @@ class MethodGuard:
         self.needs_token = bool(guard.tokens) and not (is_health and guard.health_without_auth)
         self.counted = not is_health  # health checks are outside the concurrency limit
         self.latency = guard.metrics.latency.labels(self.name)
-        self._finished: dict[tuple[grpc.StatusCode, str], object] = {}  # counter children, by status code and model
+        self._finished: dict[tuple[grpc.StatusCode, str], Any] = {}  # counter children, by status code and model
 
     def before(self, context) -> str:
         """Checks; returns the request id. Aborts the call when a check fails."""

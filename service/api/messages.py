@@ -30,6 +30,7 @@ def model_info(
 ) -> pb.GetModelInfoResponse:
     """A model and the limits in force: fixed while the server runs, so built once."""
     manifest = engine.artifact.manifest
+    memory = manifest.memory if engine.mixed else None
     return pb.GetModelInfoResponse(
         name=name,
         models=list(engines),
@@ -51,10 +52,10 @@ def model_info(
         max_generate_tokens=config.max_generate_tokens,
         max_context_tokens=config.max_context_tokens,
         manifest_json=manifest.to_json(),
-        components=["network", "ngram-memory"] if engine.mixed else ["network"],
-        ngram_weights=manifest.memory.weights if engine.mixed else [],
-        ngram_order=manifest.memory.order if engine.mixed else 0,
-        ngram_mix=manifest.memory.rule if engine.mixed else "",
+        components=["network", "ngram-memory"] if memory is not None else ["network"],
+        ngram_weights=memory.weights if memory is not None else [],
+        ngram_order=memory.order if memory is not None else 0,
+        ngram_mix=memory.rule if memory is not None else "",
         history_store=histories.store.kind if histories is not None else "off",
         history_max_entries=config.history_max_entries if histories is not None else 0,
         learning=histories is not None and histories.learning,

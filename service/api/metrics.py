@@ -24,6 +24,7 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import Callable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, Info, start_http_server
 from prometheus_client.multiprocess import MultiProcessCollector
@@ -55,7 +56,7 @@ class Metrics:
         self.registry = CollectorRegistry()
         self.shared = shared()
         r = self.registry
-        live = {"multiprocess_mode": "livesum"}
+        live: dict[str, Any] = {"multiprocess_mode": "livesum"}
         self.requests = Counter(
             "nextword_requests",
             "Calls finished, by method, gRPC status code and model",
@@ -81,19 +82,20 @@ class Metrics:
         self.dropped_steps = Counter(
             "nextword_dropped_steps", "Queued model steps skipped because their caller had gone", ["model"], registry=r
         )
+        self._model: Gauge | Info
         if self.shared:  # prometheus-client's Info has no multiprocess form
             self._model = Gauge(
                 "nextword_model_info", "The served model", MODEL_LABELS, registry=r, multiprocess_mode="max"
             )
         else:
             self._model = Info("nextword_model", "A served model", ["name"], registry=r)
-        self._http = None
+        self._http: Any = None
         self._sampled: list[tuple[Gauge, Callable[[], float]]] = []
         self._sampler: threading.Thread | None = None
         self._stop = threading.Event()
 
     def describe_model(self, info: dict[str, str]) -> None:
-        if self.shared:
+        if isinstance(self._model, Gauge):
             self._model.labels(*(info[name] for name in MODEL_LABELS)).set(1)
         else:
             self._model.labels(info["name"]).info({k: v for k, v in info.items() if k != "name"})
@@ -132,7 +134,7 @@ class Metrics:
             self._http = None
 
 
-def serve_http(host: str, port: int, registry: CollectorRegistry):
+def serve_http(host: str, port: int, registry: CollectorRegistry) -> Any:
     """An HTTP server of /metrics for ``registry``, started (port 0 picks a free port)."""
     server, _ = start_http_server(port, addr=host.strip("[]") or "0.0.0.0", registry=registry)
     return server

@@ -19,6 +19,7 @@ from service.api.metrics import Metrics
 from service.api.servicer import NextWordServicer
 from service.api.users import Grant
 from service.history.histories import open_histories
+from service.model.batching import BatchingModel
 from service.model.engine import Engine, by_name
 from service.model.hardware import DEVICE_FAILED_EXIT, ThreadPlan
 from service.pb.nextword.v1 import nextword_pb2 as pb
@@ -133,7 +134,7 @@ class Server:
         self.metrics.gauge_function(
             self.metrics.queue_depth.labels(name), lambda: getattr(engine.model, "queue_depth", 0)
         )
-        if hasattr(engine.model, "on_batch"):
+        if isinstance(engine.model, BatchingModel):
             engine.model.on_batch = self.metrics.batch_rows.labels(name).observe
             engine.model.on_drop = self.metrics.dropped_steps.labels(name).inc
         manifest = engine.artifact.manifest

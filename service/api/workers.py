@@ -36,6 +36,7 @@ import tempfile
 import threading
 import time
 from dataclasses import dataclass, replace
+from typing import Any
 
 from service.api.config import ServerConfig
 from service.api.metrics import MULTIPROCESS_ENV
@@ -116,7 +117,7 @@ class Supervisor:
         self._port_holder = reserve_port(config.host, config.port)
         self.port = self._port_holder.getsockname()[1]
         self.worker_config = replace(config, port=self.port, metrics=False)
-        self._metrics_http = None
+        self._metrics_http: Any = None
         self.metrics_port: int | None = None
 
     # ------------------------------------------------------------------ workers
@@ -147,7 +148,7 @@ class Supervisor:
         while any(not w.serving for w in self._workers.values()):
             if self._stopping.is_set():
                 return False
-            waiting = {w.ready: w for w in self._workers.values() if not w.serving}
+            waiting: dict[Any, _Worker] = {w.ready: w for w in self._workers.values() if not w.serving}
             for handle in multiprocessing.connection.wait(list(waiting), timeout=0.25):
                 worker = waiting[handle]
                 why = self._heard(worker)
@@ -178,7 +179,7 @@ class Supervisor:
         """Until stop(): replace every worker that exits."""
         while not self._stopping.is_set():
             with self._lock:
-                handles = {w.process.sentinel: w for w in self._workers.values()}
+                handles: dict[Any, _Worker] = {w.process.sentinel: w for w in self._workers.values()}
                 handles |= {w.ready: w for w in self._workers.values() if not w.serving}
             for handle in multiprocessing.connection.wait(list(handles), timeout=0.25):
                 worker = handles[handle]
@@ -224,7 +225,7 @@ class Supervisor:
             workers = list(self._workers.values())
         for worker in workers:
             if worker.process.is_alive():
-                os.kill(worker.process.pid, signal.SIGTERM)
+                worker.process.terminate()  # SIGTERM: it drains and stops
         deadline = time.monotonic() + self.config.grace + KILL_AFTER
         for worker in workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))

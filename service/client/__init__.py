@@ -71,7 +71,7 @@ class NextWordClient:
         self.stub = pb_grpc.NextWordStub(self.channel)
         self.health_stub = health_pb2_grpc.HealthStub(self.channel)
         self.timeout = timeout
-        self.metadata = (("authorization", f"Bearer {token}"),) if token else ()
+        self.metadata: tuple[tuple[str, str], ...] = (("authorization", f"Bearer {token}"),) if token else ()
         if user:
             self.metadata += (("x-nextword-user", user),)
         self.model = model

@@ -111,6 +111,7 @@ class Connection:
 
     def client(self) -> NextWordClient:
         """A client of the server (raises OSError when a token or PEM file cannot be read)."""
+        token: str | None
         if self.token_file:
             with open(self.token_file, encoding="utf-8") as handle:
                 token = handle.read().strip()

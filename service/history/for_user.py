@@ -46,37 +46,33 @@ class PersonalEngine:
     histories: Histories | None
     user: str | None
 
-    @property
-    def personal(self) -> bool:
-        return self.user is not None and self.histories is not None
-
     def suggest(self, suggest: Callable[[int], SuggestResult], text: str, count: int) -> SuggestResult:
         """``suggest(count)`` (the engine's, or a typing session's), mixed with the user's history: the history
         is mixed with the first ``SERVED_FOR_HISTORY`` suggestions (service/model/personal_mix.py)."""
-        if not self.personal or not text or not len(self.histories.user(self.user)):
+        histories, user = self.histories, self.user
+        if histories is None or user is None or not text or not len(histories.user(user)):
             return suggest(count)
         result = suggest(max(count, SERVED_FOR_HISTORY))
         split = self.engine.suggester.split(text)
-        mixed = self.histories.suggest(
-            self.user, split.context, split.prefix, result.suggestions, count, self.engine.lacks
-        )
+        mixed = histories.suggest(user, split.context, split.prefix, result.suggestions, count, self.engine.lacks)
         return SuggestResult(mixed, result.completes_word, result.prefix)
 
     def candidates(self, context: str, candidates: list[Candidate]) -> list[Candidate]:
         """Pinyin conversions re-ranked with the user's history."""
-        if not self.personal or not candidates:
+        if self.histories is None or self.user is None or not candidates:
             return candidates
         return self.histories.rerank_conversions(self.user, context, candidates)
 
     def next_token_mix(self) -> Callable | None:
         """For Generate: the next-token distribution mixed with the user's history, or None."""
-        if not self.personal:
+        histories, user = self.histories, self.user
+        if histories is None or user is None:
             return None
-        histories, user, tokens = self.histories, self.user, self.engine.next_tokens
+        tokens = self.engine.next_tokens
         return lambda text, log_probs: histories.mix_next_token(user, tokens, text, log_probs)
 
     def learner(self, incognito: bool) -> SessionLearner | None:
         """What a Type session learns, or None: no user, incognito, or learning off."""
-        if not self.personal or incognito or not self.histories.learning:
+        if self.histories is None or self.user is None or incognito or not self.histories.learning:
             return None
         return SessionLearner(self.histories, self.user)

@@ -16,6 +16,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Iterable, Sequence
+from typing import Any
 
 from service.model.personal import HistoryConfig
 
@@ -47,6 +48,7 @@ class HistoryStore:
         self.location = location
         self.config = config
         self._lock = threading.Lock()
+        self._connection: Any  # a sqlite3 or psycopg connection (the same DB-API calls)
         if location.startswith(("postgresql://", "postgres://")):
             import psycopg  # only a PostgreSQL store needs it
 

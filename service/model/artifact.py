@@ -259,8 +259,10 @@ def write_artifact(
     manifest = replace(
         manifest, weights_sha256=weights_digest(scripted), tokenizer_sha256=hashlib.sha256(tokenizer_bytes).hexdigest()
     )
-    extra = {TOKENIZER_FILE: tokenizer_bytes}
+    extra: dict[str, Any] = {TOKENIZER_FILE: tokenizer_bytes}
     if memory is not None:
+        if manifest.memory is None:
+            raise ValueError("an n-gram memory needs its MemorySpec in the manifest")
         extra[MEMORY_FILE] = memory.to_bytes()
         manifest = replace(
             manifest, memory=replace(manifest.memory, sha256=hashlib.sha256(extra[MEMORY_FILE]).hexdigest())
@@ -273,7 +275,7 @@ def write_artifact(
 def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
     if not os.path.isfile(path):
         raise ArtifactError(f"model file not found: {path}")
-    extra = {MANIFEST_FILE: "", TOKENIZER_FILE: "", MEMORY_FILE: ""}
+    extra: dict[str, Any] = {MANIFEST_FILE: "", TOKENIZER_FILE: "", MEMORY_FILE: ""}
     try:
         model = torch.jit.load(path, map_location=device, _extra_files=extra)
     except (RuntimeError, ValueError, OSError) as error:

@@ -160,7 +160,7 @@ def config_from(config: type[Config], values: argparse.Namespace | dict, **overr
     given = vars(values) if isinstance(values, argparse.Namespace) else dict(values)
     given.update(overrides)
     out = {}
-    for field in dataclasses.fields(config):
+    for field in dataclasses.fields(config):  # type: ignore[arg-type] # a dataclass, by contract
         if field.name not in given:
             continue
         value = given[field.name]

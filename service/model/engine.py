@@ -22,16 +22,35 @@ from service.model.suggest import SuggestConfig, Suggester
 class EngineOptions(Protocol):
     """What loading an engine reads of a server's configuration (service/api/config.py ServerConfig)."""
 
-    models: list[tuple[str, str]]  # (name, path) of each served model
-    device: str
-    half: bool
-    ngram: bool
-    threads: int
-    batching: bool
-    max_batch_size: int
-    max_batch_wait_ms: float
-    drop_ended: bool
-    max_context_tokens: int
+    @property
+    def models(self) -> list[tuple[str, str]]: ...
+
+    @property
+    def device(self) -> str: ...
+
+    @property
+    def half(self) -> bool: ...
+
+    @property
+    def ngram(self) -> bool: ...
+
+    @property
+    def threads(self) -> int: ...
+
+    @property
+    def batching(self) -> bool: ...
+
+    @property
+    def max_batch_size(self) -> int: ...
+
+    @property
+    def max_batch_wait_ms(self) -> float: ...
+
+    @property
+    def drop_ended(self) -> bool: ...
+
+    @property
+    def max_context_tokens(self) -> int: ...
 
 
 @dataclass
@@ -64,7 +83,7 @@ class Engine:
         network = ScriptedModel(
             artifact.model, artifact.tokenizer.vocab_size, device, half=config.half and device == "cuda"
         )
-        model = served_model(network, artifact, config.ngram)
+        model: ScriptedModel | MixedModel | BatchingModel = served_model(network, artifact, config.ngram)
         if config.batching or device != "cpu":
             # On a GPU one thread, the worker, runs every forward: each thread that touches CUDA gets
             # cuBLAS and cuDNN handles and workspaces of its own, and a request thread per call would

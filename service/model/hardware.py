@@ -90,7 +90,7 @@ def use_native_rnn_kernels() -> None:
     (``python -m benchmarks.kernels [--threads N]``; docs/performance.md). Process-wide: torch reads the
     setting at each call. A float32 network uses oneDNN for nothing else here (its linear layers run on
     MKL's GEMM), an int8 one not at all (FBGEMM), and CUDA ignores it."""
-    torch.backends.mkldnn.enabled = False
+    torch.backends.mkldnn.enabled = False  # type: ignore[assignment] # a settable flag
 
 
 def use_intra_op_threads(count: int) -> None:

@@ -107,7 +107,7 @@ class NgramMemory:
     # ------------------------------------------------------------------ the file's bytes
 
     def to_bytes(self) -> bytes:
-        arrays = {"vocab_size": np.array([self.vocab_size], dtype=np.int64)}
+        arrays: dict[str, np.ndarray] = {"vocab_size": np.array([self.vocab_size], dtype=np.int64)}
         if self.chained:
             arrays["chained"] = np.array([1], dtype=np.int64)
         for k, o in enumerate(self.orders):
@@ -121,7 +121,7 @@ class NgramMemory:
                 }
             )
         buffer = io.BytesIO()
-        np.savez_compressed(buffer, **arrays)
+        np.savez_compressed(buffer, **arrays)  # type: ignore[arg-type] # numpy's stub: its first keyword
         return buffer.getvalue()
 
     @classmethod

@@ -27,10 +27,10 @@ from torch import Tensor
 
 from service.model.artifact import MIX_RULES
 from service.model.memory import NO_TOKEN, MemoryModel
-from service.model.steps import Step, StepModel, advance_ragged
+from service.model.steps import ScriptedModel, Step, StepModel, advance_ragged
 
 
-def served_model(network: StepModel, artifact, ngram: bool = True) -> StepModel:
+def served_model(network: ScriptedModel, artifact, ngram: bool = True) -> ScriptedModel | MixedModel:
     """What a model file serves on top of its ``network``: the mix with the file's memory when it has one
     (and ``ngram``), else the network alone. The server, evaluation and benchmarks all build it here."""
     if not ngram or artifact.memory is None:

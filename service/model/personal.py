@@ -49,7 +49,7 @@ _UNIT = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|[^\s\w]", re.UNICODE)
 def units(text: str) -> list[str]:
     """The units of a text: words (letters, with inner apostrophes), numbers, CJK characters one by one.
     Punctuation separates units and is not learned."""
-    found = []
+    found: list[str] = []
     for match in _UNIT.finditer(text):
         unit = match.group()
         if any(is_cjk(ch) for ch in unit):

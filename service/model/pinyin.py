@@ -98,7 +98,7 @@ class Converter:
         self.config = config
         self.max_context_tokens = max_context_tokens
         self._schedules: dict[str, tuple[tuple[int, ...], ...]] = {}
-        self._by_key: dict[tuple[str, ...], tuple[np.ndarray, ...]] = {}
+        self._by_key: dict[tuple[str, ...], tuple[np.ndarray, np.ndarray, np.ndarray]] = {}
 
     def schedule(self, word: str) -> tuple[tuple[int, ...], ...]:
         """The model's tokens of ``word`` by the syllable (character) each starts at: 西安 is ((西,), (安,))
@@ -192,7 +192,8 @@ class Converter:
         """One more syllable for every hypothesis: the current word's next; or, at a word boundary, the
         ``wide`` best of every word that may start there after every hypothesis there (one gather)."""
         config = self.config
-        children, at_boundary = [], {}
+        children: list[_Hypothesis] = []
+        at_boundary: dict = {}
         for h in live:
             if h.pending:
                 tokens = h.pending[0]

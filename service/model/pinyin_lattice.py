@@ -127,7 +127,8 @@ def _dictionary_entries() -> list[tuple[str, list[str], float]]:
     def reading(word: str) -> list[str] | None:
         """A word's syllables: its phrase entry, else the longest phrase entries inside it, else each
         character's first reading (pypinyin's order puts the common one first)."""
-        out, i = [], 0
+        out: list[str] = []
+        i = 0
         while i < len(word):
             for j in range(len(word), i + 1, -1):
                 phrase = phrases_dict.get(word[i:j])

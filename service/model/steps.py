@@ -26,7 +26,7 @@ from __future__ import annotations
 import threading
 from collections import deque
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
 
 import torch
 from torch import Tensor, nn
@@ -143,6 +143,7 @@ class PrefixStates:
             if entry[0] <= common:
                 found = entry
                 break
+        log_probs: Any
         done, log_probs, state = found if found is not None else (0, None, self.model.init_state(1))
         if done < len(tokens):
             log_probs, state = self.model.advance(torch.tensor([tokens[done:]], dtype=torch.long), state)
@@ -183,7 +184,7 @@ def walk_batch(model: StepModel, sequences: Sequence[Sequence[int]]) -> list[lis
     return outputs
 
 
-def compact_recurrent_weights(module: torch.jit.ScriptModule) -> None:
+def compact_recurrent_weights(module: Any) -> None:
     """Give each CUDA recurrent layer's weights one buffer, in cuDNN's layout.
 
     cuDNN reads a layer's weights from one buffer. A loaded file has a tensor per weight, so without this
@@ -227,9 +228,7 @@ class ScriptedModel:
 
     gives_probabilities = True
 
-    def __init__(
-        self, module: torch.jit.ScriptModule, vocab_size: int, device: str | torch.device = "cpu", half: bool = False
-    ) -> None:
+    def __init__(self, module: Any, vocab_size: int, device: str | torch.device = "cpu", half: bool = False) -> None:
         self.device = torch.device(device)
         self.module = module.to(self.device)
         self.dtype = torch.float16 if half else torch.float32

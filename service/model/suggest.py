@@ -177,7 +177,7 @@ class Suggester:
                 return []
             scores = log_probs[ids]
             top = (scores - torch.logsumexp(scores, dim=0)).topk(min(k, ids.numel()))
-            found = zip(top.values.tolist(), ids[top.indices].tolist())
+            found = list(zip(top.values.tolist(), ids[top.indices].tolist()))
         else:
             top = log_probs.masked_fill(~self.word_mask, -math.inf).topk(min(k, log_probs.numel()))
             found = [(v, i) for v, i in zip(top.values.tolist(), top.indices.tolist()) if v > -math.inf]

@@ -74,7 +74,7 @@ class TypingSession:
         self.max_chars = max_chars
         self.text = ""
         self.context = IncrementalContext(suggester.model, suggester.config.max_context_tokens, history)
-        self._context_text, self._context_ids = "", []  # keystrokes inside a word keep the same context
+        self._context_text, self._context_ids = "", list[int]()  # keystrokes inside a word keep the same context
         self.converter = converter  # pinyin composition, on a Chinese model
         self.max_letters = max_letters
         self.composition = ""  # pinyin letters typed and not yet committed
