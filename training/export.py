@@ -10,9 +10,9 @@ export fails and leaves no file.
 
 ``--quantize int8``: dynamic int8 quantisation for CPU serving (torch.ao): the
 recurrent layers' and the output layer's weights are stored as int8 and their
-inputs quantised on the fly; embeddings and states stay float. About twice as
-fast per batched step on CPU; judge its accuracy with nextword-eval on both
-files (README, "Performance"). Quantised files run on CPU only.
+inputs quantised on the fly; embeddings and states stay float. Faster per
+batched step on CPU; judge its accuracy with ``nextword-eval INT8.pt --against
+FLOAT.pt`` (docs/model-file.md, "int8 weights"). Quantised files run on CPU only.
 """
 
 from __future__ import annotations

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 from service.model.tokenizer import BOS, Tokenizer
 from training.ngram import NgramCounts
@@ -23,7 +23,7 @@ def seen_context_length(context: str, tokenizer: Tokenizer, counts: NgramCounts)
 def by_context(
     lines: Sequence[str],
     context_ends: Sequence[tuple[int, int]],
-    first_hits: dict[str, Sequence[bool]],
+    first_hits: Mapping[str, Sequence[bool]],
     tokenizer: Tokenizer,
     counts: NgramCounts,
 ) -> list[dict]:

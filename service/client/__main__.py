@@ -10,7 +10,7 @@
     python -m service.client --user ann export > ann.jsonl    export it, import it)
     python -m service.client --user ann import ann.jsonl
 
-A secured server (see README, security): --token-file (or NEXTWORD_AUTH_TOKEN) for the
+A secured server (docs/operations.md): --token-file (or NEXTWORD_AUTH_TOKEN) for the
 bearer token, --tls-ca for the server's CA, --tls-cert/--tls-key for a client certificate.
 """
 
