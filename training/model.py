@@ -24,6 +24,7 @@ from __future__ import annotations
 import random
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
+from typing import TYPE_CHECKING
 
 import torch
 import torch.nn.functional as F
@@ -149,9 +150,10 @@ _LAYERS = {"lstm": LSTMLayer, "gru": GRULayer, "rnn": TanhRNNLayer}
 
 
 class LanguageModel(nn.Module):
-    start_state: Tensor  # a buffer [L, S] (register_buffer below)
-    embedding: nn.Module
-    first: nn.Module
+    if TYPE_CHECKING:  # for the type checker only: TorchScript reads class annotations as attribute types
+        start_state: Tensor  # a buffer [L, S] (register_buffer below)
+        embedding: nn.Module
+        first: nn.Module
 
     def __init__(self, config: ModelConfig) -> None:
         super().__init__()
