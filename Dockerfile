@@ -37,8 +37,11 @@ HEALTHCHECK --interval=15s --timeout=5s --start-period=60s --retries=3 \
     CMD ["python", "-m", "service.client", "--target", "localhost:50051", "--timeout", "4", "health"]
 # SIGTERM reaches python directly (exec form): health NOT_SERVING, in-flight calls drain, exit.
 STOPSIGNAL SIGTERM
-ENTRYPOINT ["python", "-m", "service", "--port", "50051"]
+ENTRYPOINT ["python", "-m", "service", "--host", "[::]", "--port", "50051"]
 # Mount your own model and pass --model /models/yours.pt to use it; add --model zh=/models/zh.pt (from
-# make zh-model) to serve Chinese beside English; --history-db postgresql://... keeps the histories in
-# PostgreSQL instead (several replicas).
-CMD ["--model", "/app/models/default.pt", "--history-db", "/data/nextword-history.sqlite"]
+# make zh-model) to serve Chinese beside English. The image listens on every interface, so it serves no
+# personal history by default: turn it on with tokens bound to users (docs/history.md), for example
+#   --history-db /data/nextword-history.sqlite --auth-token-file /run/secrets/nextword-tokens
+# (or --history-db postgresql://... for several replicas, or --trust-user-header behind a proxy that
+# authenticates every caller).
+CMD ["--model", "/app/models/default.pt", "--history-db", "off"]

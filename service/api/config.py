@@ -22,7 +22,11 @@ class ServerConfig:
         "choose one by name, the first by default; a name defaults to the file's stem)",
         metavar="[NAME=]PATH",
     )
-    host: str = option("[::]", "address to listen on ([::] = every interface)")
+    host: str = option(
+        "127.0.0.1",
+        "address to listen on: 127.0.0.1 is this machine only; [::] every interface (then personal history "
+        "needs --auth-token-file or --trust-user-header)",
+    )
     port: int = option(50051, "port to listen on (0 = any free port)", low=0)
     device: str = option("auto", "auto picks cuda when available", choices=["auto", "cpu", "cuda"])
     ngram: bool = option(
@@ -72,7 +76,13 @@ class ServerConfig:
     auth_token_file: str = option(
         "", "file of bearer tokens, one per line (or set NEXTWORD_AUTH_TOKEN); calls without one get UNAUTHENTICATED"
     )
+    trust_user_header: bool = option(
+        False,
+        "take x-nextword-user as given without bearer tokens, on an address beyond loopback: only behind a "
+        "proxy that authenticates every caller and sets the header itself",
+    )
     health_without_auth: bool = option(True, "let the health service answer without a token")
+    max_watch_streams: int = option(1024, "open health Watch streams; more get RESOURCE_EXHAUSTED", low=1)
     metrics: bool = option(True, "serve Prometheus metrics over HTTP")
     metrics_port: int = option(9464, "port for /metrics (0 = any free port)", low=0)
     log_format: str = option("json", "json (one object per line) or text", choices=["json", "text"])

@@ -70,6 +70,7 @@ class CallGuard(grpc.ServerInterceptor):
         max_concurrent_rpcs: int = 0,
         health_without_auth: bool = True,
         log_calls: bool = True,
+        max_watch_streams: int = 1024,
     ) -> None:
         self.metrics = metrics
         self.log_calls = log_calls
@@ -77,6 +78,8 @@ class CallGuard(grpc.ServerInterceptor):
         self.tokens = [g.token.encode() for g in self.grants]
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.health_without_auth = health_without_auth
+        self.max_watch_streams = max_watch_streams
+        self.watch_streams = 0  # open health Watch streams (they hold no thread)
         self._active = 0
         self._lock = threading.Lock()
         self._wrapped: dict[str, grpc.RpcMethodHandler] = {}
@@ -229,7 +232,44 @@ class MethodGuard:
             child = self._finished[(code, model)] = self.guard.metrics.requests.labels(self.name, code.name, model)
         child.inc()
 
-    # ------------------------------------------------------------------ the two wrappers
+    # ------------------------------------------------------------------ the wrappers
+
+    def non_blocking(self, inner, decode):
+        """A handler that answers through ``send_response_callback`` and returns at once (grpc_health's Watch):
+        its stream holds no thread while it waits, so idle watchers never starve the server. Streams beyond
+        ``max_watch_streams`` are refused with RESOURCE_EXHAUSTED."""
+        guard = self.guard
+
+        def run(request, context, send_response_callback=None):
+            started, request_id = time.perf_counter(), "-"
+            try:
+                request_id = self.before(context)
+                with guard._lock:
+                    full = guard.watch_streams >= guard.max_watch_streams
+                    if not full:
+                        guard.watch_streams += 1
+                if full:
+                    context.abort(
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                        f"too many health Watch streams: the limit is {guard.max_watch_streams} "
+                        "(server setting max_watch_streams)",
+                    )
+
+                def closed() -> None:
+                    with guard._lock:
+                        guard.watch_streams -= 1
+                    self._record(_code(context), "")
+                    self.latency.observe(time.perf_counter() - started)
+
+                context.add_callback(closed)
+                return inner(decode(request), context, send_response_callback=send_response_callback)
+            except Exception as error:  # noqa: BLE001 - the last resort: any error becomes a status
+                self.fail(context, error, request_id)
+            finally:
+                current_call.end()
+
+        run.experimental_non_blocking = True  # grpc's flag for such handlers
+        return run
 
     def unary(self, inner, decode):
         """Any handler that returns one response (unary-unary, stream-unary); ``decode`` turns the raw request
@@ -276,6 +316,8 @@ class MethodGuard:
         many = decoder.stream if decoder else _unchanged
         if handler.unary_unary:
             return grpc.unary_unary_rpc_method_handler(self.unary(handler.unary_unary, one), None, encode)
+        if handler.unary_stream and getattr(handler.unary_stream, "experimental_non_blocking", False):
+            return grpc.unary_stream_rpc_method_handler(self.non_blocking(handler.unary_stream, one), None, encode)
         if handler.unary_stream:
             return grpc.unary_stream_rpc_method_handler(self.streaming(handler.unary_stream, one), None, encode)
         if handler.stream_stream:

@@ -7,7 +7,14 @@ import logging
 from dataclasses import replace
 
 from service.api.config import ServerConfig
-from service.api.server import _announce, _started, _stop_on_signals, load_tokens, server_credentials
+from service.api.server import (
+    _announce,
+    _started,
+    _stop_on_signals,
+    check_exposure,
+    load_tokens,
+    server_credentials,
+)
 from service.api.workers import Supervisor
 from service.model.hardware import DEVICE_FAILED_EXIT, default_workers, resolve_device
 
@@ -39,7 +46,7 @@ def serve(config: ServerConfig) -> None:
 
 
 def _serve_workers(config: ServerConfig) -> None:
-    load_tokens(config)  # bad flags fail here, once, before any worker starts
+    check_exposure(config, load_tokens(config))  # bad flags fail here, once, before any worker starts
     server_credentials(config)
     supervisor = Supervisor(config)
     _stop_on_signals(supervisor.stop, config.grace)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import signal
@@ -57,6 +58,36 @@ def load_tokens(config: ServerConfig) -> list[Grant]:
     return grants
 
 
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` is reachable from this machine only (127.0.0.0/8, ::1, localhost)."""
+    bare = host.strip("[]")
+    if bare == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(bare).is_loopback
+    except ValueError:  # a host name: it may name any interface
+        return False
+
+
+def check_exposure(config: ServerConfig, tokens: list[Grant], warn: bool = True) -> None:
+    """Refuses to serve personal histories to anyone who can reach the port: a server beyond loopback with
+    history on needs bearer tokens, or --trust-user-header behind an authenticating proxy. Warns once when
+    tokens would cross the network in plaintext."""
+    exposed = not is_loopback(config.host)
+    if exposed and config.history_db != "off" and not tokens and not config.trust_user_header:
+        raise ValueError(
+            f"--host {config.host} is reachable beyond this machine and personal history is on, so any caller "
+            "could name any user: give --auth-token-file (tokens bound to users), or --trust-user-header behind "
+            "a proxy that authenticates (or --history-db off, or --host 127.0.0.1)"
+        )
+    if warn and exposed and tokens and not (config.tls_cert and config.tls_key):
+        log.warning(
+            "bearer tokens are accepted over plaintext on %s: anyone on the network path can read them; "
+            "give --tls-cert and --tls-key",
+            config.host,
+        )
+
+
 def server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
     if not (config.tls_cert or config.tls_key):
         if config.tls_client_ca:
@@ -87,9 +118,15 @@ class Server:
         threads = threads or ThreadPlan.for_server(config.threads, config.batching)
         self.metrics = Metrics()
         tokens = load_tokens(config)
+        check_exposure(config, tokens, warn=config.workers <= 1)  # with workers, the parent warns
         credentials = server_credentials(config)
         self.guard = CallGuard(
-            self.metrics, tokens, config.max_concurrent_rpcs, config.health_without_auth, config.log_calls
+            self.metrics,
+            tokens,
+            config.max_concurrent_rpcs,
+            config.health_without_auth,
+            config.log_calls,
+            config.max_watch_streams,
         )
         self.guard.on_device_failure = self._device_failed
         self.device_failed = False  # the model's GPU failed: the process exits with DEVICE_FAILED_EXIT
