@@ -103,6 +103,16 @@ class ServerConfig:
     history_flush_ms: float = option(
         200.0, "learned counts are written to the database at most this often (a SIGTERM writes them)", low=0
     )
+    history_read_timeout_ms: float = option(
+        50.0,
+        "a call waits at most this long for a user's history from the database; past it (or while the database "
+        "is down) it is answered without",
+        low=0.0,
+        low_open=True,
+    )
+    import_idle_timeout: float = option(
+        30.0, "seconds an ImportHistory stream may go without a message", low=0.0, low_open=True
+    )
     max_pinyin_letters: int = option(
         MAX_PINYIN_LETTERS, "most letters in a Convert request's pinyin or a Type session's composition", low=0
     )

@@ -9,6 +9,11 @@
     nextword_queue_depth{model}                model steps waiting for the model's worker
     nextword_dropped_steps_total{model}        queued model steps skipped: their caller had cancelled or timed out
     nextword_model_info{name, ...}             each served model (tokenizer, cell, size, device)
+    nextword_history_store_up                  1 while the personal-history database answers, 0 while it is down
+    nextword_history_events_total{event}       what the store's faults cost: answered_without (a call answered
+                                               without its user's history: the database slow or down),
+                                               rows_set_aside (learned counts the database refused),
+                                               counts_dropped (learned counts beyond the pending bound)
 
 Each server has its own registry, so several can live in one process (tests).
 
@@ -79,6 +84,18 @@ class Metrics:
         self.queue_depth = Gauge(
             "nextword_queue_depth", "Model steps waiting for the model's worker", ["model"], registry=r, **live
         )
+        self.history_store_up = Gauge(
+            "nextword_history_store_up",
+            "1 while the personal-history database answers",
+            registry=r,
+            multiprocess_mode="livemin",
+        )
+        self.history_events = Counter(
+            "nextword_history_events",
+            "What the history store's faults cost: calls answered without history, rows set aside, counts dropped",
+            ["event"],
+            registry=r,
+        )
         self.dropped_steps = Counter(
             "nextword_dropped_steps", "Queued model steps skipped because their caller had gone", ["model"], registry=r
         )
@@ -99,6 +116,9 @@ class Metrics:
             self._model.labels(*(info[name] for name in MODEL_LABELS)).set(1)
         else:
             self._model.labels(info["name"]).info({k: v for k, v in info.items() if k != "name"})
+
+    def history_event(self, event: str, count: int) -> None:
+        self.history_events.labels(event).inc(count)
 
     def gauge_function(self, gauge: Gauge, function: Callable[[], float]) -> None:
         """``gauge`` reads ``function``: at each scrape in one process, every SAMPLE_SECONDS in a worker."""

@@ -142,7 +142,10 @@ class Server:
             initializer=threads.apply_here,
         )
         self.grpc = grpc.server(pool, interceptors=[self.guard], options=options)
-        self.histories = open_histories(config)  # service/history/histories.py; None: off
+        self.histories = open_histories(config, self.metrics.history_event)  # service/history/; None: off
+        if self.histories is not None:
+            store = self.histories.store
+            self.metrics.gauge_function(self.metrics.history_store_up, lambda: float(store.up))
         self.servicer = NextWordServicer(self.engines, config, self.histories)
         self.metrics.watch(lambda: self.servicer.active_sessions, lambda: self.servicer.active_generations)
         for name, engine in self.engines.items():
@@ -205,9 +208,10 @@ class Server:
         """NOT_SERVING at once, then in-flight calls get ``grace`` seconds to finish; then the model worker stops."""
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
-        self.grpc.stop(self.config.grace if grace is None else grace).wait()
+        grace = self.config.grace if grace is None else grace
+        self.grpc.stop(grace).wait()
         if self.histories is not None:  # what was learned is written before the process exits
-            self.histories.close()
+            self.histories.close(timeout=max(1.0, grace))
         for engine in self.engines.values():
             engine.close()
         self.metrics.stop_http()

@@ -22,6 +22,7 @@ from service.api.users import USER_KEY
 from service.api.validate import DEFAULT_CANDIDATES, DEFAULT_SUGGESTIONS, Invalid, Refused
 from service.history.for_user import PersonalEngine
 from service.history.histories import Histories
+from service.history.store import RowsRefused, StoreDown
 from service.model import current_call
 from service.model.engine import Engine, by_name
 from service.model.generation import END_TOKEN, LENGTH, STOP_STRING
@@ -34,18 +35,22 @@ from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 
 EDIT_QUEUE = 64  # Type edits read ahead of the session
 EXPORT_LINES = 500  # history lines per ExportHistory message
+MAX_IMPORT_BYTES = 16 << 20  # of history lines in one ImportHistory
 FINISH_REASONS = {
     LENGTH: pb.FINISH_REASON_LENGTH,
     END_TOKEN: pb.FINISH_REASON_END_TOKEN,
     STOP_STRING: pb.FINISH_REASON_STOP_STRING,
 }
 BAD_INPUT = (PinyinError, EditError)  # the engine's word that a request's content is invalid
+STORE_DOWN = "the personal-history database is down; try again shortly"
 
 
 def answers(method):
     """A refusal raised by ``method`` (unary or streaming) ends its call with the refusal's status code."""
 
     def abort(context, error: Exception):
+        if isinstance(error, StoreDown):
+            context.abort(grpc.StatusCode.UNAVAILABLE, STORE_DOWN)
         code = error.code if isinstance(error, Refused) else grpc.StatusCode.INVALID_ARGUMENT
         context.abort(code, str(error))
 
@@ -55,7 +60,7 @@ def answers(method):
         def streaming(self, request, context):
             try:
                 yield from method(self, request, context)
-            except (Refused, *BAD_INPUT) as error:
+            except (Refused, StoreDown, *BAD_INPUT) as error:
                 abort(context, error)
 
         return streaming
@@ -64,7 +69,7 @@ def answers(method):
     def unary(self, request, context):
         try:
             return method(self, request, context)
-        except (Refused, *BAD_INPUT) as error:
+        except (Refused, StoreDown, *BAD_INPUT) as error:
             abort(context, error)
 
     return unary
@@ -150,7 +155,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
     @answers
     def Forget(self, request: pb.ForgetRequest, context) -> pb.ForgetResponse:
         histories, user = self._history_user(writes=False)
-        return pb.ForgetResponse(removed=histories.forget(user, validate.word_to_forget(request.word, self.config)))
+        return pb.ForgetResponse(removed=histories.forget(user, validate.word_to_forget(request, self.config)))
 
     @answers
     def ExportHistory(self, request, context) -> Iterator[pb.HistoryChunk]:
@@ -169,13 +174,24 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         histories, user = self._history_user(writes=True)
         limit = 10 * self.config.history_max_entries
         lines: list[str] = []
-        for chunk in request_iterator:
-            lines.extend(chunk.lines.splitlines())
-            if len(lines) > limit:
-                raise Invalid(f"more than {limit} history lines (10 x history_max_entries); import them in parts")
+        size = 0
+        stream = EditStream(request_iterator, 4, MalformedRequest)
+        try:
+            while (chunk := self._next_message(stream, self.config.import_idle_timeout, "ImportHistory")) is not None:
+                size += len(chunk.lines.encode("utf-8"))
+                if size > MAX_IMPORT_BYTES:
+                    raise Refused(
+                        f"more than {MAX_IMPORT_BYTES >> 20} MiB of history lines; import them in parts",
+                        grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    )
+                lines.extend(chunk.lines.splitlines())
+                if len(lines) > limit:
+                    raise Invalid(f"more than {limit} history lines (10 x history_max_entries); import them in parts")
+        finally:
+            stream.close()
         try:
             return pb.ImportHistoryResponse(ngrams=histories.import_lines(user, lines))
-        except ValueError as error:
+        except (ValueError, RowsRefused) as error:
             raise Invalid(f"ImportHistory: {error}") from None
 
     @answers
@@ -218,18 +234,27 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             self._count("sessions", -1)
             self._sessions.release()
 
-    def _next_edit(self, stream: EditStream, index: int):
+    @staticmethod
+    def _next_message(stream: EditStream, idle: float, what: str):
+        """The stream's next message, or None at its end; DEADLINE_EXCEEDED after ``idle`` seconds without one."""
         try:
-            request = stream.next(self.config.session_idle_timeout)
+            message = stream.next(idle)
         except queue.Empty:
+            setting = "session_idle_timeout" if what == "typing session" else "import_idle_timeout"
             raise Refused(
-                f"typing session idle for more than {self.config.session_idle_timeout:g} s; "
-                "the limit is server setting session_idle_timeout",
+                f"{what} idle for more than {idle:g} s; the limit is server setting {setting}",
                 grpc.StatusCode.DEADLINE_EXCEEDED,
             ) from None
-        if isinstance(request, MalformedRequest):
-            raise Invalid(f"edit {index}: {request}")
-        return request
+        if isinstance(message, MalformedRequest):
+            raise message
+        return None if message is EditStream.END else message
+
+    def _next_edit(self, stream: EditStream, index: int):
+        try:
+            request = self._next_message(stream, self.config.session_idle_timeout, "typing session")
+        except MalformedRequest as error:
+            raise Invalid(f"edit {index}: {error}") from None
+        return EditStream.END if request is None else request
 
     def _edits(self, stream: EditStream, context) -> Iterator[pb.TypeResponse]:
         count, index = DEFAULT_SUGGESTIONS, 0
@@ -249,6 +274,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         try:
             while request is not EditStream.END and context.is_active():
                 index += 1
+                if request.incognito:  # once set, it stays set: nothing from here on is learned
+                    learner = None
                 count = validate.count(request.num_suggestions, count, config)
                 validate.apply_edit(session, request, index)
                 candidates = session.convert(max(count, DEFAULT_CANDIDATES), request.fuzzy)

@@ -10,6 +10,7 @@ import grpc
 
 from service.api.config import ServerConfig
 from service.model.generation import GenerationParams
+from service.model.personal import units
 from service.model.typing_session import TypingSession
 from service.pb.nextword.v1 import nextword_pb2 as pb
 
@@ -88,10 +89,17 @@ def generation(request: pb.GenerateRequest, config: ServerConfig) -> GenerationP
     )
 
 
-def word_to_forget(value: str, config: ServerConfig) -> str:
-    if len(value) > config.max_text_chars:
+def word_to_forget(request: pb.ForgetRequest, config: ServerConfig) -> str | None:
+    """The word a Forget names, or None for everything (which takes ``everything``, never a blank word)."""
+    if request.everything:
+        if request.word:
+            raise Invalid("give word or everything, not both")
+        return None
+    if len(request.word) > config.max_text_chars:
         raise Invalid(f"word has more than {config.max_text_chars} characters")
-    return value.strip()
+    if not any(units(request.word)):
+        raise Invalid("word has no letters, digits or characters to forget; to forget everything, set everything")
+    return request.word
 
 
 def apply_edit(session: TypingSession, request: pb.TypeRequest, index: int) -> None:

@@ -128,8 +128,10 @@ class NextWordClient:
     def learn(self, text: str) -> pb.LearnResponse:
         return self.stub.Learn(pb.LearnRequest(text=text), timeout=self.timeout, metadata=self.metadata)
 
-    def forget(self, word: str) -> pb.ForgetResponse:
-        return self.stub.Forget(pb.ForgetRequest(word=word), timeout=self.timeout, metadata=self.metadata)
+    def forget(self, word: str = "", everything: bool = False) -> pb.ForgetResponse:
+        """Forget ``word`` (a word, a name, Chinese characters), or with ``everything`` all of the history."""
+        request = pb.ForgetRequest(word=word, everything=everything)
+        return self.stub.Forget(request, timeout=self.timeout, metadata=self.metadata)
 
     def export_history(self) -> Iterator[str]:
         """The user's history, a line (JSON) at a time."""

@@ -218,10 +218,11 @@ class Learn:
 class Forget:
     """remove a word and its n-grams from --user's history"""
 
-    word: str = option(help='the word; "" removes all of the history', positional=True)
+    word: str = option("", "the word, a name or Chinese characters", positional=True, metavar="WORD")
+    everything: bool = option(False, "remove all of the history (give no word)")
 
     def run(self, client: NextWordClient, connection: Connection) -> int:
-        print(f"removed {client.forget(self.word).removed} n-grams")
+        print(f"removed {client.forget(self.word, self.everything).removed} n-grams")
         return 0
 
 

@@ -4,10 +4,18 @@
 Writes are batched by a writer thread (at most every ``flush_ms``) and never block a keystroke;
 each user's cached history is updated at once for its own calls and re-read when another process
 has written (checked at most every ``REFRESH_SECONDS``).
+
+The store never holds up an answer: a user's history is read on a reader thread, and a call waits
+for it at most ``read_timeout_ms``; past that, or while the store is down, the call is answered
+without the history (or with the copy cached before), and ``on_event("answered_without")`` counts
+it. One user's rows that the database refuses are set aside (``rows_set_aside``), the others are
+written; counts learned while the store is down wait, up to ``MAX_PENDING`` n-grams, and what
+comes beyond is dropped (``counts_dropped``).
 """
 
 from __future__ import annotations
 
+import concurrent.futures
 import json
 import logging
 import math
@@ -16,26 +24,43 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from service.history.store import SEPARATOR, HistoryStore
+from service.history.store import HistoryStore, RowsRefused, StoreDown
 from service.model import personal_mix
-from service.model.personal import HistoryConfig, UserHistory, ngrams_ending
+from service.model.personal import SEPARATOR, HistoryConfig, UserHistory, holds, ngrams_ending, units
 from service.model.personal_mix import NextTokens
 
 log = logging.getLogger("nextword")
 REFRESH_SECONDS = 1.0  # how stale another process's writes may be in this one's cache
 CACHED_USERS = 1024
+MAX_PENDING = 200_000  # learned n-grams waiting for the writer; beyond, new counts are dropped
+MAX_READS = 64  # users whose history is being read at once; beyond, calls are answered without
+READER_THREADS = 2
+MAX_UNIT_BYTES = 64  # longer units (a run of letters pasted in) are not learned nor imported
+MAX_COUNT = 1e6  # the most one imported n-gram may count
+ROW = tuple[str, tuple[str, ...], float, float]  # (user, n-gram, count, when)
 
 
 class Histories:
     """What the servicer uses: cached user histories over a store, learning through a batching writer."""
 
-    def __init__(self, store: HistoryStore, config: HistoryConfig, learning: bool = True) -> None:
+    def __init__(
+        self,
+        store: HistoryStore,
+        config: HistoryConfig,
+        learning: bool = True,
+        read_timeout_ms: float = 50.0,
+        on_event: Callable[[str, int], None] | None = None,
+    ) -> None:
         self.store = store
         self.config = config
         self.learning = learning
+        self.read_timeout = read_timeout_ms / 1000.0
+        self.on_event = on_event or (lambda event, count: None)  # counted by the server's metrics
         self._cache: OrderedDict[str, UserHistory] = OrderedDict()
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, tuple[str, ...]], list[float]] = {}  # (user, n-gram) -> [count, when]
+        self._reads: dict[str, concurrent.futures.Future] = {}  # by user: the read in flight
+        self._readers = concurrent.futures.ThreadPoolExecutor(READER_THREADS, thread_name_prefix="history-reader")
         self._wake = threading.Event()
         self._stopping = False
         self._writer = threading.Thread(target=self._write_loop, name="history-writer", daemon=True)
@@ -44,6 +69,7 @@ class Histories:
     # ------------------------------------------------------------------ reading
 
     def user(self, user: str) -> UserHistory:
+        """The user's history, at most ``read_timeout`` away: else the copy cached before, or an empty one."""
         now = time.monotonic()
         with self._lock:
             history = self._cache.get(user)
@@ -51,20 +77,40 @@ class Histories:
                 self._cache.move_to_end(user)
                 if now - history.checked < REFRESH_SECONDS:
                     return history
-        if history is not None and self.store.version(user) == history.version:
-            history.checked = now
-            return history
-        counts, version = self.store.load(user)
-        fresh = UserHistory(self.config, counts, version, now)
-        with self._lock:
-            for (who, gram), (count, when) in self._pending.items():  # learned here, not written yet
-                if who == user:
-                    fresh.add(gram, count, when)
-            self._cache[user] = fresh
-            self._cache.move_to_end(user)
-            while len(self._cache) > CACHED_USERS:
-                self._cache.popitem(last=False)
-        return fresh
+            read = self._reads.get(user)
+            if read is None and len(self._reads) < MAX_READS and not self._stopping:
+                read = self._reads[user] = self._readers.submit(self._read, user)
+        if read is not None:
+            try:
+                return read.result(timeout=self.read_timeout)
+            except (concurrent.futures.TimeoutError, StoreDown, RowsRefused, RuntimeError):
+                pass
+        self.on_event("answered_without", 1)
+        return history if history is not None else UserHistory(self.config)
+
+    def _read(self, user: str) -> UserHistory:
+        """On a reader thread: the user's history from the store (unless the cached copy is current), cached."""
+        try:
+            now = time.monotonic()
+            with self._lock:
+                history = self._cache.get(user)
+            if history is not None and self.store.version(user) == history.version:
+                history.checked = now
+                return history
+            counts, version = self.store.load(user)
+            fresh = UserHistory(self.config, counts, version, now)
+            with self._lock:
+                for (who, gram), (count, when) in self._pending.items():  # learned here, not written yet
+                    if who == user:
+                        fresh.add(gram, count, when)
+                self._cache[user] = fresh
+                self._cache.move_to_end(user)
+                while len(self._cache) > CACHED_USERS:
+                    self._cache.popitem(last=False)
+            return fresh
+        finally:
+            with self._lock:
+                self._reads.pop(user, None)
 
     def mix_next_token(self, user: str, tokens: NextTokens, text: str, log_probs):
         """Generate's next-token log-probabilities [V] after ``text``, mixed with the user's predicted words."""
@@ -89,42 +135,48 @@ class Histories:
     # ------------------------------------------------------------------ learning
 
     def learn(self, user: str, sequence: Sequence[str], start: int = 0) -> int:
-        """Learn the n-grams ending at units ``start`` on of ``sequence`` (units, see ``units``); how many."""
+        """Learn the n-grams ending at units ``start`` on of ``sequence`` (units, see ``units``); how many. A
+        unit longer than ``MAX_UNIT_BYTES`` is not learned (it breaks the n-grams around it)."""
         if not self.learning:
             return 0
         now = time.time()
+        sequence = [u if len(u.encode("utf-8")) <= MAX_UNIT_BYTES else "" for u in sequence]
         grams = list(ngrams_ending(sequence, start, self.config.order))
         if not grams:
             return 0
-        history = self.user(user)
+        dropped = 0
         with self._lock:
+            history = self._cache.get(user)
             for gram in grams:
-                history.add(gram, 1.0, now)
-                entry = self._pending.setdefault((user, gram), [0.0, now])
+                if history is not None:
+                    history.add(gram, 1.0, now)
+                entry = self._pending.get((user, gram))
+                if entry is None:
+                    if len(self._pending) >= MAX_PENDING:
+                        dropped += 1
+                        continue
+                    entry = self._pending[(user, gram)] = [0.0, now]
                 entry[0] += 1.0
                 entry[1] = now
+        if dropped:
+            self.on_event("counts_dropped", dropped)
         return len(grams)
 
-    def forget(self, user: str, word: str) -> int:
-        """Remove ``word`` and every n-gram containing it (an empty word: all of the user's history) at once."""
-        self.flush()
+    def forget(self, user: str, word: str | None) -> int:
+        """Remove every n-gram that holds ``word`` (None: all of the user's history), here and in the store, at
+        once; counts of it that another process has learned and not written yet are not written back."""
+        self.flush()  # what this process learned is written, then removed with the rest
         with self._lock:
             self._pending = {
                 (who, gram): value
                 for (who, gram), value in self._pending.items()
-                if who != user or (word and not any(u.casefold() == word.casefold() for u in gram))
+                if who != user or (word is not None and not holds(gram, units(word)))
             }
-        if not word:
-            removed = self.store.remove(user, None)
+        try:
+            return self.store.forget(user, word)
+        finally:
             with self._lock:
                 self._cache.pop(user, None)
-            return removed
-        counts, _ = self.store.load(user)
-        gone = UserHistory(self.config, counts).forget(word)
-        removed = self.store.remove(user, gone) if gone else 0
-        with self._lock:
-            self._cache.pop(user, None)
-        return removed
 
     def export(self, user: str) -> Iterator[str]:
         """The user's history as JSON lines: {"ngram": [units], "count": c, "last_used": unix seconds}."""
@@ -134,44 +186,95 @@ class Histories:
             yield json.dumps({"ngram": list(gram), "count": count, "last_used": last}, ensure_ascii=False)
 
     def import_lines(self, user: str, lines: Iterable[str]) -> int:
+        """Add exported history lines to the user's history; ValueError naming the first line out of bounds."""
+        now = time.time()
         rows = []
         for number, line in enumerate(lines, 1):
             if not line.strip():
                 continue
-            try:
-                entry = json.loads(line)
-                gram = tuple(str(u) for u in entry["ngram"])
-                count, last = float(entry["count"]), float(entry["last_used"])
-            except (ValueError, KeyError, TypeError) as error:
-                raise ValueError(f"line {number} is not a history entry ({type(error).__name__})") from None
-            if not 1 <= len(gram) <= self.config.order or not all(gram) or any(SEPARATOR in u for u in gram):
-                raise ValueError(f"line {number}: an n-gram has 1 to {self.config.order} non-empty units")
-            if not (math.isfinite(count) and count > 0 and math.isfinite(last)):
-                raise ValueError(f"line {number}: count must be positive and last_used a time")
-            rows.append((user, gram, count, last))
+            rows.append((user, *self._entry(number, line, now)))
         if rows:
             self.store.add(rows)
         with self._lock:
             self._cache.pop(user, None)
         return len(rows)
 
+    def _entry(self, number: int, line: str, now: float) -> tuple[tuple[str, ...], float, float]:
+        try:
+            entry = json.loads(line)
+            gram = tuple(entry["ngram"])
+            count, last = float(entry["count"]), float(entry["last_used"])
+        except (ValueError, KeyError, TypeError) as error:
+            raise ValueError(f"line {number} is not a history entry ({type(error).__name__})") from None
+        order = self.config.order
+        if not 1 <= len(gram) <= order or not all(isinstance(u, str) and u for u in gram):
+            raise ValueError(f"line {number}: an n-gram has 1 to {order} units, each a non-empty string")
+        if any(len(u.encode("utf-8")) > MAX_UNIT_BYTES or SEPARATOR in u for u in gram):
+            raise ValueError(f"line {number}: a unit has at most {MAX_UNIT_BYTES} bytes of UTF-8")
+        if not (math.isfinite(count) and 0 < count <= MAX_COUNT):
+            raise ValueError(f"line {number}: count must be above 0 and at most {MAX_COUNT:g}")
+        if not (math.isfinite(last) and 0 <= last <= now + 1.0):
+            raise ValueError(f"line {number}: last_used must be a time between 0 and now, in Unix seconds")
+        return gram, count, last
+
     # ------------------------------------------------------------------ the writer
 
     def flush(self) -> None:
-        """Write what is pending now (the writer does it every flush_ms)."""
+        """Write what is pending now (the writer does it every flush_ms). StoreDown when the store is down: the
+        counts wait for the next try. Rows the database refuses are set aside, one user's at a time."""
         with self._lock:
             pending, self._pending = self._pending, {}
         if not pending:
             return
+        rows = [(user, gram, count, when) for (user, gram), (count, when) in pending.items()]
         try:
-            versions = self.store.add((user, gram, count, when) for (user, gram), (count, when) in pending.items())
-        except Exception:
-            with self._lock:  # keep them for the next try, added to what was learned meanwhile
-                for key, (count, when) in pending.items():
-                    entry = self._pending.setdefault(key, [0.0, when])
-                    entry[0] += count
-                    entry[1] = max(entry[1], when)
+            versions = self.store.add(rows)
+        except StoreDown:
+            self._keep(rows)
             raise
+        except RowsRefused:
+            versions = self._add_each_user(rows)
+        self._written(versions)
+
+    def _add_each_user(self, rows: list[ROW]) -> dict[str, int]:
+        """A batch the database refused, written a user at a time: a user whose rows it refuses again loses
+        them (counted, logged without the user), the others are written."""
+        by_user: dict[str, list[ROW]] = {}
+        for row in rows:
+            by_user.setdefault(row[0], []).append(row)
+        versions: dict[str, int] = {}
+        set_aside = 0
+        groups = list(by_user.values())
+        for index, user_rows in enumerate(groups):
+            try:
+                versions.update(self.store.add(user_rows))
+            except RowsRefused as error:
+                set_aside += len(user_rows)
+                log.error("the history database refused one user's learned counts (%s): set aside", error)
+            except StoreDown:
+                self._keep([row for rows_left in groups[index:] for row in rows_left])
+                break
+        if set_aside:
+            self.on_event("rows_set_aside", set_aside)
+        return versions
+
+    def _keep(self, rows: list[ROW]) -> None:
+        """Rows not written: back to the pending counts, added to what was learned meanwhile, up to MAX_PENDING."""
+        dropped = 0
+        with self._lock:
+            for user, gram, count, when in rows:
+                entry = self._pending.get((user, gram))
+                if entry is None:
+                    if len(self._pending) >= MAX_PENDING:
+                        dropped += 1
+                        continue
+                    entry = self._pending[(user, gram)] = [0.0, when]
+                entry[0] += count
+                entry[1] = max(entry[1], when)
+        if dropped:
+            self.on_event("counts_dropped", dropped)
+
+    def _written(self, versions: dict[str, int]) -> None:
         with self._lock:
             for user, version in versions.items():
                 history = self._cache.get(user)
@@ -189,20 +292,40 @@ class Histories:
             self._wake.clear()
             try:
                 self.flush()
-            except Exception:  # keep the writer alive; the counts stay pending (flush)
-                log.exception("writing the personal history failed; retrying")
+            except StoreDown:  # the store logs when it goes down and comes back; the counts wait
+                pass
+            except Exception:  # keep the writer alive: a fault here must not end everyone's learning
+                log.exception("writing the personal history failed")
 
-    def close(self) -> None:
-        """Flush and stop (a SIGTERM drain calls this)."""
+    def close(self, timeout: float = 5.0) -> None:
+        """Write what is pending and stop, within ``timeout`` seconds whatever the store does (a SIGTERM drain
+        calls this with the grace period); what the store does not take by then is lost, and said."""
+        deadline = time.monotonic() + timeout
         self._stopping = True
         self._wake.set()
-        self._writer.join(5.0)
-        self.flush()
+        self._writer.join(max(0.0, deadline - time.monotonic()))
+        final = threading.Thread(target=self._final_flush, name="history-final-flush", daemon=True)
+        final.start()
+        final.join(max(0.0, deadline - time.monotonic()))
+        self._readers.shutdown(wait=False, cancel_futures=True)
+        if final.is_alive() or self._writer.is_alive():
+            log.error("the history database did not take the last learned counts in time; they are lost")
+            return
         self.store.close()
 
+    def _final_flush(self) -> None:
+        try:
+            self.flush()
+        except StoreDown:
+            with self._lock:
+                lost = len(self._pending)
+            if lost:
+                log.error("the history database is down: %d learned n-gram counts were not written", lost)
 
-def open_histories(config) -> Histories | None:
-    """The personal histories of a server's ``ServerConfig`` (None when --history-db off)."""
+
+def open_histories(config, on_event: Callable[[str, int], None] | None = None) -> Histories | None:
+    """The personal histories of a server's ``ServerConfig`` (None when --history-db off); ``on_event`` counts
+    what the store's faults cost (see the module docstring)."""
     if config.history_db == "off":
         return None
     if config.history_order < 1 or config.history_max_entries < 1 or config.history_half_life_days <= 0:
@@ -216,4 +339,6 @@ def open_histories(config) -> Histories | None:
         max_age_days=config.history_max_age_days,
         flush_ms=config.history_flush_ms,
     )
-    return Histories(HistoryStore(config.history_db, history), history, config.learning)
+    return Histories(
+        HistoryStore(config.history_db, history), history, config.learning, config.history_read_timeout_ms, on_event
+    )

@@ -134,6 +134,8 @@ def add_options(parser: argparse.ArgumentParser, config: type, skip: Sequence[st
         elif kind in (int, float):
             kwargs["type"] = ranged(kind, *meta["range"])
         if meta["positional"]:
+            if has_default:  # optional: the default when left out
+                kwargs.update(nargs="?", default=default)
             target.add_argument(field.name, **kwargs)
             continue
         names = [*([meta["short"]] if meta["short"] else []), "--" + field.name.replace("_", "-")]

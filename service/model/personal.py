@@ -35,6 +35,7 @@ evaluation (training/scoring.py) scores what the server would answer.
 from __future__ import annotations
 
 import bisect
+import hashlib
 import heapq
 import re
 from collections.abc import Iterator, Sequence
@@ -42,6 +43,7 @@ from dataclasses import dataclass, field
 
 from service.model.tokenizer import is_cjk
 
+SEPARATOR = "\x1f"  # between the units of a stored n-gram (a control character no one types)
 TOTAL_SECONDS = 60.0  # how long a user's decayed unigram total is reused
 _UNIT = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|[^\s\w]", re.UNICODE)
 
@@ -59,6 +61,27 @@ def units(text: str) -> list[str]:
         else:
             found.append("")  # punctuation: a break between sentences and clauses, not a unit
     return found
+
+
+def holds(gram: Sequence[str], word: Sequence[str]) -> bool:
+    """Whether the units ``word`` stand in a row in ``gram`` (casefolded); an empty word is in none."""
+    key = [unit.casefold() for unit in word if unit]
+    if not key or len(key) > len(gram):
+        return False
+    folded = [unit.casefold() for unit in gram]
+    return any(folded[i : i + len(key)] == key for i in range(len(folded) - len(key) + 1))
+
+
+def word_digest(word: Sequence[str]) -> str:
+    """A forgotten word as the store remembers it for a while (service/history/store.py): a digest of its
+    casefolded units, never the word itself; "*" for everything."""
+    key = SEPARATOR.join(unit.casefold() for unit in word if unit)
+    return hashlib.sha256(key.encode("utf-8")).hexdigest()
+
+
+def digests_held(gram: Sequence[str]) -> set[str]:
+    """The digests of every word (run of units) that ``gram`` holds."""
+    return {word_digest(gram[i:j]) for i in range(len(gram)) for j in range(i + 1, len(gram) + 1)}
 
 
 def ngrams_ending(sequence: Sequence[str], start: int, order: int) -> Iterator[tuple[str, ...]]:
@@ -137,9 +160,9 @@ class UserHistory:
             self._total = None
 
     def forget(self, word: str) -> list[tuple[str, ...]]:
-        """Drop every n-gram that contains ``word`` (casefolded); the dropped n-grams."""
-        key = word.casefold()
-        gone = [gram for gram in self.counts if any(unit.casefold() == key for unit in gram)]
+        """Drop every n-gram that holds ``word`` (casefolded; a word of several units, "Zhang Wei" or 你好,
+        where its units stand in a row); the dropped n-grams."""
+        gone = [gram for gram in self.counts if holds(gram, units(word))]
         for gram in gone:
             del self.counts[gram]
         self.followers.clear()

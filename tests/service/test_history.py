@@ -109,7 +109,8 @@ def test_forget_removes_the_word_and_every_ngram_with_it_at_once(histories):
     assert removed == 4  # Zelda, meet Zelda, Zelda soon, meet Zelda soon
     assert all("Zelda" not in gram for gram in histories.user("ann").counts)
     assert histories.suggest("ann", "meet", "Ze", [("Zeal", 1.0)], 3) == [("Zeal", 1.0)]
-    assert histories.forget("ann", "") == 2  # what was left: meet, soon
+    assert histories.forget("ann", "") == 0  # a blank word holds nothing (the server refuses it)
+    assert histories.forget("ann", None) == 2  # everything: what was left, meet and soon
     assert len(histories.user("ann")) == 0
 
 
