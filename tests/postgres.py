@@ -40,21 +40,50 @@ def _free_port() -> int:
         return probe.getsockname()[1]
 
 
+class PostgresServer:
+    """A running server that a test may stop and start again (a database restart), keeping its data."""
+
+    def __init__(self, folder: str, as_user: list[str]) -> None:
+        self.folder, self.as_user = folder, as_user
+        self.data, self.port = os.path.join(folder, "data"), _free_port()
+        self.url = f"postgresql://nextword@/postgres?host={folder}&port={self.port}"
+        self._run(_program("initdb"), "-D", self.data, "-U", "nextword", "--auth=trust", "--no-sync", "-E", "UTF8")
+
+    def _run(self, *command: str | None) -> None:
+        subprocess.run([*self.as_user, *command], check=True, capture_output=True, text=True)
+
+    def start(self) -> None:
+        options = f"-p {self.port} -k {self.folder} -c listen_addresses='' -c fsync=off"
+        self._run(
+            _program("pg_ctl"), "-D", self.data, "-o", options, "-l", os.path.join(self.folder, "log"), "-w", "start"
+        )
+
+    def stop(self, mode: str = "fast") -> None:
+        """``fast``: sessions are ended, as a restart ends them; ``immediate``: as a crash."""
+        subprocess.run(
+            [*self.as_user, _program("pg_ctl"), "-D", self.data, "-m", mode, "-w", "stop"], capture_output=True
+        )
+
+
 @contextmanager
-def postgres_server() -> Iterator[str]:
-    """Start a server; yields its URL (user ``nextword``, database ``postgres``, a Unix socket)."""
+def postgres_control() -> Iterator[PostgresServer]:
+    """Start a server on a temporary directory; yields it (``url``, ``stop()``, ``start()``)."""
     as_user: list[str] = []
     folder = tempfile.mkdtemp(prefix="nextword-pg-")
     if os.geteuid() == 0:
         shutil.chown(folder, "postgres", "postgres")
         as_user = ["runuser", "-u", "postgres", "--"]
-    data, port = os.path.join(folder, "data"), _free_port()
-    run = lambda *command: subprocess.run([*as_user, *command], check=True, capture_output=True, text=True)  # noqa: E731
-    run(_program("initdb"), "-D", data, "-U", "nextword", "--auth=trust", "--no-sync", "-E", "UTF8")
-    options = f"-p {port} -k {folder} -c listen_addresses='' -c fsync=off"
-    run(_program("pg_ctl"), "-D", data, "-o", options, "-l", os.path.join(folder, "log"), "-w", "start")
+    server = PostgresServer(folder, as_user)
+    server.start()
     try:
-        yield f"postgresql://nextword@/postgres?host={folder}&port={port}"
+        yield server
     finally:
-        subprocess.run([*as_user, _program("pg_ctl"), "-D", data, "-m", "fast", "-w", "stop"], capture_output=True)
+        server.stop()
         shutil.rmtree(folder, ignore_errors=True)
+
+
+@contextmanager
+def postgres_server() -> Iterator[str]:
+    """Start a server; yields its URL (user ``nextword``, database ``postgres``, a Unix socket)."""
+    with postgres_control() as server:
+        yield server.url
