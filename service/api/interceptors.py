@@ -39,7 +39,7 @@ from service.api.parse import MalformedRequest, RequestDecoder
 from service.api.users import USER_KEY, BadUser, Grant, user_of
 from service.model import current_call
 from service.model.current_call import CallEnded
-from service.model.hardware import device_failure
+from service.model.hardware import device_failure, out_of_memory
 
 log = logging.getLogger("nextword")
 HEALTH_PREFIX = "/grpc.health.v1.Health/"
@@ -192,6 +192,12 @@ class MethodGuard:
         if isinstance(error, CallEnded):
             context.abort(
                 grpc.StatusCode.DEADLINE_EXCEEDED if error.deadline else grpc.StatusCode.CANCELLED, str(error)
+            )
+        if out_of_memory(error):  # the batch that hit it fails; the worker and every other call go on
+            log.error("the model's device ran out of memory for one batch", extra={"request_id": request_id})
+            context.abort(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"the model's device ran out of memory for this call's batch (request id {request_id}): retry",
             )
         failure = device_failure(error)
         if failure is not None:

@@ -1,5 +1,9 @@
 """Structured logs: one JSON object per line (or plain text), with the request id when there is one.
 
+A logged exception shows its type and where it was raised, frame by frame, but never its message:
+an exception's text may carry what a user typed (a request's text in a library's error), and
+typed text never reaches a log line.
+
 A request thread formats its line and puts it on a queue; one listener thread writes
 the lines. So a call never waits on the log's reader: a slow or stalled stderr pipe
 (a container's log driver) holds up the listener, not the requests.
@@ -13,11 +17,26 @@ import logging
 import logging.handlers
 import queue
 import time
+import traceback
 
 FIELDS = ("worker", "request_id", "method", "code", "ms", "port", "model", "device")
 
 
+def private_traceback(exc_info) -> str:
+    """The traceback of ``exc_info`` (and what it was raised from) without any exception's message."""
+    kind, error, _ = exc_info
+    parts = []
+    while error is not None:
+        frames = traceback.format_list(traceback.extract_tb(error.__traceback__))
+        parts.append("".join(frames) + f"{type(error).__module__}.{type(error).__qualname__} (message withheld)")
+        error = error.__cause__ or (None if error.__suppress_context__ else error.__context__)
+    return "\nwhich was raised while handling:\n".join(parts) if parts else str(kind)
+
+
 class JsonFormatter(logging.Formatter):
+    def formatException(self, ei) -> str:
+        return private_traceback(ei)
+
     def format(self, record: logging.LogRecord) -> str:
         entry = {
             "time": time.strftime("%Y-%m-%dT%H:%M:%S", time.gmtime(record.created)) + f".{int(record.msecs):03d}Z",
@@ -37,8 +56,12 @@ class TextFormatter(logging.Formatter):
     def __init__(self) -> None:
         super().__init__("%(asctime)s %(levelname)s %(name)s: %(message)s")
 
+    def formatException(self, ei) -> str:
+        return private_traceback(ei)
+
     def format(self, record: logging.LogRecord) -> str:
         extra = " ".join(f"{name}={getattr(record, name)}" for name in FIELDS if hasattr(record, name))
+        record.exc_text = None  # another handler's formatter may have cached the exception with its message
         line = super().format(record)
         return f"{line} {extra}" if extra else line
 

@@ -318,11 +318,18 @@ class HistoryStore:
         return int(cursor.fetchone()[0])
 
     def _lock_users(self, cursor, users: Sequence[str]) -> None:
-        """PostgreSQL: hold these users' rows until the transaction ends, so that a forget and a write of the
-        same user's counts happen one after the other (SQLite's writer holds the whole file)."""
+        """PostgreSQL: hold these users' rows (made if missing) until the transaction ends, before any of their
+        n-grams, so that a forget and a write of the same user's counts happen one after the other, and two
+        writes never wait on each other in a circle (SQLite's writer holds the whole file)."""
         if self.kind == "postgresql" and users:
+            ordered = sorted(users)  # every transaction locks users in one order: no deadlock between two
+            cursor.executemany(
+                "INSERT INTO nextword_history_users (user_id, version) VALUES (%s, 0) ON CONFLICT DO NOTHING",
+                [(user,) for user in ordered],
+            )
             cursor.execute(
-                "SELECT user_id FROM nextword_history_users WHERE user_id = ANY(%s) FOR UPDATE", (list(users),)
+                "SELECT user_id FROM nextword_history_users WHERE user_id = ANY(%s) ORDER BY user_id FOR UPDATE",
+                (ordered,),
             )
 
     def _not_forgotten(self, cursor, rows: list[tuple[str, tuple[str, ...], float, float]]) -> list:

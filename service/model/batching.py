@@ -31,6 +31,8 @@ that someone will receive.
 
 from __future__ import annotations
 
+import concurrent.futures
+import logging
 import queue
 import threading
 import time
@@ -45,6 +47,9 @@ from service.model import current_call
 from service.model.current_call import CallEnded
 from service.model.hardware import use_intra_op_threads
 from service.model.steps import StepModel, advance_ragged
+
+log = logging.getLogger("nextword")
+WORKER_CHECK_SECONDS = 1.0  # how often a waiting caller checks that the worker still runs
 
 
 @dataclass
@@ -106,7 +111,12 @@ class BatchingModel:
                 self._busy.release()
         step = _Step(tokens, state, wanted)
         self._queue.put(step)
-        return step.future.result()
+        while True:  # however long the forward takes; but a caller never waits on a worker that is gone
+            try:
+                return step.future.result(timeout=WORKER_CHECK_SECONDS)
+            except concurrent.futures.TimeoutError:
+                if not self._worker.is_alive():
+                    raise RuntimeError("the model worker has stopped") from None
 
     @property
     def running(self) -> bool:
@@ -166,8 +176,16 @@ class BatchingModel:
             first = self._queue.get()
             if first is None:
                 return
-            with self._busy:
-                self._forward(self._still_wanted(self._collect(first)))
+            steps = [first]
+            try:
+                with self._busy:
+                    steps = self._collect(first)
+                    self._forward(self._still_wanted(steps))
+            except Exception as error:
+                log.exception("the model worker failed a batch; it goes on")
+                for step in steps:
+                    if step is not None and not step.future.done():
+                        step.future.set_exception(error)
 
     def _count(self, rows: int, steps: int) -> None:
         self._last_steps = steps
@@ -195,6 +213,8 @@ class BatchingModel:
             for step, result in zip(steps, results):
                 step.future.set_result(result)
         except Exception as error:  # noqa: BLE001 - hand the failure to every caller in the batch
+            if isinstance(error, torch.cuda.OutOfMemoryError):
+                torch.cuda.empty_cache()  # what the failed batch held goes back before the next one
             for step in steps:
                 if not step.future.done():
                     step.future.set_exception(error)

@@ -18,7 +18,7 @@ import dataclasses
 import math
 import types
 import typing
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NoReturn, TypeVar
 
 Config = TypeVar("Config")
@@ -103,6 +103,29 @@ def _kind(annotation: Any) -> Any:
     return annotation
 
 
+def _help(meta: Mapping[str, Any], default: Any, has_default: bool) -> str:
+    """The flag's help, with its default as --help shows it."""
+    shown = meta["default_text"]
+    if shown is None and has_default and default not in (None, (), ""):
+        shown = {True: "on", False: "off"}.get(default) if isinstance(default, bool) else None
+        shown = shown or (", ".join(default) if isinstance(default, tuple) else str(default))
+    return (meta["help"] + (f" (default {shown})" if shown else "")).replace("%", "%%")
+
+
+def _arguments(meta: Mapping[str, Any], kind: Any, default: Any, has_default: bool) -> dict[str, Any]:
+    """add_argument's keywords for a field, apart from its names and action."""
+    kwargs: dict[str, Any] = {"help": _help(meta, default, has_default)}
+    if meta["metavar"]:
+        kwargs["metavar"] = meta["metavar"]
+    if meta["choices"]:
+        kwargs["choices"] = list(meta["choices"])
+    if meta["parse"]:
+        kwargs["type"] = meta["parse"]
+    elif kind in (int, float):
+        kwargs["type"] = ranged(kind, *meta["range"])
+    return kwargs
+
+
 def add_options(parser: argparse.ArgumentParser, config: type, skip: Sequence[str] = ()) -> None:
     """A flag (or positional argument) for every field of the dataclass ``config`` that ``option`` made."""
     hints = typing.get_type_hints(config)
@@ -111,28 +134,13 @@ def add_options(parser: argparse.ArgumentParser, config: type, skip: Sequence[st
         meta = field.metadata
         if "help" not in meta or field.name in skip:
             continue
-        target = parser
-        if meta["group"]:
-            target = groups.get(meta["group"]) or groups.setdefault(
-                meta["group"], parser.add_argument_group(meta["group"])
-            )
+        if meta["group"] and meta["group"] not in groups:
+            groups[meta["group"]] = parser.add_argument_group(meta["group"])
+        target = groups[meta["group"]] if meta["group"] else parser
         has_default = field.default is not dataclasses.MISSING
         default = field.default if has_default else None
         kind = _kind(hints[field.name])
-        shown = meta["default_text"]
-        if shown is None and has_default and default not in (None, (), ""):
-            shown = {True: "on", False: "off"}.get(default) if isinstance(default, bool) else None
-            shown = shown or (", ".join(default) if isinstance(default, tuple) else str(default))
-        text = meta["help"] + (f" (default {shown})" if shown else "")
-        kwargs: dict[str, Any] = {"help": text.replace("%", "%%")}
-        if meta["metavar"]:
-            kwargs["metavar"] = meta["metavar"]
-        if meta["choices"]:
-            kwargs["choices"] = list(meta["choices"])
-        if meta["parse"]:
-            kwargs["type"] = meta["parse"]
-        elif kind in (int, float):
-            kwargs["type"] = ranged(kind, *meta["range"])
+        kwargs = _arguments(meta, kind, default, has_default)
         if meta["positional"]:
             if has_default:  # optional: the default when left out
                 kwargs.update(nargs="?", default=default)

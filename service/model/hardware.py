@@ -44,6 +44,14 @@ _DEVICE_FAILURES = (
 DEVICE_FAILED_EXIT = 3  # the exit status of a server process whose GPU failed
 
 
+def out_of_memory(error: BaseException) -> bool:
+    """Whether ``error`` is the GPU running out of memory: it fails the calls of one batch, and the device, the
+    worker and the calls after it go on (unlike ``device_failure``)."""
+    return isinstance(error, torch.cuda.OutOfMemoryError) or (
+        isinstance(error, RuntimeError) and "CUDA out of memory" in str(error)
+    )
+
+
 def device_failure(error: BaseException) -> str | None:
     """What went wrong when ``error`` is the GPU failing (the line of torch's message that says so), else None."""
     if not isinstance(error, RuntimeError):

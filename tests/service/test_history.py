@@ -187,10 +187,18 @@ def test_export_and_import_round_trip(tmp_path, histories):
     other.close()
 
 
-def _learn_many(path: str, word: str, times: int) -> None:
-    store = open_store(path)
+def _learn_many(path: str, word: str, times: int, ready, go, spans) -> None:
+    """Learn ``word`` ``times`` times, writing after each (the writes of two processes interleave)."""
+    store = open_store(path, flush_ms=60_000.0)
+    ready.put(1)
+    go.wait(60)
+    written = []
     for _ in range(times):
         store.learn("ann", [word])
+        started = time.time()
+        store.flush()
+        written.append((started, time.time()))
+    spans.put(written)
     store.close()
 
 
@@ -198,12 +206,19 @@ def test_two_processes_learning_for_one_user_lose_no_counts(location):
     path = location
     open_store(path).close()  # the schema, once
     spawn = multiprocessing.get_context("spawn")
-    workers = [spawn.Process(target=_learn_many, args=(path, "shared", 200)) for _ in range(2)]
+    ready, go, spans = spawn.Queue(), spawn.Event(), spawn.Queue()
+    workers = [spawn.Process(target=_learn_many, args=(path, "shared", 200, ready, go, spans)) for _ in range(2)]
     for worker in workers:
         worker.start()
+    ready.get(timeout=120), ready.get(timeout=120)  # both have started and opened the store
+    go.set()
+    first, second = spans.get(timeout=120), spans.get(timeout=120)
     for worker in workers:
         worker.join(60)
         assert worker.exitcode == 0
+    # the writes overlapped: each process wrote while the other was between its first and last write
+    assert any(first[0][0] < start < first[-1][1] for start, _ in second)
+    assert any(second[0][0] < start < second[-1][1] for start, _ in first)
     reader = open_store(path)
     assert reader.user("ann").counts[("shared",)][0] == pytest.approx(400.0, rel=1e-3)
     reader.close()

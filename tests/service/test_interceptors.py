@@ -1,6 +1,7 @@
 """The interceptor on a fake context: request ids, tokens, the concurrency limit, error mapping, metrics."""
 
 import logging
+import re
 from types import SimpleNamespace
 
 import grpc
@@ -8,6 +9,7 @@ import pytest
 import torch
 
 from service.api.interceptors import REQUEST_ID_KEY, CallGuard
+from service.api.logs import JsonFormatter, TextFormatter
 from service.api.metrics import Metrics
 from service.model.hardware import device_failure
 from tests.service.fakes import Aborted, FakeContext
@@ -37,7 +39,9 @@ def test_a_sane_request_id_is_kept_and_an_insane_one_replaced():
     context = FakeContext([(REQUEST_ID_KEY, "no spaces allowed")])
     call(None, context)
     made = context.trailing[0][1]
-    assert len(made) == 16 and int(made, 16) >= 0
+    assert re.fullmatch(r"[0-9a-f]{16}", made)
+    call(None, context)
+    assert context.trailing[0][1] != made  # a new one for each call
 
 
 def test_tokens_are_required_except_for_health():
@@ -79,7 +83,7 @@ def test_an_abort_passes_through_and_an_exception_becomes_internal(caplog):
     assert context.details == "text must not be empty" and count(guard, "INVALID_ARGUMENT") == 1
 
     def broken(request, context):
-        raise ValueError("a bug")
+        raise ValueError(f"a bug near {request!r}")  # a library's error that quotes what a user typed
 
     call, guard = guarded(broken)
     context = FakeContext([(REQUEST_ID_KEY, "req-7")])
@@ -88,7 +92,11 @@ def test_an_abort_passes_through_and_an_exception_becomes_internal(caplog):
     assert context.status == grpc.StatusCode.INTERNAL and "request id req-7" in context.details
     assert count(guard, "INTERNAL") == 1 and guard.active == 0
     record = caplog.records[-1]
-    assert record.request_id == "req-7" and record.exc_info and "private text" not in caplog.text
+    assert record.request_id == "req-7" and record.exc_info
+    for formatter in (JsonFormatter(), TextFormatter()):  # the line the server writes
+        line = formatter.format(record)
+        assert "private text" not in line
+        assert "ValueError" in line and "in broken" in line  # the type and where, for whoever debugs it
 
 
 def test_malformed_bytes_are_invalid_argument_naming_the_type_and_never_the_payload(caplog):
@@ -179,7 +187,7 @@ def test_a_gpu_failure_is_told_from_other_errors_by_torchs_message(error, said):
 
 def test_a_gpu_failure_is_unavailable_and_stops_the_server_once(caplog):
     def failing(request, context):
-        raise RuntimeError(TORCHSCRIPT_CUDNN_FAILURE)
+        raise RuntimeError(f"{TORCHSCRIPT_CUDNN_FAILURE}\nwhile reading {request!r}")
 
     call, guard = guarded(failing)
     stops = []
@@ -195,4 +203,19 @@ def test_a_gpu_failure_is_unavailable_and_stops_the_server_once(caplog):
     failures = [r for r in caplog.records if r.levelno == logging.ERROR]
     assert [r.request_id for r in failures] == ["req-1", "req-2"]
     assert failures[0].exc_info and not failures[1].exc_info  # one traceback, then a line per call
-    assert "CUDNN_STATUS_INTERNAL_ERROR" in failures[1].getMessage() and "private text" not in caplog.text
+    assert "CUDNN_STATUS_INTERNAL_ERROR" in failures[1].getMessage()
+    assert not any("private text" in JsonFormatter().format(record) for record in failures)
+
+
+def test_out_of_memory_fails_the_call_with_resource_exhausted_and_keeps_the_server():
+    def failing(request, context):
+        raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+
+    call, guard = guarded(failing)
+    stops = []
+    guard.on_device_failure = lambda: stops.append(1)
+    context = FakeContext([(REQUEST_ID_KEY, "req-9")])
+    with pytest.raises(Aborted):
+        call("text", context)
+    assert context.status == grpc.StatusCode.RESOURCE_EXHAUSTED and "out of memory" in context.details
+    assert stops == [] and count(guard, "RESOURCE_EXHAUSTED") == 1

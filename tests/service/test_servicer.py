@@ -95,15 +95,18 @@ def test_type_beyond_the_session_limit_is_resource_exhausted():
 
 def test_the_edit_reader_ends_with_its_call_even_when_its_queue_is_full():
     before = threading.active_count()
-    endless = (pb.TypeRequest(append="a") for _ in itertools.count())
+    pulled: list[int] = []
+    endless = (pulled.append(1) or pb.TypeRequest(append="a") for _ in itertools.count())
     session = servicer().Type(endless, FakeContext())
     next(session)  # one answer, then the client stops reading: the reader fills the queue and waits
     deadline = time.monotonic() + 5
     while threading.active_count() == before and time.monotonic() < deadline:
         time.sleep(0.01)
     assert threading.active_count() == before + 1
-    time.sleep(0.2)  # the queue is full by now (EDIT_QUEUE edits are read ahead)
-    assert EDIT_QUEUE > 0
+    time.sleep(0.2)  # the queue is full by now: the reader waits with EDIT_QUEUE edits read ahead
+    read = len(pulled)
+    time.sleep(0.2)
+    assert EDIT_QUEUE <= read <= EDIT_QUEUE + 3 and len(pulled) == read  # and it reads no more
     session.close()  # the call ends (cancel, abort or deadline)
     deadline = time.monotonic() + 5
     while threading.active_count() > before and time.monotonic() < deadline:
