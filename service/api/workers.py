@@ -44,7 +44,8 @@ from service.model.hardware import DEVICE_FAILED_EXIT
 
 log = logging.getLogger("nextword")
 KILL_AFTER = 5.0  # seconds past the grace before a draining worker is killed
-RESTART_PAUSES = (0.5, 1, 2, 5, 10, 30)  # between failed starts of a replacement worker
+RESTART_PAUSES = (0.5, 1, 2, 5, 10, 30)  # between restarts of a worker that keeps failing, growing to a cap
+STABLE_SECONDS = 60.0  # a worker that served this long and then ended is restarted at once
 
 
 def reserve_port(host: str, port: int) -> socket.socket:
@@ -99,6 +100,7 @@ class _Worker:
     process: multiprocessing.process.BaseProcess
     ready: multiprocessing.connection.Connection
     serving: bool = False
+    serving_since: float = 0.0  # monotonic
 
 
 class Supervisor:
@@ -111,7 +113,7 @@ class Supervisor:
         self._done = threading.Event()
         self._lock = threading.Lock()  # the set of workers: replacing one against stopping all
         self._workers: dict[int, _Worker] = {}
-        self._failures: dict[int, int] = {}  # replacements of a worker index that failed to start, in a row
+        self._failures: dict[int, int] = {}  # ends of a worker index in a row, each soon after it started
         self._metrics_dir = tempfile.mkdtemp(prefix="nextword-metrics-")
         os.environ[MULTIPROCESS_ENV] = self._metrics_dir  # inherited by the workers (service/api/metrics.py)
         self._port_holder = reserve_port(config.host, config.port)
@@ -171,7 +173,7 @@ class Supervisor:
             worker.process.join(1.0)
             return f"worker {worker.index} ended before it served (exit code {worker.process.exitcode})"
         if what == "serving":
-            worker.serving = True
+            worker.serving, worker.serving_since = True, time.monotonic()
             return None
         return why
 
@@ -186,7 +188,6 @@ class Supervisor:
                 if handle is worker.ready:
                     why = self._heard(worker)
                     if why is None:
-                        self._failures[worker.index] = 0
                         log.info("worker %d serves (a replacement)", worker.index)
                     else:
                         log.error("replacement worker %d cannot start: %s", worker.index, why)
@@ -201,13 +202,22 @@ class Supervisor:
         how = f"was killed by {signal.Signals(-code).name}" if code is not None and code < 0 else f"exited ({code})"
         if code == DEVICE_FAILED_EXIT:
             how = f"stopped because its model's device failed (exit {code})"
-        if worker.serving:
+        if worker.serving and time.monotonic() - worker.serving_since >= STABLE_SECONDS:
             self._failures[worker.index] = 0
             log.warning("worker %d %s while serving; starting a replacement", worker.index, how)
-        else:
+        else:  # it never served, or ended soon after it began: a crash loop backs off
             failures = self._failures[worker.index] = self._failures.get(worker.index, 0) + 1
             pause = RESTART_PAUSES[min(failures, len(RESTART_PAUSES)) - 1]
-            log.warning("replacement worker %d %s; retrying in %.1f s", worker.index, how, pause)
+            when = "while serving" if worker.serving else "before it served"
+            log.warning(
+                "worker %d %s %s (%d time(s) in a row within %.0f s of starting); restarting it in %.1f s",
+                worker.index,
+                how,
+                when,
+                failures,
+                STABLE_SECONDS,
+                pause,
+            )
             if self._stopping.wait(pause):
                 return
         with self._lock:

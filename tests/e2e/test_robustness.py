@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import signal
@@ -27,6 +28,17 @@ texts = st.one_of(
     st.sampled_from(["", " ", "x" * 10_000, "x" * 10_001, "我" * 10_001, "word " * 5_000]),
 )
 uint32 = st.integers(0, 2**32 - 1)
+# Who a call names: no one, a few users (whose histories learn along the way), or anything a client may put in
+# ASCII metadata (the server refuses what is not a user id)
+users = st.one_of(
+    st.none(), st.sampled_from(["ann", "bob", "a.b:c@d-e_f"]), st.from_regex(r"[ -~]{0,70}", fullmatch=True)
+)
+
+
+def named(user: str | None) -> tuple[tuple[str, str], ...]:
+    return (("x-nextword-user", user),) if user is not None else ()
+
+
 # Outcomes a client may see for bad input or limits; never INTERNAL or UNKNOWN.
 CLEAN = {
     grpc.StatusCode.OK,
@@ -59,10 +71,11 @@ def outcome(call) -> grpc.StatusCode:
 
 
 @FUZZ
-@given(text=texts, count=uint32)
-def test_fuzz_suggest(fuzzed, text, count):
+@given(text=texts, count=uint32, user=users)
+def test_fuzz_suggest(fuzzed, text, count, user):
     _, client = fuzzed
-    outcome(lambda: client.stub.Suggest(pb.SuggestRequest(text=text, num_suggestions=count), timeout=30))
+    request = pb.SuggestRequest(text=text, num_suggestions=count)
+    outcome(lambda: client.stub.Suggest(request, timeout=30, metadata=named(user)))
     assert client.health() == "SERVING"
 
 
@@ -75,14 +88,15 @@ def test_fuzz_suggest(fuzzed, text, count):
     max_tokens=st.integers(0, 100),
     stop=st.lists(texts, max_size=10),
     seed=st.one_of(st.none(), st.integers(0, 2**64 - 1)),
+    user=users,
 )
-def test_fuzz_generate(fuzzed, prompt, temperature, top_k, top_p, max_tokens, stop, seed):
+def test_fuzz_generate(fuzzed, prompt, temperature, top_k, top_p, max_tokens, stop, seed, user):
     _, client = fuzzed
     request = pb.GenerateRequest(prompt=prompt, top_k=top_k, max_tokens=max_tokens, stop=stop)
     for name, value in (("temperature", temperature), ("top_p", top_p), ("seed", seed)):
         if value is not None:
             setattr(request, name, value)
-    outcome(lambda: list(client.stub.Generate(request, timeout=30)))
+    outcome(lambda: list(client.stub.Generate(request, timeout=30, metadata=named(user))))
     assert client.health() == "SERVING"
 
 
@@ -93,24 +107,54 @@ edits = st.lists(
         st.just(pb.TypeRequest(reset=True)),
         st.just(pb.TypeRequest(reset=False)),
         st.builds(lambda n: pb.TypeRequest(num_suggestions=n), uint32),
+        st.builds(lambda t: pb.TypeRequest(append=t, incognito=True), texts),
+        st.just(pb.TypeRequest(commit=True)),
     ),
     max_size=25,
 )
 
 
 @FUZZ
-@given(sequence=edits)
-def test_fuzz_type(fuzzed, sequence):
+@given(sequence=edits, user=users)
+def test_fuzz_type(fuzzed, sequence, user):
     server, client = fuzzed
     responses = []
 
     def call():
-        for response in client.stub.Type(iter(sequence), timeout=30):
+        for response in client.stub.Type(iter(sequence), timeout=30, metadata=named(user)):
             responses.append(response)
 
     outcome(call)
     for i, response in enumerate(responses):  # each answer is for the edit it follows, in order
         assert response.edit_index == i + 1
+    assert client.health() == "SERVING"
+
+
+history_lines = st.lists(
+    st.one_of(
+        texts,
+        st.builds(
+            lambda gram, count, last: json.dumps({"ngram": gram, "count": count, "last_used": last}),
+            st.lists(texts, max_size=4),
+            st.one_of(st.floats(), st.integers(-(2**70), 2**70)),
+            st.one_of(st.floats(), st.integers(-(2**70), 2**70)),
+        ),
+    ),
+    max_size=8,
+)
+
+
+@FUZZ
+@given(user=users, text=texts, word=texts, everything=st.booleans(), lines=history_lines)
+def test_fuzz_history(fuzzed, user, text, word, everything, lines):
+    _, client = fuzzed
+    stub, metadata = client.stub, named(user)
+    outcome(lambda: stub.Learn(pb.LearnRequest(text=text), timeout=30, metadata=metadata))
+    chunks = iter([pb.HistoryChunk(lines="".join(line + "\n" for line in lines))])
+    outcome(lambda: stub.ImportHistory(chunks, timeout=30, metadata=metadata))
+    outcome(lambda: list(stub.ExportHistory(pb.ExportHistoryRequest(), timeout=30, metadata=metadata)))
+    request = pb.ForgetRequest(word=word, everything=everything)
+    outcome(lambda: stub.Forget(request, timeout=30, metadata=metadata))
     assert client.health() == "SERVING"
 
 

@@ -22,6 +22,7 @@ from service.api.logs import JsonFormatter
 from service.api.server import create_server, load_tokens
 from service.client import NextWordClient
 from service.pb.nextword.v1 import nextword_pb2 as pb
+from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from tests.e2e.test_server import held_session, start
 
 TOKEN = "s3cret-token-0123456789"
@@ -309,3 +310,63 @@ def test_no_log_calls_keeps_calls_out_of_the_log_but_not_errors(tiny_char_model,
     assert failed.value.code() == grpc.StatusCode.INTERNAL
     messages = [record.getMessage() for record in caplog.records if record.name == "nextword"]
     assert "call" not in messages and "internal error" in messages
+
+
+ALICE = "token-for-alice-0123456789"
+NOBODY = "token-for-nobody-0123456789"
+# one small valid request for each method of nextword.v1.NextWord (a new method must be added here)
+METHODS = {
+    "Suggest": lambda stub, md: stub.Suggest(pb.SuggestRequest(text="we "), timeout=30, metadata=md),
+    "Generate": lambda stub, md: list(
+        stub.Generate(pb.GenerateRequest(prompt="we", max_tokens=2), timeout=30, metadata=md)
+    ),
+    "Type": lambda stub, md: list(stub.Type(iter([pb.TypeRequest(append="we")]), timeout=30, metadata=md)),
+    "Convert": lambda stub, md: stub.Convert(pb.ConvertRequest(pinyin="ni"), timeout=30, metadata=md),
+    "GetModelInfo": lambda stub, md: stub.GetModelInfo(pb.GetModelInfoRequest(), timeout=30, metadata=md),
+    "Learn": lambda stub, md: stub.Learn(pb.LearnRequest(text="hello there"), timeout=30, metadata=md),
+    "Forget": lambda stub, md: stub.Forget(pb.ForgetRequest(word="hello"), timeout=30, metadata=md),
+    "ExportHistory": lambda stub, md: list(stub.ExportHistory(pb.ExportHistoryRequest(), timeout=30, metadata=md)),
+    "ImportHistory": lambda stub, md: stub.ImportHistory(
+        iter([pb.HistoryChunk(lines='{"ngram": ["hi"], "count": 1, "last_used": 1}\n')]), timeout=30, metadata=md
+    ),
+}
+
+
+def test_the_method_table_covers_the_service():
+    assert set(METHODS) == set(pb.DESCRIPTOR.services_by_name["NextWord"].methods_by_name)
+
+
+@pytest.fixture(scope="module")
+def bound(tiny_char_model, tmp_path_factory):
+    tokens = tmp_path_factory.mktemp("tokens") / "tokens"
+    tokens.write_text(f"{ALICE} alice\n{NOBODY}\n")
+    server, port, _ = start(tiny_char_model, auth_token_file=str(tokens))
+    channel = grpc.insecure_channel(f"127.0.0.1:{port}")
+    yield pb_grpc.NextWordStub(channel)
+    channel.close()
+    server.stop(0)
+
+
+def code_of(call) -> grpc.StatusCode:
+    try:
+        call()
+    except grpc.RpcError as error:
+        return error.code()
+    return grpc.StatusCode.OK
+
+
+@pytest.mark.parametrize("method", sorted(METHODS))
+def test_token_binding_holds_on_every_method(bound, method):
+    call = METHODS[method]
+    alice = (("authorization", f"Bearer {ALICE}"),)
+    assert code_of(lambda: call(bound, ())) == grpc.StatusCode.UNAUTHENTICATED
+    assert code_of(lambda: call(bound, (("authorization", "Bearer wrong-token-0123456789"),))) == (
+        grpc.StatusCode.UNAUTHENTICATED
+    )
+    for other in (
+        alice + (("x-nextword-user", "bob"),),
+        (("authorization", f"Bearer {NOBODY}"), ("x-nextword-user", "alice")),
+    ):
+        assert code_of(lambda other=other: call(bound, other)) == grpc.StatusCode.PERMISSION_DENIED
+    allowed = code_of(lambda: call(bound, alice + (("x-nextword-user", "alice"),)))
+    assert allowed not in (grpc.StatusCode.UNAUTHENTICATED, grpc.StatusCode.PERMISSION_DENIED, grpc.StatusCode.INTERNAL)

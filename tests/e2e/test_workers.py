@@ -115,3 +115,22 @@ def test_a_worker_that_cannot_load_the_model_fails_the_start_in_one_line(tmp_pat
     assert result.returncode == 1
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("nextword-serve: error:") and "bad.pt" in lines[0], lines
+
+
+def test_a_crash_loop_backs_off(two_workers):
+    """A worker that dies soon after it starts serving is restarted after growing pauses, not at once."""
+    process, port, _, log = two_workers
+
+    def said(text: str) -> list[str]:
+        return [line["message"] for line in log_lines(log) if text in line["message"]]
+
+    for killed in range(1, 4):  # the newest worker each time: the same worker index, once it serves again
+        os.kill(max(children(process.pid)), signal.SIGKILL)
+        wait_for(lambda killed=killed: len(said("serves (a replacement)")) == killed, 90)
+    lines = said("restarting it in")
+    pauses = [float(re.search(r"restarting it in ([\d.]+) s", line).group(1)) for line in lines]
+    assert pauses == [0.5, 1.0, 2.0]
+    assert "was killed by SIGKILL while serving" in lines[0] and "3 time(s) in a row" in lines[2]
+    assert all(fresh_call(port).suggestions for _ in range(6))
+    process.send_signal(signal.SIGTERM)
+    assert process.wait(timeout=30) == 0
