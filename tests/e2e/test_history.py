@@ -8,6 +8,7 @@ import signal
 import sqlite3
 import subprocess
 import sys
+import threading
 import time
 
 import grpc
@@ -251,10 +252,6 @@ def test_incognito_once_set_stays_set(served):
         assert "Zelda" not in learned  # after it, although the later edits did not say it again
 
 
-def chunks(lines: list[str], size: int) -> list[pb.HistoryChunk]:
-    return [pb.HistoryChunk(lines="".join(lines[i : i + size])) for i in range(0, len(lines), size)]
-
-
 def test_hostile_imports_get_precise_statuses_and_memory_stays_flat(tiny_word_model, tmp_path):
     server, port, _ = start(
         tiny_word_model, history_db=str(tmp_path / "h.sqlite"), import_idle_timeout=0.5, max_message_bytes=4 << 20
@@ -326,3 +323,78 @@ def test_sigkill_during_continuous_learning_loses_at_most_one_flush_interval(tin
     bound = flush_ms / 1000 + 0.15  # one flush interval, and the time a write itself takes
     assert window <= bound, f"lost {len(lost)} of {len(sent)}: the last {window:.2f} s"
     assert all(word in stored for when, word in sent if when < killed - bound)
+
+
+def test_an_ancient_import_is_refused_and_another_users_learning_persists_across_a_restart(tiny_word_model, tmp_path):
+    path = str(tmp_path / "h.sqlite")
+    server, port, _ = start(tiny_word_model, history_db=path, history_flush_ms=20)
+    try:
+        with NextWordClient(f"127.0.0.1:{port}", user="oleg") as oleg:
+            with pytest.raises(grpc.RpcError) as caught:
+                oleg.import_history(['{"ngram": ["ancient"], "count": 1, "last_used": -1e12}'])
+            assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "last_used" in caught.value.details()
+        with NextWordClient(f"127.0.0.1:{port}", user="pia") as pia:
+            pia.learn("I met Zelda today")
+    finally:
+        server.stop(5)
+    server, port, _ = start(tiny_word_model, history_db=path)
+    try:
+        with NextWordClient(f"127.0.0.1:{port}", user="pia") as pia:
+            assert any('"Zelda"' in line for line in pia.export_history())
+    finally:
+        server.stop(0)
+
+
+def test_a_postgresql_restart_under_load_keeps_every_call_answering(tiny_word_model):
+    """Calls that name a user go on answering while the database is down (without the history, within a
+    second each), and learning resumes once it is back."""
+    from tests.postgres import missing, postgres_control
+
+    if missing():
+        if os.environ.get("CI") == "true":
+            pytest.fail(f"{missing()}: CI must test the PostgreSQL store")
+        pytest.skip(missing())
+    with postgres_control() as database:
+        server, port, _ = start(tiny_word_model, history_db=database.url, history_flush_ms=50)
+        stop, slowest, failures = threading.Event(), [0.0], []
+
+        def load() -> None:
+            with NextWordClient(f"127.0.0.1:{port}", user="quinn", timeout=10) as client:
+                while not stop.is_set():
+                    started = time.monotonic()
+                    try:
+                        client.suggest("I met Ze")
+                        list(client.type([pb.TypeRequest(append="we met Zora. ")], timeout=10))
+                    except grpc.RpcError as error:
+                        failures.append(error.code())
+                    slowest[0] = max(slowest[0], time.monotonic() - started)
+
+        threads = [threading.Thread(target=load, daemon=True) for _ in range(4)]
+        try:
+            with NextWordClient(f"127.0.0.1:{port}", user="quinn") as quinn:
+                quinn.learn("I met Zelda. I met Zelda.")
+                for thread in threads:
+                    thread.start()
+                time.sleep(1.0)
+                database.stop()
+                time.sleep(3.0)  # the load goes on against a stopped database
+                with pytest.raises(grpc.RpcError) as caught:
+                    quinn.forget("Zelda")
+                assert caught.value.code() == grpc.StatusCode.UNAVAILABLE
+                database.start()
+                deadline = time.monotonic() + 20
+                while time.monotonic() < deadline:
+                    try:
+                        if any('"Zora"' in line for line in quinn.export_history()):
+                            break
+                    except grpc.RpcError:
+                        pass
+                    time.sleep(0.2)
+                assert any('"Zora"' in line for line in quinn.export_history()), "learning did not resume"
+        finally:
+            stop.set()
+            for thread in threads:
+                thread.join(15)
+            server.stop(0)
+        assert not failures, f"calls failed while the database was down: {failures[:5]}"
+        assert slowest[0] < 2.0, f"a call took {slowest[0]:.2f} s"

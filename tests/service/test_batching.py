@@ -327,3 +327,65 @@ def forward_threads(model_path: str, device: str, batching: bool) -> tuple[set[i
 def test_on_cpu_an_idle_models_forward_runs_on_its_callers_thread(tiny_char_model):
     threads, _ = forward_threads(tiny_char_model, "cpu", True)
     assert threading.get_ident() in threads  # a lone call ran on its own thread
+
+
+def test_out_of_memory_fails_one_batch_and_the_worker_goes_on(models):
+    _, plain, _ = models
+    failures = []
+    original = plain.advance_ragged
+
+    def short_of_memory(steps):
+        if not failures:
+            failures.append(1)
+            raise torch.cuda.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB.")
+        return original(steps)
+
+    plain.advance_ragged = short_of_memory
+    batched = BatchingModel(plain, max_batch_size=8)  # not inline: every step goes through the worker
+    tokens, state = torch.tensor([[5]]), plain.init_state(1)
+    try:
+        with pytest.raises(torch.cuda.OutOfMemoryError):
+            batched.advance(tokens, state)
+        assert batched.running
+        log_probs, _ = batched.advance(tokens, state)  # the next batch runs
+        torch.testing.assert_close(log_probs, plain.advance(tokens, state)[0], atol=1e-5, rtol=1e-4)
+    finally:
+        plain.advance_ragged = original
+        batched.close()
+
+
+def test_a_fault_outside_the_forward_fails_its_batch_and_the_worker_goes_on(models):
+    _, plain, _ = models
+    batched = BatchingModel(plain, max_batch_size=8)
+    tokens, state = torch.tensor([[5]]), plain.init_state(1)
+    original = batched._still_wanted
+    faults = []
+
+    def faulty(group):
+        if not faults:
+            faults.append(1)
+            raise KeyError("a bug in the worker's own bookkeeping")
+        return original(group)
+
+    batched._still_wanted = faulty
+    try:
+        with pytest.raises(KeyError):
+            batched.advance(tokens, state)
+        assert batched.running
+        assert batched.advance(tokens, state)[0].shape == (1, plain.vocab_size)
+    finally:
+        batched.close()
+
+
+def test_a_caller_does_not_wait_on_a_worker_that_is_gone(models, monkeypatch):
+    import service.model.batching as batching
+
+    _, plain, _ = models
+    monkeypatch.setattr(batching, "WORKER_CHECK_SECONDS", 0.05)
+    batched = BatchingModel(plain, max_batch_size=8)
+    batched._queue.put(None)  # the worker stops, as if it had died, with no step answered
+    batched._worker.join(5)
+    started = time.monotonic()
+    with pytest.raises(RuntimeError, match="stopped"):
+        batched.advance(torch.tensor([[5]]), plain.init_state(1))
+    assert time.monotonic() - started < 2
