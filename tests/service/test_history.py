@@ -187,17 +187,17 @@ def test_export_and_import_round_trip(tmp_path, histories):
     other.close()
 
 
-def _learn_many(path: str, word: str, times: int, ready, go, spans) -> None:
-    """Learn ``word`` ``times`` times, writing after each (the writes of two processes interleave)."""
+def _learn_many(path: str, word: str, rounds: int, together, spans) -> None:
+    """Learn ``word`` 10 times a round, writing after each; the two processes start each round together."""
     store = open_store(path, flush_ms=60_000.0)
-    ready.put(1)
-    go.wait(60)
     written = []
-    for _ in range(times):
-        store.learn("ann", [word])
-        started = time.time()
-        store.flush()
-        written.append((started, time.time()))
+    for _ in range(rounds):
+        together.wait(60)
+        for _ in range(10):
+            store.learn("ann", [word])
+            started = time.time()
+            store.flush()
+            written.append((started, time.time()))
     spans.put(written)
     store.close()
 
@@ -206,12 +206,10 @@ def test_two_processes_learning_for_one_user_lose_no_counts(location):
     path = location
     open_store(path).close()  # the schema, once
     spawn = multiprocessing.get_context("spawn")
-    ready, go, spans = spawn.Queue(), spawn.Event(), spawn.Queue()
-    workers = [spawn.Process(target=_learn_many, args=(path, "shared", 200, ready, go, spans)) for _ in range(2)]
+    together, spans = spawn.Barrier(2), spawn.Queue()
+    workers = [spawn.Process(target=_learn_many, args=(path, "shared", 20, together, spans)) for _ in range(2)]
     for worker in workers:
         worker.start()
-    ready.get(timeout=120), ready.get(timeout=120)  # both have started and opened the store
-    go.set()
     first, second = spans.get(timeout=120), spans.get(timeout=120)
     for worker in workers:
         worker.join(60)
