@@ -20,8 +20,10 @@ if ! "$python" -c 'import grpc_tools' 2>/dev/null; then
     fi
     export PYTHONPATH="$tools"
 fi
+# google/api/annotations.proto (the HTTP routes) comes with googleapis-common-protos, a runtime dependency
+common=$("$VENV/bin/python" -c 'import google.api, os; print(os.path.dirname(os.path.dirname(google.api.__path__[0])))')
 rm -rf "$out" && mkdir -p "$out/nextword/v1"
-"$python" -m grpc_tools.protoc -I proto --python_out="$out" --pyi_out="$out" \
+"$python" -m grpc_tools.protoc -I proto -I "$common" --python_out="$out" --pyi_out="$out" \
     --grpc_python_out="$out" proto/nextword/v1/nextword.proto
 # protoc writes absolute imports (from nextword.v1 import ...); make them package-relative.
 sed -i 's/^from nextword\.v1 import/from service.pb.nextword.v1 import/' "$out/nextword/v1/nextword_pb2_grpc.py"

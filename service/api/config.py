@@ -28,6 +28,17 @@ class ServerConfig:
         "needs --auth-token-file or --trust-user-header)",
     )
     port: int = option(50051, "port to listen on (0 = any free port)", low=0)
+    http_port: int | None = option(
+        None,
+        "also serve HTTP/JSON, Server-Sent Events, WebSockets and the demo page on this port (0: any free port)",
+        low=0,
+        default_text="off",
+    )
+    cors_origin: tuple[str, ...] = option(
+        (),
+        "a web origin (https://app.example) whose pages may call the HTTP front; repeat for several",
+        metavar="ORIGIN",
+    )
     device: str = option("auto", "auto picks cuda when available", choices=["auto", "cpu", "cuda"])
     ngram: bool = option(
         True, "serve the network mixed with the model file's n-gram memory (--no-ngram: the network alone)"

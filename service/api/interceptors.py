@@ -128,6 +128,11 @@ class CallGuard(grpc.ServerInterceptor):
         if self.on_device_failure is not None:
             self.on_device_failure()
 
+    def wrap_method(self, method: str, handler: grpc.RpcMethodHandler, protocol: str) -> grpc.RpcMethodHandler:
+        """``handler`` guarded as a gRPC call of ``method`` is, for another front (the HTTP/JSON one): the same
+        checks, counted and logged under ``protocol``."""
+        return MethodGuard(self, method, protocol).wrap(handler)
+
     def intercept_service(self, continuation, handler_call_details):
         method = handler_call_details.method
         wrapped = self._wrapped.get(method)
@@ -142,14 +147,15 @@ class CallGuard(grpc.ServerInterceptor):
 class MethodGuard:
     """The guard of one method: ``before`` a call, ``fail`` when its handler raises, ``after`` it."""
 
-    def __init__(self, guard: CallGuard, method: str) -> None:
+    def __init__(self, guard: CallGuard, method: str, protocol: str = "grpc") -> None:
         is_health = method.startswith(HEALTH_PREFIX)
         self.guard = guard
         self.name = method.rsplit("/", 1)[-1]
+        self.protocol = protocol
         self.log_call = guard.log_calls and not is_health
         self.needs_token = bool(guard.tokens) and not (is_health and guard.health_without_auth)
         self.counted = not is_health  # health checks are outside the concurrency limit
-        self.latency = guard.metrics.latency.labels(self.name)
+        self.latency = guard.metrics.latency.labels(self.name, protocol)
         self._finished: dict[tuple[grpc.StatusCode, str], Any] = {}  # counter children, by status code and model
 
     def before(self, context) -> str:
@@ -227,6 +233,7 @@ class MethodGuard:
                 extra={
                     "request_id": request_id,
                     "method": self.name,
+                    "protocol": self.protocol,
                     "code": code.name,
                     "ms": round(elapsed * 1000, 2),
                 },
@@ -235,7 +242,8 @@ class MethodGuard:
     def _record(self, code: grpc.StatusCode, model: str) -> None:
         child = self._finished.get((code, model))
         if child is None:
-            child = self._finished[(code, model)] = self.guard.metrics.requests.labels(self.name, code.name, model)
+            labels = (self.name, code.name, model, self.protocol)
+            child = self._finished[(code, model)] = self.guard.metrics.requests.labels(*labels)
         child.inc()
 
     # ------------------------------------------------------------------ the wrappers

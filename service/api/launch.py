@@ -35,7 +35,7 @@ def serve(config: ServerConfig) -> None:
         + f"), device {engine.model.device}"
         for name, engine in server.engines.items()
     )
-    _announce(config, server.port, what, server.auth, server.metrics_port)
+    _announce(config, server.port, what, server.auth, server.metrics_port, server.http_port)
     server.wait()
     if server.device_failed:
         log.error(
@@ -53,7 +53,7 @@ def _serve_workers(config: ServerConfig) -> None:
     if not supervisor.start():
         return
     what = f"{', '.join(f'{name}: {path}' for name, path in config.models)} in {config.workers} worker processes"
-    _announce(config, supervisor.port, what, bool(load_tokens(config)), supervisor.metrics_port)
+    _announce(config, supervisor.port, what, bool(load_tokens(config)), supervisor.metrics_port, supervisor.http_port)
     supervisor.watch()
     supervisor.wait()
     log.info("stopped")

@@ -19,7 +19,7 @@ import queue
 import time
 import traceback
 
-FIELDS = ("worker", "request_id", "method", "code", "ms", "port", "model", "device")
+FIELDS = ("worker", "request_id", "method", "protocol", "code", "ms", "port", "http_port", "model", "device")
 
 
 def private_traceback(exc_info) -> str:

@@ -1,7 +1,8 @@
 """Prometheus metrics, served on their own HTTP port (prometheus-client).
 
-    nextword_requests_total{method, code, model}  calls finished, by gRPC status code and model ("": none)
-    nextword_request_seconds{method}           latency histogram (a stream: until its last message)
+    nextword_requests_total{method, code, model, protocol}  calls finished, by gRPC status code, model ("": none)
+                                               and protocol (grpc, or http for the HTTP/JSON front)
+    nextword_request_seconds{method, protocol} latency histogram (a stream: until its last message)
     nextword_active_calls                      calls being handled now
     nextword_active_sessions                   open Type sessions
     nextword_active_generations                running Generate streams
@@ -64,12 +65,16 @@ class Metrics:
         live: dict[str, Any] = {"multiprocess_mode": "livesum"}
         self.requests = Counter(
             "nextword_requests",
-            "Calls finished, by method, gRPC status code and model",
-            ["method", "code", "model"],
+            "Calls finished, by method, gRPC status code, model and protocol (grpc or http)",
+            ["method", "code", "model", "protocol"],
             registry=r,
         )
         self.latency = Histogram(
-            "nextword_request_seconds", "Call latency in seconds", ["method"], buckets=LATENCY_BUCKETS, registry=r
+            "nextword_request_seconds",
+            "Call latency in seconds",
+            ["method", "protocol"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
         )
         self.active_calls = Gauge("nextword_active_calls", "Calls being handled", registry=r, **live)
         self.active_sessions = Gauge("nextword_active_sessions", "Open Type sessions", registry=r, **live)

@@ -15,6 +15,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from service.api.config import ServerConfig
+from service.api.http_front import HttpFront
 from service.api.interceptors import CallGuard
 from service.api.metrics import Metrics
 from service.api.servicer import NextWordServicer
@@ -166,6 +167,11 @@ class Server:
         if self.port == 0:
             raise OSError(f"cannot listen on {address}")
         self.auth = bool(tokens)
+        self.reuse_port = reuse_port
+        self.http = (
+            HttpFront(self.servicer, self.guard, config, threads.apply_here) if config.http_port is not None else None
+        )
+        self.http_port: int | None = None
         self.metrics_port = self.metrics.start_http(config.host, config.metrics_port) if config.metrics else None
         self._stopped = threading.Event()
 
@@ -194,6 +200,8 @@ class Server:
 
     def start(self) -> Server:
         self.grpc.start()
+        if self.http is not None and self.config.http_port is not None:
+            self.http_port = self.http.start(self.config.host, self.config.http_port, self.reuse_port)
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.SERVING)
         return self
@@ -209,7 +217,12 @@ class Server:
         for name in ("", SERVICE_NAME):
             self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
         grace = self.config.grace if grace is None else grace
+        http = threading.Thread(target=self.http.stop, args=(grace,), daemon=True) if self.http is not None else None
+        if http is not None:  # both fronts drain at once
+            http.start()
         self.grpc.stop(grace).wait()
+        if http is not None:
+            http.join(grace + 10)
         if self.histories is not None:  # what was learned is written before the process exits
             self.histories.close(timeout=max(1.0, grace))
         for engine in self.engines.values():
@@ -260,23 +273,27 @@ def describe_history(config: ServerConfig) -> str:
     return f"personal history in {where}" + ("" if config.learning else " (read only: --no-learning)")
 
 
-def _announce(config: ServerConfig, port: int, what: str, secure: bool, metrics_port: int | None) -> None:
+def _announce(
+    config: ServerConfig, port: int, what: str, secure: bool, metrics_port: int | None, http_port: int | None = None
+) -> None:
     history = describe_history(config)
+    http = f"; HTTP on port {http_port} (the demo page: http://localhost:{http_port}/)" if http_port is not None else ""
     log.info(
-        "serving %s on %s:%d; %s, %s; metrics %s; %s",
+        "serving %s on %s:%d%s; %s, %s; metrics %s; %s",
         what,
         config.host,
         port,
+        http,
         "TLS" + (" with client certificates" if config.tls_client_ca else "") if config.tls_cert else "plaintext",
         "bearer tokens required" if secure else "no authentication",
         f"on port {metrics_port} (/metrics)" if metrics_port else "off",
         history,
     )
     if config.tls_cert or secure:
-        print(f"nextword: SERVING on port {port}; {history}", flush=True)
+        print(f"nextword: SERVING on port {port}{http}; {history}", flush=True)
     else:
         print(
-            f"nextword: SERVING on port {port}; {history}. Try:\n"
+            f"nextword: SERVING on port {port}{http}; {history}. Try:\n"
             f'  python -m service.client --target localhost:{port} suggest "In the beginning"\n'
             f'  grpcurl -plaintext -d \'{{"text": "In the beginning"}}\' localhost:{port} '
             "nextword.v1.NextWord/Suggest",

@@ -118,7 +118,11 @@ class Supervisor:
         os.environ[MULTIPROCESS_ENV] = self._metrics_dir  # inherited by the workers (service/api/metrics.py)
         self._port_holder = reserve_port(config.host, config.port)
         self.port = self._port_holder.getsockname()[1]
-        self.worker_config = replace(config, port=self.port, metrics=False)
+        self.http_port: int | None = None
+        if config.http_port is not None:  # the HTTP front shares its port across the workers too
+            self._http_holder = reserve_port(config.host, config.http_port)
+            self.http_port = self._http_holder.getsockname()[1]
+        self.worker_config = replace(config, port=self.port, http_port=self.http_port, metrics=False)
         self._metrics_http: Any = None
         self.metrics_port: int | None = None
 
@@ -249,6 +253,8 @@ class Supervisor:
             self._metrics_http.server_close()
             self._metrics_http = None
         self._port_holder.close()
+        if self.http_port is not None:
+            self._http_holder.close()
         shutil.rmtree(self._metrics_dir, ignore_errors=True)
         self._done.set()
 

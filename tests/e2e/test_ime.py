@@ -156,7 +156,7 @@ def test_metrics_carry_the_model_name(two_models):
     with client(port, "zh") as zh:
         zh.convert("nihao")
     text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
-    assert 'nextword_requests_total{code="OK",method="Convert",model="zh"}' in text
+    assert 'nextword_requests_total{code="OK",method="Convert",model="zh",protocol="grpc"}' in text
     assert 'nextword_queue_depth{model="zh"}' in text and 'nextword_queue_depth{model="en"}' in text
     assert 'name="zh"' in text and 'name="en"' in text
 

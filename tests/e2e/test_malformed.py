@@ -113,7 +113,8 @@ def test_each_malformed_form_is_invalid_argument_counted_and_logged_without_a_tr
     ]  # CESU-8 surrogates
     before = (
         server.metrics.registry.get_sample_value(
-            "nextword_requests_total", {"method": "Suggest", "code": "INVALID_ARGUMENT", "model": ""}
+            "nextword_requests_total",
+            {"method": "Suggest", "code": "INVALID_ARGUMENT", "model": "", "protocol": "grpc"},
         )
         or 0
     )
@@ -127,7 +128,7 @@ def test_each_malformed_form_is_invalid_argument_counted_and_logged_without_a_tr
             list(channel.unary_stream("/nextword.v1.NextWord/Generate")(b"\xff", timeout=30))
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "GenerateRequest" in caught.value.details()
     after = server.metrics.registry.get_sample_value(
-        "nextword_requests_total", {"method": "Suggest", "code": "INVALID_ARGUMENT", "model": ""}
+        "nextword_requests_total", {"method": "Suggest", "code": "INVALID_ARGUMENT", "model": "", "protocol": "grpc"}
     )
     assert after - before == len(forms)
     lines = [r for r in caplog.records if r.getMessage() == "call" and getattr(r, "code", "") == "INVALID_ARGUMENT"]

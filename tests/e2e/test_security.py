@@ -223,7 +223,8 @@ def test_the_client_retries_a_refused_call_with_backoff_and_a_plain_one_fails_at
 
     def refused() -> float:
         value = server.metrics.registry.get_sample_value(
-            "nextword_requests_total", {"method": "Suggest", "code": "RESOURCE_EXHAUSTED", "model": ""}
+            "nextword_requests_total",
+            {"method": "Suggest", "code": "RESOURCE_EXHAUSTED", "model": "", "protocol": "grpc"},
         )
         return value or 0.0
 
@@ -262,10 +263,13 @@ def test_metrics_endpoint_counts_calls_by_status_and_reports_the_model(tiny_char
             list(client.type([pb.TypeRequest(append="w"), pb.TypeRequest(append="e")]))
         text = urllib.request.urlopen(f"http://127.0.0.1:{server.metrics_port}/metrics", timeout=5).read().decode()
         name = server.engine.name
-        assert f'nextword_requests_total{{code="OK",method="Suggest",model="{name}"}} 2.0' in text
-        assert f'nextword_requests_total{{code="INVALID_ARGUMENT",method="Suggest",model="{name}"}} 1.0' in text
-        assert f'nextword_requests_total{{code="OK",method="Type",model="{name}"}} 1.0' in text
-        assert 'nextword_request_seconds_bucket{le="+Inf",method="Suggest"} 3.0' in text
+        assert f'nextword_requests_total{{code="OK",method="Suggest",model="{name}",protocol="grpc"}} 2.0' in text
+        assert (
+            f'nextword_requests_total{{code="INVALID_ARGUMENT",method="Suggest",model="{name}",protocol="grpc"}} 1.0'
+            in text
+        )
+        assert f'nextword_requests_total{{code="OK",method="Type",model="{name}",protocol="grpc"}} 1.0' in text
+        assert 'nextword_request_seconds_bucket{le="+Inf",method="Suggest",protocol="grpc"} 3.0' in text
         assert f'nextword_batch_rows_count{{model="{name}"}}' in text
         assert f'nextword_queue_depth{{model="{name}"}}' in text
         assert "nextword_active_sessions 0.0" in text

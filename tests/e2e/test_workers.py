@@ -81,7 +81,9 @@ def test_workers_share_the_port_sum_their_metrics_and_drain_on_sigterm(two_worke
         )
         first = next(generation)
         text = urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).read().decode()
-        suggests = re.search(r'nextword_requests_total\{code="OK",method="Suggest",model="[^"]+"\} (\S+)', text)
+        suggests = re.search(
+            r'nextword_requests_total\{code="OK",method="Suggest",model="[^"]+",protocol="grpc"\} (\S+)', text
+        )
         assert suggests and float(suggests.group(1)) == 24.0  # the sum over both workers
         assert "nextword_model_info{" in text
         process.send_signal(signal.SIGTERM)

@@ -27,7 +27,7 @@ def guarded(handler, method="/nextword.v1.NextWord/Suggest", **options):
 
 def count(guard: CallGuard, code: str, method: str = "Suggest") -> float:
     value = guard.metrics.registry.get_sample_value(
-        "nextword_requests_total", {"method": method, "code": code, "model": ""}
+        "nextword_requests_total", {"method": method, "code": code, "model": "", "protocol": "grpc"}
     )
     return value or 0.0
 
