@@ -105,6 +105,7 @@ class HttpFront:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="http-loop", daemon=True)
         self._runner: web.AppRunner | None = None
+        self._sockets: set[web.WebSocketResponse] = set()  # open typing sessions, closed at stop
         self.port = 0
 
     # ------------------------------------------------------------------ lifecycle
@@ -120,7 +121,7 @@ class HttpFront:
         for name, (verb, path) in self.routes.items():
             app.router.add_route(verb, path, self._handler(name))
             app.router.add_route("OPTIONS", path, self._preflight)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
+        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=self.config.grace)
         await self._runner.setup()
         site = web.TCPSite(self._runner, host.strip("[]") or None, port, reuse_port=reuse_port or None)
         await site.start()
@@ -130,7 +131,7 @@ class HttpFront:
     def stop(self, grace: float) -> None:
         """Stop accepting, let calls in flight finish within ``grace`` seconds, then close."""
         if self._runner is not None:
-            future = asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop)
+            future = asyncio.run_coroutine_threadsafe(self._close(), self._loop)
             try:
                 future.result(grace + 5)
             except concurrent.futures.TimeoutError:
@@ -138,6 +139,13 @@ class HttpFront:
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(5)
         self._pool.shutdown(wait=False, cancel_futures=True)
+
+    async def _close(self) -> None:
+        """Open typing sessions end ("going away", as a gRPC stream ends at stop), then the rest drain."""
+        for socket in list(self._sockets):
+            await socket.close(code=1001, message=b"the server is stopping")
+        assert self._runner is not None
+        await self._runner.cleanup()
 
     def _handler(self, name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """The aiohttp handler of a method, by its kind: unary, a stream either way, or both (a WebSocket)."""
@@ -323,6 +331,7 @@ class HttpFront:
         context = self._context(request, query=True)
         socket = web.WebSocketResponse(max_msg_size=self.config.max_message_bytes)
         await socket.prepare(request)
+        self._sockets.add(socket)
         edits: queue.Queue = queue.Queue(maxsize=64)
         answers: asyncio.Queue = asyncio.Queue()
 
@@ -350,6 +359,7 @@ class HttpFront:
             await asyncio.shield(pumped)
             context.end()
             await socket.close()
+            self._sockets.discard(socket)
         return socket
 
     async def _read_socket(self, socket: web.WebSocketResponse, edits: queue.Queue) -> None:
