@@ -2,6 +2,7 @@
 PYTHON ?= python3
 VENV ?= .venv
 PORT ?= 50051
+HTTP_PORT ?= 8080
 MODEL ?= models/default.pt
 ZH_MODEL ?= models/zh.pt
 export PYTHON VENV
@@ -17,13 +18,13 @@ install-dev:            ## everything: service, training, tests, linters
 proto:                  ## regenerate service/pb/ from proto/
 	scripts/gen_proto.sh
 
-serve: install          ## serve the default model (or MODEL=path), and models/zh.pt as "zh" once built, on PORT
-	$(VENV)/bin/python -m service --model $(MODEL) $(if $(wildcard $(ZH_MODEL)),--model zh=$(ZH_MODEL)) --port $(PORT)
+serve: install          ## serve the default model (or MODEL=path), and models/zh.pt as "zh" once built: gRPC on PORT, HTTP and the page on HTTP_PORT
+	$(VENV)/bin/python -m service --model $(MODEL) $(if $(wildcard $(ZH_MODEL)),--model zh=$(ZH_MODEL)) --port $(PORT) --http-port $(HTTP_PORT)
 
 test: install-dev       ## the whole test suite (offline, CPU)
 	$(VENV)/bin/python -m pytest -q
 
-test-fast: install-dev  ## the suite without the tests marked slow (the edit-test loop)
+test-fast: install-dev  ## the suite without the tests marked slow (servers, training, the browser: the edit-test loop)
 	$(VENV)/bin/python -m pytest -q -m "not slow"
 
 lint: install-dev       ## ruff (lint, size and complexity, format check), mypy and hadolint (the same as .pre-commit-config.yaml)

@@ -35,17 +35,42 @@ def show(response: pb.SuggestResponse) -> str:
     return (f"[completing {response.prefix!r}] " if response.completes_word else "") + (words or "(none)")
 
 
+class TypingScreen:
+    """The typed text on one line and the suggestions under it, redrawn after each answer; Tab takes the first."""
+
+    def __init__(self, out=sys.stdout) -> None:
+        self.out = out
+        self.text = ""
+        self.last: pb.SuggestResponse | None = None
+
+    def taken(self) -> tuple[int, str] | None:
+        """(characters to delete, text to append) that take the first suggestion, or None when there is none."""
+        if self.last is None or not self.last.suggestions:
+            return None
+        first = self.last.suggestions[0].text
+        prefix = self.last.prefix if self.last.completes_word else ""
+        return len(prefix), first + " "
+
+    def draw(self, response: pb.SuggestResponse) -> None:
+        self.last = response  # the cursor is on the text's line, where the last draw left it
+        self.out.write(f"\r\x1b[K> {self.text}\n\r\x1b[K  {show(response)}  (Tab takes the first)")
+        self.out.write(f"\x1b[1A\r\x1b[{len(self.text) + 3}G")  # the cursor after the text
+        self.out.flush()
+
+
 def interactive_type(client: NextWordClient, count: int) -> None:
-    """Raw keystrokes on a terminal (Backspace deletes); one edit per line otherwise."""
+    """Raw keystrokes on a terminal (Backspace deletes, Tab takes a suggestion); one edit per line otherwise."""
+    if not sys.stdin.isatty():
+        lines = (pb.TypeRequest(append=line.rstrip("\n") or " ", num_suggestions=count) for line in sys.stdin)
+        for response in client.type(lines):
+            print(show(response.suggestions), flush=True)
+        return
+    import termios
+    import tty
+
+    screen = TypingScreen()
 
     def edits() -> Iterator[pb.TypeRequest]:
-        if not sys.stdin.isatty():
-            for line in sys.stdin:
-                yield pb.TypeRequest(append=line.rstrip("\n") or " ", num_suggestions=count)
-            return
-        import termios
-        import tty
-
         settings = termios.tcgetattr(sys.stdin)
         try:
             tty.setcbreak(sys.stdin)
@@ -54,21 +79,27 @@ def interactive_type(client: NextWordClient, count: int) -> None:
                 if key in ("", "\x04"):
                     return
                 if key in ("\x7f", "\b"):
+                    screen.text = screen.text[:-1]
                     yield pb.TypeRequest(delete=1, num_suggestions=count)
                 elif key == "\x15":  # Ctrl-U
+                    screen.text = ""
                     yield pb.TypeRequest(reset=True, num_suggestions=count)
+                elif key == "\t" and (take := screen.taken()) is not None:
+                    removed, added = take
+                    screen.text = screen.text[: len(screen.text) - removed] + added
+                    if removed:
+                        yield pb.TypeRequest(delete=removed, num_suggestions=count)
+                    yield pb.TypeRequest(append=added, num_suggestions=count)
                 elif key.isprintable() or key == "\n":
+                    screen.text += " " if key == "\n" else key
                     yield pb.TypeRequest(append=" " if key == "\n" else key, num_suggestions=count)
         finally:
             termios.tcsetattr(sys.stdin, termios.TCSADRAIN, settings)
 
-    print("type; Backspace deletes, Ctrl-U clears, Ctrl-D ends", file=sys.stderr)
+    print("type; Tab takes the first suggestion, Backspace deletes, Ctrl-U clears, Ctrl-D ends", file=sys.stderr)
     for response in client.type(edits()):
-        if sys.stdout.isatty():
-            print(f"\r\x1b[K{show(response.suggestions)}", end="", flush=True)
-        else:
-            print(show(response.suggestions), flush=True)
-    print()
+        screen.draw(response.suggestions)
+    print("\n")
 
 
 LEARN_PIECE = 8000  # characters per Learn call (the server's default limit is 10,000)

@@ -1,6 +1,8 @@
 """A real server on port 0 with a tiny exported model, called through the real client."""
 
+import os
 import re
+import select
 import signal
 import subprocess
 import sys
@@ -402,3 +404,49 @@ def test_a_gpu_failure_answers_unavailable_and_the_worker_exits_to_be_replaced(t
     [(code, details)] = codes
     assert code == grpc.StatusCode.UNAVAILABLE and "device failed" in details and "retry" in details
     assert server.device_failed and not engine.model.running
+
+
+def test_the_terminal_client_shows_the_text_and_tab_takes_the_first_suggestion(served):
+    """``service.client type`` on a terminal (a pseudo-terminal here): the typed text, the suggestions under it."""
+    import pty
+
+    _, port, _ = served
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "service.client", "--target", f"127.0.0.1:{port}", "type"],
+        stdin=terminal,
+        stdout=terminal,
+        stderr=subprocess.DEVNULL,
+        cwd=ROOT,
+    )
+    os.close(terminal)
+    screen = b""
+
+    def read_until(pattern: bytes, seconds: float = 30) -> re.Match:
+        nonlocal screen
+        deadline = time.monotonic() + seconds
+        while time.monotonic() < deadline:
+            if select.select([controller], [], [], 0.1)[0]:
+                screen += os.read(controller, 4096)
+            plain = re.sub(rb"\x1b\[[0-9;]*[A-Za-z]", b"", screen)
+            found = list(re.finditer(pattern, plain))
+            if found:
+                return found[-1]
+        raise AssertionError(f"not on the screen: {pattern!r} in {screen[-300:]!r}")
+
+    import termios
+
+    deadline = time.monotonic() + 30
+    while termios.tcgetattr(controller)[3] & termios.ICANON and time.monotonic() < deadline:
+        time.sleep(0.05)  # until the client reads key by key
+    try:
+        os.write(controller, b"we li")
+        shown = read_until(rb"> we li\r?\n\r? *\[completing 'li'\] (\S+) ")
+        first = shown.group(1).decode()
+        os.write(controller, b"\t")
+        read_until(rb"> we " + re.escape(first.encode()) + rb" \r?\n")  # Tab took it, and a space follows
+        os.write(controller, b"\x04")
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        os.close(controller)

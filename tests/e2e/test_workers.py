@@ -136,3 +136,27 @@ def test_a_crash_loop_backs_off(two_workers):
     assert all(fresh_call(port).suggestions for _ in range(6))
     process.send_signal(signal.SIGTERM)
     assert process.wait(timeout=30) == 0
+
+
+def test_workers_share_the_http_port_too(tiny_char_model, tmp_path):
+    http_port = free_port()
+    log = tmp_path / "server.log"
+    with open(log, "w") as stderr:
+        process, _ = serve_process(
+            tiny_char_model, "--workers", "2", "--no-metrics", "--http-port", str(http_port), stderr=stderr
+        )
+    try:
+        for _ in range(24):  # a connection each: the kernel spreads them over the workers
+            request = urllib.request.Request(
+                f"http://127.0.0.1:{http_port}/v1/suggest", data=b'{"text": "we "}', method="POST"
+            )
+            request.add_header("Content-Type", "application/json")
+            with urllib.request.urlopen(request, timeout=30) as response:
+                assert json.loads(response.read())["suggestions"]
+        served_by = {line["worker"] for line in log_lines(log) if line.get("protocol") == "http"}
+        assert served_by == {0, 1}
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.stdout.close()
