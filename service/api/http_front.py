@@ -373,6 +373,9 @@ class HttpFront:
                     item = ValueError("a binary message: each edit is a JSON text message")
                 else:
                     break
-                await loop.run_in_executor(None, edits.put, item)
+                try:
+                    edits.put_nowait(item)  # no hop to another thread while the session keeps up
+                except queue.Full:
+                    await loop.run_in_executor(None, edits.put, item)
         finally:
             await loop.run_in_executor(None, edits.put, END)
