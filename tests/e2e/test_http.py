@@ -250,3 +250,30 @@ def test_the_type_websocket_needs_the_token_too(secured):
     assert asyncio.run(typed(""))["error"]["code"] == "UNAUTHENTICATED"
     assert asyncio.run(typed(f"?access_token={TOKEN}&user=bob"))["error"]["code"] == "PERMISSION_DENIED"
     assert "suggestions" in asyncio.run(typed(f"?access_token={TOKEN}&user=ann"))
+
+
+def test_capacity_refusals_are_429_and_a_deadline_is_504(tiny_char_model):
+    server, _, _ = start(tiny_char_model, http_port=0, max_concurrent_rpcs=1)
+    base = f"http://127.0.0.1:{server.http_port}"
+
+    async def held() -> tuple[int, dict]:
+        async with aiohttp.ClientSession() as client, client.ws_connect(f"{base}/v1/type") as socket:
+            await socket.send_str(json.dumps({"append": "we"}))
+            await socket.receive()  # the session holds the one place
+            async with client.post(f"{base}/v1/suggest", json={"text": "we "}) as refused:
+                return refused.status, await refused.json()
+
+    try:
+        status, body = asyncio.run(held())
+        assert status == 429 and body["code"] == "RESOURCE_EXHAUSTED" and "max_concurrent_rpcs" in body["message"]
+        deadline = time.monotonic() + 10
+        while server.guard.active and time.monotonic() < deadline:  # the session's place is free again
+            time.sleep(0.02)
+        body = {"prompt": "we", "maxTokens": 500}
+        status, _, answer = call(f"{base}/v1/generate", body=body, headers={"x-timeout-ms": "1"})
+        if status == 200:  # the stream began before the deadline passed: it ends with the error event
+            assert "event: error" in answer and "DEADLINE_EXCEEDED" in answer
+        else:
+            assert status == 504 and answer["code"] == "DEADLINE_EXCEEDED"
+    finally:
+        server.stop(0)
