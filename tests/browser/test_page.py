@@ -117,7 +117,7 @@ def test_pinyin_composes_picks_a_word_and_shows_association(browser, tiny_ime_mo
         number = next(str(i + 1) for i, choice in enumerate(choices) if choice[1:].strip() == "你好")
         text.send_keys(number)
         wait(browser, lambda: text.get_attribute("value") == "你好")
-        wait(browser, lambda: row.is_displayed() and row.text.strip())  # association: what may follow 你好
-        assert "nihao" not in row.text
+        # association: what may follow 你好, in place of the candidates
+        wait(browser, lambda: row.is_displayed() and row.text.strip() and "nihao" not in row.text)
     finally:
         server.stop(0)
