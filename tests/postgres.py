@@ -34,6 +34,17 @@ def missing() -> str | None:
     return None
 
 
+def required() -> None:
+    """Skips the test where no server can be started here; fails it in CI, which must test PostgreSQL."""
+    import pytest
+
+    why = missing()
+    if why and os.environ.get("CI") == "true":
+        pytest.fail(f"{why}: CI must test the PostgreSQL store (.ci/run installs PostgreSQL)")
+    if why:
+        pytest.skip(why)
+
+
 def _free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

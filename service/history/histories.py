@@ -150,14 +150,7 @@ class Histories:
             for gram in grams:
                 if history is not None:
                     history.add(gram, 1.0, now)
-                entry = self._pending.get((user, gram))
-                if entry is None:
-                    if len(self._pending) >= MAX_PENDING:
-                        dropped += 1
-                        continue
-                    entry = self._pending[(user, gram)] = [0.0, now]
-                entry[0] += 1.0
-                entry[1] = now
+                dropped += not self._pend(user, gram, 1.0, now)
         if dropped:
             self.on_event("counts_dropped", dropped)
         return len(grams)
@@ -263,16 +256,20 @@ class Histories:
         dropped = 0
         with self._lock:
             for user, gram, count, when in rows:
-                entry = self._pending.get((user, gram))
-                if entry is None:
-                    if len(self._pending) >= MAX_PENDING:
-                        dropped += 1
-                        continue
-                    entry = self._pending[(user, gram)] = [0.0, when]
-                entry[0] += count
-                entry[1] = max(entry[1], when)
+                dropped += not self._pend(user, gram, count, when)
         if dropped:
             self.on_event("counts_dropped", dropped)
+
+    def _pend(self, user: str, gram: tuple[str, ...], count: float, when: float) -> bool:
+        """Add a count to what waits for the writer (the lock held); False when the bound drops it."""
+        entry = self._pending.get((user, gram))
+        if entry is None:
+            if len(self._pending) >= MAX_PENDING:
+                return False
+            entry = self._pending[(user, gram)] = [0.0, when]
+        entry[0] += count
+        entry[1] = max(entry[1], when)
+        return True
 
     def _written(self, versions: dict[str, int]) -> None:
         with self._lock:

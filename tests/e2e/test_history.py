@@ -199,11 +199,9 @@ def test_the_serving_line_names_the_history_file(tiny_word_model, tmp_path):
 
 
 def test_two_replicas_on_one_postgresql_share_a_users_history(tiny_word_model):
-    from tests.postgres import missing, postgres_server
+    from tests.postgres import postgres_server, required
 
-    why = missing()
-    if why:
-        pytest.fail(why) if os.environ.get("CI") == "true" else pytest.skip(why)
+    required()
     with postgres_server() as url:
         first, first_port, _ = start(tiny_word_model, history_db=url, history_flush_ms=20)
         second, second_port, _ = start(tiny_word_model, history_db=url, history_flush_ms=20)
@@ -348,12 +346,9 @@ def test_an_ancient_import_is_refused_and_another_users_learning_persists_across
 def test_a_postgresql_restart_under_load_keeps_every_call_answering(tiny_word_model):
     """Calls that name a user go on answering while the database is down (without the history, within a
     second each), and learning resumes once it is back."""
-    from tests.postgres import missing, postgres_control
+    from tests.postgres import postgres_control, required
 
-    if missing():
-        if os.environ.get("CI") == "true":
-            pytest.fail(f"{missing()}: CI must test the PostgreSQL store")
-        pytest.skip(missing())
+    required()
     with postgres_control() as database:
         server, port, _ = start(tiny_word_model, history_db=database.url, history_flush_ms=50)
         stop, slowest, failures = threading.Event(), [0.0], []

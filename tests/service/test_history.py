@@ -3,7 +3,6 @@ forgetting, limits, recency, and concurrent learners in separate processes."""
 
 import json
 import multiprocessing
-import os
 import time
 import uuid
 
@@ -14,7 +13,7 @@ from service.history.histories import Histories
 from service.history.store import HistoryStore
 from service.model.personal import HistoryConfig, UserHistory, units
 from service.model.personal_mix import personalize, vocabulary_lacks
-from tests.postgres import missing, postgres_server
+from tests.postgres import postgres_server, required
 from training.vocabulary import build_tokenizer
 
 
@@ -25,11 +24,7 @@ def open_store(path, **options) -> Histories:
 
 @pytest.fixture(scope="module")
 def postgres():
-    why = missing()
-    if why and os.environ.get("CI") == "true":
-        pytest.fail(f"{why}: CI must test the PostgreSQL store (.ci/run installs PostgreSQL)")
-    if why:
-        pytest.skip(why)
+    required()
     with postgres_server() as url:
         yield url
 

@@ -5,7 +5,6 @@ in every process."""
 from __future__ import annotations
 
 import json
-import os
 import threading
 import time
 
@@ -16,7 +15,7 @@ from service.history import histories as histories_module
 from service.history.histories import Histories
 from service.history.store import HistoryStore, StoreDown
 from service.model.personal import HistoryConfig, units
-from tests.postgres import missing, postgres_control
+from tests.postgres import postgres_control, required
 
 
 def events() -> tuple[dict[str, int], callable]:
@@ -36,11 +35,7 @@ def opened(location: str, **options) -> tuple[Histories, dict[str, int]]:
 
 @pytest.fixture(scope="module")
 def postgres():
-    why = missing()
-    if why and os.environ.get("CI") == "true":
-        pytest.fail(f"{why}: CI must test the PostgreSQL store (.ci/run installs PostgreSQL)")
-    if why:
-        pytest.skip(why)
+    required()
     with postgres_control() as server:
         yield server
 
