@@ -39,6 +39,9 @@ class ServerConfig:
         "a web origin (https://app.example) whose pages may call the HTTP front; repeat for several",
         metavar="ORIGIN",
     )
+    watch_models: bool = option(
+        False, "reload a model when its file changes (as SIGHUP does: loaded and warmed beside the old one, swapped in)"
+    )
     device: str = option("auto", "auto picks cuda when available", choices=["auto", "cpu", "cuda"])
     ngram: bool = option(
         True, "serve the network mixed with the model file's n-gram memory (--no-ngram: the network alone)"

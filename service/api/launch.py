@@ -4,9 +4,11 @@
 from __future__ import annotations
 
 import logging
+import signal
 from dataclasses import replace
 
 from service.api.config import ServerConfig
+from service.api.reload import ModelWatcher, on_hangup, reload
 from service.api.server import (
     _announce,
     _started,
@@ -29,6 +31,9 @@ def serve(config: ServerConfig) -> None:
         return
     server = _started(config)
     _stop_on_signals(server.stop, config.grace)
+    on_hangup(server)
+    if config.watch_models:
+        ModelWatcher([path for _, path in config.models], lambda: reload(server)).start()
     what = "; ".join(
         f"{name}: {engine.path} ({engine.artifact.manifest.describe()}"
         + (", pinyin" if engine.converter is not None else "")
@@ -50,8 +55,11 @@ def _serve_workers(config: ServerConfig) -> None:
     server_credentials(config)
     supervisor = Supervisor(config)
     _stop_on_signals(supervisor.stop, config.grace)
+    signal.signal(signal.SIGHUP, lambda signum, frame: supervisor.reload_all())
     if not supervisor.start():
         return
+    if config.watch_models:
+        ModelWatcher([path for _, path in config.models], supervisor.reload_all).start()
     what = f"{', '.join(f'{name}: {path}' for name, path in config.models)} in {config.workers} worker processes"
     _announce(config, supervisor.port, what, bool(load_tokens(config)), supervisor.metrics_port, supervisor.http_port)
     supervisor.watch()

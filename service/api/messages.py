@@ -56,6 +56,8 @@ def model_info(
         ngram_weights=memory.weights if memory is not None else [],
         ngram_order=memory.order if memory is not None else 0,
         ngram_mix=memory.rule if memory is not None else "",
+        version=engine.version,
+        loaded_at=engine.loaded_at,
         history_store=histories.store.kind if histories is not None else "off",
         history_max_entries=config.history_max_entries if histories is not None else 0,
         learning=histories is not None and histories.learning,

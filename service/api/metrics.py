@@ -10,6 +10,7 @@
     nextword_queue_depth{model}                model steps waiting for the model's worker
     nextword_dropped_steps_total{model}        queued model steps skipped: their caller had cancelled or timed out
     nextword_model_info{name, ...}             each served model (tokenizer, cell, size, device)
+    nextword_model_reloads_total{result}       model files reloaded (reloaded) or refused, the old one serving on
     nextword_history_store_up                  1 while the personal-history database answers, 0 while it is down
     nextword_history_events_total{event}       what the store's faults cost: answered_without (a call answered
                                                without its user's history: the database slow or down),
@@ -99,6 +100,12 @@ class Metrics:
             "nextword_history_events",
             "What the history store's faults cost: calls answered without history, rows set aside, counts dropped",
             ["event"],
+            registry=r,
+        )
+        self.model_reloads = Counter(
+            "nextword_model_reloads",
+            "Model files reloaded (SIGHUP, --watch-models), by result: reloaded or refused",
+            ["result"],
             registry=r,
         )
         self.dropped_steps = Counter(

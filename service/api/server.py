@@ -117,6 +117,8 @@ class Server:
         self.engines = by_name(engines)
         self.engine = next(iter(self.engines.values()))
         threads = threads or ThreadPlan.for_server(config.threads, config.batching)
+        self.threads = threads  # what a reloaded model is loaded with (service/api/reload.py)
+        self.reloading = threading.Lock()  # one reload at a time
         self.metrics = Metrics()
         tokens = load_tokens(config)
         check_exposure(config, tokens, warn=config.workers <= 1)  # with workers, the parent warns
@@ -150,7 +152,7 @@ class Server:
         self.servicer = NextWordServicer(self.engines, config, self.histories)
         self.metrics.watch(lambda: self.servicer.active_sessions, lambda: self.servicer.active_generations)
         for name, engine in self.engines.items():
-            self._watch(name, engine)
+            self.watch_engine(name, engine)
         pb_grpc.add_NextWordServicer_to_server(self.servicer, self.grpc)
         self.health = health.HealthServicer(experimental_non_blocking=True)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc)
@@ -175,7 +177,7 @@ class Server:
         self.metrics_port = self.metrics.start_http(config.host, config.metrics_port) if config.metrics else None
         self._stopped = threading.Event()
 
-    def _watch(self, name: str, engine: Engine) -> None:
+    def watch_engine(self, name: str, engine: Engine) -> None:
         """The metrics of one model: its worker's queue and batches, and what it is."""
         self.metrics.gauge_function(
             self.metrics.queue_depth.labels(name), lambda: getattr(engine.model, "queue_depth", 0)
@@ -301,10 +303,18 @@ def _announce(
         )
 
 
-def serve_worker(config: ServerConfig, serving: Callable[[Callable[[], None]], None]) -> None:
-    """One worker process of ``--workers`` (service/api/workers.py): ``serving(stop)`` is called once it listens."""
+def serve_worker(
+    config: ServerConfig,
+    serving: Callable[[Callable[[], None]], None],
+    reloaded: Callable[[dict[str, str]], None] | None = None,
+) -> None:
+    """One worker process of ``--workers`` (service/api/workers.py): ``serving(stop)`` is called once it listens;
+    ``reloaded(results)`` after each reload that SIGHUP asks (the parent sends it to one worker at a time)."""
+    from service.api.reload import on_hangup
+
     server = _started(config)
     _stop_on_signals(server.stop, config.grace)
+    on_hangup(server, reloaded)
     serving(server.stop)
     server.wait()
     if server.device_failed:

@@ -111,6 +111,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             names = ", ".join(repr(n) for n in self.engines)
             raise Refused(f"no model named {name[:64]!r}; this server has {names}", grpc.StatusCode.NOT_FOUND)
         current_call.set_model(engine.name)
+        current_call.hold(engine.enter, engine.leave)  # a reload retires this engine after the call
         return PersonalEngine(engine, self.histories, current_call.user())
 
     def _history_user(self, writes: bool) -> tuple[Histories, str]:
@@ -296,10 +297,28 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 text_length=len(session.text),
                 composition=session.composition,
                 candidates=to_candidates(engine.candidates(session.text, candidates)),
+                model_version=engine.engine.version,
             )
         suggestions = engine.suggest(session.suggest, session.text, count)
-        return pb.TypeResponse(edit_index=index, text_length=len(session.text), suggestions=to_response(suggestions))
+        return pb.TypeResponse(
+            edit_index=index,
+            text_length=len(session.text),
+            suggestions=to_response(suggestions),
+            model_version=engine.engine.version,
+        )
 
     @answers
     def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         return self._model_info[self._engine(request.model).engine.name]
+
+    def swap(self, name: str, engine: Engine) -> Engine | None:
+        """Serve ``engine`` as ``name`` from the next call on (a reload); the engine it replaces, which the calls
+        already running keep until they end."""
+        old = self.engines.get(name)
+        self.engines[name] = engine
+        if old is self.engine or self.engine.name == name:
+            self.engine = self.engines[next(iter(self.engines))]
+        self._model_info = {
+            n: model_info(n, e, self.engines, self.config, self.histories) for n, e in self.engines.items()
+        }
+        return old

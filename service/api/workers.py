@@ -45,6 +45,7 @@ from service.model.hardware import DEVICE_FAILED_EXIT
 log = logging.getLogger("nextword")
 KILL_AFTER = 5.0  # seconds past the grace before a draining worker is killed
 RESTART_PAUSES = (0.5, 1, 2, 5, 10, 30)  # between restarts of a worker that keeps failing, growing to a cap
+RELOAD_SECONDS = 300.0  # the longest a worker may take to load and warm up its changed models
 STABLE_SECONDS = 60.0  # a worker that served this long and then ended is restarted at once
 
 
@@ -74,7 +75,7 @@ def run_worker(config: ServerConfig, index: int, channel) -> None:
 
     configure_logging(config.log_format, worker=index)
     try:
-        serve_worker(config, lambda stop: _serving(channel, stop))
+        serve_worker(config, lambda stop: _serving(channel, stop), lambda results: channel.send(("reloaded", results)))
     except Exception as error:  # noqa: BLE001 - the parent reports it in one line
         channel.send(("error", str(error)))
         raise SystemExit(1) from None
@@ -112,6 +113,7 @@ class Supervisor:
         self._stopping = threading.Event()
         self._done = threading.Event()
         self._lock = threading.Lock()  # the set of workers: replacing one against stopping all
+        self._reloading = threading.Lock()  # one round of reloads at a time
         self._workers: dict[int, _Worker] = {}
         self._failures: dict[int, int] = {}  # ends of a worker index in a row, each soon after it started
         self._metrics_dir = tempfile.mkdtemp(prefix="nextword-metrics-")
@@ -227,6 +229,30 @@ class Supervisor:
         with self._lock:
             if not self._stopping.is_set():
                 self._start(worker.index)
+
+    # ------------------------------------------------------------------ reloading
+
+    def reload_all(self) -> None:
+        """SIGHUP to one worker at a time, each reloading its models (service/api/reload.py), so that all but
+        one stay ready throughout; on a thread of its own (a signal handler or the file watcher calls it)."""
+        threading.Thread(target=self._reload_each, name="reload-workers", daemon=True).start()
+
+    def _reload_each(self) -> None:
+        with self._reloading:
+            for index in sorted(self._workers):
+                worker = self._workers.get(index)
+                if worker is None or not worker.serving or self._stopping.is_set():
+                    continue
+                log.info("worker %d: reloading", index)
+                os.kill(worker.process.pid or 0, signal.SIGHUP)
+                if not worker.ready.poll(RELOAD_SECONDS):
+                    log.error("worker %d did not report its reload within %.0f s; going on", index, RELOAD_SECONDS)
+                    continue
+                try:
+                    what, results = worker.ready.recv()
+                except (EOFError, OSError):
+                    continue
+                log.info("worker %d: %s", index, "; ".join(f"{name} {result}" for name, result in results.items()))
 
     # ------------------------------------------------------------------ stopping
 

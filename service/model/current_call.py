@@ -26,15 +26,29 @@ def begin(context, user: str | None = None) -> None:
     _local.context = context
     _local.user = user
     _local.model = ""
+    _local.leaving = []
 
 
 def end() -> str:
     """Ends the thread's call; returns the name of the model it used ("" for none)."""
     model = getattr(_local, "model", "")
+    for leave in getattr(_local, "leaving", ()):  # the call no longer holds the model it used
+        leave()
     _local.context = None
     _local.user = None
     _local.model = ""
+    if hasattr(_local, "leaving"):
+        del _local.leaving
     return model
+
+
+def hold(enter: Callable[[], None], leave: Callable[[], None]) -> None:
+    """The current call uses something until it ends (a model, which a reload retires only then)."""
+    enter()
+    if hasattr(_local, "leaving"):
+        _local.leaving.append(leave)
+    else:  # not inside a guarded call (a test calling the servicer): nothing will end it
+        leave()
 
 
 def set_model(name: str) -> None:

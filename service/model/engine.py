@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import functools
+import hashlib
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
@@ -62,6 +65,28 @@ class Engine:
     name: str = ""  # what requests call it (ServerConfig.models)
     path: str = ""
     converter: Converter | None = None  # pinyin conversion, for a model that reads Chinese
+    version: str = ""  # the file's sha256, short: a client can tell that the model changed under it
+    loaded_at: float = 0.0  # unix seconds
+
+    def __post_init__(self) -> None:
+        self.calls = 0  # calls using this engine now (a reload retires it once none does)
+        self._calls_lock = threading.Condition()
+
+    def enter(self) -> None:
+        with self._calls_lock:
+            self.calls += 1
+
+    def leave(self) -> None:
+        with self._calls_lock:
+            self.calls -= 1
+            self._calls_lock.notify_all()
+
+    def retire(self, timeout: float | None = None) -> bool:
+        """Wait until no call uses this engine (at most ``timeout`` s), then stop its worker; True if it was idle."""
+        with self._calls_lock:
+            idle = self._calls_lock.wait_for(lambda: self.calls <= 0, timeout)
+        self.close()
+        return idle
 
     @classmethod
     def load(cls, config: EngineOptions, threads: ThreadPlan | None = None, name: str = "", path: str = "") -> Engine:
@@ -103,7 +128,7 @@ class Engine:
             converter = Converter(
                 model, artifact.tokenizer, Lexicon.load(), max_context_tokens=config.max_context_tokens
             )
-        return cls(artifact, model, suggester, generator, name, path, converter)
+        return cls(artifact, model, suggester, generator, name, path, converter, file_version(path), time.time())
 
     def warm_up(self) -> None:
         """One call of each path, so the first user does not pay for lazy initialisation."""
@@ -134,6 +159,15 @@ class Engine:
         """Stop the model worker (batching), after the calls that use it have ended."""
         if isinstance(self.model, BatchingModel):
             self.model.close()
+
+
+def file_version(path: str) -> str:
+    """A model file's version: the first 12 hex digits of its sha256."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for block in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()[:12]
 
 
 def by_name(engines: Engine | dict[str, Engine]) -> dict[str, Engine]:

@@ -1,0 +1,123 @@
+"""Changing models while serving: a model file whose contents changed is loaded and warmed up beside the one
+being served, then swapped in at once; calls already running (open Type sessions, Generate streams) finish on
+the model they started with, and the old one is freed when its last call ends. A file that cannot serve
+(damaged, another kind, its checksums, its warm-up) is refused: the old model keeps serving, health stays
+SERVING, and the refusal is one log line and ``nextword_model_reloads_total{result="refused"}``.
+
+SIGHUP reloads every served model whose file changed; ``--watch-models`` does the same when it sees a file
+change. With ``--workers`` the parent passes SIGHUP to one worker at a time and waits for it to report, so
+that N-1 workers stay ready throughout (service/api/workers.py).
+"""
+
+from __future__ import annotations
+
+import gc
+import logging
+import os
+import signal
+import threading
+import time
+from collections.abc import Callable
+
+from service.model.artifact import ArtifactError
+from service.model.engine import Engine, file_version
+
+log = logging.getLogger("nextword")
+RETIRE_SECONDS = 3600.0  # the longest an old model waits for its last call (a Type session) before it is freed
+WATCH_SECONDS = 1.0  # how often --watch-models looks at the files
+
+
+def reload(server) -> dict[str, str]:
+    """Reload every served model whose file changed (``server``: service/api/server.py Server); what happened to
+    each, by name: "reloaded VERSION", "unchanged" or "refused: why"."""
+    with server.reloading:
+        return {name: _reload_one(server, name, path) for name, path in server.config.models}
+
+
+def _reload_one(server, name: str, path: str) -> str:
+    current = server.servicer.engines.get(name)
+    try:
+        version = file_version(path)
+        if current is not None and version == current.version:
+            return "unchanged"
+        engine = Engine.load(server.config, server.threads, name, path)
+        engine.warm_up()
+    except (ArtifactError, ValueError, OSError, RuntimeError) as error:
+        server.metrics.model_reloads.labels("refused").inc()
+        reason = str(error).splitlines()[0] if str(error) else type(error).__name__
+        log.error("model %s: %s was refused, the loaded one serves on: %s", name, path, reason)
+        return f"refused: {reason}"
+    old = server.servicer.swap(name, engine)
+    server.watch_engine(name, engine)
+    server.metrics.model_reloads.labels("reloaded").inc()
+    log.warning(
+        "model %s: version %s from %s serves new calls (was %s)",
+        name,
+        engine.version,
+        path,
+        old.version if old else "none",
+    )
+    if old is not None:
+        threading.Thread(target=_retire, args=(old,), name="model-retire", daemon=True).start()
+    return f"reloaded {engine.version}"
+
+
+def _retire(engine: Engine) -> None:
+    """Once the old model's last call has ended: stop its worker and give its memory back."""
+    if not engine.retire(RETIRE_SECONDS):
+        log.warning(
+            "model %s version %s still had calls after %.0f s; freed anyway",
+            engine.name,
+            engine.version,
+            RETIRE_SECONDS,
+        )
+    del engine
+    gc.collect()
+
+
+def on_hangup(server, report: Callable[[dict[str, str]], None] | None = None) -> None:
+    """SIGHUP reloads on a thread of its own (``report``: told the results, as a worker tells its parent)."""
+
+    def reload_and_report() -> None:
+        results = reload(server)
+        if report is not None:
+            report(results)
+
+    def on_signal(signum, frame) -> None:
+        log.info("received SIGHUP: reloading the model files that changed")
+        threading.Thread(target=reload_and_report, name="model-reload", daemon=True).start()
+
+    signal.signal(signal.SIGHUP, on_signal)
+
+
+class ModelWatcher(threading.Thread):
+    """--watch-models: ``changed()`` is called when a model file's size or time of change moves, once it has
+    stayed so for a look (a file still being copied is not taken half-written)."""
+
+    def __init__(self, paths: list[str], changed: Callable[[], object]) -> None:
+        super().__init__(name="model-watch", daemon=True)
+        self.paths, self.changed = paths, changed
+        self.stopping = threading.Event()
+
+    @staticmethod
+    def _seen(path: str) -> tuple[int, int] | None:
+        try:
+            stat = os.stat(path)
+        except OSError:
+            return None
+        return stat.st_size, stat.st_mtime_ns
+
+    def run(self) -> None:
+        seen = {path: self._seen(path) for path in self.paths}
+        pending: dict[str, tuple[int, int] | None] = {}
+        while not self.stopping.wait(WATCH_SECONDS):
+            now = {path: self._seen(path) for path in self.paths}
+            moved = {path for path in self.paths if now[path] != seen[path]}
+            settled = [path for path in moved if pending.get(path) == now[path] and now[path] is not None]
+            pending = {path: now[path] for path in moved}
+            if settled:
+                for path in settled:
+                    seen[path] = now[path]
+                started = time.monotonic()
+                self.changed()
+                log.info("--watch-models: reloaded in %.1f s", time.monotonic() - started)
