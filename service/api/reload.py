@@ -11,6 +11,7 @@ that N-1 workers stay ready throughout (service/api/workers.py).
 
 from __future__ import annotations
 
+import ctypes
 import gc
 import logging
 import os
@@ -73,6 +74,16 @@ def _retire(engine: Engine) -> None:
         )
     del engine
     gc.collect()
+    _trim()
+
+
+def _trim() -> None:
+    """Give the freed memory back to the system (glibc keeps freed heap pages for the process otherwise, and a
+    model reloaded every day would hold the peak of two models for good)."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # another C library: its own policy
+        pass
 
 
 def on_hangup(server, report: Callable[[dict[str, str]], None] | None = None) -> None:
