@@ -299,6 +299,8 @@ class HttpFront:
             self._pool, self._pump, self._calls[name].unary_stream(body, context), messages, context
         )
         first = await messages.get()
+        if first is END and context.time_remaining() == 0:
+            first = HttpAbort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline (x-timeout-ms) passed")
         if isinstance(first, HttpAbort):  # refused before any message: a plain error answer
             await pumped
             context.end()
@@ -316,7 +318,10 @@ class HttpFront:
                     break
                 line = json.dumps(to_json(item), ensure_ascii=False)
                 await response.write((f"data: {line}\n\n" if sse else line + "\n").encode())
+                finished = isinstance(item, pb.GenerateResponse) and item.HasField("finished")
                 item = await messages.get()
+                if item is END and not finished and context.time_remaining() == 0:  # cut short by its deadline
+                    item = HttpAbort(grpc.StatusCode.DEADLINE_EXCEEDED, "the deadline (x-timeout-ms) passed")
             await response.write_eof()
         except (ConnectionResetError, asyncio.CancelledError):
             context.active = False  # the client went away: the generation stops at its next token
