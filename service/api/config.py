@@ -39,6 +39,13 @@ class ServerConfig:
         "a web origin (https://app.example) whose pages may call the HTTP front; repeat for several",
         metavar="ORIGIN",
     )
+    admin_port: int | None = option(
+        None,
+        "serve the admin port here: list, add, reload and remove models at run time; every call needs a token "
+        "bound to admin (docs/operations.md; 0: any free port)",
+        low=0,
+        default_text="off",
+    )
     watch_models: bool = option(
         False, "reload a model when its file changes (as SIGHUP does: loaded and warmed beside the old one, swapped in)"
     )

@@ -7,8 +7,9 @@ import logging
 import signal
 from dataclasses import replace
 
+from service.api.admin import AdminPort
 from service.api.config import ServerConfig
-from service.api.reload import ModelWatcher, on_hangup, reload
+from service.api.reload import ModelWatcher, control, on_hangup, reload
 from service.api.server import (
     _announce,
     _started,
@@ -29,11 +30,14 @@ def serve(config: ServerConfig) -> None:
     if config.workers > 1:
         _serve_workers(config)
         return
+    admin = AdminPort.checked(config, load_tokens(config))  # a bad admin setup fails before the models load
     server = _started(config)
     _stop_on_signals(server.stop, config.grace)
     on_hangup(server)
     if config.watch_models:
         ModelWatcher([path for _, path in config.models], lambda: reload(server)).start()
+    if admin is not None:
+        admin.start(lambda op, args: control(server, op, args), config.host, config.admin_port or 0)
     what = "; ".join(
         f"{name}: {engine.path} ({engine.artifact.manifest.describe()}"
         + (", pinyin" if engine.converter is not None else "")
@@ -42,6 +46,8 @@ def serve(config: ServerConfig) -> None:
     )
     _announce(config, server.port, what, server.auth, server.metrics_port, server.http_port)
     server.wait()
+    if admin is not None:
+        admin.stop()
     if server.device_failed:
         log.error(
             "stopped: the model's device failed (exit status %d, for a process manager to restart)", DEVICE_FAILED_EXIT
@@ -53,6 +59,7 @@ def serve(config: ServerConfig) -> None:
 def _serve_workers(config: ServerConfig) -> None:
     check_exposure(config, load_tokens(config))  # bad flags fail here, once, before any worker starts
     server_credentials(config)
+    admin = AdminPort.checked(config, load_tokens(config))
     supervisor = Supervisor(config)
     _stop_on_signals(supervisor.stop, config.grace)
     signal.signal(signal.SIGHUP, lambda signum, frame: supervisor.reload_all())
@@ -60,8 +67,12 @@ def _serve_workers(config: ServerConfig) -> None:
         return
     if config.watch_models:
         ModelWatcher([path for _, path in config.models], supervisor.reload_all).start()
+    if admin is not None:
+        admin.start(supervisor.control, config.host, config.admin_port or 0)
     what = f"{', '.join(f'{name}: {path}' for name, path in config.models)} in {config.workers} worker processes"
     _announce(config, supervisor.port, what, bool(load_tokens(config)), supervisor.metrics_port, supervisor.http_port)
     supervisor.watch()
     supervisor.wait()
+    if admin is not None:
+        admin.stop()
     log.info("stopped")

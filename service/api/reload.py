@@ -28,18 +28,21 @@ RETIRE_SECONDS = 3600.0  # the longest an old model waits for its last call (a T
 WATCH_SECONDS = 1.0  # how often --watch-models looks at the files
 
 
-def reload(server) -> dict[str, str]:
-    """Reload every served model whose file changed (``server``: service/api/server.py Server); what happened to
-    each, by name: "reloaded VERSION", "unchanged" or "refused: why"."""
+def reload(server, names: list[str] | None = None) -> dict[str, str]:
+    """Reload every served model (or those ``names``) whose file changed (``server``: service/api/server.py
+    Server); what happened to each, by name: "reloaded VERSION", "unchanged" or "refused: why"."""
     with server.reloading:
-        return {name: _reload_one(server, name, path) for name, path in server.config.models}
+        served = {name: engine.path for name, engine in server.servicer.engines.items()}
+        return {
+            name: _reload_one(server, name, path) for name, path in served.items() if names is None or name in names
+        }
 
 
-def _reload_one(server, name: str, path: str) -> str:
+def _reload_one(server, name: str, path: str, force: bool = False) -> str:
     current = server.servicer.engines.get(name)
     try:
         version = file_version(path)
-        if current is not None and version == current.version:
+        if current is not None and version == current.version and not force:
             return "unchanged"
         engine = Engine.load(server.config, server.threads, name, path)
         engine.warm_up()
@@ -84,6 +87,78 @@ def _trim() -> None:
         ctypes.CDLL("libc.so.6").malloc_trim(0)
     except (OSError, AttributeError):  # another C library: its own policy
         pass
+
+
+class Refusal(Exception):
+    """An admin operation refused: a gRPC code name and why."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+def control(server, op: str, args: dict) -> dict:
+    """The admin port's operations on this process's models (service/api/admin.py): list, add, reload, remove.
+    A refusal is {"error": gRPC code name, "message": why}."""
+    operation = OPERATIONS.get(op)
+    try:
+        if operation is None:
+            raise Refusal("NOT_FOUND", f"no operation {op!r}")
+        return operation(server, str(args.get("name", "")), str(args.get("path", "")))
+    except Refusal as refusal:
+        return {"error": refusal.code, "message": str(refusal)}
+
+
+def _served(server, name: str) -> None:
+    if name not in server.servicer.engines:
+        raise Refusal("NOT_FOUND", f"no model named {name!r} is served")
+
+
+def _list(server, name: str, path: str) -> dict:
+    return {"models": [describe(engine) for engine in server.servicer.engines.values()]}
+
+
+def _reload(server, name: str, path: str) -> dict:
+    if name:
+        _served(server, name)
+    return {"results": reload(server, [name] if name else None)}
+
+
+def _add(server, name: str, path: str) -> dict:
+    if not name or not path:
+        raise Refusal("INVALID_ARGUMENT", "add needs a name and a path")
+    if name in server.servicer.engines:
+        raise Refusal("ALREADY_EXISTS", f"a model named {name!r} is served: reload it instead")
+    with server.reloading:
+        result = _reload_one(server, name, path, force=True)
+    if result.startswith("refused"):
+        raise Refusal("FAILED_PRECONDITION", result)
+    return {"results": {name: result.replace("reloaded", "added")}}
+
+
+def _remove(server, name: str, path: str) -> dict:
+    _served(server, name)
+    if len(server.servicer.engines) == 1:
+        raise Refusal("FAILED_PRECONDITION", "the last model cannot be removed")
+    with server.reloading:
+        old = server.servicer.remove(name)
+    threading.Thread(target=_retire, args=(old,), name="model-retire", daemon=True).start()
+    log.warning("model %s: removed; its calls finish on it", name)
+    return {"results": {name: "removed"}}
+
+
+OPERATIONS: dict[str, Callable[..., dict]] = {"list": _list, "reload": _reload, "add": _add, "remove": _remove}
+
+
+def describe(engine: Engine) -> dict:
+    return {
+        "name": engine.name,
+        "path": engine.path,
+        "version": engine.version,
+        "sha256_prefix": engine.version,
+        "loaded_at": engine.loaded_at,
+        "calls": engine.calls,
+    }
 
 
 def on_hangup(server, report: Callable[[dict[str, str]], None] | None = None) -> None:

@@ -303,19 +303,12 @@ def _announce(
         )
 
 
-def serve_worker(
-    config: ServerConfig,
-    serving: Callable[[Callable[[], None]], None],
-    reloaded: Callable[[dict[str, str]], None] | None = None,
-) -> None:
-    """One worker process of ``--workers`` (service/api/workers.py): ``serving(stop)`` is called once it listens;
-    ``reloaded(results)`` after each reload that SIGHUP asks (the parent sends it to one worker at a time)."""
-    from service.api.reload import on_hangup
-
+def serve_worker(config: ServerConfig, serving: Callable[[Server], None]) -> None:
+    """One worker process of ``--workers`` (service/api/workers.py): ``serving(server)`` is called once it listens
+    (the parent's reloads and admin operations reach it through there)."""
     server = _started(config)
     _stop_on_signals(server.stop, config.grace)
-    on_hangup(server, reloaded)
-    serving(server.stop)
+    serving(server)
     server.wait()
     if server.device_failed:
         raise SystemExit(DEVICE_FAILED_EXIT)  # the parent starts a replacement

@@ -311,14 +311,22 @@ class NextWordServicer(pb_grpc.NextWordServicer):
     def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
         return self._model_info[self._engine(request.model).engine.name]
 
+    def remove(self, name: str) -> Engine:
+        """Serve ``name`` no more; the engine removed, which the calls already running keep until they end."""
+        old = self.engines.pop(name)
+        self._refresh()
+        return old
+
     def swap(self, name: str, engine: Engine) -> Engine | None:
         """Serve ``engine`` as ``name`` from the next call on (a reload); the engine it replaces, which the calls
         already running keep until they end."""
         old = self.engines.get(name)
         self.engines[name] = engine
-        if old is self.engine or self.engine.name == name:
-            self.engine = self.engines[next(iter(self.engines))]
+        self._refresh()
+        return old
+
+    def _refresh(self) -> None:
+        self.engine = self.engines[next(iter(self.engines))]  # requests that name no model get the first
         self._model_info = {
             n: model_info(n, e, self.engines, self.config, self.histories) for n, e in self.engines.items()
         }
-        return old

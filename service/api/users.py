@@ -14,7 +14,9 @@ user id is taken as given. User ids, like typed text, never reach a log line.
 
 from __future__ import annotations
 
+import hmac
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 USER_KEY = "x-nextword-user"
@@ -50,6 +52,17 @@ class Grant:
                     f"a token line binds {user!r}, which is not a user id (1 to 64 of A-Za-z0-9._:@-, or *)"
                 )
         return cls(token, users)
+
+
+def granted(grants: Sequence[Grant], authorization: str) -> Grant | None:
+    """The grant of an ``Authorization: Bearer TOKEN`` value, or None when it holds no valid token. Every token
+    is compared, always, in constant time: timing says nothing about which one nearly matched."""
+    scheme, _, token = authorization.partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return None
+    given = token.strip().encode()
+    matches = [hmac.compare_digest(given, grant.token.encode()) for grant in grants]
+    return next((grant for grant, match in zip(grants, matches) if match), None)
 
 
 def user_of(metadata: dict[str, str]) -> str | None:

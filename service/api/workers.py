@@ -75,24 +75,29 @@ def run_worker(config: ServerConfig, index: int, channel) -> None:
 
     configure_logging(config.log_format, worker=index)
     try:
-        serve_worker(config, lambda stop: _serving(channel, stop), lambda results: channel.send(("reloaded", results)))
+        serve_worker(config, lambda server: _serving(channel, server))
     except Exception as error:  # noqa: BLE001 - the parent reports it in one line
         channel.send(("error", str(error)))
         raise SystemExit(1) from None
 
 
-def _serving(channel, stop) -> None:
-    """Tell the parent; then drain and stop (``stop``) if the parent goes away, so no worker outlives it."""
+def _serving(channel, server) -> None:
+    """Tell the parent; then carry out its commands (reload, the admin port's: service/api/reload.py control),
+    and drain and stop if the parent goes away, so no worker outlives it."""
+    from service.api.reload import control
+
     channel.send(("serving", ""))
 
-    def watch_parent() -> None:
+    def listen() -> None:
         try:
-            channel.recv()  # the parent never writes: this returns when its end closes
+            while True:
+                op, args = channel.recv()  # returns EOFError when the parent's end closes
+                channel.send(("result", control(server, op, args)))
         except (EOFError, OSError):
             pass
-        stop()
+        server.stop()
 
-    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    threading.Thread(target=listen, name="parent-commands", daemon=True).start()
 
 
 @dataclass
@@ -233,26 +238,45 @@ class Supervisor:
     # ------------------------------------------------------------------ reloading
 
     def reload_all(self) -> None:
-        """SIGHUP to one worker at a time, each reloading its models (service/api/reload.py), so that all but
-        one stay ready throughout; on a thread of its own (a signal handler or the file watcher calls it)."""
-        threading.Thread(target=self._reload_each, name="reload-workers", daemon=True).start()
+        """Every worker reloads its changed models, one at a time, so that all but one stay ready throughout; on a
+        thread of its own (a signal handler or the file watcher calls it)."""
+        threading.Thread(target=self.control, args=("reload", {}), name="reload-workers", daemon=True).start()
 
-    def _reload_each(self) -> None:
+    def control(self, op: str, args: dict) -> dict:
+        """An operation on the models (service/api/reload.py control), carried out by one worker at a time;
+        {"workers": [each one's result, with its index]}. What changes the served set also changes what a
+        replacement worker starts with."""
         with self._reloading:
+            results = []
             for index in sorted(self._workers):
                 worker = self._workers.get(index)
                 if worker is None or not worker.serving or self._stopping.is_set():
                     continue
-                log.info("worker %d: reloading", index)
-                os.kill(worker.process.pid or 0, signal.SIGHUP)
+                if op == "reload":
+                    log.info("worker %d: reloading", index)
+                worker.ready.send((op, args))
                 if not worker.ready.poll(RELOAD_SECONDS):
-                    log.error("worker %d did not report its reload within %.0f s; going on", index, RELOAD_SECONDS)
+                    log.error("worker %d did not answer %s within %.0f s; going on", index, op, RELOAD_SECONDS)
+                    results.append({"worker": index, "error": "DEADLINE_EXCEEDED", "message": "no answer in time"})
                     continue
                 try:
-                    what, results = worker.ready.recv()
+                    _, result = worker.ready.recv()
                 except (EOFError, OSError):
                     continue
-                log.info("worker %d: %s", index, "; ".join(f"{name} {result}" for name, result in results.items()))
+                if op == "reload":
+                    done = result.get("results", {})
+                    log.info("worker %d: %s", index, "; ".join(f"{name} {what}" for name, what in done.items()))
+                results.append({"worker": index, **result})
+            self._remember(op, args, results)
+            return {"workers": results}
+
+    def _remember(self, op: str, args: dict, results: list[dict]) -> None:
+        if op not in ("add", "remove") or not results or any("error" in result for result in results):
+            return
+        models = [spec for spec in self.worker_config.model if spec.partition("=")[0] != args.get("name")]
+        if op == "add":
+            models.append(f"{args['name']}={args['path']}")
+        self.worker_config = replace(self.worker_config, model=tuple(models))
 
     # ------------------------------------------------------------------ stopping
 

@@ -69,7 +69,7 @@ def test_sighup_under_load_swaps_the_model_without_a_failed_call(tiny_char_model
         shutil.copy(tiny_word_model, served)
         os.kill(process.pid, signal.SIGHUP)
         wait_for(lambda: version(port) == after, 60)
-        time.sleep(1.5)  # the load goes on on the new model
+        wait_for(lambda: any(seen and seen[0] == after for seen in list(sessions)), 60)  # sessions on the new one
     finally:
         stop.set()
         for thread in threads:
