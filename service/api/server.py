@@ -30,6 +30,7 @@ from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 log = logging.getLogger("nextword")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextWord"].full_name  # "nextword.v1.NextWord"
 TOKEN_ENV = "NEXTWORD_AUTH_TOKEN"
+NOT_SERVING_SECONDS = 1.0  # the most a stop waits for the health service to tell its watchers
 SPARE_THREADS = 16  # beyond max_concurrent_rpcs: health checks and refusals always find a thread
 
 
@@ -216,8 +217,16 @@ class Server:
 
     def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING at once, then in-flight calls get ``grace`` seconds to finish; then the model worker stops."""
-        for name in ("", SERVICE_NAME):
-            self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        def not_serving() -> None:
+            for name in ("", SERVICE_NAME):
+                self.health.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+
+        # grpc_health tells every Watch stream in the calling thread: a stream whose send is stuck (a client
+        # that went away mid-send) must not hold the stop up, and stopping the port ends those streams
+        told = threading.Thread(target=not_serving, name="health-not-serving", daemon=True)
+        told.start()
+        told.join(NOT_SERVING_SECONDS)
         grace = self.config.grace if grace is None else grace
         http = threading.Thread(target=self.http.stop, args=(grace,), daemon=True) if self.http is not None else None
         if http is not None:  # both fronts drain at once
