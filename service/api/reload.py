@@ -45,7 +45,11 @@ def _reload_one(server, name: str, path: str, force: bool = False) -> str:
         if current is not None and version == current.version and not force:
             return "unchanged"
         engine = Engine.load(server.config, server.threads, name, path)
-        engine.warm_up()
+        try:
+            engine.warm_up()
+        except BaseException:
+            engine.close()  # its worker thread ends with the refusal
+            raise
     except (ArtifactError, ValueError, OSError, RuntimeError) as error:
         server.metrics.model_reloads.labels("refused").inc()
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
