@@ -55,7 +55,7 @@ def _reload_one(server, name: str, path: str, force: bool = False) -> str:
         reason = str(error).splitlines()[0] if str(error) else type(error).__name__
         log.error("model %s: %s was refused, the loaded one serves on: %s", name, path, reason)
         return f"refused: {reason}"
-    old = server.servicer.swap(name, engine)
+    old = server.servicer.models.swap(name, engine)
     server.watch_engine(name, engine)
     server.metrics.model_reloads.labels("reloaded").inc()
     log.warning(
@@ -145,7 +145,7 @@ def _remove(server, name: str, path: str) -> dict:
     if len(server.servicer.engines) == 1:
         raise Refusal("FAILED_PRECONDITION", "the last model cannot be removed")
     with server.reloading:
-        old = server.servicer.remove(name)
+        old = server.servicer.models.remove(name)
     threading.Thread(target=_retire, args=(old,), name="model-retire", daemon=True).start()
     log.warning("model %s: removed; its calls finish on it", name)
     return {"results": {name: "removed"}}

@@ -16,15 +16,16 @@ import grpc
 
 from service.api import validate
 from service.api.config import ServerConfig
-from service.api.messages import model_info, to_candidates, to_response
+from service.api.messages import to_candidates, to_response
 from service.api.parse import MalformedRequest
+from service.api.served import ServedModels
 from service.api.users import USER_KEY
 from service.api.validate import DEFAULT_CANDIDATES, DEFAULT_SUGGESTIONS, Invalid, Refused
 from service.history.for_user import PersonalEngine
 from service.history.histories import Histories
 from service.history.store import RowsRefused, StoreDown
 from service.model import current_call
-from service.model.engine import Engine, by_name
+from service.model.engine import Engine
 from service.model.generation import END_TOKEN, LENGTH, STOP_STRING
 from service.model.personal import units
 from service.model.pinyin import Candidate
@@ -80,16 +81,21 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         self, engines: Engine | dict[str, Engine], config: ServerConfig, histories: Histories | None = None
     ) -> None:
         """``engines``: the served models by name, the first answering requests that name none."""
-        self.engines = by_name(engines)
-        self.engine = next(iter(self.engines.values()))
+        self.models = ServedModels(engines, config, histories)
         self.config = config
         self.histories = histories  # personal histories (service/history/); None: off
         self._sessions = threading.BoundedSemaphore(config.max_sessions)
         self._active = {"sessions": 0, "generations": 0}
         self._lock = threading.Lock()
-        self._model_info = {
-            name: model_info(name, engine, self.engines, config, histories) for name, engine in self.engines.items()
-        }
+
+    @property
+    def engines(self) -> dict[str, Engine]:
+        return self.models.engines
+
+    @property
+    def engine(self) -> Engine:
+        """The model of requests that name none."""
+        return self.models.default
 
     @property
     def active_sessions(self) -> int:
@@ -104,12 +110,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             self._active[what] += change
 
     def _engine(self, name: str) -> PersonalEngine:
-        """The model a request names (empty: the first), as the call's user sees it; NOT_FOUND naming those
-        that exist."""
-        engine = self.engines.get(name) if name else self.engine
-        if engine is None:
-            names = ", ".join(repr(n) for n in self.engines)
-            raise Refused(f"no model named {name[:64]!r}; this server has {names}", grpc.StatusCode.NOT_FOUND)
+        """The model a request names (empty: the first), as the call's user sees it."""
+        engine = self.models.get(name)
         current_call.set_model(engine.name)
         current_call.hold(engine.enter, engine.leave)  # a reload retires this engine after the call
         return PersonalEngine(engine, self.histories, current_call.user())
@@ -309,24 +311,4 @@ class NextWordServicer(pb_grpc.NextWordServicer):
 
     @answers
     def GetModelInfo(self, request, context) -> pb.GetModelInfoResponse:
-        return self._model_info[self._engine(request.model).engine.name]
-
-    def remove(self, name: str) -> Engine:
-        """Serve ``name`` no more; the engine removed, which the calls already running keep until they end."""
-        old = self.engines.pop(name)
-        self._refresh()
-        return old
-
-    def swap(self, name: str, engine: Engine) -> Engine | None:
-        """Serve ``engine`` as ``name`` from the next call on (a reload); the engine it replaces, which the calls
-        already running keep until they end."""
-        old = self.engines.get(name)
-        self.engines[name] = engine
-        self._refresh()
-        return old
-
-    def _refresh(self) -> None:
-        self.engine = self.engines[next(iter(self.engines))]  # requests that name no model get the first
-        self._model_info = {
-            n: model_info(n, e, self.engines, self.config, self.histories) for n, e in self.engines.items()
-        }
+        return self.models.info(self._engine(request.model).engine.name)
