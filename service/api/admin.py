@@ -14,14 +14,13 @@ maps to (service/api/http_calls.py) and ``{"code", "message"}``.
 
 from __future__ import annotations
 
-import asyncio
 import json
-import threading
 from collections.abc import Callable, Sequence
 
 import grpc
 from aiohttp import web
 
+from service.api.app_thread import AppThread
 from service.api.http_calls import HTTP_STATUS, error_body
 from service.api.users import Grant, granted
 
@@ -42,9 +41,7 @@ class AdminPort:
     def __init__(self, grants: Sequence[Grant]) -> None:
         self.controller: Callable[[str, dict], dict] = lambda op, args: {}
         self.grants = admin_grants(grants)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="admin-loop", daemon=True)
-        self._runner: web.AppRunner | None = None
+        self._app = AppThread("admin-loop")
         self.port = 0
 
     @classmethod
@@ -54,28 +51,17 @@ class AdminPort:
 
     def start(self, controller: Callable[[str, dict], dict], host: str, port: int) -> int:
         self.controller = controller
-        self._thread.start()
-        return asyncio.run_coroutine_threadsafe(self._start(host, port), self._loop).result(30)
-
-    async def _start(self, host: str, port: int) -> int:
         app = web.Application(client_max_size=64 << 10)
         app.router.add_get("/admin/models", lambda request: self._call(request, "list"))
         app.router.add_post("/admin/models", lambda request: self._call(request, "add"))
         app.router.add_post("/admin/reload", lambda request: self._call(request, "reload"))
         app.router.add_post("/admin/models/{name}:reload", lambda request: self._call(request, "reload"))
         app.router.add_delete("/admin/models/{name}", lambda request: self._call(request, "remove"))
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]") or None, port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._app.start(app, host, port)
         return self.port
 
     def stop(self) -> None:
-        if self._runner is not None:
-            asyncio.run_coroutine_threadsafe(self._runner.cleanup(), self._loop).result(30)
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        self._app.stop(30)
 
     async def _call(self, request: web.Request, op: str) -> web.Response:
         grant = granted(self.grants, request.headers.get("authorization", ""))
@@ -91,7 +77,7 @@ class AdminPort:
                 return refusal("INVALID_ARGUMENT", "the body must be a JSON object")
         if "name" in request.match_info:
             args["name"] = request.match_info["name"]
-        result = await self._loop.run_in_executor(None, self.controller, op, args)
+        result = await self._app.loop.run_in_executor(None, self.controller, op, args)
         errors = [result, *result.get("workers", [])]
         failed = next((part for part in errors if "error" in part), None)
         if failed is not None:

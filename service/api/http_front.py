@@ -21,7 +21,6 @@ import concurrent.futures
 import json
 import logging
 import queue
-import threading
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from types import SimpleNamespace
@@ -31,6 +30,7 @@ import grpc
 from aiohttp import WSMsgType, web
 from google.api import annotations_pb2
 
+from service.api.app_thread import AppThread
 from service.api.config import ServerConfig
 from service.api.http_calls import (
     HTTP_STATUS,
@@ -49,7 +49,6 @@ from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 log = logging.getLogger("nextword")
 PAGE = Path(__file__).with_name("web") / "index.html"
 SERVICE = pb.DESCRIPTOR.services_by_name["NextWord"]
-SPARE_THREADS = 16
 END = object()  # the end of a stream, between threads
 ALLOWED_HEADERS = "authorization, content-type, x-nextword-user, x-request-id, x-timeout-ms"
 
@@ -91,20 +90,20 @@ def json_error(code: grpc.StatusCode, message: str, request_id: str = "") -> web
 class HttpFront:
     """HTTP/JSON beside the gRPC port of one server process (``start``, ``stop``)."""
 
-    def __init__(self, servicer, guard: CallGuard, config: ServerConfig, initializer: Callable[[], None]) -> None:
+    def __init__(
+        self, servicer, guard: CallGuard, config: ServerConfig, threads: int, initializer: Callable[[], None]
+    ) -> None:
+        """``threads``: the pool the calls run on (as many as the gRPC server's); ``initializer`` sets each up."""
         self.config = config
         self.routes = routes()
         self._calls = {
             name: guard.wrap_method(f"/{SERVICE.full_name}/{name}", handler, protocol="http")
             for name, handler in method_handlers(servicer).items()
         }
-        self._pool = concurrent.futures.ThreadPoolExecutor(
-            config.max_concurrent_rpcs + SPARE_THREADS, thread_name_prefix="http", initializer=initializer
-        )
+        self._pool = concurrent.futures.ThreadPoolExecutor(threads, thread_name_prefix="http", initializer=initializer)
         self._origins = set(config.cors_origin)
-        self._loop = asyncio.new_event_loop()
-        self._thread = threading.Thread(target=self._loop.run_forever, name="http-loop", daemon=True)
-        self._runner: web.AppRunner | None = None
+        self._app = AppThread("http-loop")
+        self._loop = self._app.loop
         self._sockets: set[web.WebSocketResponse] = set()  # open typing sessions, closed at stop
         self.port = 0
 
@@ -112,40 +111,26 @@ class HttpFront:
 
     def start(self, host: str, port: int, reuse_port: bool = False) -> int:
         """Listen; returns the port (0 picks a free one)."""
-        self._thread.start()
-        return asyncio.run_coroutine_threadsafe(self._start(host, port, reuse_port), self._loop).result(30)
-
-    async def _start(self, host: str, port: int, reuse_port: bool) -> int:
         app = web.Application(client_max_size=self.config.max_message_bytes, middlewares=[self._cors, self._errors])
         app.router.add_get("/", self._page)
         for name, (verb, path) in self.routes.items():
             app.router.add_route(verb, path, self._handler(name))
             app.router.add_route("OPTIONS", path, self._preflight)
-        self._runner = web.AppRunner(app, access_log=None, handle_signals=False, shutdown_timeout=self.config.grace)
-        await self._runner.setup()
-        site = web.TCPSite(self._runner, host.strip("[]") or None, port, reuse_port=reuse_port or None)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self._app.start(app, host, port, reuse_port, shutdown_timeout=self.config.grace)
         return self.port
 
     def stop(self, grace: float) -> None:
         """Stop accepting, let calls in flight finish within ``grace`` seconds, then close."""
-        if self._runner is not None:
-            future = asyncio.run_coroutine_threadsafe(self._close(), self._loop)
-            try:
-                future.result(grace + 5)
-            except concurrent.futures.TimeoutError:
-                log.warning("HTTP calls still running after the grace period were cut off")
-        self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(5)
+        try:
+            self._app.stop(grace + 5, self._close_sockets)
+        except concurrent.futures.TimeoutError:
+            log.warning("HTTP calls still running after the grace period were cut off")
         self._pool.shutdown(wait=False, cancel_futures=True)
 
-    async def _close(self) -> None:
-        """Open typing sessions end ("going away", as a gRPC stream ends at stop), then the rest drain."""
+    async def _close_sockets(self) -> None:
+        """Open typing sessions end ("going away", as a gRPC stream ends at stop), before the rest drain."""
         for socket in list(self._sockets):
             await socket.close(code=1001, message=b"the server is stopping")
-        assert self._runner is not None
-        await self._runner.cleanup()
 
     def _handler(self, name: str) -> Callable[[web.Request], Awaitable[web.StreamResponse]]:
         """The aiohttp handler of a method, by its kind: unary, a stream either way, or both (a WebSocket)."""

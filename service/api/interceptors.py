@@ -74,7 +74,6 @@ class CallGuard(grpc.ServerInterceptor):
         self.metrics = metrics
         self.log_calls = log_calls
         self.grants = [t if isinstance(t, Grant) else Grant(t) for t in tokens]
-        self.tokens = [g.token.encode() for g in self.grants]
         self.max_concurrent_rpcs = max_concurrent_rpcs
         self.health_without_auth = health_without_auth
         self.max_watch_streams = max_watch_streams
@@ -145,7 +144,7 @@ class MethodGuard:
         self.name = method.rsplit("/", 1)[-1]
         self.protocol = protocol
         self.log_call = guard.log_calls and not is_health
-        self.needs_token = bool(guard.tokens) and not (is_health and guard.health_without_auth)
+        self.needs_token = bool(guard.grants) and not (is_health and guard.health_without_auth)
         self.counted = not is_health  # health checks are outside the concurrency limit
         self.latency = guard.metrics.latency.labels(self.name, protocol)
         self._finished: dict[tuple[grpc.StatusCode, str], Any] = {}  # counter children, by status code and model
@@ -166,7 +165,7 @@ class MethodGuard:
             user = user_of(metadata) if self.counted else None  # the health service serves no user
         except BadUser as error:
             context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(error))
-        if user is not None and self.guard.tokens and not (grant is not None and grant.allows(user)):
+        if user is not None and self.guard.grants and not (grant is not None and grant.allows(user)):
             context.abort(
                 grpc.StatusCode.PERMISSION_DENIED,
                 f"this bearer token may not name that user in {USER_KEY}: bind it to the user in the token file",

@@ -57,9 +57,10 @@ def serve(config: ServerConfig) -> None:
 
 
 def _serve_workers(config: ServerConfig) -> None:
-    check_exposure(config, load_tokens(config))  # bad flags fail here, once, before any worker starts
+    tokens = load_tokens(config)  # bad flags fail here, once, before any worker starts
+    check_exposure(config, tokens)
     server_credentials(config)
-    admin = AdminPort.checked(config, load_tokens(config))
+    admin = AdminPort.checked(config, tokens)
     supervisor = Supervisor(config)
     _stop_on_signals(supervisor.stop, config.grace)
     signal.signal(signal.SIGHUP, lambda signum, frame: supervisor.reload_all())
@@ -70,7 +71,7 @@ def _serve_workers(config: ServerConfig) -> None:
     if admin is not None:
         admin.start(supervisor.control, config.host, config.admin_port or 0)
     what = f"{', '.join(f'{name}: {path}' for name, path in config.models)} in {config.workers} worker processes"
-    _announce(config, supervisor.port, what, bool(load_tokens(config)), supervisor.metrics_port, supervisor.http_port)
+    _announce(config, supervisor.port, what, bool(tokens), supervisor.metrics_port, supervisor.http_port)
     supervisor.watch()
     supervisor.wait()
     if admin is not None:

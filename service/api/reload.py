@@ -158,8 +158,7 @@ def describe(engine: Engine) -> dict:
     return {
         "name": engine.name,
         "path": engine.path,
-        "version": engine.version,
-        "sha256_prefix": engine.version,
+        "version": engine.version,  # the file's sha256, short
         "loaded_at": engine.loaded_at,
         "calls": engine.calls,
     }

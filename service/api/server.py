@@ -140,8 +140,9 @@ class Server:
             ("grpc.so_reuseport", int(reuse_port)),
         ]
         # One thread per call (a Type session holds its thread): the guard refuses calls beyond the limit.
+        pool_threads = config.max_concurrent_rpcs + SPARE_THREADS
         pool = futures.ThreadPoolExecutor(
-            max_workers=config.max_concurrent_rpcs + SPARE_THREADS,
+            max_workers=pool_threads,
             thread_name_prefix="rpc",
             initializer=threads.apply_here,
         )
@@ -171,9 +172,9 @@ class Server:
             raise OSError(f"cannot listen on {address}")
         self.auth = bool(tokens)
         self.reuse_port = reuse_port
-        self.http = (
-            HttpFront(self.servicer, self.guard, config, threads.apply_here) if config.http_port is not None else None
-        )
+        self.http: HttpFront | None = None
+        if config.http_port is not None:  # the same servicer and guard, on as many threads as gRPC's
+            self.http = HttpFront(self.servicer, self.guard, config, pool_threads, threads.apply_here)
         self.http_port: int | None = None
         self.metrics_port = self.metrics.start_http(config.host, config.metrics_port) if config.metrics else None
         self._stopped = threading.Event()
