@@ -17,17 +17,21 @@ FLOAT.pt`` (docs/model-file.md, "int8 weights"). Quantised files run on CPU only
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import sys
+import time
 import warnings
 from collections import Counter
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from typing import cast
 
+import numpy as np
 import torch
+from tqdm import tqdm
 
 from service.model.artifact import (
     MIX_RULES,
@@ -46,7 +50,7 @@ from service.model.tokenizer import WordTokenizer, load_tokenizer
 from training.checkpoint import BEST, CheckpointError, load_checkpoint
 from training.config import TrainConfig
 from training.data import CorpusError, read_corpus, split_lines
-from training.mix_fit import best_rule, collect, fit_weights, score_rules
+from training.mix_fit import Evidence, best_rule, collect, fit_weights, rule_sample, score_rules, top1_difference
 from training.mix_fit import perplexity as mix_perplexity
 from training.model import LanguageModel, ModelConfig
 from training.ngram import NgramCounts, to_memory
@@ -55,6 +59,7 @@ PROG = "nextword-export"
 DEFAULT_ORDER = 5  # the n-gram memory's order
 DEFAULT_MIN_COUNT = 1  # keep every n-gram (a larger value gives a smaller file)
 MAX_FIT_LINES = 2000  # validation lines the mixing weights are fitted on
+RULE_TARGETS = 3000  # about this many targets of validation lines (at random) choose the rule
 AUTO_RULE = "auto"  # --mix-rule: choose on the validation lines
 
 
@@ -128,6 +133,27 @@ def written_forms(tokenizer, lines: Sequence[str]) -> list[str] | None:
     return [seen[t].most_common(1)[0][0] if t in seen else t for t in tokenizer.tokens]
 
 
+@contextlib.contextmanager
+def _bar(total: int, desc: str, unit: str, quiet: bool) -> Iterator[tqdm]:
+    """One stage of the export on standard error: a progress bar on a terminal; elsewhere (a log file) a line
+    when it starts and one when it ends, with its time. ``quiet``: nothing."""
+    terminal = sys.stderr.isatty()
+    if not quiet and not terminal:
+        print(f"{PROG}: {desc}: {total:,} {unit}s ...", file=sys.stderr, flush=True)
+    started = time.perf_counter()
+    with tqdm(
+        total=total,
+        desc=f"{PROG}: {desc}",
+        unit=unit,
+        dynamic_ncols=True,
+        file=sys.stderr,
+        disable=quiet or not terminal,
+    ) as bar:
+        yield bar
+    if not quiet and not terminal:
+        print(f"{PROG}: {desc}: done in {time.perf_counter() - started:.0f} s", file=sys.stderr, flush=True)
+
+
 def build_memory(
     model: torch.jit.ScriptModule | LanguageModel,
     tokenizer,
@@ -136,29 +162,53 @@ def build_memory(
     order: int,
     min_count: int,
     rule: str = AUTO_RULE,
+    quiet: bool = True,
 ) -> tuple[NgramMemory, MemorySpec]:
     """The n-gram memory of the training lines, and its mixing weights fitted on the validation lines; with
-    ``rule`` "auto", the mixing rule whose suggestions rank those lines better."""
-    memory = to_memory(NgramCounts.from_text(train, tokenizer, order), min_count)
+    ``rule`` "auto", the mixing rule whose suggestions rank a sample of those lines better. Each stage shows a
+    progress bar unless ``quiet``."""
+    with _bar(len(train), "memory (n-grams of the training lines)", "line", quiet) as bar:
+        counts = NgramCounts.from_text(_counted(train, bar), tokenizer, order)
+        memory = to_memory(counts, min_count)
     sequences = [tokenizer.encode(line) for line in validation[:MAX_FIT_LINES]]
     network = ScriptedModel(model, tokenizer.vocab_size)
-    evidence = collect(network, memory, sequences)
+    with _bar(len(sequences), "EM fit of the mixing weights", "line", quiet) as bar:
+        parts = []
+        for first in range(0, len(sequences), 256):
+            parts.append(collect(network, memory, sequences[first : first + 256]))
+            bar.update(len(sequences[first : first + 256]))
+        evidence = Evidence(
+            *(np.concatenate(column) for column in zip(*((p.network, p.memory, p.seen) for p in parts)))
+        )
     weights = fit_weights(evidence, order)
     fitted_on = f"{len(sequences)} validation lines, {len(evidence.seen)} tokens: perplexity "
     fitted_on += f"{mix_perplexity(evidence, None):.2f} network, linear mix {mix_perplexity(evidence, weights):.2f}"
     if rule == AUTO_RULE:
-        scores = score_rules(network, memory, tokenizer, validation[:MAX_FIT_LINES], weights)
+        sample = rule_sample(validation[:MAX_FIT_LINES], RULE_TARGETS)
+        with _bar(len(sample) * len(MIX_RULES), "rule choice (each rule served)", "line", quiet) as bar:
+            scores = score_rules(network, memory, tokenizer, sample, weights, progress=bar.update)
         rule = best_rule(scores)
-        fitted_on += "; as served, " + ", ".join(
+        other = next(name for name in scores if name != rule)
+        difference, half_width = top1_difference(scores, rule, other)
+        fitted_on += f"; as served on {len(sample)} of them at random, " + ", ".join(
             f"{name} top-1 {100 * got.top1:.1f} %, keys saved {100 * got.keystroke_savings:.1f} %, "
             f"perplexity {got.perplexity:.2f}"
             for name, got in scores.items()
         )
+        fitted_on += f" ({rule} - {other} top-1: {100 * difference:+.1f} ± {100 * half_width:.1f} points, 95 %)"
     fitted_on += f"; served: {rule}"
     spec = MemorySpec(
         order=order, min_count=min_count, entries=memory.entries(), weights=weights, fitted_on=fitted_on, rule=rule
     )
     return memory, spec
+
+
+def _counted(lines: Sequence[str], bar: tqdm):
+    for index, line in enumerate(lines):
+        if index % 1000 == 999:
+            bar.update(1000)
+        yield line
+    bar.update(len(lines) % 1000)
 
 
 def export(
@@ -170,6 +220,7 @@ def export(
     ngram_min_count: int = DEFAULT_MIN_COUNT,
     corpus: Sequence[str] = (),
     mix_rule: str = AUTO_RULE,
+    quiet: bool = True,
 ) -> Manifest:
     if os.path.isdir(checkpoint_path) and os.path.exists(os.path.join(checkpoint_path, BEST)):
         checkpoint_path = os.path.join(checkpoint_path, BEST)
@@ -210,7 +261,7 @@ def export(
         train, validation = training_lines(checkpoint, corpus)
         if isinstance(tokenizer, WordTokenizer):  # lower-cased: each word shown as it is most often written
             tokenizer.written = written_forms(tokenizer, train)
-        memory, spec = build_memory(model, tokenizer, train, validation, ngram_order, ngram_min_count, mix_rule)
+        memory, spec = build_memory(model, tokenizer, train, validation, ngram_order, ngram_min_count, mix_rule, quiet)
         manifest = replace(manifest, memory=spec)
 
     def verify(temporary: str) -> None:
@@ -243,8 +294,8 @@ class ExportConfig:
     )
     mix_rule: str = option(
         AUTO_RULE,
-        "how the memory is mixed with the network; auto: the rule whose suggestions rank the validation "
-        "lines better, each scored as nextword-eval scores a model (docs/model-file.md)",
+        "how the memory is mixed with the network; auto: the rule whose suggestions rank a sample of the "
+        "validation lines better, each scored as nextword-eval scores a model (docs/model-file.md)",
         choices=[AUTO_RULE, *MIX_RULES],
     )
     corpus: tuple[str, ...] = option(
@@ -252,6 +303,7 @@ class ExportConfig:
         "the training text, when it is no longer where training read it (repeat for several)",
         metavar="PATH",
     )
+    quiet: bool = option(False, "no progress on standard error while the memory is built and fitted")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -266,6 +318,7 @@ def main(argv: list[str] | None = None) -> int:
             ngram_min_count=args.ngram_min_count,
             corpus=list(args.corpus),
             mix_rule=args.mix_rule,
+            quiet=args.quiet,
         )
     except (CheckpointError, ArtifactError, ExportError, OSError) as error:
         print(f"{PROG}: error: {error}", file=sys.stderr)

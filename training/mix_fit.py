@@ -91,19 +91,49 @@ class RuleScore:
     perplexity: float
     top1: float  # share of targets (words, or phrases and characters) that Suggest's first suggestion gets
     keystroke_savings: float
+    first_hits: Sequence[bool] = ()  # per target: ranked first?
+
+
+def rule_sample(lines: Sequence[str], targets: int, seed: int = 0) -> list[str]:
+    """Lines drawn at random (``seed``) until they hold about ``targets`` targets (words, or characters of
+    text without spaces): the rules are compared on these, so that a large corpus costs what a small one does."""
+    order = np.random.default_rng(seed).permutation(len(lines))
+    chosen, held = [], 0
+    for index in order:
+        if held >= targets:
+            break
+        line = lines[int(index)]
+        chosen.append(line)
+        held += len(line.split()) if " " in line else len(line)
+    return chosen
 
 
 def score_rules(
-    network: StepModel, memory: NgramMemory, tokenizer: Tokenizer, lines: Sequence[str], weights: Sequence[float]
+    network: StepModel,
+    memory: NgramMemory,
+    tokenizer: Tokenizer,
+    lines: Sequence[str],
+    weights: Sequence[float],
+    progress: Callable[[int], None] | None = None,
 ) -> dict[str, RuleScore]:
-    """Each mixing rule with ``weights``, served on the lines and judged as nextword-eval judges a model."""
+    """Each mixing rule with ``weights``, served on the lines and judged as nextword-eval judges a model;
+    ``progress(n)``: n more lines scored (each rule scores every line)."""
     scores = {}
     for rule in MIX_RULES:
         mix = MixedModel(network, MemoryModel(memory), list(weights), rule)
-        units, tally = score(Scorer(rule, mix, mix), tokenizer, lines)
+        units, tally = score(Scorer(rule, mix, mix), tokenizer, lines, progress=progress)
         report = tally.report(units)
-        scores[rule] = RuleScore(report["perplexity"], report["top1"], report["ksr"] or 0.0)
+        scores[rule] = RuleScore(report["perplexity"], report["top1"], report["ksr"] or 0.0, tally.first_hits)
     return scores
+
+
+def top1_difference(scores: dict[str, RuleScore], a: str, b: str) -> tuple[float, float]:
+    """(top-1 of ``a`` minus that of ``b``, the half-width of its 95 % interval), paired by target."""
+    first, second = np.asarray(scores[a].first_hits, float), np.asarray(scores[b].first_hits, float)
+    if not len(first) or len(first) != len(second):
+        return scores[a].top1 - scores[b].top1, float("nan")
+    differences = first - second
+    return float(differences.mean()), float(1.96 * differences.std(ddof=1) / math.sqrt(max(1, len(differences) - 1)))
 
 
 def best_rule(scores: dict[str, RuleScore]) -> str:

@@ -1,6 +1,7 @@
 """The n-gram memory and written forms in exported files, served and scored as the mix."""
 
 import json
+import re
 
 import pytest
 
@@ -23,6 +24,28 @@ def test_export_stores_the_memory_and_fits_weights_on_validation(tiny_word_run, 
     artifact = load_artifact(str(tmp_path / "m.pt"))
     assert artifact.memory.entries() == spec.entries and artifact.memory.order == 5
     assert spec.rule in ("linear", "log-linear") and spec.fitted_on.endswith(f"served: {spec.rule}")
+    assert "at random" in spec.fitted_on and "points, 95 %" in spec.fitted_on  # the sample and its confidence
+
+
+def test_the_rule_is_chosen_on_a_bounded_sample_of_the_validation_lines():
+    from training.mix_fit import rule_sample
+
+    lines = [f"line {i} has five words" for i in range(10_000)]
+    sample = rule_sample(lines, 3000)
+    assert len(sample) == 600 and len(set(sample)) == 600  # 3,000 words' worth, each line once
+    assert sample == rule_sample(lines, 3000)  # the same every time (seed 0)
+    assert sample[:5] != lines[:5]  # at random, not the first lines
+    assert len(rule_sample(["我们去西安" * 2] * 50, 100)) == 10  # text without spaces: characters
+    assert len(rule_sample(lines[:3], 3000)) == 3  # fewer lines than that: all of them
+
+
+def test_export_shows_each_stage_when_its_output_is_a_log(tiny_word_run, tmp_path):
+    done = run_cli("training.export", tiny_word_run, "--out", str(tmp_path / "m.pt"))
+    assert done.returncode == 0, done.stderr
+    for stage in ("memory (n-grams of the training lines)", "EM fit of the mixing weights", "rule choice"):
+        assert f"{stage}: " in done.stderr and re.search(re.escape(stage) + r": done in \d+ s", done.stderr)
+    quiet = run_cli("training.export", tiny_word_run, "--out", str(tmp_path / "q.pt"), "--quiet")
+    assert quiet.returncode == 0 and "done in" not in quiet.stderr
 
 
 def test_export_keeps_the_rule_that_ranks_the_validation_lines_better(tiny_word_run, monkeypatch, tmp_path):
@@ -32,19 +55,19 @@ def test_export_keeps_the_rule_that_ranks_the_validation_lines_better(tiny_word_
     for better in ("linear", "log-linear"):
         scores = {"linear": RuleScore(20.0, 0.30, 0.5), "log-linear": RuleScore(19.0, 0.30, 0.5)}
         scores[better] = RuleScore(25.0, 0.31, 0.4)  # its first suggestion is right more often
-        monkeypatch.setattr(export_module, "score_rules", lambda *args, scores=scores: scores)
+        monkeypatch.setattr(export_module, "score_rules", lambda *args, scores=scores, **kwargs: scores)
         manifest = export(tiny_word_run, str(tmp_path / f"{better}.pt"))
         assert manifest.memory.rule == better
         assert load_artifact(str(tmp_path / f"{better}.pt")).manifest.memory.rule == better
     tie = {"linear": RuleScore(20.0, 0.3, 0.5), "log-linear": RuleScore(19.0, 0.3, 0.6)}
-    monkeypatch.setattr(export_module, "score_rules", lambda *args: tie)
+    monkeypatch.setattr(export_module, "score_rules", lambda *args, **kwargs: tie)
     assert export(tiny_word_run, str(tmp_path / "tie.pt")).memory.rule == "linear"
 
 
 def test_a_named_mixing_rule_is_exported_without_scoring_both(tiny_word_run, monkeypatch, tmp_path):
     from training import export as export_module
 
-    monkeypatch.setattr(export_module, "score_rules", lambda *args: pytest.fail("scored the rules"))
+    monkeypatch.setattr(export_module, "score_rules", lambda *args, **kwargs: pytest.fail("scored the rules"))
     for rule in ("linear", "log-linear"):
         spec = export(tiny_word_run, str(tmp_path / f"{rule}.pt"), mix_rule=rule).memory
         assert spec.rule == rule and spec.fitted_on.endswith(f"served: {rule}")
