@@ -135,7 +135,6 @@ def personal_history(model_path: str, device: str, ngrams: int = 10_000) -> dict
     from service.history.histories import Histories
     from service.history.store import HistoryStore
     from service.model.personal import HistoryConfig, units
-    from service.model.personal_mix import SERVED_FOR_HISTORY, vocabulary_lacks
 
     artifact = load_artifact(model_path)
     network = ScriptedModel(artifact.model, artifact.tokenizer.vocab_size, device)
@@ -149,12 +148,8 @@ def personal_history(model_path: str, device: str, ngrams: int = 10_000) -> dict
             histories.learn("reader", units(verse))
         learned = len(histories.user("reader"))
 
-        lacks = vocabulary_lacks(artifact.tokenizer)
-
         def personal(text: str) -> None:  # as the server answers a call that names a user
-            split = suggester.split(text)
-            served = suggester.suggest(text, SERVED_FOR_HISTORY).suggestions
-            histories.suggest("reader", split.context, split.prefix, served, 3, lacks)
+            suggester.suggest(text, 3, histories.personal("reader", artifact.tokenizer))
 
         texts = prompts()
         plain = p50_of(lambda text: suggester.suggest(text, 3), texts)

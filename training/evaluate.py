@@ -54,7 +54,7 @@ from tqdm import tqdm
 from service.model.artifact import Artifact, ArtifactError, load_artifact
 from service.model.command_line import build_parser, config_from, option
 from service.model.mix import served_model
-from service.model.personal import HistoryConfig
+from service.model.personal_tokens import LearnedWeights
 from service.model.pinyin import ConvertConfig
 from service.model.pinyin_lattice import MAX_PINYIN_LETTERS, reads_chinese
 from service.model.steps import ScriptedModel
@@ -62,9 +62,9 @@ from service.model.suggest import Suggester
 from service.model.tokenizer import Tokenizer
 from training.data import CorpusError, read_corpus
 from training.ngram import NgramCounts, NgramStepModel
-from training.pinyin_eval import association, evaluate_ranker, format_pinyin_table, rankers
+from training.pinyin_eval import evaluate_ranker, format_pinyin_table, rankers
 from training.scoring import Learning, Scorer, Tally, score
-from training.tables import by_context, format_by_context, format_table
+from training.tables import by_context, format_by_context, format_learning_table, format_table
 
 PROG = "nextword-eval"
 PINYIN = "pinyin conversion (a Chinese model; training/pinyin_eval.py)"
@@ -75,6 +75,11 @@ class EvaluateConfig:
     model: str = option(help="a model file from nextword-export", positional=True)
     text: str = option(help="held-out UTF-8 text, one sequence per line", required=True, metavar="PATH")
     baseline: str | None = option(None, "also score an n-gram model on the same text", choices=["ngram"])
+    ranking: str = option(
+        "kneser-ney",
+        "what the n-gram baseline ranks its suggestions by: its own Kneser-Ney probabilities, or stupid backoff",
+        choices=["kneser-ney", "backoff"],
+    )
     against: str | None = option(
         None, "also score another model file on the same text (for example float against int8)", metavar="MODEL"
     )
@@ -84,6 +89,9 @@ class EvaluateConfig:
     order: int = option(4, "n-gram order, 3 to 5", low=3, high=5)
     suggestions: int = option(3, "suggestions shown for the keystroke savings rate", low=1, high=20)
     max_lines: int | None = option(None, "score only the first N lines", low=1)
+    score_every: int = option(
+        1, "score every N-th line only (with --learn the user still types and learns every line)", low=1
+    )
     json: str | None = option(None, "also write the results as JSON to PATH ('-': standard output)", metavar="PATH")
     threads: int | None = option(
         None, "CPU threads for the network", low=1, high=256, default_text="torch's, one per core"
@@ -96,12 +104,22 @@ class EvaluateConfig:
         "also type the text in order as one user whose personal history learns each line after it is "
         "typed, and compare every metric with and without learning",
     )
-    evidence_scale: float = option(
-        HistoryConfig.evidence_scale,
-        "with --learn: the history's weight is E / (E + this), E the evidence for the context "
-        "(docs/history.md; the default is the served one)",
-        low=0.0,
-        low_open=True,
+    learn_rule: str = option(
+        "mix",
+        "with --learn: mix, the history as part of the served distribution; both, and also the rule served "
+        "before it (suggestions re-ranked: training/rerank_rule.py) in the same table",
+        choices=["mix", "both"],
+    )
+    fit_lines: int = option(
+        0,
+        "with --learn: the user types the first N lines to fit the history's weights in the mix (then every "
+        "model is scored on the lines after them)",
+        low=0,
+    )
+    history_weights: str = option(
+        "",
+        "with --learn: the history's weights (rows ';', weights ','; service/model/personal_tokens.py)",
+        default_text="the served ones",
     )
     pinyin: bool = option(
         False,
@@ -152,6 +170,7 @@ class Inputs:
     other: Artifact | None
     lines: list[str]
     train_lines: list[str]
+    fit_lines: list[str]  # with --learn --fit-lines: typed first, to fit the history's weights
 
 
 def parse_args(argv: list[str] | None) -> EvaluateConfig:
@@ -166,6 +185,13 @@ def parse_args(argv: list[str] | None) -> EvaluateConfig:
         parser.error("--baseline ngram needs --train PATH (the text the model was trained on)")
     if config.baseline and config.against:
         parser.error("--baseline and --against are exclusive: compare with one of them")
+    if (config.fit_lines or config.history_weights) and not config.learn:
+        parser.error("--fit-lines and --history-weights go with --learn")
+    if config.history_weights:
+        try:
+            LearnedWeights.parse(config.history_weights)
+        except ValueError as error:
+            parser.error(str(error))
     return config
 
 
@@ -174,14 +200,22 @@ def main(argv: list[str] | None = None) -> int:
     if config.threads:
         torch.set_num_threads(config.threads)
     try:
+        lines = read_corpus([config.text]).lines
         inputs = Inputs(
             load_artifact(config.model),
             load_artifact(config.against) if config.against else None,
-            read_corpus([config.text]).lines[: config.max_lines],
+            lines[config.fit_lines :][: config.max_lines],
             read_corpus(list(config.train)).lines if config.baseline else [],
+            lines[: config.fit_lines],
         )
     except (ArtifactError, CorpusError) as error:
         print(f"{PROG}: {error}", file=sys.stderr)
+        return 2
+    if config.fit_lines and not inputs.lines:
+        print(
+            f"{PROG}: --fit-lines {config.fit_lines} leaves none of {config.text}'s {len(lines)} lines to score",
+            file=sys.stderr,
+        )
         return 2
     if config.pinyin:
         return _pinyin(config, inputs)
@@ -205,8 +239,9 @@ def scorers(config: EvaluateConfig, inputs: Inputs, counts: NgramCounts | None) 
     artifact = inputs.artifact
     out = [network_scorer("model", artifact, ngram=config.ngram)]
     if counts is not None:
-        kneser_ney, backoff = NgramStepModel(counts, "kneser-ney"), NgramStepModel(counts, "backoff")
-        out.append((Scorer(f"ngram-{config.order}", kneser_ney, backoff), artifact.tokenizer))
+        kneser_ney = NgramStepModel(counts, "kneser-ney")
+        ranking = kneser_ney if config.ranking == "kneser-ney" else NgramStepModel(counts, "backoff")
+        out.append((Scorer(f"ngram-{config.order}", kneser_ney, ranking), artifact.tokenizer))
         if artifact.memory is not None and config.ngram:
             out.append(network_scorer("network", artifact, ngram=False))  # the mix's other component, alone
     if inputs.other is not None:
@@ -220,6 +255,8 @@ def run(config: EvaluateConfig, inputs: Inputs, counts: NgramCounts | None) -> t
     runs = [(scorer, tokenizer, scorer.name, False) for scorer, tokenizer in found]
     if config.learn:
         runs.append((*found[0], "learning", True))
+        if config.learn_rule == "both":
+            runs.append((*found[0], "reranking", True))
     results: dict[str, dict] = {}
     tallies: dict[str, Tally] = {}
     for scorer, tokenizer, name, learn in runs:
@@ -228,13 +265,36 @@ def run(config: EvaluateConfig, inputs: Inputs, counts: NgramCounts | None) -> t
         with tqdm(
             total=len(inputs.lines), desc=name, unit="line", dynamic_ncols=True, file=sys.stderr, disable=quiet
         ) as bar:
-            learning = Learning(tokenizer, config.evidence_scale) if learn else None
+            learning = _learning(config, inputs, scorer, tokenizer, name, bar) if learn else None
             units, tallies[name] = score(
-                scorer, tokenizer, inputs.lines, config.suggestions, progress=bar.update, learning=learning
+                scorer,
+                tokenizer,
+                inputs.lines,
+                config.suggestions,
+                progress=bar.update,
+                learning=learning,
+                every=config.score_every,
             )
         results[name] = {"units": units, **tallies[name].report(units)}
         results[name]["seconds"] = round(time.perf_counter() - started, 1)
+        if learning is not None and learning.rule == "mix":
+            results[name]["history_weights"] = str(learning.weights)
     return results, tallies
+
+
+def _learning(config: EvaluateConfig, inputs: Inputs, scorer: Scorer, tokenizer, name: str, bar) -> Learning:
+    """The user who types the lines: the history mixed in (or, for "reranking", the rule served before), having
+    typed the --fit-lines lines first (and fitted the weights on them)."""
+    weights = LearnedWeights.parse(config.history_weights) if config.history_weights else LearnedWeights()
+    learning = Learning(tokenizer, weights, "rerank" if name == "reranking" else "mix")
+    if name == "reranking":
+        for line in inputs.fit_lines:  # typed before, as for the mix
+            learning.learn(line)
+    elif inputs.fit_lines:
+        bar.set_description(f"{name} (fitting on {len(inputs.fit_lines)} lines)")
+        learning.fit_weights(scorer, inputs.fit_lines)
+        bar.set_description(name)
+    return learning
 
 
 def report(
@@ -246,10 +306,14 @@ def report(
 ) -> None:
     """The tables on standard output, and the --json document."""
     learned = results.pop("learning", None)
+    reranked = results.pop("reranking", None)
     first, lines = results["model"], inputs.lines
+    scored = len(lines[:: config.score_every])
+    which = f" (every {config.score_every}th scored: {scored})" if config.score_every > 1 else ""
     print(
-        f"{config.text}: {len(lines)} lines, {first['targets']} {first['units']} scored, {first['tokens']} tokens "
-        f"({100 * first['unknown_token_rate']:.1f} % <unk>); keystroke savings with {config.suggestions} suggestions"
+        f"{config.text}: {len(lines)} lines{which}, {first['targets']} {first['units']} scored, "
+        f"{first['tokens']} tokens ({100 * first['unknown_token_rate']:.1f} % <unk>); "
+        f"keystroke savings with {config.suggestions} suggestions"
     )
     if inputs.other is not None:
         same = inputs.other.tokenizer.to_bytes() == inputs.artifact.tokenizer.to_bytes()
@@ -260,11 +324,19 @@ def report(
     print(format_table(results))
     if learned is not None:
         print("\nthe model typed in order by one user, learning each line after it is typed, against without:")
-        print(format_table({"learning": learned, "without": results["model"]}))
+        columns = {"without": results["model"], "learning": learned}
+        if reranked is not None:
+            columns["learning, re-ranked"] = reranked
+        baseline = next((name for name in results if name.startswith("ngram-")), None)
+        print(format_learning_table(columns, results[baseline] if baseline else None, baseline))
+        how = "given" if config.history_weights else "the served ones"
+        how = f"fitted on the first {config.fit_lines} lines typed" if config.fit_lines else how
+        print(f"the history's weights ({how}; service/model/personal_tokens.py): {learned['history_weights']}")
     document = {
         "model": config.model,
         "text": config.text,
         "lines": len(lines),
+        "scored_lines": scored,
         "suggestions": config.suggestions,
         "order": config.order if config.baseline else None,
         "against": config.against,
@@ -272,6 +344,8 @@ def report(
     }
     if learned is not None:
         document["learning"] = learned
+    if reranked is not None:
+        document["learning_reranked"] = reranked
     if counts is not None:
         hits = {name: tally.first_hits for name, tally in tallies.items()}
         rows = by_context(lines, tallies["model"].context_ends, hits, inputs.artifact.tokenizer, counts)
@@ -293,6 +367,15 @@ def write_json(path: str | None, document: dict) -> None:
             json.dump(document, handle, indent=2)
 
 
+def _pinyin_learning(config: EvaluateConfig, inputs: Inputs, model, tokenizer) -> Learning:
+    """The user who types the lines, their weights fitted on the --fit-lines lines they typed first."""
+    weights = LearnedWeights.parse(config.history_weights) if config.history_weights else LearnedWeights()
+    learning = Learning(tokenizer, weights)
+    if inputs.fit_lines:
+        learning.fit_weights(Scorer("mix", model, model), inputs.fit_lines)
+    return learning
+
+
 def _pinyin(config: EvaluateConfig, inputs: Inputs) -> int:
     artifact, lines = inputs.artifact, inputs.lines
     if not reads_chinese(artifact.tokenizer):
@@ -306,17 +389,31 @@ def _pinyin(config: EvaluateConfig, inputs: Inputs) -> int:
         prior_weight=config.prior_weight, beam=config.beam, abbreviation_penalty=config.abbreviation_penalty
     )
     wanted = config.rankers.split(",")
+    runs = [(name, converter, False) for name, converter in rankers(artifact, ngram_model, convert).items()]
+    if config.learn:
+        runs += [(f"{name}, learning", converter, True) for name, converter, _ in runs if name == "mix"]
     results = {}
-    for name, converter in rankers(artifact, ngram_model, convert).items():
-        if name not in wanted:
+    for name, converter, learn in runs:
+        if name.split(",")[0] not in wanted:
             continue
         started = time.perf_counter()
-        tally = evaluate_ranker(
-            converter.convert, lines, MAX_PINYIN_LETTERS, config.typing_clauses, config.initials_words
+        learning = _pinyin_learning(config, inputs, converter.model, artifact.tokenizer) if learn else None
+        suggest = (
+            Suggester(converter.model, artifact.tokenizer).suggest if name.split(",")[0] in ("network", "mix") else None
         )
-        if name in ("network", "mix"):  # association: the same model's Suggest
-            association(Suggester(converter.model, artifact.tokenizer).suggest, lines, tally, config.association_words)
+        tally = evaluate_ranker(
+            converter.convert,
+            lines,
+            MAX_PINYIN_LETTERS,
+            config.typing_clauses,
+            config.initials_words,
+            learning=learning,
+            suggest=suggest,
+            association_words=config.association_words,
+        )
         results[name] = {**tally.report(), "seconds": round(time.perf_counter() - started, 1)}
+        if learning is not None:
+            results[name]["history_weights"] = str(learning.weights)
         if not config.quiet:
             print(f"{PROG}: {name} done in {results[name]['seconds']:.0f} s", file=sys.stderr)
     first = next(iter(results.values()))

@@ -148,67 +148,104 @@ def evaluate_ranker(
     typing_clauses: int,
     initials_words: int,
     seed: int = 0,
+    learning=None,
+    suggest: Callable | None = None,
+    association_words: int = 0,
 ) -> PinyinTally:
+    """Every metric of one ranker (``convert``; ``suggest`` for association) over the lines, in order. With
+    ``learning`` (training/scoring.py Learning), a user whose history learns each line after it is typed and is
+    mixed into every conversion and suggestion (``convert(..., personal=)``, ``suggest(..., personal)``)."""
     tally = PinyinTally()
+    personal = None
 
     def timed(context: str, pinyin: str, count: int):
         started = time.perf_counter()
-        found = convert(context, pinyin, count)
+        found = convert(context, pinyin, count, personal=personal) if personal else convert(context, pinyin, count)
         tally.seconds += time.perf_counter() - started
         tally.calls += 1
         return found
 
-    every = [(before, clause, syllables) for line in lines for before, clause, syllables in clauses(line, max_letters)]
-    for before, clause, syllables in every:
-        pinyin = "".join(syllables)
-        candidates = timed(before, pinyin, 9)
-        whole = [c for c in candidates if c.consumed == len(pinyin)]
-        best = whole[0].text if whole else ""
-        tally.clauses += 1
-        tally.characters += len(clause)
-        tally.char_errors += min(len(clause), edit_distance(best, clause))
-        tally.clause_hits += best == clause
-        first = JiebaTokenizer.segment(clause)[0]
-        firsts = list(dict.fromkeys(c.words[0] if c.words else c.text for c in candidates))
-        tally.first_word[0] += firsts[:1] == [first]
-        tally.first_word[1] += first in firsts[:5]
+    plan = _plan(lines, max_letters, typing_clauses, initials_words, association_words if suggest else 0, seed)
+    for index, line in enumerate(lines):
+        personal = learning.personal() if learning is not None and len(learning.history) else None
+        for before, clause, syllables in plan.clauses.get(index, ()):
+            _convert_clause(timed, tally, before, clause, syllables)
+        for before, clause, syllables in plan.typed.get(index, ()):
+            tally.typed_clauses += 1
+            tally.typed_characters += len(clause)
+            tally.keys += typed_keys(timed, before, clause, syllables)
+        for before, word, initials in plan.initials.get(index, ()):
+            candidates = [c.text for c in timed(before, initials, 9) if c.consumed == len(initials)]
+            tally.initials += 1
+            tally.initials_hits[0] += candidates[:1] == [word]
+            tally.initials_hits[1] += word in candidates[:5]
+        for before, following in plan.places.get(index, ()):
+            found = suggest(before, 3, personal) if personal else suggest(before, 3)  # type: ignore[misc]
+            shown = [text for text, _ in found.suggestions]
+            tally.boundaries += 1
+            tally.next_word[0] += shown[:1] == [following]
+            tally.next_word[1] += following in shown
+        if learning is not None:
+            learning.learn(line)
+    return tally
+
+
+def _convert_clause(timed: Callable, tally: PinyinTally, before: str, clause: str, syllables: list[str]) -> None:
+    pinyin = "".join(syllables)
+    candidates = timed(before, pinyin, 9)
+    whole = [c for c in candidates if c.consumed == len(pinyin)]
+    best = whole[0].text if whole else ""
+    tally.clauses += 1
+    tally.characters += len(clause)
+    tally.char_errors += min(len(clause), edit_distance(best, clause))
+    tally.clause_hits += best == clause
+    first = JiebaTokenizer.segment(clause)[0]
+    firsts = list(dict.fromkeys(c.words[0] if c.words else c.text for c in candidates))
+    tally.first_word[0] += firsts[:1] == [first]
+    tally.first_word[1] += first in firsts[:5]
+
+
+@dataclass
+class _Plan:
+    """What is asked at each line (by index): clauses converted, clauses typed letter by letter, words typed as
+    initials, and word boundaries for association."""
+
+    clauses: dict[int, list] = field(default_factory=dict)
+    typed: dict[int, list] = field(default_factory=dict)
+    initials: dict[int, list] = field(default_factory=dict)
+    places: dict[int, list] = field(default_factory=dict)
+
+
+def _plan(lines: Sequence[str], max_letters: int, typing: int, initials: int, association: int, seed: int) -> _Plan:
+    plan = _Plan()
+    every = [(i, item) for i, line in enumerate(lines) for item in clauses(line, max_letters)]
+    for i, item in every:
+        plan.clauses.setdefault(i, []).append(item)
     rng = random.Random(seed)
-    for before, clause, syllables in rng.sample(every, min(typing_clauses, len(every))):
-        tally.typed_clauses += 1
-        tally.typed_characters += len(clause)
-        tally.keys += typed_keys(timed, before, clause, syllables)
-    words = []
-    for line in lines:
+    for i, item in rng.sample(every, min(typing, len(every))):
+        plan.typed.setdefault(i, []).append(item)
+    words: list[tuple[int, tuple[str, str, str]]] = []
+    for i, line in enumerate(lines):
         at = 0
         for word in JiebaTokenizer.segment(line):
             if 2 <= len(word) <= 4 and CLAUSE.fullmatch(word):
                 syllables = reading(word)
                 if len(syllables) == len(word):
-                    words.append((line[:at], word, "".join(s[0] for s in syllables)))
+                    words.append((i, (line[:at], word, "".join(s[0] for s in syllables))))
             at += len(word)
-    for before, word, initials in rng.sample(words, min(initials_words, len(words))):
-        candidates = [c.text for c in timed(before, initials, 9) if c.consumed == len(initials)]
-        tally.initials += 1
-        tally.initials_hits[0] += candidates[:1] == [word]
-        tally.initials_hits[1] += word in candidates[:5]
-    return tally
-
-
-def association(suggest: Callable, lines: Sequence[str], tally: PinyinTally, limit: int, seed: int = 0) -> None:
-    """At word boundaries (jieba's) inside lines: are the next whole word the first suggestions?"""
-    places = []
-    for line in lines:
+    for i, word_at in rng.sample(words, min(initials, len(words))):
+        plan.initials.setdefault(i, []).append(word_at)
+    places: list[tuple[int, tuple[str, str]]] = []
+    for i, line in enumerate(lines):
         at = 0
-        words = JiebaTokenizer.segment(line)
-        for word, following in zip(words, words[1:]):
+        segmented = JiebaTokenizer.segment(line)
+        for word, following in zip(segmented, segmented[1:]):
             at += len(word)
             if CLAUSE.fullmatch(word) and CLAUSE.fullmatch(following):
-                places.append((line[:at], following))
-    for before, following in random.Random(seed).sample(places, min(limit, len(places))):
-        shown = [text for text, _ in suggest(before, 3).suggestions]
-        tally.boundaries += 1
-        tally.next_word[0] += shown[:1] == [following]
-        tally.next_word[1] += following in shown
+                places.append((i, (line[:at], following)))
+    for i, place in random.Random(seed).sample(places, min(association, len(places))):
+        plan.places.setdefault(i, []).append(place)
+    return plan
 
 
 def rankers(artifact, ngram_model, config: ConvertConfig, prior_only_weight: float = 1.0) -> dict[str, Converter]:

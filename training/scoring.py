@@ -15,14 +15,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from service.model.personal import HistoryConfig, UserHistory, ngrams_ending, units
-from service.model.personal_mix import SERVED_FOR_HISTORY, vocabulary_lacks
-from service.model.personal_mix import suggest as personal_suggest
+from service.model.personal_mix import PersonalMix
+from service.model.personal_tokens import SERVED_WEIGHTS, LearnedWeights, bucket_of, fit
 from service.model.steps import PrefixStates, StepModel, walk_batch
 from service.model.suggest import SUGGESTED_WORD, SplitText, SuggestConfig, Suggester
-from service.model.tokenizer import BOS, EOS, UNK, Tokenizer, is_cjk
+from service.model.tokenizer import BOS, EOS, UNK, Tokenizer, WordTokenizer, is_cjk
+from training import rerank_rule
 
 TOP_K = (1, 3, 5)
 PREFIXES = (1, 2, 3)
@@ -104,28 +106,88 @@ def _matches(suggestion: str, target: str, tokenizer: Tokenizer) -> bool:
 class Learning:
     """A simulated user (``nextword-eval --learn``): the text is typed in order by one user whose personal
     history (service/model/personal.py, kept in memory as the server's cache keeps it) learns each line
-    after it is typed, and whose suggestions mix that history in, as the server does for a call that
-    names a user."""
+    after it is typed, and is part of the distribution that suggestions and perplexity are taken from, as
+    the server mixes it for a call that names a user (service/model/personal_mix.py).
 
-    def __init__(self, tokenizer: Tokenizer, evidence_scale: float = HistoryConfig.evidence_scale) -> None:
-        self.history = UserHistory(HistoryConfig(evidence_scale=evidence_scale))
-        self.lacks = vocabulary_lacks(tokenizer)
+    ``fit_weights``: the first lines typed fit the history's weights before the rest is scored. ``rule``
+    "rerank": the rule served before, for comparison (training/rerank_rule.py): suggestions re-ranked, the
+    probabilities the model's."""
 
-    def suggest(self, split: SplitText, suggestions: list[tuple[str, float]], k: int) -> list[tuple[str, float]]:
-        """The first k of ``suggestions`` (``SERVED_FOR_HISTORY`` of them) mixed with the user's history."""
-        return personal_suggest(self.history, split.context, split.prefix, suggestions, k, self.lacks)
+    def __init__(self, tokenizer: Tokenizer, weights: LearnedWeights = SERVED_WEIGHTS, rule: str = "mix") -> None:
+        self.history = UserHistory(HistoryConfig())
+        self.tokenizer = tokenizer
+        self.weights = weights
+        self.rule = rule
+        self.now = time.time()
+        self.lacks = rerank_rule.vocabulary_lacks(tokenizer)
+
+    def personal(self) -> PersonalMix:
+        return PersonalMix(self.history, self.tokenizer, self.weights, now=self.now)
 
     def learn(self, line: str) -> None:
-        now = time.time()
         for gram in ngrams_ending(units(line), 0, self.history.config.order):
-            self.history.add(gram, 1.0, now)
+            self.history.add(gram, 1.0, self.now)
+
+    def token_log_loss(self, line: str, ids: list[int], walk: list[tuple[torch.Tensor, torch.Tensor]], into=None):
+        """Nats of each token of the line and ``</s>`` under the served model mixed with the history; ``into``:
+        lists (served, user, bucket) that each token's probabilities are added to, for fitting."""
+        personal, vocab = self.personal(), self.tokenizer.vocab_size
+        rows = len(self.weights.weights)
+        nats = 0.0
+        for context, (log_probs, _), target in zip(token_contexts(self.tokenizer, line, ids), walk, [*ids, EOS]):
+            served = math.exp(float(log_probs[target]))
+            user = personal.user(context) if len(self.history) else None
+            mine = 0.0
+            if user is not None and target != EOS:
+                mine = float(user.probabilities[target])
+                if target == UNK:
+                    mine += float(user.probabilities[vocab:].sum())
+            weight = self.weights.weight(user.seen, user.evidence) if user is not None else 0.0
+            nats -= math.log(max((1 - weight) * served + weight * mine, 1e-300))
+            if into is not None:
+                into[0].append(served)
+                into[1].append(mine)
+                into[2].append(bucket_of(user, rows))
+        return nats
+
+    def fit_weights(self, scorer: Scorer, lines: Sequence[str], lines_at_once: int = LINES_AT_ONCE) -> LearnedWeights:
+        """Type ``lines`` in order, learning each, and fit the history's weights on their tokens (EM, as the
+        memory's are fitted at export): the weights used from then on."""
+        records: tuple[list, list, list] = ([], [], [])
+        for first in range(0, len(lines), lines_at_once):
+            group = lines[first : first + lines_at_once]
+            sequences = [[BOS, *self.tokenizer.encode(line)] for line in group]
+            for line, tokens, walk in zip(group, sequences, walk_batch(scorer.probabilities, sequences)):
+                self.token_log_loss(line, tokens[1:], walk, into=records)
+                self.learn(line)
+        served, user, buckets = (np.asarray(column) for column in records)
+        known = buckets >= 0
+        shape = (len(self.weights.weights), len(self.weights.weights[0]))
+        self.weights = fit(served[known], user[known], buckets[known], shape)
+        return self.weights
+
+
+def token_contexts(tokenizer: Tokenizer, line: str, ids: list[int]) -> list[str]:
+    """The text before each token of ``line`` and before ``</s>``, as the user typed it (words the
+    vocabulary lacks included, where the tokenizer tells where each token lies)."""
+    if isinstance(tokenizer, WordTokenizer):
+        words = tokenizer.split(tokenizer.normalize(line))
+        if len(words) == len(ids):
+            return [" ".join(words[:i]) for i in range(len(ids) + 1)]
+    elif tokenizer.kind == "char":
+        text = tokenizer.normalize(line)
+        if len(text) == len(ids):
+            return [text[:i] for i in range(len(ids) + 1)]
+    return [tokenizer.decode(ids[:i]) for i in range(len(ids) + 1)]
 
 
 def _shown(suggester: Suggester, split: SplitText, log_probs, state, k: int, learning: Learning | None) -> list[str]:
-    if learning is None:
-        return [text for text, _ in suggester.suggest_from(split, log_probs, state, k).suggestions]
-    found = suggester.suggest_from(split, log_probs, state, max(k, SERVED_FOR_HISTORY)).suggestions
-    return [text for text, _ in learning.suggest(split, found, k)]
+    if learning is not None and learning.rule == "rerank":
+        found = suggester.suggest_from(split, log_probs, state, max(k, rerank_rule.SERVED_FOR_HISTORY)).suggestions
+        ranked = rerank_rule.rerank(learning.history, split.context, split.prefix, found, k, learning.lacks)
+        return [text for text, _ in ranked]
+    personal = learning.personal() if learning is not None else None
+    return [text for text, _ in suggester.suggest_from(split, log_probs, state, k, personal).suggestions]
 
 
 class _WordSuggestions:
@@ -243,39 +305,51 @@ def score(
     lines_at_once: int = LINES_AT_ONCE,
     learning: Learning | None = None,
     row: type[Suggester] = Suggester,
+    every: int = 1,
 ) -> tuple[str, Tally]:
     """The units scored ("words" or "characters") and the tally of every metric, per target included.
-    ``progress(n)`` is told each time n more lines are scored. ``learning``: the suggestions are a simulated
-    user's, who learns each line once it is typed (perplexity is the model's either way). ``row``: what fills
-    the suggestions (the served Suggester, or another way to compare with it)."""
+    ``progress(n)`` is told each time n more lines are read. ``learning``: a simulated user's suggestions and
+    perplexity, who learns each line once it is typed. ``row``: what fills the suggestions (the served
+    Suggester, or another way to compare with it). ``every``: score every n-th line only (the first, the
+    n+1-th, ...); the user still types, and learns, every line."""
     units = "characters" if text_without_spaces(lines) else "words"
     suggester = row(scorer.ranking, tokenizer, config)
     tally = Tally()
     for first in range(0, len(lines), lines_at_once):
         group = lines[first : first + lines_at_once]
-        sequences = [[BOS, *tokenizer.encode(line)] for line in group]
+        chosen = [line for i, line in enumerate(group, first) if i % every == 0]
+        sequences = [[BOS, *tokenizer.encode(line)] for line in chosen]
         walks = walk_batch(scorer.probabilities, sequences)
         ranked = walks if scorer.ranking is scorer.probabilities else walk_batch(scorer.ranking, sequences)
-        for line, tokens, walk, ranking in zip(group, sequences, walks, ranked):
-            _count_log_loss(tally, line, tokens[1:], walk)
-            reader = _LineReader(tokenizer, PrefixStates.from_walk(scorer.ranking, tokens, ranking))
-            if units == "words":
-                score_words(line, suggester, reader, tally, ksr_suggestions, learning)
-            else:
-                score_characters(line, suggester, reader, tally, ksr_suggestions, learning)
+        scored = iter(zip(sequences, walks, ranked))
+        for index, line in enumerate(group, first):
+            if index % every == 0:
+                tokens, walk, ranking = next(scored)
+                _count_log_loss(tally, line, tokens[1:], walk, learning)
+                reader = _LineReader(tokenizer, PrefixStates.from_walk(scorer.ranking, tokens, ranking))
+                if units == "words":
+                    score_words(line, suggester, reader, tally, ksr_suggestions, learning)
+                else:
+                    score_characters(line, suggester, reader, tally, ksr_suggestions, learning)
+                tally.lines += 1
             if learning is not None:
                 learning.learn(line)
-            tally.lines += 1
         if progress is not None:
             progress(len(group))
     return units, tally
 
 
-def _count_log_loss(tally: Tally, line: str, ids: list[int], walk: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-    """Add the line's log-loss: each token and ``</s>``, given the output before it."""
+def _count_log_loss(
+    tally: Tally, line: str, ids: list[int], walk: list[tuple[torch.Tensor, torch.Tensor]], learning=None
+) -> None:
+    """Add the line's log-loss: each token and ``</s>``, given the output before it (and, ``learning``, the
+    user's history before the line)."""
     targets = [*ids, EOS]
-    for (log_probs, _), target in zip(walk, targets):
-        tally.nats -= float(log_probs[target])
+    if learning is not None and learning.rule == "mix":
+        tally.nats += learning.token_log_loss(line, ids, walk)
+    else:
+        for (log_probs, _), target in zip(walk, targets):
+            tally.nats -= float(log_probs[target])
     tally.tokens += len(targets)
     tally.text_tokens += len(ids)
     tally.unknown += sum(1 for t in ids if t == UNK)

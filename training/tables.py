@@ -111,3 +111,31 @@ def format_table(results: dict[str, dict]) -> str:
             row += [ratio, diff]
         rows.append(row)
     return _aligned(rows)
+
+
+def format_learning_table(columns: dict[str, dict], baseline: dict | None = None, name: str | None = None) -> str:
+    """Learning against without: the first column is "without"; each other column is followed by its
+    difference from it; the n-gram ``baseline`` (``name``) last, for reference."""
+    names = list(columns)
+    header = ["metric", names[0]]
+    for other in names[1:]:
+        header += [other, "difference"]
+    if baseline is not None:
+        header.append(name or "baseline")
+    rows = [header]
+    for key, label, percent in _ROWS:
+        base = columns[names[0]].get(key)
+        row = [label, _cell(base, percent)]
+        for other in names[1:]:
+            value = columns[other].get(key)
+            if value is None or base is None:
+                change = "n/a"
+            elif percent:
+                change = f"{100 * (value - base):+.1f} pts"
+            else:
+                change = f"{value / base:.2f}x" if base else "n/a"
+            row += [_cell(value, percent), change]
+        if baseline is not None:
+            row.append(_cell(baseline.get(key), percent))
+        rows.append(row)
+    return _aligned(rows)

@@ -146,8 +146,8 @@ class NextWordServicer(pb_grpc.NextWordServicer):
         text = validate.text(request.context, "context", self.config, required=False)
         letters = validate.pinyin(request.pinyin, self.config)
         count = validate.count(request.num_candidates, DEFAULT_CANDIDATES, self.config, "num_candidates")
-        candidates = converter.convert(text, letters, count, request.fuzzy)
-        return pb.ConvertResponse(candidates=to_candidates(engine.candidates(text, candidates)))
+        candidates = converter.convert(text, letters, count, request.fuzzy, personal=engine.personal())
+        return pb.ConvertResponse(candidates=to_candidates(candidates))
 
     @answers
     def Learn(self, request: pb.LearnRequest, context) -> pb.LearnResponse:
@@ -281,7 +281,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                     learner = None
                 count = validate.count(request.num_suggestions, count, config)
                 validate.apply_edit(session, request, index)
-                candidates = session.convert(max(count, DEFAULT_CANDIDATES), request.fuzzy)
+                candidates = session.convert(max(count, DEFAULT_CANDIDATES), request.fuzzy, engine.personal())
                 if learner is not None and not session.composition:
                     learner.update(session.text, final=request.WhichOneof("edit") == "commit")
                 yield self._answer(engine, session, index, count, candidates)
@@ -298,7 +298,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
                 edit_index=index,
                 text_length=len(session.text),
                 composition=session.composition,
-                candidates=to_candidates(engine.candidates(session.text, candidates)),
+                candidates=to_candidates(candidates),
                 model_version=engine.engine.version,
             )
         suggestions = engine.suggest(session.suggest, session.text, count)

@@ -9,8 +9,7 @@ from dataclasses import dataclass
 from service.history.histories import Histories
 from service.model.engine import Engine
 from service.model.personal import units
-from service.model.personal_mix import SERVED_FOR_HISTORY, UNFINISHED
-from service.model.pinyin import Candidate
+from service.model.personal_mix import UNFINISHED, PersonalMix
 from service.model.suggest import SuggestResult
 
 
@@ -46,30 +45,25 @@ class PersonalEngine:
     histories: Histories | None
     user: str | None
 
-    def suggest(self, suggest: Callable[[int], SuggestResult], text: str, count: int) -> SuggestResult:
-        """``suggest(count)`` (the engine's, or a typing session's), mixed with the user's history: the history
-        is mixed with the first ``SERVED_FOR_HISTORY`` suggestions (service/model/personal_mix.py)."""
-        histories, user = self.histories, self.user
-        if histories is None or user is None or not text or not len(histories.user(user)):
-            return suggest(count)
-        result = suggest(max(count, SERVED_FOR_HISTORY))
-        split = self.engine.suggester.split(text)
-        mixed = histories.suggest(user, split.context, split.prefix, result.suggestions, count, self.engine.lacks)
-        return SuggestResult(mixed, result.completes_word, result.prefix)
+    def personal(self) -> PersonalMix | None:
+        """The user's history mixed into the engine's distributions, or None (no user, no history)."""
+        if self.histories is None or self.user is None:
+            return None
+        mix = self.histories.personal(self.user, self.engine.artifact.tokenizer, self.engine.next_tokens)
+        return mix if mix else None
 
-    def candidates(self, context: str, candidates: list[Candidate]) -> list[Candidate]:
-        """Pinyin conversions re-ranked with the user's history."""
-        if self.histories is None or self.user is None or not candidates:
-            return candidates
-        return self.histories.rerank_conversions(self.user, context, candidates)
+    def suggest(self, suggest: Callable[..., SuggestResult], text: str, count: int) -> SuggestResult:
+        """``suggest(count, personal)`` (the engine's, or a typing session's) with the user's history as part of
+        the distribution it ranks by (service/model/personal_mix.py)."""
+        personal = self.personal() if text else None
+        return suggest(count, personal) if personal is not None else suggest(count)
 
     def next_token_mix(self) -> Callable | None:
         """For Generate: the next-token distribution mixed with the user's history, or None."""
-        histories, user = self.histories, self.user
-        if histories is None or user is None:
+        personal = self.personal()
+        if personal is None:
             return None
-        tokens = self.engine.next_tokens
-        return lambda text, log_probs: histories.mix_next_token(user, tokens, text, log_probs)
+        return lambda text, log_probs: personal.mix(text, log_probs)[0]
 
     def learner(self, incognito: bool) -> SessionLearner | None:
         """What a Type session learns, or None: no user, incognito, or learning off."""

@@ -25,9 +25,9 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
 from service.history.store import HistoryStore, RowsRefused, StoreDown
-from service.model import personal_mix
 from service.model.personal import SEPARATOR, HistoryConfig, UserHistory, holds, ngrams_ending, units
-from service.model.personal_mix import NextTokens
+from service.model.personal_mix import NextTokens, PersonalMix
+from service.model.personal_tokens import SERVED_WEIGHTS, LearnedWeights
 
 log = logging.getLogger("nextword")
 REFRESH_SECONDS = 1.0  # how stale another process's writes may be in this one's cache
@@ -50,8 +50,10 @@ class Histories:
         learning: bool = True,
         read_timeout_ms: float = 50.0,
         on_event: Callable[[str, int], None] | None = None,
+        weights: LearnedWeights = SERVED_WEIGHTS,
     ) -> None:
         self.store = store
+        self.weights = weights  # the history's weight in the served distribution (personal_tokens.py)
         self.config = config
         self.learning = learning
         self.read_timeout = read_timeout_ms / 1000.0
@@ -112,25 +114,9 @@ class Histories:
             with self._lock:
                 self._reads.pop(user, None)
 
-    def mix_next_token(self, user: str, tokens: NextTokens, text: str, log_probs):
-        """Generate's next-token log-probabilities [V] after ``text``, mixed with the user's predicted words."""
-        return personal_mix.mix_next_token(self.user(user), tokens, text, log_probs)
-
-    def suggest(
-        self,
-        user: str,
-        context: str,
-        prefix: str,
-        served: Sequence[tuple[str, float]],
-        k: int,
-        lacks: Callable[[str], bool] | None = None,
-    ) -> list[tuple[str, float]]:
-        """The first ``k`` of ``served`` mixed with ``user``'s history (personal_mix.suggest)."""
-        return personal_mix.suggest(self.user(user), context, prefix, served, k, lacks)
-
-    def rerank_conversions(self, user: str, context: str, candidates: Sequence) -> list:
-        """Pinyin conversions re-ranked with ``user``'s history (personal_mix.rerank_conversions)."""
-        return personal_mix.rerank_conversions(self.user(user), context, candidates)
+    def personal(self, user: str, tokenizer, next_tokens: NextTokens | None = None) -> PersonalMix:
+        """``user``'s history mixed into the distributions of a model that reads with ``tokenizer``."""
+        return PersonalMix(self.user(user), tokenizer, self.weights, next_tokens=next_tokens)
 
     # ------------------------------------------------------------------ learning
 

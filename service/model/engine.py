@@ -6,7 +6,6 @@ import functools
 import hashlib
 import threading
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Protocol
 
@@ -15,7 +14,7 @@ from service.model.batching import BatchingModel
 from service.model.generation import GenerationParams, Generator
 from service.model.hardware import ThreadPlan, resolve_device
 from service.model.mix import MixedModel, served_model
-from service.model.personal_mix import NextTokens, vocabulary_lacks
+from service.model.personal_mix import NextTokens
 from service.model.pinyin import Converter
 from service.model.pinyin_lattice import Lexicon, reads_chinese
 from service.model.steps import ScriptedModel
@@ -138,11 +137,6 @@ class Engine:
             pass
         if self.converter is not None:
             self.converter.convert("我", "nihaozgr")
-
-    @functools.cached_property
-    def lacks(self) -> Callable[[str], bool]:
-        """Whether the model's vocabulary lacks a word (personal history: service/model/personal_mix.py)."""
-        return vocabulary_lacks(self.artifact.tokenizer)
 
     @functools.cached_property
     def next_tokens(self) -> NextTokens:

@@ -1,5 +1,5 @@
-"""A user's personal history as a model: n-gram counts of what they typed, and its mix with the served
-suggestions (the store that keeps the counts is service/history/).
+"""A user's personal history as a model: n-gram counts of what they typed (the store that keeps them is
+service/history/; their mix with the served distribution, personal_tokens.py and personal_mix.py).
 
 What is stored, per user: n-grams (orders 1 to ``order``) of the units they typed: words in text
 with spaces, single characters in Chinese and other text without spaces. Units are surface forms
@@ -14,19 +14,11 @@ the count as of its ``last_used`` time, and a database upsert adds a new use as
 which is atomic, so concurrent learners (sessions, worker processes, replicas on one PostgreSQL)
 lose no counts.
 
-Prediction: an interpolated (Witten-Bell) estimate over the user's n-grams, restricted to the
-units that start with what is being typed. Its weight in the mix grows with the evidence for the
-context at hand (``E``): the count of the longest context the user has typed before, or of the
-units matching the prefix. With share = E / (E + evidence_scale) (``personalize``), over the first
-``SERVED_FOR_HISTORY`` served suggestions:
-
-    a word among them:                   (1 - known_weight * share) * P_served + known_weight * share * P_user
-    a word the model's vocabulary lacks: min(max_weight, share) * P_user
-    any other word (ranked lower):       known_weight * share * P_user
-
-and for a next word (no prefix) both weights times the served model's doubt (1 - its top
-probability). docs/history.md has the measurements behind the constants. A user with no
-history, or none that applies, gets exactly the unpersonalised answer.
+Prediction: an interpolated (Witten-Bell) estimate over the user's n-grams. As a distribution over a
+model's next tokens it is part of the served distribution, mixed with weights fitted on typed text
+(service/model/personal_tokens.py and personal_mix.py); ``predict`` gives the units that start with
+what is being typed, for pinyin conversions and within a word. A user with no history gets exactly the
+unpersonalised answer.
 
 The store and its writer are service/history/; this module is the model alone, in memory, so that
 evaluation (training/scoring.py) scores what the server would answer.
@@ -38,6 +30,7 @@ import bisect
 import hashlib
 import heapq
 import re
+import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
@@ -103,9 +96,6 @@ class HistoryConfig:
     max_entries: int = 20_000  # per user; the least recently used beyond it are pruned
     max_age_days: float = 0.0  # 0: keep; else drop n-grams not used for that long
     flush_ms: float = 200.0
-    evidence_scale: float = 10.0  # share = E / (E + evidence_scale), see the module docstring
-    max_weight: float = 0.9  # the most a word the served suggestions lack can get from the history
-    known_weight: float = 0.1  # the most the history moves the words the model has
 
     @property
     def half_life(self) -> float:
@@ -131,6 +121,8 @@ class UserHistory:
         self.shown: dict[str, str] = {}
         self._words: list[str] = []  # the unigrams' keys, sorted: the completions of a prefix are a range
         self._total: tuple[float, float] | None = None  # (when, the decayed count of every unigram) cached
+        # by tokenizer: the history seen through a model's tokens (service/model/personal_tokens.py)
+        self.views: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
         for gram, (count, last) in list(self.counts.items()):
             self._index(gram, count, last)
 
@@ -158,6 +150,8 @@ class UserHistory:
         slot[1] = max(slot[1], last)
         if len(key) == 1:
             self._total = None
+            for view in self.views.values():
+                view.add(key[0], gram[-1], count, last)
 
     def forget(self, word: str) -> list[tuple[str, ...]]:
         """Drop every n-gram that holds ``word`` (casefolded; a word of several units, "Zhang Wei" or 你好,
@@ -169,6 +163,7 @@ class UserHistory:
         self.shown.clear()
         self._words.clear()
         self._total = None
+        self.views.clear()
         for gram, (count, last) in self.counts.items():
             self._index(gram, count, last)
         return gone
@@ -239,10 +234,3 @@ class UserHistory:
         else:
             ranked = heapq.nlargest(limit, probabilities.items(), key=lambda item: item[1])
         return [(self.shown.get(w, w), p) for w, p in ranked], evidence
-
-    def weight(self, evidence: float) -> tuple[float, float]:
-        """(the weight of the history for words the served suggestions lack, for those they have)."""
-        if not evidence:
-            return 0.0, 0.0
-        share = evidence / (evidence + self.config.evidence_scale)
-        return min(self.config.max_weight, share), self.config.known_weight * share

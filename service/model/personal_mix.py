@@ -1,137 +1,111 @@
-"""Personal suggestions: the served model's answers mixed with a user's history (service/model/personal.py).
+"""Personal answers: a user's history as part of the served distribution (service/model/personal_tokens.py).
 
-Over the first ``SERVED_FOR_HISTORY`` served suggestions, with the weights of ``UserHistory.weight``:
+``PersonalMix.mix`` turns the served next-token distribution after a text into
 
-    a word among them:                   (1 - known_weight * share) * P_served + known_weight * share * P_user
-    a word the model's vocabulary lacks: min(max_weight, share) * P_user
-    any other word (ranked lower):       known_weight * share * P_user
+    P(w | h) = (1 - lambda_b) P_served(w | h) + lambda_b P_user(w | h)
 
-and for a next word (no prefix) both weights times the served model's doubt (1 - its top
-probability). Pinyin conversions and Generate's next token are mixed the same way (below).
-A user with no history, or none that applies, gets exactly the unpersonalised answer.
+and gives the words the vocabulary lacks their share beside it, so that Suggest (next words, completions,
+phrases: service/model/suggest.py), typing sessions and Generate rank what the user typed with the
+model's own words, and pinyin conversions (service/model/pinyin.py) read the mixed distribution at every
+syllable. A user with no history gets exactly the unpersonalised answer.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import functools
-import itertools
 import re
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 
 from service.model.personal import UserHistory, units
-from service.model.tokenizer import UNK
+from service.model.personal_tokens import (
+    NOTHING_LACKING,
+    Lacking,
+    LearnedWeights,
+    UserDistribution,
+    distribution,
+    mix,
+    tokens_of,
+)
+from service.model.tokenizer import is_cjk
 
 CONTEXT_CHARS = 256  # of the text before the cursor, read for the user's last units
-# A conversion the user chose counts faster than a word they typed: an input method moves a chosen
-# reading to the front (weight E / (E + 2): one use is a third, three uses 0.6).
-CONVERSION_EVIDENCE_SCALE = 2.0
-# The history is mixed with this many of the served suggestions, so that a word the model ranks below
-# the few shown keeps its own probability in the mix rather than counting as a word the model lacks.
-SERVED_FOR_HISTORY = 50
 UNFINISHED = re.compile(r"[\w'’]+$")  # the word being typed at the end of a text
 
 
-def personalize(
-    suggestions: Sequence[tuple[str, float]],
-    predicted: Sequence[tuple[str, float]],
-    weights: tuple[float, float],
-    k: int,
-    completing: bool = False,
-    lacks: Callable[[str], bool] | None = None,
-) -> list[tuple[str, float]]:
-    """The served suggestions mixed with the user's predictions. ``weights``: (novel, known). A word the
-    served suggestions have scores (1 - known) * served + known * user; a word the model lacks (``lacks``,
-    a name it never saw; by default every word the suggestions do not have) scores novel * user, and any
-    other word known * user."""
-    novel, known = weights
-    if novel <= 0 or not predicted:
-        return list(suggestions[:k])
-    if not completing:  # a next word: where the served model is sure, it decides
-        doubt = 1.0 - max((p for _, p in suggestions), default=0.0)
-        novel, known = novel * doubt, known * doubt
-    mixed: dict[str, list] = {}
-    for text, p in suggestions:
-        mixed[text.casefold()] = [text, (1 - known) * p, True]
-    for text, p in predicted:
-        entry = mixed.get(text.casefold())
-        if entry is None:
-            mixed[text.casefold()] = [text, (novel if lacks is None or lacks(text) else known) * p, False]
-        else:
-            entry[1] += known * p
-    ranked = sorted(mixed.values(), key=lambda entry: -entry[1])
-    return [(text, p) for text, p, _ in ranked[:k]]
+class PersonalMix:
+    """One user's history mixed into one model's next-token distributions, for one call (``now``)."""
+
+    def __init__(
+        self,
+        history: UserHistory,
+        tokenizer,
+        weights: LearnedWeights,
+        now: float | None = None,
+        next_tokens: NextTokens | None = None,
+    ) -> None:
+        self.history = history
+        self.tokenizer = tokenizer
+        self.weights = weights
+        self.now = time.time() if now is None else now
+        self.words = tokenizer.kind == "word"
+        self._next_tokens = next_tokens  # built at first use within a word, unless the engine keeps one
+
+    def __bool__(self) -> bool:
+        return bool(len(self.history))
+
+    def user(self, text: str) -> UserDistribution | None:
+        """P_user after ``text`` (ending where a unit begins), or None: no history."""
+        view = tokens_of(self.history, self.tokenizer)
+        return distribution(self.history, view, units(text[-CONTEXT_CHARS:]), self.now)
+
+    def mix(self, text: str, log_probs: torch.Tensor) -> tuple[torch.Tensor, Lacking]:
+        """The served next-token log-probabilities [V] after ``text``, mixed with the user's history, and
+        the units the vocabulary lacks with their probabilities."""
+        if not len(self.history):
+            return log_probs, NOTHING_LACKING
+        partial = None if self.words else UNFINISHED.search(text)
+        if partial is not None and not is_cjk(text[-1]):
+            return self._mix_within_word(text, partial, log_probs), NOTHING_LACKING
+        user = self.user(text)
+        if user is None:
+            return log_probs, NOTHING_LACKING
+        weight = self.weights.weight(user.seen, user.evidence)
+        if weight <= 0:
+            return log_probs, NOTHING_LACKING
+        mixed, lacking = mix(log_probs.double().exp().numpy(), user, weight)
+        view = tokens_of(self.history, self.tokenizer)
+        shown = [self.history.shown.get(key, key) for key in view.extra[: len(lacking)]]
+        return _log(mixed, log_probs.dtype), Lacking(shown, lacking)
+
+    def mix_rows(self, texts: Sequence[str], log_probs: torch.Tensor) -> torch.Tensor:
+        """``mix`` for each row of [B, V] after the texts."""
+        if not len(self.history):
+            return log_probs
+        return torch.stack([self.mix(text, row)[0] for text, row in zip(texts, log_probs)])
+
+    def _mix_within_word(self, text: str, partial: re.Match, log_probs: torch.Tensor) -> torch.Tensor:
+        """Within a word of a model whose tokens are pieces of words: the user's words that start with what is
+        typed of it, as the tokens that go on with them, weighted as at the word's start."""
+        before = text[: partial.start()]
+        user = self.user(before)
+        predicted, _ = self.history.predict(units(before[-CONTEXT_CHARS:]), partial.group(), self.now)
+        if user is None or not predicted:
+            return log_probs
+        if self._next_tokens is None:
+            self._next_tokens = NextTokens(self.tokenizer)
+        theirs = self._next_tokens.distribution(text, predicted)
+        weight = self.weights.weight(user.seen, user.evidence)
+        if theirs is None or weight <= 0:
+            return log_probs
+        return _log((1 - weight) * log_probs.double().exp().numpy() + weight * theirs, log_probs.dtype)
 
 
-def vocabulary_lacks(tokenizer) -> Callable[[str], bool]:
-    """Whether a model's vocabulary lacks a word: its tokens include ``<unk>``."""
-
-    @functools.lru_cache(maxsize=4096)
-    def lacks(word: str) -> bool:
-        return UNK in tokenizer.encode(word)
-
-    return lacks
-
-
-def suggest(
-    history: UserHistory,
-    context: str,
-    prefix: str,
-    served: Sequence[tuple[str, float]],
-    k: int,
-    lacks: Callable[[str], bool] | None = None,
-):
-    """The first ``k`` of ``served`` (best first; give ``SERVED_FOR_HISTORY`` of them) mixed with
-    ``history`` for the text ``context`` + ``prefix``; ``lacks``: whether the model's vocabulary lacks a word."""
-    if not len(history):
-        return list(served[:k])
-    tail = context[-CONTEXT_CHARS:]  # the last few units are all the prediction reads
-    predicted, evidence = history.predict(units(tail), prefix, time.time(), limit=k)
-    return personalize(served, predicted, history.weight(evidence), k, completing=bool(prefix), lacks=lacks)
-
-
-def rerank_conversions(history: UserHistory, context: str, candidates: Sequence) -> list:
-    """Pinyin conversions (service/model/pinyin.py Candidates) re-ranked with the user's ``history``: within
-    each group that consumes as many letters, a candidate's share is mixed with P_user(its characters |
-    context), normalised over the group, with the weight the evidence gives a word the model lacks."""
-    if not len(history):
-        return list(candidates)
-    now, before = time.time(), units(context[-CONTEXT_CHARS:])
-    scored = []
-    for candidate in candidates:
-        probability, evidence, read = 1.0, 0.0, list(before)
-        for index, unit in enumerate(units(candidate.text)):
-            predicted, seen = history.predict(read, "", now)
-            if predicted:  # a context the user has typed: what followed it
-                p = dict(predicted).get(unit, 0.0)
-            else:  # none: how often they typed the character at all
-                p, seen = history.unigram(unit, now)
-            if index == 0:
-                evidence = seen
-            probability *= p
-            if probability == 0.0:
-                break
-            read.append(unit)
-        scored.append((candidate, probability, evidence))
-    out = []
-    for _, grouped in itertools.groupby(scored, key=lambda entry: entry[0].consumed):
-        group = list(grouped)
-        total = sum(p for _, p, _ in group)
-        if total > 0:
-            evidence = max(e for _, _, e in group)
-            weight = min(history.config.max_weight, evidence / (evidence + CONVERSION_EVIDENCE_SCALE))
-            mixed = [
-                dataclasses.replace(c, probability=(1 - weight) * c.probability + weight * p / total)
-                for c, p, _ in group
-            ]
-            out.extend(sorted(mixed, key=lambda c: -c.probability))
-        else:
-            out.extend(c for c, _, _ in group)
-    return out
+def _log(probabilities: np.ndarray, dtype: torch.dtype) -> torch.Tensor:
+    with np.errstate(divide="ignore"):
+        return torch.from_numpy(np.log(probabilities)).to(dtype)
 
 
 class NextTokens:
@@ -168,20 +142,3 @@ class NextTokens:
                     found[i] += p
         total = found.sum()
         return found / total if total > 0 else None
-
-
-def mix_next_token(history: UserHistory, tokens: NextTokens, text: str, log_probs):
-    """Generate's next-token log-probabilities [V] after ``text``, mixed with the user's predicted words."""
-    if not len(history):
-        return log_probs
-    partial = UNFINISHED.search(text)
-    context = text[: partial.start()] if partial else text
-    prefix = partial.group() if partial else ""
-    predicted, evidence = history.predict(units(context[-CONTEXT_CHARS:]), prefix, time.time(), limit=10)
-    weight, _ = history.weight(evidence)  # a distribution over every token: one weight
-    theirs = tokens.distribution(text, predicted) if weight > 0 else None
-    if theirs is None:
-        return log_probs
-    mixed = (1 - weight) * np.exp(log_probs.double().numpy()) + weight * theirs
-    with np.errstate(divide="ignore"):
-        return torch.from_numpy(np.log(mixed)).to(log_probs.dtype)

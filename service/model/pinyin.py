@@ -75,6 +75,31 @@ class PriorOnly:
         return torch.zeros(tokens.size(0), self.vocab_size), state
 
 
+def _mixer(personal, context: str, tokenizer: Tokenizer):
+    """``mixer(path, values)``: the model's next-token log-probabilities after ``context`` and the tokens of
+    ``path``, mixed with a user's history (``personal``); None without one."""
+    if not personal:
+        return None
+
+    def mixer(path: tuple[int, ...], values: np.ndarray) -> np.ndarray:
+        return personal.mix(context + tokenizer.decode(list(path)), torch.from_numpy(values))[0].numpy()
+
+    return mixer
+
+
+def _kept(rows: dict, memo: dict | None, used: dict) -> list[tuple[int, ...]]:
+    """The token paths of ``rows`` whose outputs are neither in ``used`` nor in ``memo`` (those found in
+    ``memo`` are copied to ``used``)."""
+    missing = []
+    for path in rows:
+        found = used.get(path) or (memo.get(path) if memo is not None else None)
+        if found is None:
+            missing.append(path)
+        else:
+            used[path] = found
+    return missing
+
+
 class Converter:
     """Ranks the readings of typed pinyin with ``model`` (any StepModel over ``tokenizer``'s ids).
 
@@ -137,17 +162,21 @@ class Converter:
         fuzzy: bool = False,
         start: tuple[torch.Tensor, torch.Tensor] | None = None,
         memo: dict | None = None,
+        personal=None,
     ) -> list[Candidate]:
         """Whole-input conversions first, best first; then conversions of a leading part, longest first.
         ``start``: the model's (log-probs [V], state) after ``context``, when the caller has them.
         ``memo``: the model's outputs kept from the caller's last conversion after the same ``start`` (a
         typing session's, whose next keystroke reads mostly the same tokens): outputs found there cost no
-        forward, and it is left holding this conversion's."""
+        forward, and it is left holding this conversion's. ``personal``: a user's history mixed into every
+        next-token distribution the search reads (service/model/personal_mix.py PersonalMix), or None."""
         lattice = Lattice(pinyin, self.lexicon, fuzzy)
         if start is None:
             log_probs, state, _ = encode_context(self.model, self.tokenizer.encode(context), self.max_context_tokens)
         else:
             log_probs, state = start
+        mixer = _mixer(personal, context, self.tokenizer)
+        log_probs = log_probs if mixer is None else torch.from_numpy(mixer((), log_probs.numpy()))
         live = [_Hypothesis(0.0, (), (), (lattice.start,), (), log_probs.numpy(), state)]
         done: dict[int, list[_Hypothesis]] = {}  # by letter position: readings whose last word ends there
         options: dict[int, tuple] = {}
@@ -181,7 +210,7 @@ class Converter:
             finished = self._distinct(done.get(lattice.length, []), size)
             if len(finished) == size:
                 live = [h for h in live if h.score >= finished[-1].score]
-            self._read(live, memo, used)
+            self._read(live, memo, used, mixer)
         if memo is not None:
             memo.clear()
             memo.update(used)
@@ -263,23 +292,18 @@ class Converter:
                 options[position] = here = (edges, first, static, edge_of, word_of, share)
         return here
 
-    def _read(self, hypotheses: list[_Hypothesis], memo: dict | None, used: dict) -> None:
+    def _read(self, hypotheses: list[_Hypothesis], memo: dict | None, used: dict, mixer=None) -> None:
         """The tokens each hypothesis reads this step, in one forward for all. Hypotheses that read the same
         tokens after the start share a row (时 read for 时间 and for 时候; one text segmented two ways), and a
-        row already in ``memo`` (or computed in this conversion) is taken from there."""
+        row already in ``memo`` (or computed in this conversion) is taken from there. ``mixer(path, values)``:
+        each new row mixed with a user's history."""
         rows: dict[tuple[int, ...], list[_Hypothesis]] = {}
         for h in hypotheses:
             if h.read:
                 rows.setdefault(h.path + h.read, []).append(h)
         if not rows:
             return
-        missing = []
-        for path in rows:
-            found = used.get(path) or (memo.get(path) if memo is not None else None)
-            if found is None:
-                missing.append(path)
-            else:
-                used[path] = found
+        missing = _kept(rows, memo, used)
         by_length: dict[int, list[tuple[int, ...]]] = {}
         for path in missing:  # one stacked call per length: all of them in the usual step, where each reads one token
             by_length.setdefault(len(rows[path][0].read), []).append(path)
@@ -291,6 +315,8 @@ class Converter:
             table = log_probs.numpy()
             for row, path in enumerate(paths):
                 values, state = table[row], states[:, row : row + 1]
+                if mixer is not None:
+                    values = mixer(path, values)
                 if memo is not None:  # kept past this call: its own row, not a view that holds the whole batch
                     values, state = values.copy(), state.clone()
                 used[path] = (values, state)

@@ -33,6 +33,7 @@ from typing import NamedTuple
 import torch
 from torch import Tensor
 
+from service.model.personal_tokens import NOTHING_LACKING, Lacking
 from service.model.steps import StepModel, encode_context
 from service.model.tokenizer import EOS, SPECIAL_TOKENS, Tokenizer, is_cjk
 
@@ -81,6 +82,16 @@ class _Candidate(NamedTuple):
     text: str
     parent: int  # index of the hypothesis it extends
     token: int
+
+
+class _Personal:
+    """A user's mix for a search that goes on from ``context``: each row's text is context + what it added."""
+
+    def __init__(self, personal, context: str) -> None:
+        self.personal, self.context = personal, context
+
+    def after(self, added: list[str], log_probs: Tensor) -> Tensor:
+        return self.personal.mix_rows([self.context + text for text in added], log_probs)
 
 
 def _logaddexp(a: float, b: float) -> float:
@@ -143,20 +154,26 @@ class Suggester:
     def context_ids(self, split: SplitText) -> list[int]:
         return self.tokenizer.encode(split.context) if split.context else []
 
-    def suggest(self, text: str, k: int) -> SuggestResult:
+    def suggest(self, text: str, k: int, personal=None) -> SuggestResult:
         split = self.split(text)
         log_probs, state, _ = encode_context(self.model, self.context_ids(split), self.config.max_context_tokens)
-        return self.suggest_from(split, log_probs, state, k)
+        return self.suggest_from(split, log_probs, state, k, personal)
 
-    def suggest_from(self, split: SplitText, log_probs: Tensor, state: Tensor, k: int) -> SuggestResult:
-        """Suggestions given the model's output after reading ``split.context``."""
+    def suggest_from(self, split: SplitText, log_probs: Tensor, state: Tensor, k: int, personal=None) -> SuggestResult:
+        """Suggestions given the model's output after reading ``split.context``. ``personal``: a user's history
+        mixed into every next-token distribution read (service/model/personal_mix.py PersonalMix), or None."""
+        search = _Personal(personal, split.context) if personal else None
         if split.phrases:
-            return SuggestResult(self._phrases(log_probs, state, k))
+            return SuggestResult(self._phrases(log_probs, state, k, search))
         prefix = self.tokenizer.normalize(split.prefix)
         if self.tokenizer.kind == "word":
-            found = self._next_words(log_probs, prefix, k)
+            lacking = NOTHING_LACKING
+            if personal:
+                log_probs, lacking = personal.mix(split.context, log_probs)
+            found = self._next_words(log_probs, prefix, k, lacking)
         else:
-            found = self._search_words(log_probs, state, self.tokenizer.normalize(split.typed).lstrip(), k)
+            typed = self.tokenizer.normalize(split.typed).lstrip()
+            found = self._search_words(log_probs, state, typed, k, search)
         if split.prefix and not (self.written and self.tokenizer.kind == "word"):
             # keep what was typed, case included: "App" -> "Apple" (written forms replace it: "mo" -> "Moses")
             found = [(split.prefix + word[len(prefix) :], p) for word, p in found]
@@ -169,19 +186,31 @@ class Suggester:
         high = bisect.bisect_left(self._sorted_pieces, start + "\U0010ffff")
         return self._sorted_ids[low:high]
 
-    def _next_words(self, log_probs: Tensor, prefix: str, k: int) -> list[tuple[str, float]]:
-        if prefix:  # the words that complete the prefix, renormalised over all of them
+    def _next_words(
+        self, log_probs: Tensor, prefix: str, k: int, lacking: Lacking = NOTHING_LACKING
+    ) -> list[tuple[str, float]]:
+        """The vocabulary's words (and the user's that it lacks, ``lacking``) ranked together; with a prefix,
+        those that complete it, renormalised over all of them."""
+        if prefix:
             candidates = torch.tensor(self._pieces_starting_with(prefix), dtype=torch.long)
             ids = candidates[self.word_mask[candidates]] if candidates.numel() else candidates
-            if ids.numel() == 0:
+            extra = lacking.starting(prefix, self.tokenizer.normalize)
+            if ids.numel() == 0 and not extra:
                 return []
             scores = log_probs[ids]
-            top = (scores - torch.logsumexp(scores, dim=0)).topk(min(k, ids.numel()))
-            found = list(zip(top.values.tolist(), ids[top.indices].tolist()))
+            total = torch.logsumexp(scores, dim=0).item() if ids.numel() else -math.inf
+            total = _logaddexp(total, math.log(sum(p for _, p in extra))) if extra else total
+            top = scores.topk(min(k, ids.numel()))
+            found = [(v - total, i) for v, i in zip(top.values.tolist(), ids[top.indices].tolist())]
+            extra = [(word, math.log(p) - total) for word, p in extra[:k]]
         else:
             top = log_probs.masked_fill(~self.word_mask, -math.inf).topk(min(k, log_probs.numel()))
             found = [(v, i) for v, i in zip(top.values.tolist(), top.indices.tolist()) if v > -math.inf]
-        return [(self.shown[i], math.exp(v)) for v, i in found]
+            extra = [(word, math.log(p)) for word, p in lacking.top(k)]
+        ranked = [(self.shown[i], v) for v, i in found] + extra
+        if extra:
+            ranked.sort(key=lambda item: -item[1])
+        return [(word, math.exp(v)) for word, v in ranked[:k]]
 
     # ------------------------------------------------------------------ char and sentencepiece models
 
@@ -208,8 +237,12 @@ class Suggester:
             base = base & compatible
         return base.nonzero().flatten()
 
-    def _search_words(self, log_probs: Tensor, state: Tensor, typed: str, k: int) -> list[tuple[str, float]]:
+    def _search_words(
+        self, log_probs: Tensor, state: Tensor, typed: str, k: int, personal: _Personal | None = None
+    ) -> list[tuple[str, float]]:
         beam = max(self.config.beam_size, k)
+        if personal is not None:
+            log_probs = personal.after([""], log_probs[None])[0]
         hypotheses = [_Hypothesis(0.0, "", log_probs, state)]
         finished: dict[str, float] = {}  # word -> log-probability, summed over the token paths that spell it
         for _ in range(self.config.max_word_chars + len(typed) + 1):
@@ -240,6 +273,8 @@ class Suggester:
             tokens = torch.tensor([[c.token] for c in candidates], dtype=torch.long)
             states = torch.cat([hypotheses[c.parent].state for c in candidates], dim=1)
             next_log_probs, next_states = self.model.advance(tokens, states)
+            if personal is not None:
+                next_log_probs = personal.after([c.text for c in candidates], next_log_probs)
             hypotheses = [
                 _Hypothesis(c.score, c.text, next_log_probs[i], next_states[:, i : i + 1])
                 for i, c in enumerate(candidates)
@@ -254,10 +289,12 @@ class Suggester:
 
     # ------------------------------------------------------------------ text without spaces
 
-    def _phrases(self, log_probs: Tensor, state: Tensor, k: int) -> list[tuple[str, float]]:
+    def _phrases(self, log_probs: Tensor, state: Tensor, k: int, personal: _Personal | None = None):
         ids = self.cjk_ids
         if ids.numel() == 0:
             return []
+        if personal is not None:
+            log_probs = personal.after([""], log_probs[None])[0]
         limit = self.config.max_phrase_chars
         top = log_probs[ids].topk(min(ids.numel(), max(3 * k, 10)))
         live = [
@@ -271,6 +308,8 @@ class Suggester:
         while live:
             tokens = torch.tensor([[c[2]] for c in live], dtype=torch.long)
             next_log_probs, states = self.model.advance(tokens, states)
+            if personal is not None:
+                next_log_probs = personal.after([phrase for _, phrase, _ in live], next_log_probs)
             keep, extended = [], []
             for i, ((score, phrase, _), step) in enumerate(zip(live, self._next_pieces(next_log_probs, states))):
                 piece = self.texts[step[0]].strip() if step is not None else ""

@@ -119,25 +119,29 @@ class TypingSession:
         self.append(chosen.text)
         self.composition = self.composition[chosen.consumed :]
 
-    def convert(self, k: int, fuzzy: bool = False) -> list[Candidate]:
-        """The composition's candidates after the session's text (whose model state the session keeps)."""
+    def convert(self, k: int, fuzzy: bool = False, personal=None) -> list[Candidate]:
+        """The composition's candidates after the session's text (whose model state the session keeps);
+        ``personal``: a user's history mixed in (personal_mix.PersonalMix)."""
         self.candidates = []
         if self.converter is None or not self.composition.strip("'"):
             return self.candidates
         start = self.context.read(self.suggester.tokenizer.encode(self.text))
         if self._memo_text != self.text:
             self._memo, self._memo_text = {}, self.text
-        self.candidates = self.converter.convert(self.text, self.composition, k, fuzzy, start=start, memo=self._memo)
+        self.candidates = self.converter.convert(
+            self.text, self.composition, k, fuzzy, start=start, memo=self._memo, personal=personal
+        )
         return self.candidates
 
-    def suggest(self, k: int) -> SuggestResult:
+    def suggest(self, k: int, personal=None) -> SuggestResult:
+        """Suggestions for the session's text; ``personal``: a user's history mixed in (personal_mix.PersonalMix)."""
         if not self.text:
             return SuggestResult([])
         split = self.suggester.split(self.text)
         if split.context != self._context_text:
             self._context_text, self._context_ids = split.context, self.suggester.context_ids(split)
         log_probs, state = self.context.read(self._context_ids)
-        return self.suggester.suggest_from(split, log_probs, state, k)
+        return self.suggester.suggest_from(split, log_probs, state, k, personal)
 
 
 class EditStream:

@@ -16,6 +16,7 @@ import pytest
 
 from service.client import NextWordClient
 from service.pb.nextword.v1 import nextword_pb2 as pb
+from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
 from tests.e2e.test_server import serve_process, start
 
@@ -393,3 +394,33 @@ def test_a_postgresql_restart_under_load_keeps_every_call_answering(tiny_word_mo
             server.stop(0)
         assert not failures, f"calls failed while the database was down: {failures[:5]}"
         assert slowest[0] < 2.0, f"a call took {slowest[0]:.2f} s"
+
+
+def test_two_users_histories_never_mix_across_worker_processes(tiny_word_model, tmp_path):
+    """With --workers 2, each call may land on either process, and each process keeps its own copy of the
+    users it served: alice's words reach alice from both, and never bob."""
+    from tests.e2e.test_server import serve_process
+    from tests.e2e.test_workers import fresh_call
+
+    process, port = serve_process(
+        tiny_word_model, "--workers", "2", "--history-db", str(tmp_path / "h.sqlite"), "--history-flush-ms", "20"
+    )
+    try:
+        plain = words(fresh_call(port, "I like Ze"))
+        with NextWordClient(f"127.0.0.1:{port}", user="alice") as alice:
+            alice.learn("I like Zelda. I like Zelda. I like Zelda.")
+        options = [("grpc.use_local_subchannel_pool", 1)]  # a connection per call: both workers answer
+        for _ in range(12):
+            for user, expected in (("alice", "Zelda"), ("bob", None)):
+                with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                    stub = pb_grpc.NextWordStub(channel)
+                    found = words(
+                        stub.Suggest(pb.SuggestRequest(text="I like Ze"), metadata=[("x-nextword-user", user)])
+                    )
+                if expected is None:
+                    assert found == plain
+                else:
+                    assert found[0] == expected
+    finally:
+        process.terminate()
+        process.wait(30)

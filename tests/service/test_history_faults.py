@@ -10,12 +10,17 @@ import time
 
 import psycopg
 import pytest
+import torch
 
 from service.history import histories as histories_module
 from service.history.histories import Histories
 from service.history.store import HistoryStore, StoreDown
 from service.model.personal import HistoryConfig, units
 from tests.postgres import postgres_control, required
+from tests.service.fakes import word_tokenizer
+
+TOKENIZER = word_tokenizer(["I", "met", "Zero"])
+SERVED = torch.full((TOKENIZER.vocab_size,), 1.0 / TOKENIZER.vocab_size).log()
 
 
 def events() -> tuple[dict[str, int], callable]:
@@ -133,7 +138,7 @@ def test_a_database_restart_under_load_answers_throughout_and_learning_resumes(p
     def keystrokes() -> None:  # a steady load of reads, as typing sessions make
         while not stop.is_set():
             started = time.monotonic()
-            histories.suggest("carl", "I met", "Ze", [("Zero", 0.5)], 3)
+            histories.personal("carl", TOKENIZER).mix("I met", SERVED)
             slowest[0] = max(slowest[0], time.monotonic() - started)
             time.sleep(0.01)
 
