@@ -7,6 +7,7 @@ import math
 
 import pytest
 
+from service.model.personal_tokens import SERVED_WEIGHTS
 from tests.conftest import TINY_EN, TINY_IME, run_cli
 from tests.service.fakes import FakeModel, char_tokenizer, close, word_tokenizer
 from training.ngram import NgramCounts, NgramStepModel
@@ -220,8 +221,38 @@ def test_learning_helps_a_user_who_repeats_a_name_the_model_never_saw(tiny_word_
     assert "learning each line after it is typed" in result.stdout
     document = json.loads(out.read_text())
     learned, without = document["learning"], document["results"]["model"]
-    assert learned["perplexity"] == without["perplexity"]  # the network's figure: learning changes suggestions
+    assert learned["perplexity"] < without["perplexity"]  # the history is part of the distribution
     assert learned["top1"] > without["top1"] and learned["ksr"] > without["ksr"]
+    assert learned["history_weights"] == str(SERVED_WEIGHTS)
+
+
+def test_the_ngram_baseline_ranks_by_its_own_kneser_ney_unless_told_otherwise(tiny_word_model):
+    from service.model.artifact import load_artifact
+    from training.evaluate import Inputs, parse_args, scorers
+    from training.ngram import NgramCounts
+
+    artifact = load_artifact(tiny_word_model)
+    counts = NgramCounts.from_text(["he cook coffee"], artifact.tokenizer, 3)
+    inputs = Inputs(artifact, None, ["he cook"], ["he cook coffee"], [])
+    for flags, ranking in (([], "kneser-ney"), (["--ranking", "backoff"], "backoff")):
+        config = parse_args([tiny_word_model, "--text", TINY_EN, "--baseline", "ngram", "--train", TINY_EN, *flags])
+        baseline = next(scorer for scorer, _ in scorers(config, inputs, counts) if scorer.name.startswith("ngram"))
+        assert baseline.probabilities.scoring == "kneser-ney" and baseline.ranking.scoring == ranking
+
+
+def test_fitting_on_the_first_lines_scores_the_rest_and_every_nth(tiny_word_model, tmp_path):
+    text = tmp_path / "mine.txt"
+    text.write_text("".join(f"I like Zelda {when}.\n" for when in ("today", "at night", "after work") * 6))
+    out = tmp_path / "eval.json"
+    flags = ["--text", str(text), "--learn", "--fit-lines", "6", "--score-every", "3", "--json", str(out)]
+    result = run_cli("training.evaluate", tiny_word_model, *flags)
+    assert result.returncode == 0, result.stderr
+    document = json.loads(out.read_text())
+    assert document["lines"] == 12 and document["scored_lines"] == 4
+    assert "fitted on the first 6 lines typed" in result.stdout
+    assert document["learning"]["history_weights"] != str(SERVED_WEIGHTS)
+    refused = run_cli("training.evaluate", tiny_word_model, "--text", str(text), "--fit-lines", "6")
+    assert refused.returncode == 2 and "go with --learn" in refused.stderr
 
 
 @pytest.mark.slow
@@ -231,6 +262,7 @@ def test_learning_helps_a_user_who_repeats_a_name_the_model_never_saw(tiny_word_
         (["--text", "/nonexistent.txt"], "corpus file not found: /nonexistent.txt"),
         (["--text", TINY_EN, "--baseline", "ngram"], "--baseline ngram needs --train"),
         (["--text", TINY_EN, "--order", "7"], "7 is out of range"),
+        (["--text", TINY_EN, "--learn", "--history-weights", "0.5"], "rows of 5 weights"),
     ],
 )
 def test_command_bad_input_is_one_line(tiny_word_model, args, message):
