@@ -7,6 +7,8 @@
 #                                              frequent words), otherwise as zh
 #   scripts/recipes.sh --build zh CORPUS OUT   a recipe trained on all of CORPUS (its own 10 % held out for
 #                                              validation) and exported to OUT: what `make zh-model` runs
+#   scripts/recipes.sh adapt   [CORPORA_DIR]   adaptation: a model trained on one kind of text, typed on
+#                                              another by one user who learns (adapt-kjv, adapt-zh: one of them)
 # (--max-steps sets the length of the cosine learning-rate schedule; the 10 epochs end the run first.)
 # Each evaluation: split the corpus 90/10 by line (seed 0) into train/test; train on train.txt (which
 # holds out 10 % of its own lines for validation: the recipes were tuned on those, never on test.txt);
@@ -25,16 +27,19 @@ if [ "${1:-}" = "--build" ]; then
     shift
     [ $# -eq 3 ] || { echo "usage: scripts/recipes.sh --build zh|zh-word|kjv CORPUS OUT" >&2; exit 2; }
 fi
-name=${1:?usage: scripts/recipes.sh kjv|zh|zh-word [CORPORA_DIR]}
+name=${1:?usage: scripts/recipes.sh kjv|zh|zh-word|adapt|adapt-kjv|adapt-zh [CORPORA_DIR]}
 corpora=${2:-../shared/corpora}
 order=5  # the n-gram order best on validation, for every recipe
 zh=(--hidden-size 512 --dropout auto --epochs 10 --max-steps 3000 --eval-every 1000)
+kjv_flags=(--tokenizer word --lowercase --vocab-size 5000 --hidden-size 256 --dropout auto --epochs 10 --max-steps 9000 --eval-every 1500)
 export_flags=()
+if [[ "$name" == adapt* ]]; then
+    exec scripts/adapt.sh "${name#adapt}" "$corpora"
+fi
 # the n-gram memory: order 8 for kjv and zh, chosen on their validation lines (docs/evaluation.md)
 case "$name" in
     kjv) corpus="$corpora/kjv/kjv.txt"
-         flags=(--tokenizer word --lowercase --vocab-size 5000 --hidden-size 256 --dropout auto --epochs 10 --max-steps 9000 --eval-every 1500)
-         export_flags=(--ngram-order 8) ;;
+         flags=("${kjv_flags[@]}") export_flags=(--ngram-order 8) ;;
     zh)  corpus="$corpora/zh-fortunes/zh-fortunes.txt"
          flags=(--tokenizer char "${zh[@]}") export_flags=(--quantize int8 --ngram-order 8) ;;
     zh-word) corpus="$corpora/zh-fortunes/zh-fortunes.txt"
