@@ -80,6 +80,18 @@ class PersonalMix:
         shown = [self.history.shown.get(key, key) for key in view.extra[: len(lacking)]]
         return _log(mixed, log_probs.dtype), Lacking(shown, lacking)
 
+    def lacking(self, text: str) -> Lacking:
+        """The units the vocabulary lacks, with their probabilities in the mix, as the next unit after ``text``."""
+        if not len(self.history):
+            return NOTHING_LACKING
+        user = self.user(text)
+        if user is None:
+            return NOTHING_LACKING
+        weight = self.weights.weight(user.seen, user.evidence)
+        view = tokens_of(self.history, self.tokenizer)
+        lacking = weight * user.probabilities[view.vocab_size :]
+        return Lacking([self.history.shown.get(key, key) for key in view.extra[: len(lacking)]], lacking)
+
     def mix_rows(self, texts: Sequence[str], log_probs: torch.Tensor) -> torch.Tensor:
         """``mix`` for each row of [B, V] after the texts."""
         if not len(self.history):

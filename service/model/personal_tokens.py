@@ -31,12 +31,16 @@ import numpy as np
 from service.model.tokenizer import UNK
 
 EVIDENCE_BINS = (3.0, 10.0, 30.0, 100.0)  # bins of the count of the context (E < 3, 3 <= E < 10, ...)
+# The least weight of a history that applies: a word typed once is then always among the completions of
+# its first letters (the model gives the other words starting with them little), at most 2 % of the
+# served probability of the next word.
+MIN_WEIGHT = 0.02
 REBASE = 40.0  # half-lives between the reference time of the stored unigram counts and now, at most
 # Fitted by ``nextword-eval --learn --fit-lines`` on the first 10 % of the New Testament typed on a model
 # of the Old Testament (scripts/recipes.sh adapt; docs/history.md): rows are the longest context typed
 # before (0: none, 1, 2 units), columns the bins of how often (EVIDENCE_BINS).
 DEFAULT_WEIGHTS = (
-    (0.0, 0.0, 0.06, 0.167, 0.05),
+    (0.02, 0.02, 0.06, 0.167, 0.05),
     (0.128, 0.156, 0.198, 0.194, 0.306),
     (0.347, 0.387, 0.513, 0.626, 0.607),
 )
@@ -212,9 +216,10 @@ def mix(served: np.ndarray, user: UserDistribution, weight: float) -> tuple[np.n
 
 def fit(served: np.ndarray, user: np.ndarray, buckets: np.ndarray, shape: tuple[int, int], iterations: int = 30):
     """EM, one weight per bucket: ``served`` and ``user`` are each token's probability under the served model
-    and under P_user, ``buckets`` its bucket (seen * columns + bin). Where a bucket has no token: 0."""
+    and under P_user, ``buckets`` its bucket (seen * columns + bin); at least ``MIN_WEIGHT``, which is also
+    the weight of a bucket without tokens."""
     rows, columns = shape
-    weights = np.zeros(rows * columns)
+    weights = np.full(rows * columns, MIN_WEIGHT)
     for b in range(rows * columns):
         chosen = buckets == b
         if not chosen.any():
@@ -223,7 +228,7 @@ def fit(served: np.ndarray, user: np.ndarray, buckets: np.ndarray, shape: tuple[
         for _ in range(iterations):
             share = w * u / np.maximum(w * u + (1 - w) * s, 1e-300)
             w = float(share.mean())
-        weights[b] = min(round(w, 4), 0.99)
+        weights[b] = min(max(round(w, 4), MIN_WEIGHT), 0.99)
     return LearnedWeights(tuple(tuple(float(x) for x in weights[r * columns : (r + 1) * columns]) for r in range(rows)))
 
 

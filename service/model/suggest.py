@@ -173,7 +173,8 @@ class Suggester:
             found = self._next_words(log_probs, prefix, k, lacking)
         else:
             typed = self.tokenizer.normalize(split.typed).lstrip()
-            found = self._search_words(log_probs, state, typed, k, search)
+            lacking = personal.lacking(split.context) if personal else NOTHING_LACKING
+            found = self._search_words(log_probs, state, typed, k, search, lacking)
         if split.prefix and not (self.written and self.tokenizer.kind == "word"):
             # keep what was typed, case included: "App" -> "Apple" (written forms replace it: "mo" -> "Moses")
             found = [(split.prefix + word[len(prefix) :], p) for word, p in found]
@@ -238,8 +239,16 @@ class Suggester:
         return base.nonzero().flatten()
 
     def _search_words(
-        self, log_probs: Tensor, state: Tensor, typed: str, k: int, personal: _Personal | None = None
+        self,
+        log_probs: Tensor,
+        state: Tensor,
+        typed: str,
+        k: int,
+        personal: _Personal | None = None,
+        lacking: Lacking = NOTHING_LACKING,
     ) -> list[tuple[str, float]]:
+        """Words of pieces, searched token by token; ``lacking``: a user's words that the tokens cannot spell,
+        ranked with them by their probabilities in the mix."""
         beam = max(self.config.beam_size, k)
         if personal is not None:
             log_probs = personal.after([""], log_probs[None])[0]
@@ -279,6 +288,8 @@ class Suggester:
                 _Hypothesis(c.score, c.text, next_log_probs[i], next_states[:, i : i + 1])
                 for i, c in enumerate(candidates)
             ]
+        for word, p in lacking.starting(typed, self.tokenizer.normalize) if typed else lacking.top(k):
+            finished[word] = _logaddexp(finished.get(word, -math.inf), math.log(p))
         ranked = sorted(finished.items(), key=lambda item: -item[1])
         if typed.strip():  # completing a word: renormalise over the completions found
             total = -math.inf

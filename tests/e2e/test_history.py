@@ -63,7 +63,7 @@ def test_generate_continues_with_the_users_own_words(tiny_char_model, tmp_path):
     try:
         with NextWordClient(f"127.0.0.1:{port}", user="kim") as kim, NextWordClient(f"127.0.0.1:{port}") as nobody:
             plain = generated(nobody, "we love z")
-            kim.learn(" ".join(["we love zelda."] * 10))  # often: the weight grows with the evidence
+            kim.learn(" ".join(["we love zelda."] * 12))  # often: the weight grows with the evidence
             assert generated(kim, "we love z").startswith("elda")
             assert not plain.startswith("elda") and generated(nobody, "we love z") == plain
     finally:

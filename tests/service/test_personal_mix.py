@@ -11,6 +11,7 @@ from service.model.personal import HistoryConfig, UserHistory, ngrams_ending, un
 from service.model.personal_mix import PersonalMix
 from service.model.personal_tokens import (
     EVIDENCE_BINS,
+    MIN_WEIGHT,
     LearnedWeights,
     bucket_of,
     distribution,
@@ -153,7 +154,7 @@ def test_em_recovers_the_weight_that_generated_the_tokens():
     user = np.where(from_user, user * 4, user / 4)
     fitted = fit(served, user, buckets, (3, len(EVIDENCE_BINS) + 1))
     assert fitted.weights[0][0] < fitted.weights[1][0]
-    assert fitted.weights[2] == (0.0,) * (len(EVIDENCE_BINS) + 1)  # no tokens there: no weight
+    assert fitted.weights[2] == (MIN_WEIGHT,) * (len(EVIDENCE_BINS) + 1)  # no tokens there: the least weight
     assert log_loss(served, user, buckets, fitted) < log_loss(served, user, buckets, FLAT)
     assert bucket_of(None, 3) == -1
 

@@ -31,7 +31,7 @@ def adapted(tmp_path_factory):
         "ADAPT_OUT": str(root / "out"),
         "ADAPT_KJV_AT": "161",  # the last 60 lines are typed
         "ADAPT_TRAIN": " ".join([*TINY_NET, "--epochs", "3", "--max-steps", "60", "--eval-every", "30"]),
-        "ADAPT_EVAL": "--quiet --typing-clauses 5 --initials-words 10 --association-words 20",
+        "ADAPT_EVAL": "--quiet --score-every 1 --typing-clauses 5 --initials-words 10 --association-words 20",
     }
     done = subprocess.run(
         ["bash", "scripts/recipes.sh", "adapt", str(corpora)], cwd=ROOT, env=env, capture_output=True, text=True
