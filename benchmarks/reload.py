@@ -15,7 +15,7 @@ import tempfile
 import time
 
 from service.api.config import ServerConfig
-from service.api.reload import reload
+from service.api.reload import fix_allocator, reload
 from service.api.server import create_server
 from service.model.engine import Engine
 
@@ -31,6 +31,7 @@ def main() -> None:
     parser.add_argument("--other", default="", help="the file to alternate with (default: a copy of --model, changed)")
     parser.add_argument("--reloads", type=int, default=50)
     args = parser.parse_args()
+    fix_allocator()  # as the server does before its models load
     with tempfile.TemporaryDirectory() as folder:
         served, other = os.path.join(folder, "m.pt"), args.other
         if not other:  # the same model with another version: a byte appended past the zip's end

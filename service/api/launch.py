@@ -9,7 +9,7 @@ from dataclasses import replace
 
 from service.api.admin import AdminPort
 from service.api.config import ServerConfig
-from service.api.reload import ModelWatcher, control, on_hangup, reload
+from service.api.reload import ModelWatcher, control, fix_allocator, on_hangup, reload
 from service.api.server import (
     _announce,
     _started,
@@ -27,6 +27,7 @@ log = logging.getLogger("nextword")
 def serve(config: ServerConfig) -> None:
     """``nextword-serve``: one process, or with ``--workers`` above 1 a parent of worker processes."""
     config = replace(config, workers=config.workers or default_workers(resolve_device(config.device)))
+    fix_allocator()  # before any model loads (each worker process does the same)
     if config.workers > 1:
         _serve_workers(config)
         return

@@ -71,9 +71,11 @@ def run_worker(config: ServerConfig, index: int, channel) -> None:
     """A worker process: one whole server on the shared port. It sends the parent ("serving", "") once it
     listens, or ("error", why) when it cannot start."""
     from service.api.logs import configure_logging
+    from service.api.reload import fix_allocator
     from service.api.server import serve_worker
 
     configure_logging(config.log_format, worker=index)
+    fix_allocator()
     try:
         serve_worker(config, lambda server: _serving(channel, server))
     except Exception as error:  # noqa: BLE001 - the parent reports it in one line
