@@ -163,7 +163,7 @@ class Learning:
         served, user, buckets = (np.asarray(column) for column in records)
         known = buckets >= 0
         shape = (len(self.weights.weights), len(self.weights.weights[0]))
-        self.weights = fit(served[known], user[known], buckets[known], shape)
+        self.weights = fit(served[known], user[known], buckets[known], shape, prior=self.weights)
         return self.weights
 
 

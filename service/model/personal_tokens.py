@@ -35,6 +35,7 @@ EVIDENCE_BINS = (3.0, 10.0, 30.0, 100.0)  # bins of the count of the context (E 
 # its first letters (the model gives the other words starting with them little), at most 2 % of the
 # served probability of the next word.
 MIN_WEIGHT = 0.02
+MIN_FIT_TOKENS = 50  # a bucket fitted on fewer tokens keeps the weight it had
 REBASE = 40.0  # half-lives between the reference time of the stored unigram counts and now, at most
 # Fitted by ``nextword-eval --learn --fit-lines`` on the first 10 % of the New Testament typed on a model
 # of the Old Testament (scripts/recipes.sh adapt; docs/history.md): rows are the longest context typed
@@ -214,15 +215,26 @@ def mix(served: np.ndarray, user: UserDistribution, weight: float) -> tuple[np.n
     return mixed, lacking
 
 
-def fit(served: np.ndarray, user: np.ndarray, buckets: np.ndarray, shape: tuple[int, int], iterations: int = 30):
+def fit(
+    served: np.ndarray,
+    user: np.ndarray,
+    buckets: np.ndarray,
+    shape: tuple[int, int],
+    prior: LearnedWeights | None = None,
+    iterations: int = 30,
+):
     """EM, one weight per bucket: ``served`` and ``user`` are each token's probability under the served model
-    and under P_user, ``buckets`` its bucket (seen * columns + bin); at least ``MIN_WEIGHT``, which is also
-    the weight of a bucket without tokens."""
+    and under P_user, ``buckets`` its bucket (seen * columns + bin); at least ``MIN_WEIGHT``. A bucket with
+    fewer than ``MIN_FIT_TOKENS`` tokens keeps its weight in ``prior`` (without one, ``MIN_WEIGHT``)."""
     rows, columns = shape
     weights = np.full(rows * columns, MIN_WEIGHT)
+    if prior is not None:
+        weights = np.array(
+            [prior.weights[min(r, len(prior.weights) - 1)][c] for r in range(rows) for c in range(columns)]
+        )
     for b in range(rows * columns):
         chosen = buckets == b
-        if not chosen.any():
+        if chosen.sum() < MIN_FIT_TOKENS:
             continue
         s, u, w = served[chosen], user[chosen], 0.1
         for _ in range(iterations):

@@ -156,6 +156,8 @@ def test_em_recovers_the_weight_that_generated_the_tokens():
     assert fitted.weights[0][0] < fitted.weights[1][0]
     assert fitted.weights[2] == (MIN_WEIGHT,) * (len(EVIDENCE_BINS) + 1)  # no tokens there: the least weight
     assert log_loss(served, user, buckets, fitted) < log_loss(served, user, buckets, FLAT)
+    few = fit(served[:40], user[:40], buckets[:40], (3, len(EVIDENCE_BINS) + 1), prior=FLAT)
+    assert few == FLAT  # 40 tokens are too few to move a weight: each keeps the one it had
     assert bucket_of(None, 3) == -1
 
 
