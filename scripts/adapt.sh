@@ -40,12 +40,17 @@ build() {  # build NAME TRAIN EXPORT_FLAGS... : train on TRAIN and export build/
     fi
 }
 
+split() {  # split NAME CORPUS REST SPLIT_FLAGS...: NAME-split/{train,test}.txt by the flags, then REST/ 90/10
+    local name=$1 corpus=$2 rest=$3
+    shift 3
+    [ -f "$corpus" ] || { echo "adapt.sh: corpus not found: $corpus" >&2; exit 2; }
+    stage "$name: split what is typed from the training text"
+    "$py" -m training.split "$corpus" --out "$out/$name-split" "$@"
+    "$py" -m training.split "$out/$name-split/train.txt" --out "$out/$rest" --test-fraction 0.1 --seed 0
+}
+
 if [ -z "$which" ] || [ "$which" = -kjv ]; then
-    kjv="$corpora/kjv/kjv.txt"
-    [ -f "$kjv" ] || { echo "adapt.sh: corpus not found: $kjv" >&2; exit 2; }
-    stage "kjv: split the Old Testament from the New"
-    "$py" -m training.split "$kjv" --out "$out/kjv-split" --at-line "${ADAPT_KJV_AT:-23146}"
-    "$py" -m training.split "$out/kjv-split/train.txt" --out "$out/kjv-ot" --test-fraction 0.1 --seed 0
+    split kjv "$corpora/kjv/kjv.txt" kjv-ot --at-line "${ADAPT_KJV_AT:-23146}"
     flags=(--tokenizer word --lowercase --vocab-size 5000 --hidden-size 256 --dropout auto --epochs 10 --max-steps 9000 --eval-every 1500)
     build kjv "$out/kjv-ot/train.txt" --ngram-order 8
     stage "kjv: type the New Testament"
@@ -58,11 +63,7 @@ if [ -z "$which" ] || [ "$which" = -kjv ]; then
         --order "$order" "${more[@]}" --json "$out/kjv-ot.json" | tee "$out/kjv-ot.txt"
 fi
 if [ -z "$which" ] || [ "$which" = -zh ]; then
-    zh="$corpora/zh-fortunes/zh-fortunes.txt"
-    [ -f "$zh" ] || { echo "adapt.sh: corpus not found: $zh" >&2; exit 2; }
-    stage "zh: split the proverbs from the rest"
-    "$py" -m training.split "$zh" --out "$out/zh-split" --test-source '《谚语》$'
-    "$py" -m training.split "$out/zh-split/train.txt" --out "$out/zh-rest" --test-fraction 0.1 --seed 0
+    split zh "$corpora/zh-fortunes/zh-fortunes.txt" zh-rest --test-source '《谚语》$'
     flags=(--tokenizer char --hidden-size 512 --dropout auto --epochs 10 --max-steps 3000 --eval-every 1000)
     build zh "$out/zh-rest/train.txt" --quantize int8 --ngram-order 8
     typed="$out/zh-split/test.txt"
