@@ -12,6 +12,7 @@ import gc
 import os
 import shutil
 import tempfile
+import threading
 import time
 
 from service.api.config import ServerConfig
@@ -23,6 +24,13 @@ from service.model.engine import Engine
 def rss_mib() -> float:
     with open("/proc/self/statm") as handle:
         return int(handle.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 2**20
+
+
+def retired(seconds: float = 60.0) -> None:
+    """Wait until the models replaced so far are retired (their threads, service/api/reload.py, have ended)."""
+    deadline = time.monotonic() + seconds
+    while any(t.name == "model-retire" for t in threading.enumerate()) and time.monotonic() < deadline:
+        time.sleep(0.02)
 
 
 def main() -> None:
@@ -49,7 +57,7 @@ def main() -> None:
                 result = reload(server)["m"]
                 if not result.startswith("reloaded"):
                     raise SystemExit(f"reload {index + 1}: {result}")
-                time.sleep(0.05)  # the old model retires
+                retired()
                 gc.collect()
                 sizes.append(rss_mib())
             seconds = (time.perf_counter() - started) / args.reloads

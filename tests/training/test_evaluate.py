@@ -242,14 +242,14 @@ def test_the_ngram_baseline_ranks_by_its_own_kneser_ney_unless_told_otherwise(ti
 
 def test_fitting_on_the_first_lines_scores_the_rest_and_every_nth(tiny_word_model, tmp_path):
     text = tmp_path / "mine.txt"
-    text.write_text("".join(f"I like Zelda {when}.\n" for when in ("today", "at night", "after work") * 6))
+    text.write_text("".join(f"I like Zelda {when}.\n" for when in ("today", "at night", "after work") * 40))
     out = tmp_path / "eval.json"
-    flags = ["--text", str(text), "--learn", "--fit-lines", "6", "--score-every", "3", "--json", str(out)]
+    flags = ["--text", str(text), "--learn", "--fit-lines", "108", "--score-every", "3", "--json", str(out)]
     result = run_cli("training.evaluate", tiny_word_model, *flags)
     assert result.returncode == 0, result.stderr
     document = json.loads(out.read_text())
     assert document["lines"] == 12 and document["scored_lines"] == 4
-    assert "fitted on the first 6 lines typed" in result.stdout
+    assert "fitted on the first 108 lines typed" in result.stdout
     assert document["learning"]["history_weights"] != str(SERVED_WEIGHTS)
     refused = run_cli("training.evaluate", tiny_word_model, "--text", str(text), "--fit-lines", "6")
     assert refused.returncode == 2 and "go with --learn" in refused.stderr

@@ -42,7 +42,12 @@ def test_the_rule_is_chosen_on_a_bounded_sample_of_the_validation_lines():
 def test_export_shows_each_stage_when_its_output_is_a_log(tiny_word_run, tmp_path):
     done = run_cli("training.export", tiny_word_run, "--out", str(tmp_path / "m.pt"))
     assert done.returncode == 0, done.stderr
-    for stage in ("memory (n-grams of the training lines)", "EM fit of the mixing weights", "rule choice"):
+    stages = (
+        "memory (n-grams of the training lines)",
+        "EM fit of the mixing weights",
+        "rule choice (each rule served)",
+    )
+    for stage in stages:
         assert f"{stage}: " in done.stderr and re.search(re.escape(stage) + r": done in \d+ s", done.stderr)
     quiet = run_cli("training.export", tiny_word_run, "--out", str(tmp_path / "q.pt"), "--quiet")
     assert quiet.returncode == 0 and "done in" not in quiet.stderr
