@@ -30,6 +30,7 @@ from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 log = logging.getLogger("nextword")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["NextWord"].full_name  # "nextword.v1.NextWord"
 TOKEN_ENV = "NEXTWORD_AUTH_TOKEN"
+STOP_SECONDS = 5.0  # how long past the grace period a stop waits for the gRPC port to close
 NOT_SERVING_SECONDS = 1.0  # the most a stop waits for the health service to tell its watchers
 SPARE_THREADS = 16  # beyond max_concurrent_rpcs: health checks and refusals always find a thread
 
@@ -232,7 +233,10 @@ class Server:
         http = threading.Thread(target=self.http.stop, args=(grace,), daemon=True) if self.http is not None else None
         if http is not None:  # both fronts drain at once
             http.start()
-        self.grpc.stop(grace).wait()
+        if not self.grpc.stop(grace).wait(grace + STOP_SECONDS):
+            # a stream whose send is stuck (a Watch client that stopped reading) can hold gRPC's own shutdown;
+            # the process goes on stopping rather than wait for it
+            log.warning("the gRPC port had not stopped %.0f s after the grace period; stopping anyway", STOP_SECONDS)
         if http is not None:
             http.join(grace + 10)
         if self.histories is not None:  # what was learned is written before the process exits
