@@ -76,9 +76,7 @@ class PersonalMix:
         if weight <= 0:
             return log_probs, NOTHING_LACKING
         mixed, lacking = mix(_probabilities(log_probs), user, weight)
-        view = tokens_of(self.history, self.tokenizer)
-        shown = [self.history.shown.get(key, key) for key in view.extra[: len(lacking)]]
-        return _log(mixed, log_probs), Lacking(shown, lacking)
+        return _log(mixed, log_probs), self._named(lacking)
 
     def lacking(self, text: str) -> Lacking:
         """The units the vocabulary lacks, with their probabilities in the mix, as the next unit after ``text``."""
@@ -88,9 +86,12 @@ class PersonalMix:
         if user is None:
             return NOTHING_LACKING
         weight = self.weights.weight(user.seen, user.evidence)
-        view = tokens_of(self.history, self.tokenizer)
-        lacking = weight * user.probabilities[view.vocab_size :]
-        return Lacking([self.history.shown.get(key, key) for key in view.extra[: len(lacking)]], lacking)
+        return self._named(weight * user.probabilities[self.tokenizer.vocab_size :])
+
+    def _named(self, lacking: np.ndarray) -> Lacking:
+        """The probabilities of the units the vocabulary lacks (by their ids past it), with their written forms."""
+        extra = tokens_of(self.history, self.tokenizer).extra
+        return Lacking([self.history.shown.get(key, key) for key in extra[: len(lacking)]], lacking)
 
     def mix_rows(self, texts: Sequence[str], log_probs: torch.Tensor) -> torch.Tensor:
         """``mix`` for each row of [B, V] after the texts."""

@@ -118,9 +118,6 @@ class UserTokens:
 SERVED_WEIGHTS = LearnedWeights()
 
 
-SERVED_WEIGHTS = LearnedWeights()
-
-
 def tokens_of(history, tokenizer) -> UserTokens:
     """``history`` seen through ``tokenizer``'s tokens, built once and then kept up to date by the history."""
     view = history.views.get(tokenizer)
