@@ -8,11 +8,12 @@ Before it is renamed into place it is loaded back through service.model.artifact
 must give the eager model's logits and state on random inputs; otherwise the
 export fails and leaves no file.
 
-``--quantize int8``: dynamic int8 quantisation for CPU serving (torch.ao): the
-recurrent layers' and the output layer's weights are stored as int8 and their
-inputs quantised on the fly; embeddings and states stay float. Faster per
-batched step on CPU; judge its accuracy with ``nextword-eval INT8.pt --against
-FLOAT.pt`` (docs/model-file.md, "int8 weights"). Quantised files run on CPU only.
+``--quantize int8``: int8 weights for CPU serving (training/int8.py): the
+recurrent layers' and the output layer's weights are stored as int8 rows with a
+scale each, and their inputs quantised on the fly; embeddings and states stay
+float. Faster per batched step on CPU; judge its accuracy with ``nextword-eval
+INT8.pt --against FLOAT.pt`` (docs/model-file.md, "int8 weights"). int8 files
+run on CPU only.
 """
 
 from __future__ import annotations
@@ -27,7 +28,6 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
-from typing import cast
 
 import numpy as np
 import torch
@@ -50,6 +50,7 @@ from service.model.tokenizer import WordTokenizer, load_tokenizer
 from training.checkpoint import BEST, CheckpointError, load_checkpoint
 from training.config import TrainConfig
 from training.data import CorpusError, read_corpus, split_lines
+from training.int8 import quantize_int8
 from training.mix_fit import Evidence, best_rule, collect, fit_weights, rule_sample, score_rules, top1_difference
 from training.mix_fit import perplexity as mix_perplexity
 from training.model import LanguageModel, ModelConfig
@@ -91,15 +92,6 @@ def check_parity(eager: LanguageModel, path: str, trials: int = 3) -> float:
 
 
 QUANTIZATIONS = ("int8",)
-
-
-def quantize_int8(model: LanguageModel) -> LanguageModel:
-    with warnings.catch_warnings():  # torch.ao announces its successor (torchao); the pinned torch has it
-        warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(
-            model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN, torch.nn.Linear}, dtype=torch.qint8
-        )
-    return cast(LanguageModel, quantized)  # a copy of the same class, its layers swapped
 
 
 def training_lines(checkpoint: dict, corpus: Sequence[str] = ()) -> tuple[list[str], list[str]]:
@@ -232,7 +224,7 @@ def export(
     tokenizer = load_tokenizer(checkpoint["tokenizer"])
     parameters = sum(p.numel() for p in model.parameters())
     if quantize == "int8":
-        model = quantize_int8(model)
+        model = quantize_int8(model, config.cell)
     elif quantize is not None:
         raise ExportError(f"unknown quantisation {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     with warnings.catch_warnings():
@@ -282,7 +274,7 @@ class ExportConfig:
     out: str = option(help="the model file to write, e.g. model.pt", required=True, metavar="PATH")
     quantize: str | None = option(
         None,
-        "int8: dynamic int8 weights for faster CPU serving, CPU only",
+        "int8: int8 weights (a scale per row) for faster CPU serving, CPU only",
         choices=QUANTIZATIONS,
         default_text="float weights",
     )

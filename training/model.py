@@ -98,36 +98,34 @@ class TanhRNNLayer(nn.Module):
         return out, h.squeeze(0)
 
 
-class OneHotLayer(nn.Module):
-    """First layer for one-hot input: gathers input-weight rows, then recurs.
+class Recurrence(nn.Module):
+    """A recurrent layer stepped in TorchScript, one position at a time: the gate inputs of every
+    position come from ``input_gates`` at once, the hidden state's from ``hidden_gates`` at each step.
 
-    Gate order follows PyTorch's cells: LSTM (i, f, g, o), GRU (r, z, n).
+    Gate order follows PyTorch's cells: LSTM (i, f, g, o), GRU (r, z, n). The one-hot first layer
+    and the int8 layers (training/int8.py) are recurrences; the other float layers run PyTorch's own.
     """
 
-    def __init__(self, cell: str, vocab_size: int, hidden_size: int) -> None:
+    def __init__(self, cell: str, hidden_size: int) -> None:
         super().__init__()
-        gates = GATES[cell] * hidden_size
         self.cell = cell
         self.hidden_size = hidden_size
-        bound = hidden_size**-0.5
-        self.input_weight = nn.Parameter(torch.empty(vocab_size, gates).uniform_(-bound, bound))
-        self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size).uniform_(-bound, bound))
-        self.bias_ih = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
-        self.bias_hh = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
 
-    def gate_inputs(self, tokens: Tensor) -> Tensor:
-        # one_hot(tokens) @ input_weight == input_weight[tokens]: a gather, [B, T, G*H]
-        return F.embedding(tokens, self.input_weight) + self.bias_ih
+    def input_gates(self, x: Tensor) -> Tensor:  # [B, T, ...] -> [B, T, G*H], the input bias included
+        raise NotImplementedError
 
-    def forward(self, tokens: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        x_gates = self.gate_inputs(tokens)
+    def hidden_gates(self, h: Tensor) -> Tensor:  # [B, H] -> [B, G*H], the hidden bias included
+        raise NotImplementedError
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        x_gates = self.input_gates(x)
         H = self.hidden_size
         h = state[:, :H]
         c = state[:, H:]
         outputs: list[Tensor] = []
         for t in range(x_gates.size(1)):
             x_t = x_gates[:, t]
-            h_gates = F.linear(h, self.weight_hh, self.bias_hh)
+            h_gates = self.hidden_gates(h)
             if self.cell == "lstm":
                 i, f, g, o = (x_t + h_gates).chunk(4, dim=1)
                 c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
@@ -144,6 +142,26 @@ class OneHotLayer(nn.Module):
             outputs.append(h)
         new_state = torch.cat([h, c], dim=1) if self.cell == "lstm" else h
         return torch.stack(outputs, dim=1), new_state
+
+
+class OneHotLayer(Recurrence):
+    """First layer for one-hot input: gathers input-weight rows, then recurs."""
+
+    def __init__(self, cell: str, vocab_size: int, hidden_size: int) -> None:
+        super().__init__(cell, hidden_size)
+        gates = GATES[cell] * hidden_size
+        bound = hidden_size**-0.5
+        self.input_weight = nn.Parameter(torch.empty(vocab_size, gates).uniform_(-bound, bound))
+        self.weight_hh = nn.Parameter(torch.empty(gates, hidden_size).uniform_(-bound, bound))
+        self.bias_ih = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
+        self.bias_hh = nn.Parameter(torch.empty(gates).uniform_(-bound, bound))
+
+    def input_gates(self, x: Tensor) -> Tensor:
+        # x is the tokens [B, T]: one_hot(tokens) @ input_weight == input_weight[tokens], a gather
+        return F.embedding(x, self.input_weight) + self.bias_ih
+
+    def hidden_gates(self, h: Tensor) -> Tensor:
+        return F.linear(h, self.weight_hh, self.bias_hh)
 
 
 _LAYERS = {"lstm": LSTMLayer, "gru": GRULayer, "rnn": TanhRNNLayer}

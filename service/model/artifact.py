@@ -200,6 +200,12 @@ class Artifact:
     tokenizer: Tokenizer
     memory: NgramMemory | None = None
 
+    @property
+    def torch_ao_int8(self) -> bool:
+        """int8 layers in torch.ao's packed form, which torch deprecates: what ``--quantize int8`` wrote
+        before nextword's own int8 layers (training/int8.py). Such files still load and serve."""
+        return any(True for _ in _packed_weights(self.model))
+
 
 def _digest_value(digest, value) -> None:
     """Float tensors as float32 bytes; int8-quantised ones as their integers and scales; packed

@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import functools
 import hashlib
+import logging
 import threading
 import time
 from dataclasses import dataclass
 from typing import Protocol
+
+import torch
 
 from service.model.artifact import Artifact, load_artifact
 from service.model.batching import BatchingModel
@@ -19,6 +22,8 @@ from service.model.pinyin import Converter
 from service.model.pinyin_lattice import Lexicon, reads_chinese
 from service.model.steps import ScriptedModel
 from service.model.suggest import SuggestConfig, Suggester
+
+log = logging.getLogger("nextword")
 
 
 class EngineOptions(Protocol):
@@ -102,6 +107,14 @@ class Engine:
                 f"{path} has {quantization} weights, which run on CPU only; "
                 "serve it with --device cpu, or export the model without --quantize for the GPU"
             )
+        if quantization == "int8" and artifact.torch_ao_int8:
+            log.warning(
+                "%s: int8 weights in torch.ao's format, which torch deprecates (its warning above); it serves "
+                "as before. Export it again with --quantize int8 for nextword's own int8 layers",
+                path,
+            )
+        elif quantization == "int8" and not torch.backends.mkldnn.is_available():
+            raise ValueError(f"{path} has int8 weights, which need oneDNN; this torch was built without it")
         if device == "cpu":
             threads.choose_rnn_kernels()
         network = ScriptedModel(

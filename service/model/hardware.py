@@ -97,7 +97,7 @@ def use_native_rnn_kernels() -> None:
     multi-token or multi-row forward better, so ``ThreadPlan.choose_rnn_kernels`` keeps it there
     (``python -m benchmarks.kernels [--threads N]``; docs/performance.md). Process-wide: torch reads the
     setting at each call. A float32 network uses oneDNN for nothing else here (its linear layers run on
-    MKL's GEMM), an int8 one not at all (FBGEMM), and CUDA ignores it."""
+    MKL's GEMM), an int8 one's products run on oneDNN whatever it says, and CUDA ignores it."""
     torch.backends.mkldnn.enabled = False  # type: ignore[assignment] # a settable flag
 
 

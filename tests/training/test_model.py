@@ -44,7 +44,7 @@ def test_onehot_gather_equals_the_dense_one_hot_product(cell):
     layer = make(cell, "onehot").first
     tokens = torch.randint(0, 23, (4, 6))
     dense = F.one_hot(tokens, 23).float() @ layer.input_weight + layer.bias_ih  # [B, T, V] @ [V, G*H]
-    torch.testing.assert_close(layer.gate_inputs(tokens), dense)
+    torch.testing.assert_close(layer.input_gates(tokens), dense)
 
 
 @pytest.mark.parametrize("cell", ["lstm", "gru"])
