@@ -410,13 +410,22 @@ def test_two_users_histories_never_mix_across_worker_processes(tiny_word_model, 
         with NextWordClient(f"127.0.0.1:{port}", user="alice") as alice:
             alice.learn("I like Zelda. I like Zelda. I like Zelda.")
         options = [("grpc.use_local_subchannel_pool", 1)]  # a connection per call: both workers answer
+
+        def suggest(user: str) -> list[str]:
+            with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
+                stub = pb_grpc.NextWordStub(channel)
+                return words(stub.Suggest(pb.SuggestRequest(text="I like Ze"), metadata=[("x-nextword-user", user)]))
+
+        # The worker that did not learn reads alice from the store: within REFRESH_SECONDS of the write, and a
+        # first read slower than the read timeout answers without her history (both by design). Once both
+        # workers hold her history (8 answers in a row), every answer must have it.
+        deadline, in_a_row = time.monotonic() + 20, 0
+        while in_a_row < 8 and time.monotonic() < deadline:
+            in_a_row = in_a_row + 1 if suggest("alice")[:1] == ["Zelda"] else 0
+            time.sleep(0.05 if in_a_row else 0.3)
         for _ in range(12):
             for user, expected in (("alice", "Zelda"), ("bob", None)):
-                with grpc.insecure_channel(f"127.0.0.1:{port}", options=options) as channel:
-                    stub = pb_grpc.NextWordStub(channel)
-                    found = words(
-                        stub.Suggest(pb.SuggestRequest(text="I like Ze"), metadata=[("x-nextword-user", user)])
-                    )
+                found = suggest(user)
                 if expected is None:
                     assert found == plain
                 else:
