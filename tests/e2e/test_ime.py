@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import time
 import urllib.request
 
 import grpc
@@ -146,7 +147,13 @@ def test_a_users_history_reranks_conversions(two_models):
         before = [c.text for c in anonymous.convert("xian").candidates if c.consumed == 4]
         assert before[0] != "西安" and "西安" in before
         reader.learn("我们去西安。西安很好。西安的朋友。西安。")
+        # the first call after learning reads the user from the store: past the read timeout (a loaded machine)
+        # it is answered without the history, by design, and the next one has it
+        deadline = time.monotonic() + 10
         after = reader.convert("xian").candidates
+        while after[0].text != "西安" and time.monotonic() < deadline:
+            time.sleep(0.1)
+            after = reader.convert("xian").candidates
         assert after[0].text == "西安"
         assert [c.text for c in anonymous.convert("xian").candidates if c.consumed == 4] == before  # others unchanged
 
