@@ -14,7 +14,8 @@ No quantised tensor type is involved (``torch.quantize_per_tensor`` and the pack
 ``torch.ao``'s dynamic quantisation, which torch deprecates), so a file loads without warnings, and
 its weights are ordinary buffers that the file's checksum reads like any other. The recurrent
 layers run as ``Recurrence``s (training/model.py): the input gates of all positions in one product,
-the hidden state's at each step. Measured against float and the earlier torch.ao files:
+the hidden state's at each step; an LSTM's or a tanh RNN's step of one position (a keystroke, a
+generated token) is one product of [input | h]. Measured against float and the earlier torch.ao files:
 ``python -m benchmarks.int8`` (docs/performance.md).
 """
 
@@ -40,14 +41,23 @@ def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """``F.linear`` with int8 weights, for inputs within ``[-bound, bound]`` (larger ones are clipped)."""
+    """``F.linear`` with int8 weights, for inputs within ``[-bound, bound]`` (larger ones are clipped);
+    ``scale``: the rows' scales, when they are chosen for more than this product (by default its own)."""
 
-    def __init__(self, weight: Tensor, bias: Tensor | None, bound: float) -> None:
+    if TYPE_CHECKING:  # for the type checker only: TorchScript reads class annotations as attribute types
+        weight: Tensor  # buffers (register_buffer below)
+        scale: Tensor
+        bias: Tensor
+
+    def __init__(self, weight: Tensor, bias: Tensor | None, bound: float, scale: Tensor | None = None) -> None:
         super().__init__()
-        q, scale = quantize_rows(weight)
+        if scale is None:
+            q, scale = quantize_rows(weight)
+        else:
+            q = torch.round(weight.detach() / scale[:, None]).clamp(-LEVELS, LEVELS).to(torch.int8)
         self.out_features = int(weight.size(0))
         self.register_buffer("weight", q)  # [N, K]
-        self.register_buffer("scale", scale)  # [N]
+        self.register_buffer("scale", scale.to(torch.float32))  # [N]
         zeros = torch.zeros(self.out_features, dtype=torch.float32)
         self.register_buffer("bias", zeros if bias is None else bias.detach().to(torch.float32).clone())
         step = max(float(bound), 1e-12) / LEVELS
@@ -59,6 +69,17 @@ class Int8Linear(nn.Module):
         self.weight_zero = torch.zeros(self.out_features, dtype=torch.int32)
         self.packed = torch.empty(0, dtype=torch.int8)  # oneDNN's copy of the weights, made at the first call
 
+    def quantize(self, rows: Tensor) -> Tensor:
+        """[M, K] float -> [M, K] uint8: each value / input_step + 128, rounded, clipped to 0..255."""
+        return torch.clamp(torch.add(self.input_offset, rows, alpha=self.input_gain), 0.0, 255.0).to(torch.uint8)
+
+    def product(self, q: Tensor, packed: Tensor, bias: Tensor) -> Tensor:
+        """oneDNN's int8 product of quantised rows [M, K] and ``packed`` weights with this layer's scales."""
+        return torch.ops.onednn.qlinear_pointwise(
+            q, self.input_step, self.input_zero, packed, self.scale, self.weight_zero, bias,
+            1.0, 0, torch.float32, "none", [], "",
+        )  # fmt: skip
+
     def forward(self, x: Tensor) -> Tensor:
         if self.packed.numel() == 0:
             self.packed = torch.ops.onednn.qlinear_prepack(self.weight, None)
@@ -67,39 +88,50 @@ class Int8Linear(nn.Module):
         rows = x.reshape(-1, x.size(-1))
         if rows.size(0) == 0:
             return torch.zeros(shape, dtype=torch.float32, device=x.device)
-        q = torch.clamp(torch.add(self.input_offset, rows, alpha=self.input_gain), 0.0, 255.0).to(torch.uint8)
-        out = torch.ops.onednn.qlinear_pointwise(
-            q,
-            self.input_step,
-            self.input_zero,
-            self.packed,
-            self.scale,
-            self.weight_zero,
-            self.bias,
-            1.0,
-            0,
-            torch.float32,
-            "none",
-            [],
-            "",
-        )
-        return out.reshape(shape)
+        return self.product(self.quantize(rows), self.packed, self.bias).reshape(shape)
 
 
 class Int8Layer(Recurrence):
-    """A recurrent layer (any cell) with int8 input and hidden weights."""
+    """A recurrent layer (any cell) with int8 input and hidden weights.
+
+    An LSTM's or a tanh RNN's input and hidden rows share one scale per gate (the input's folded in: its rows
+    are scaled by its bound), so that a step of one position is one product of [input | h] by [W_ih | W_hh],
+    where a longer input takes one product for all its positions and then one per step.
+    """
 
     def __init__(self, cell: str, rnn: nn.RNNBase, input_bound: float) -> None:
         super().__init__(cell, rnn.hidden_size)
         weights = dict(rnn.named_parameters())
-        self.ih = Int8Linear(weights["weight_ih_l0"], weights.get("bias_ih_l0"), input_bound)
-        self.hh = Int8Linear(weights["weight_hh_l0"], weights.get("bias_hh_l0"), RECURRENT_BOUND)
+        w_ih, w_hh = weights["weight_ih_l0"].detach(), weights["weight_hh_l0"].detach()
+        self.fused = cell != "gru"  # a GRU's hidden gates are not summed with the input's
+        shared = None
+        if self.fused:
+            largest = torch.maximum(w_ih.abs().amax(dim=1) * input_bound, w_hh.abs().amax(dim=1))
+            shared = largest.clamp_min(1e-12) / LEVELS
+        bound = max(float(input_bound), 1e-12)
+        self.ih = Int8Linear(w_ih, weights.get("bias_ih_l0"), bound, None if shared is None else shared / bound)
+        self.hh = Int8Linear(w_hh, weights.get("bias_hh_l0"), RECURRENT_BOUND, shared)
+        self.both = torch.empty(0, dtype=torch.int8)  # oneDNN's copy of [W_ih | W_hh], made at the first step
+        self.both_bias = torch.empty(0)
 
     def input_gates(self, x: Tensor) -> Tensor:
         return self.ih(x)
 
     def hidden_gates(self, h: Tensor) -> Tensor:
         return self.hh(h)
+
+    def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        if not self.fused or x.size(1) != 1 or x.size(0) == 0:
+            return self.recur(self.input_gates(x), state)
+        if self.both.numel() == 0:
+            self.both = torch.ops.onednn.qlinear_prepack(torch.cat([self.ih.weight, self.hh.weight], dim=1), None)
+            self.both_bias = self.ih.bias + self.hh.bias
+        H = self.hidden_size
+        h = state[:, :H]
+        # x / bound and h share the hidden product's step, 1 / 127: one product of [x | h]
+        q = torch.cat([self.ih.quantize(x[:, 0]), self.hh.quantize(h)], dim=1)
+        h, c = self.summed_step(self.hh.product(q, self.both, self.both_bias), state[:, H:])
+        return h.unsqueeze(1), torch.cat([h, c], dim=1) if self.cell == "lstm" else h
 
 
 class Int8OneHotLayer(Recurrence):

@@ -118,30 +118,38 @@ class Recurrence(nn.Module):
         raise NotImplementedError
 
     def forward(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
-        x_gates = self.input_gates(x)
+        return self.recur(self.input_gates(x), state)
+
+    def recur(self, x_gates: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """From the input gates of every position [B, T, G*H] and the state: the outputs and the new state."""
         H = self.hidden_size
         h = state[:, :H]
         c = state[:, H:]
         outputs: list[Tensor] = []
         for t in range(x_gates.size(1)):
-            x_t = x_gates[:, t]
-            h_gates = self.hidden_gates(h)
-            if self.cell == "lstm":
-                i, f, g, o = (x_t + h_gates).chunk(4, dim=1)
-                c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
-                h = torch.sigmoid(o) * torch.tanh(c)
-            elif self.cell == "gru":
-                x_r, x_z, x_n = x_t.chunk(3, dim=1)
-                h_r, h_z, h_n = h_gates.chunk(3, dim=1)
-                r = torch.sigmoid(x_r + h_r)
-                z = torch.sigmoid(x_z + h_z)
-                n = torch.tanh(x_n + r * h_n)
-                h = (1.0 - z) * n + z * h
-            else:
-                h = torch.tanh(x_t + h_gates)
+            h, c = self.step(x_gates[:, t], self.hidden_gates(h), h, c)
             outputs.append(h)
         new_state = torch.cat([h, c], dim=1) if self.cell == "lstm" else h
         return torch.stack(outputs, dim=1), new_state
+
+    def step(self, x_t: Tensor, h_gates: Tensor, h: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """One position: the new h and c (c is unused but by an LSTM)."""
+        if self.cell == "gru":
+            x_r, x_z, x_n = x_t.chunk(3, dim=1)
+            h_r, h_z, h_n = h_gates.chunk(3, dim=1)
+            r = torch.sigmoid(x_r + h_r)
+            z = torch.sigmoid(x_z + h_z)
+            n = torch.tanh(x_n + r * h_n)
+            return (1.0 - z) * n + z * h, c
+        return self.summed_step(x_t + h_gates, c)
+
+    def summed_step(self, gates: Tensor, c: Tensor) -> tuple[Tensor, Tensor]:
+        """One position of an LSTM or a tanh RNN from its summed gates (input and hidden): the new h and c."""
+        if self.cell == "lstm":
+            i, f, g, o = gates.chunk(4, dim=1)
+            c = torch.sigmoid(f) * c + torch.sigmoid(i) * torch.tanh(g)
+            return torch.sigmoid(o) * torch.tanh(c), c
+        return torch.tanh(gates), c
 
 
 class OneHotLayer(Recurrence):

@@ -60,6 +60,13 @@ def test_int8_network_of_every_cell_and_input_scripts_and_stays_close_to_float(c
     torch.testing.assert_close(last, logits[:, -1])
     torch.testing.assert_close(last_state, new_state)
     assert empty.shape == (0, 200)
+    stepped, step_state = [], state
+    with torch.no_grad():
+        for t in range(tokens.size(1)):  # one position at a time: an LSTM's or RNN's step is one product
+            out, step_state = scripted.forward_last(tokens[:, t : t + 1], step_state)
+            stepped.append(out)
+    torch.testing.assert_close(torch.stack(stepped, dim=1), logits, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(step_state, new_state, atol=1e-4, rtol=1e-4)
     assert not any(p.is_quantized for p in scripted.state_dict().values())  # plain tensors, no torch.ao types
 
 
