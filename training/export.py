@@ -10,8 +10,8 @@ export fails and leaves no file.
 
 ``--quantize int8``: int8 weights for CPU serving (training/int8.py): the
 recurrent layers' and the output layer's weights are stored as int8 rows with a
-scale each, and their inputs quantised on the fly; embeddings and states stay
-float. Faster per batched step on CPU; judge its accuracy with ``nextword-eval
+scale each, and their inputs quantised with scales fixed at export; embeddings
+and states stay float. Faster per batched step on CPU; judge its accuracy with ``nextword-eval
 INT8.pt --against FLOAT.pt`` (docs/model-file.md, "int8 weights"). int8 files
 run on CPU only.
 """
