@@ -107,8 +107,10 @@ class EvaluateConfig:
     learn_rule: str = option(
         "mix",
         "with --learn: mix, the history as part of the served distribution; both, and also the rule served "
-        "before it (suggestions re-ranked: training/rerank_rule.py) in the same table",
-        choices=["mix", "both"],
+        "before it (suggestions re-ranked: training/rerank_rule.py) in the same table; online, and also the "
+        "history's weights fitted to the user as they type (OnlineWeights in service/model/personal_tokens.py, "
+        "not served yet) in the same table",
+        choices=["mix", "both", "online"],
     )
     fit_lines: int = option(
         0,
@@ -255,8 +257,8 @@ def run(config: EvaluateConfig, inputs: Inputs, counts: NgramCounts | None) -> t
     runs = [(scorer, tokenizer, scorer.name, False) for scorer, tokenizer in found]
     if config.learn:
         runs.append((*found[0], "learning", True))
-        if config.learn_rule == "both":
-            runs.append((*found[0], "reranking", True))
+        if config.learn_rule in ("both", "online"):
+            runs.append((*found[0], "reranking" if config.learn_rule == "both" else "online", True))
     results: dict[str, dict] = {}
     tallies: dict[str, Tally] = {}
     for scorer, tokenizer, name, learn in runs:
@@ -286,7 +288,7 @@ def _learning(config: EvaluateConfig, inputs: Inputs, scorer: Scorer, tokenizer,
     """The user who types the lines: the history mixed in (or, for "reranking", the rule served before), having
     typed the --fit-lines lines first (and fitted the weights on them)."""
     weights = LearnedWeights.parse(config.history_weights) if config.history_weights else LearnedWeights()
-    learning = Learning(tokenizer, weights, "rerank" if name == "reranking" else "mix")
+    learning = Learning(tokenizer, weights, "rerank" if name == "reranking" else "mix", online=name == "online")
     if name == "reranking":
         for line in inputs.fit_lines:  # typed before, as for the mix
             learning.learn(line)
@@ -307,6 +309,7 @@ def report(
     """The tables on standard output, and the --json document."""
     learned = results.pop("learning", None)
     reranked = results.pop("reranking", None)
+    online = results.pop("online", None)
     first, lines = results["model"], inputs.lines
     scored = len(lines[:: config.score_every])
     which = f" (every {config.score_every}th scored: {scored})" if config.score_every > 1 else ""
@@ -327,11 +330,15 @@ def report(
         columns = {"without": results["model"], "learning": learned}
         if reranked is not None:
             columns["learning, re-ranked"] = reranked
+        if online is not None:
+            columns["learning, online weights"] = online
         baseline = next((name for name in results if name.startswith("ngram-")), None)
         print(format_learning_table(columns, results[baseline] if baseline else None, baseline))
         how = "given" if config.history_weights else "the served ones"
         how = f"fitted on the first {config.fit_lines} lines typed" if config.fit_lines else how
         print(f"the history's weights ({how}; service/model/personal_tokens.py): {learned['history_weights']}")
+        if online is not None:
+            print(f"the user's own weights, fitted online, at the end: {online['history_weights']}")
     document = {
         "model": config.model,
         "text": config.text,
@@ -346,6 +353,8 @@ def report(
         document["learning"] = learned
     if reranked is not None:
         document["learning_reranked"] = reranked
+    if online is not None:
+        document["learning_online"] = online
     if counts is not None:
         hits = {name: tally.first_hits for name, tally in tallies.items()}
         rows = by_context(lines, tallies["model"].context_ends, hits, inputs.artifact.tokenizer, counts)

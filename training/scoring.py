@@ -20,7 +20,7 @@ import torch
 
 from service.model.personal import HistoryConfig, UserHistory, ngrams_ending, units
 from service.model.personal_mix import PersonalMix
-from service.model.personal_tokens import SERVED_WEIGHTS, LearnedWeights, bucket_of, fit
+from service.model.personal_tokens import SERVED_WEIGHTS, LearnedWeights, OnlineWeights, bucket_of, fit
 from service.model.steps import PrefixStates, StepModel, walk_batch
 from service.model.suggest import SUGGESTED_WORD, SplitText, SuggestConfig, Suggester
 from service.model.tokenizer import BOS, EOS, UNK, Tokenizer, WordTokenizer, is_cjk
@@ -113,11 +113,16 @@ class Learning:
     "rerank": the rule served before, for comparison (training/rerank_rule.py): suggestions re-ranked, the
     probabilities the model's."""
 
-    def __init__(self, tokenizer: Tokenizer, weights: LearnedWeights = SERVED_WEIGHTS, rule: str = "mix") -> None:
+    def __init__(
+        self, tokenizer: Tokenizer, weights: LearnedWeights = SERVED_WEIGHTS, rule: str = "mix", online: bool = False
+    ) -> None:
         self.history = UserHistory(HistoryConfig())
         self.tokenizer = tokenizer
         self.weights = weights
         self.rule = rule
+        # online: the weights also fitted to this user as they type (OnlineWeights), from ``weights`` or those
+        # fitted by ``fit_weights``; each scored line's tokens move them once it is typed
+        self.online = OnlineWeights(weights) if online else None
         self.now = time.time()
         self.lacks = rerank_rule.vocabulary_lacks(tokenizer)
 
@@ -134,6 +139,11 @@ class Learning:
         personal, vocab = self.personal(), self.tokenizer.vocab_size
         rows = len(self.weights.weights)
         nats = 0.0
+        if self.online is not None and into is None:
+            into = ([], [], [])
+            observed = into
+        else:
+            observed = None
         for context, (log_probs, _), target in zip(token_contexts(self.tokenizer, line, ids), walk, [*ids, EOS]):
             served = math.exp(float(log_probs[target]))
             user = personal.user(context) if len(self.history) else None
@@ -148,6 +158,9 @@ class Learning:
                 into[0].append(served)
                 into[1].append(mine)
                 into[2].append(bucket_of(user, rows))
+        if observed is not None and self.online is not None:
+            served_p, user_p, buckets = (np.asarray(column) for column in observed)
+            self.weights = self.online.observe(served_p, user_p, buckets.astype(np.int64))
         return nats
 
     def fit_weights(self, scorer: Scorer, lines: Sequence[str], lines_at_once: int = LINES_AT_ONCE) -> LearnedWeights:
@@ -164,6 +177,8 @@ class Learning:
         known = buckets >= 0
         shape = (len(self.weights.weights), len(self.weights.weights[0]))
         self.weights = fit(served[known], user[known], buckets[known], shape, prior=self.weights)
+        if self.online is not None:
+            self.online = OnlineWeights(self.weights)
         return self.weights
 
 

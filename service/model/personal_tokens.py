@@ -241,6 +241,40 @@ def fit(
     return LearnedWeights(tuple(tuple(float(x) for x in weights[r * columns : (r + 1) * columns]) for r in range(rows)))
 
 
+ONLINE_PRIOR = 200.0  # tokens: how much of a user's own typing moves their weights as far from the start
+
+
+class OnlineWeights:
+    """One user's history weights, fitted as they type: each bucket's weight moves from its start toward the
+    mean share of the history in the mixed probability of the tokens the user typed in it (one EM step per
+    token, each share taken with the weight of the moment), as if the start had been seen on ``prior``
+    tokens. A user whose history does not help (text the model knows) drifts toward ``MIN_WEIGHT``, one whose
+    history does (names, a domain of their own) upward. Counts only: no text."""
+
+    def __init__(self, start: LearnedWeights, prior: float = ONLINE_PRIOR) -> None:
+        self.start = np.array(start.weights, dtype=np.float64)
+        self.prior = prior
+        self.shares = np.zeros_like(self.start)
+        self.counts = np.zeros_like(self.start)
+        self.current = start
+
+    def observe(self, served: np.ndarray, user: np.ndarray, buckets: np.ndarray) -> LearnedWeights:
+        """Each typed token's probability under the served model and under P_user, and its bucket (``bucket_of``;
+        -1: no history, not counted): the weights from now on."""
+        known = buckets >= 0
+        if known.any():
+            flat = self.start.reshape(-1)
+            weights = np.array(self.current.weights, dtype=np.float64).reshape(-1)[buckets[known]]
+            mine = weights * user[known]
+            share = mine / np.maximum(mine + (1 - weights) * served[known], 1e-300)
+            np.add.at(self.shares.reshape(-1), buckets[known], share)
+            np.add.at(self.counts.reshape(-1), buckets[known], 1.0)
+            fitted = (self.prior * flat + self.shares.reshape(-1)) / (self.prior + self.counts.reshape(-1))
+            table = np.clip(fitted, MIN_WEIGHT, 0.99).reshape(self.start.shape)
+            self.current = LearnedWeights(tuple(tuple(round(float(w), 4) for w in row) for row in table))
+        return self.current
+
+
 def log_loss(served: np.ndarray, user: np.ndarray, buckets: np.ndarray, weights: LearnedWeights) -> float:
     """Mean negative log-probability of the tokens under the mix with ``weights`` (no history: bucket -1)."""
     table = np.append(np.array(weights.weights, dtype=np.float64).flatten(), 0.0)  # [-1]: no history, weight 0

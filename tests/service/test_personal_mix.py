@@ -12,7 +12,9 @@ from service.model.personal_mix import PersonalMix
 from service.model.personal_tokens import (
     EVIDENCE_BINS,
     MIN_WEIGHT,
+    ONLINE_PRIOR,
     LearnedWeights,
+    OnlineWeights,
     bucket_of,
     distribution,
     fit,
@@ -159,6 +161,27 @@ def test_em_recovers_the_weight_that_generated_the_tokens():
     few = fit(served[:40], user[:40], buckets[:40], (3, len(EVIDENCE_BINS) + 1), prior=FLAT)
     assert few == FLAT  # 40 tokens are too few to move a weight: each keeps the one it had
     assert bucket_of(None, 3) == -1
+
+
+def test_online_weights_move_from_the_start_toward_what_the_users_typing_supports():
+    columns = len(EVIDENCE_BINS) + 1
+    start = LearnedWeights(((0.2,) * columns, (0.4,) * columns, (0.6,) * columns))
+    online = OnlineWeights(start)
+    assert online.current == start  # nothing typed yet
+    n = int(ONLINE_PRIOR)
+    # bucket (1, 0): the history gave every token all of its probability and the model none: each share is 1;
+    # bucket (2, 0): the history gave them nothing: each share is 0
+    served = np.concatenate([np.zeros(n), np.full(n, 0.5)])
+    user = np.concatenate([np.ones(n), np.zeros(n)])
+    buckets = np.concatenate([np.full(n, columns), np.full(n, 2 * columns)])
+    weights = online.observe(served, user, buckets)
+    assert weights.weights[1][0] == pytest.approx((ONLINE_PRIOR * 0.4 + n) / (ONLINE_PRIOR + n))  # 0.7
+    assert weights.weights[2][0] == pytest.approx(ONLINE_PRIOR * 0.6 / (ONLINE_PRIOR + n))  # 0.3
+    assert weights.weights[0] == start.weights[0] and weights.weights[1][1:] == start.weights[1][1:]  # untyped
+    for _ in range(40):  # a user whose history never helps: that bucket goes down to the least weight
+        weights = online.observe(np.full(n, 0.5), np.zeros(n), np.full(n, 2 * columns))
+    assert weights.weights[2][0] == MIN_WEIGHT
+    assert online.observe(np.ones(3), np.ones(3), np.full(3, -1)) == weights  # no history: nothing to learn from
 
 
 def test_weights_parse_and_print():

@@ -251,6 +251,13 @@ def test_fitting_on_the_first_lines_scores_the_rest_and_every_nth(tiny_word_mode
     assert document["lines"] == 12 and document["scored_lines"] == 4
     assert "fitted on the first 108 lines typed" in result.stdout
     assert document["learning"]["history_weights"] != str(SERVED_WEIGHTS)
+    online = run_cli("training.evaluate", tiny_word_model, *flags, "--learn-rule", "online")
+    assert online.returncode == 0, online.stderr
+    document = json.loads(out.read_text())
+    fitted, own = document["learning"], document["learning_online"]
+    assert "learning, online weights" in online.stdout
+    assert own["history_weights"] != fitted["history_weights"]  # the user's typing moved them from the fitted ones
+    assert own["perplexity"] <= fitted["perplexity"] * 1.01  # a user who repeats themselves: more weight, not less
     refused = run_cli("training.evaluate", tiny_word_model, "--text", str(text), "--fit-lines", "6")
     assert refused.returncode == 2 and "go with --learn" in refused.stderr
 
