@@ -33,9 +33,11 @@ LEVELS = 127  # symmetric int8 weights: -127..127; inputs: 128 - 127..128 + 127 
 RECURRENT_BOUND = 1.0  # |output| of an LSTM, GRU or tanh RNN layer: every input but the embedding's
 
 
-def quantize_rows(weight: Tensor) -> tuple[Tensor, Tensor]:
-    """[N, K] float -> int8 [N, K] and a float scale per row [N] (weight ≈ int8 * scale)."""
-    scale = weight.detach().abs().amax(dim=1).clamp_min(1e-12) / LEVELS
+def quantize_rows(weight: Tensor, scale: Tensor | None = None) -> tuple[Tensor, Tensor]:
+    """[N, K] float -> int8 [N, K] and a float scale per row [N] (weight ≈ int8 * scale); by default each
+    row's own scale (its largest magnitude maps to 127)."""
+    if scale is None:
+        scale = weight.detach().abs().amax(dim=1).clamp_min(1e-12) / LEVELS
     q = torch.round(weight.detach() / scale[:, None]).clamp(-LEVELS, LEVELS).to(torch.int8)
     return q, scale.to(torch.float32)
 
@@ -51,13 +53,10 @@ class Int8Linear(nn.Module):
 
     def __init__(self, weight: Tensor, bias: Tensor | None, bound: float, scale: Tensor | None = None) -> None:
         super().__init__()
-        if scale is None:
-            q, scale = quantize_rows(weight)
-        else:
-            q = torch.round(weight.detach() / scale[:, None]).clamp(-LEVELS, LEVELS).to(torch.int8)
+        q, scale = quantize_rows(weight, scale)
         self.out_features = int(weight.size(0))
         self.register_buffer("weight", q)  # [N, K]
-        self.register_buffer("scale", scale.to(torch.float32))  # [N]
+        self.register_buffer("scale", scale)  # [N]
         zeros = torch.zeros(self.out_features, dtype=torch.float32)
         self.register_buffer("bias", zeros if bias is None else bias.detach().to(torch.float32).clone())
         step = max(float(bound), 1e-12) / LEVELS
