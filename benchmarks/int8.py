@@ -19,54 +19,24 @@ import argparse
 import functools
 import os
 import tempfile
-import warnings
-from dataclasses import replace
 
 import torch
 
 from benchmarks.kernels import Variant, _generate, alternated
-from service.model.artifact import Artifact, load_artifact, write_artifact
+from service.model.artifact import Artifact, load_artifact
 from service.model.generation import GenerationParams, Generator
 from service.model.hardware import ThreadPlan, use_intra_op_threads
 from service.model.mix import served_model
 from service.model.steps import ScriptedModel
 from training.data import read_corpus
 from training.evaluate import network_scorer
-from training.int8 import quantize_int8
-from training.model import LanguageModel, ModelConfig
+from training.int8 import eager_network, quantize_int8, torch_ao_int8, write_int8
 from training.scoring import score
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHAPES = ((1, 1), (8, 1), (64, 1), (1, 20))
 METRICS = (("perplexity", "perplexity", "{:.2f}"), ("top1", "top-1", "{:.1%}"), ("top3", "top-3", "{:.1%}"))
 FORMS = ("float", "int8 (torch.ao)", "int8 (nextword)")
-
-
-def eager_network(artifact: Artifact) -> tuple[LanguageModel, str]:
-    """The float file's network as an eager module, and its cell."""
-    config = ModelConfig(**artifact.manifest.network)
-    model = LanguageModel(config)
-    model.load_weights(artifact.model.state_dict())
-    return model.eval(), config.cell
-
-
-def torch_ao_int8(model: LanguageModel) -> torch.nn.Module:
-    """What ``--quantize int8`` exported before: torch.ao's dynamic quantisation (deprecated by torch)."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        return torch.ao.quantization.quantize_dynamic(
-            model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN, torch.nn.Linear}, dtype=torch.qint8
-        )
-
-
-def written(artifact: Artifact, module: torch.nn.Module, path: str) -> Artifact:
-    """``module`` scripted and written with the artifact's tokenizer and memory, then loaded back."""
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(module)
-    manifest = replace(artifact.manifest, quantization="int8")
-    write_artifact(path, scripted, manifest, artifact.tokenizer, memory=artifact.memory)
-    return load_artifact(path)
 
 
 def largest_difference(artifacts: list[Artifact], vocab_size: int) -> list[float]:
@@ -95,8 +65,8 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as folder:
         artifacts = [
             float_artifact,
-            written(float_artifact, torch_ao_int8(model), os.path.join(folder, "torch-ao.pt")),
-            written(float_artifact, quantize_int8(model, cell), os.path.join(folder, "nextword.pt")),
+            load_artifact(write_int8(float_artifact, torch_ao_int8(model), os.path.join(folder, "torch-ao.pt"))),
+            load_artifact(write_int8(float_artifact, quantize_int8(model, cell), os.path.join(folder, "nextword.pt"))),
         ]
         sizes = [os.path.getsize(a.path) / 1e6 for a in artifacts]
     networks = [ScriptedModel(a.model, vocab_size) for a in artifacts]

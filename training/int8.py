@@ -22,12 +22,15 @@ generated token) is one product of [input | h]. Measured against float and the e
 from __future__ import annotations
 
 import copy
+import warnings
+from dataclasses import replace
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 
-from training.model import LanguageModel, OneHotLayer, Recurrence
+from service.model.artifact import Artifact, write_artifact
+from training.model import LanguageModel, ModelConfig, OneHotLayer, Recurrence
 
 LEVELS = 127  # symmetric int8 weights: -127..127; inputs: 128 - 127..128 + 127 in uint8
 RECURRENT_BOUND = 1.0  # |output| of an LSTM, GRU or tanh RNN layer: every input but the embedding's
@@ -172,3 +175,32 @@ def quantize_int8(model: LanguageModel, cell: str) -> LanguageModel:
     quantized.rest = nn.ModuleList([_int8_layer(cell, layer, RECURRENT_BOUND) for layer in quantized.rest])
     quantized.add_module("decoder", Int8Linear(model.decoder.weight, model.decoder.bias, RECURRENT_BOUND))
     return quantized
+
+
+def eager_network(artifact: Artifact) -> tuple[LanguageModel, str]:
+    """A float model file's network as an eager module, and its cell: what its int8 forms are made of."""
+    config = ModelConfig(**artifact.manifest.network)
+    model = LanguageModel(config)
+    model.load_weights(artifact.model.state_dict())
+    return model.eval(), config.cell
+
+
+def torch_ao_int8(model: LanguageModel) -> nn.Module:
+    """What ``--quantize int8`` wrote before these layers: torch.ao's dynamic quantisation, which torch
+    deprecates; made only to compare with it and to check that such files still serve."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        return torch.ao.quantization.quantize_dynamic(
+            model, {torch.nn.LSTM, torch.nn.GRU, torch.nn.RNN, torch.nn.Linear}, dtype=torch.qint8
+        )
+
+
+def write_int8(artifact: Artifact, module: nn.Module, path: str) -> str:
+    """``module`` (an int8 form of the artifact's network) scripted and written to ``path`` with the artifact's
+    manifest, tokenizer and memory."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)
+        scripted = torch.jit.script(module)
+    manifest = replace(artifact.manifest, quantization="int8")
+    write_artifact(path, scripted, manifest, artifact.tokenizer, memory=artifact.memory)
+    return path

@@ -4,16 +4,14 @@ input, and files written before them (torch.ao's dynamic quantisation) still ser
 import logging
 import subprocess
 import sys
-import warnings
-from dataclasses import replace
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from service.model.artifact import load_artifact, write_artifact
+from service.model.artifact import load_artifact
 from tests.conftest import ROOT
-from training.int8 import Int8Linear, quantize_int8
+from training.int8 import Int8Linear, eager_network, quantize_int8, torch_ao_int8, write_int8
 from training.model import LanguageModel, ModelConfig
 
 
@@ -70,21 +68,6 @@ def test_int8_network_of_every_cell_and_input_scripts_and_stays_close_to_float(c
     assert not any(p.is_quantized for p in scripted.state_dict().values())  # plain tensors, no torch.ao types
 
 
-def torch_ao_file(float_path: str, out: str) -> str:
-    """What --quantize int8 wrote before nextword's own int8 layers: torch.ao's dynamic quantisation."""
-    artifact = load_artifact(float_path)
-    model = LanguageModel(ModelConfig(**artifact.manifest.network))
-    model.load_weights(artifact.model.state_dict())
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantized = torch.ao.quantization.quantize_dynamic(model.eval(), {torch.nn.LSTM, torch.nn.Linear}, torch.qint8)
-        scripted = torch.jit.script(quantized)
-    write_artifact(
-        out, scripted, replace(artifact.manifest, quantization="int8"), artifact.tokenizer, memory=artifact.memory
-    )
-    return out
-
-
 LOAD_AND_STEP = (
     "import sys, torch\n"
     "from service.model.artifact import load_artifact\n"
@@ -100,14 +83,9 @@ def test_int8_file_loads_without_warnings_and_files_of_torch_ao_int8_still_serve
     from service.model.engine import Engine
 
     artifact = load_artifact(tiny_word_model)
-    model = LanguageModel(ModelConfig(**artifact.manifest.network))
-    model.load_weights(artifact.model.state_dict())
-    int8 = str(tmp_path / "int8.pt")
-    scripted = torch.jit.script(quantize_int8(model.eval(), model_cell(artifact)))
-    write_artifact(
-        int8, scripted, replace(artifact.manifest, quantization="int8"), artifact.tokenizer, memory=artifact.memory
-    )
-    old = torch_ao_file(tiny_word_model, str(tmp_path / "torch-ao.pt"))
+    model, cell = eager_network(artifact)
+    int8 = write_int8(artifact, quantize_int8(model, cell), str(tmp_path / "int8.pt"))
+    old = write_int8(artifact, torch_ao_int8(model), str(tmp_path / "torch-ao.pt"))  # as files were written before
     outputs = {}
     for name, path in (("int8", int8), ("torch.ao", old)):
         result = subprocess.run([sys.executable, "-c", LOAD_AND_STEP, path], capture_output=True, text=True, cwd=ROOT)
@@ -125,7 +103,3 @@ def test_int8_file_loads_without_warnings_and_files_of_torch_ao_int8_still_serve
         f"{old}: int8 weights in torch.ao's format, which torch deprecates (its warning above); it "
         "serves as before. Export it again with --quantize int8 for nextword's own int8 layers"
     ]
-
-
-def model_cell(artifact) -> str:
-    return str(artifact.manifest.network["cell"])
