@@ -139,11 +139,9 @@ class Learning:
         personal, vocab = self.personal(), self.tokenizer.vocab_size
         rows = len(self.weights.weights)
         nats = 0.0
-        if self.online is not None and into is None:
+        observe = self.online is not None and into is None  # a scored line, typed: the user's weights follow it
+        if observe:
             into = ([], [], [])
-            observed = into
-        else:
-            observed = None
         for context, (log_probs, _), target in zip(token_contexts(self.tokenizer, line, ids), walk, [*ids, EOS]):
             served = math.exp(float(log_probs[target]))
             user = personal.user(context) if len(self.history) else None
@@ -158,8 +156,8 @@ class Learning:
                 into[0].append(served)
                 into[1].append(mine)
                 into[2].append(bucket_of(user, rows))
-        if observed is not None and self.online is not None:
-            served_p, user_p, buckets = (np.asarray(column) for column in observed)
+        if observe and self.online is not None and into is not None:
+            served_p, user_p, buckets = (np.asarray(column) for column in into)
             self.weights = self.online.observe(served_p, user_p, buckets.astype(np.int64))
         return nats
 

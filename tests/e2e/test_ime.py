@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import time
 import urllib.request
 
 import grpc
@@ -15,6 +14,7 @@ from service.model.engine import Engine
 from service.pb.nextword.v1 import nextword_pb2 as pb
 from tests.conftest import run_cli
 from tests.e2e.test_server import serve_process
+from tests.e2e.test_workers import wait_for
 
 
 @pytest.fixture(scope="module")
@@ -149,12 +149,7 @@ def test_a_users_history_reranks_conversions(two_models):
         reader.learn("我们去西安。西安很好。西安的朋友。西安。")
         # the first call after learning reads the user from the store: past the read timeout (a loaded machine)
         # it is answered without the history, by design, and the next one has it
-        deadline = time.monotonic() + 10
-        after = reader.convert("xian").candidates
-        while after[0].text != "西安" and time.monotonic() < deadline:
-            time.sleep(0.1)
-            after = reader.convert("xian").candidates
-        assert after[0].text == "西安"
+        wait_for(lambda: reader.convert("xian").candidates[0].text == "西安", 10)
         assert [c.text for c in anonymous.convert("xian").candidates if c.consumed == 4] == before  # others unchanged
 
 
