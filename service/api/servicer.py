@@ -273,7 +273,7 @@ class NextWordServicer(pb_grpc.NextWordServicer):
             engine.engine.converter,
             config.max_pinyin_letters,
         )
-        learner = engine.learner(request.incognito)
+        learner = engine.learner(request.incognito, session.next_log_probs)
         try:
             while request is not EditStream.END and context.is_active():
                 index += 1

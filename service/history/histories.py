@@ -24,10 +24,12 @@ import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
-from service.history.store import HistoryStore, RowsRefused, StoreDown
+import numpy as np
+
+from service.history.store import FITTED_ROW, ROW, HistoryStore, RowsRefused, StoreDown
 from service.model.personal import SEPARATOR, HistoryConfig, UserHistory, holds, ngrams_ending, units
 from service.model.personal_mix import NextTokens, PersonalMix
-from service.model.personal_tokens import SERVED_WEIGHTS, LearnedWeights
+from service.model.personal_tokens import SERVED_WEIGHTS, LearnedWeights, OnlineWeights
 
 log = logging.getLogger("nextword")
 REFRESH_SECONDS = 1.0  # how stale another process's writes may be in this one's cache
@@ -37,7 +39,6 @@ MAX_READS = 64  # users whose history is being read at once; beyond, calls are a
 READER_THREADS = 2
 MAX_UNIT_BYTES = 64  # longer units (a run of letters pasted in) are not learned nor imported
 MAX_COUNT = 1e6  # the most one imported n-gram may count
-ROW = tuple[str, tuple[str, ...], float, float]  # (user, n-gram, count, when)
 
 
 class Histories:
@@ -61,6 +62,8 @@ class Histories:
         self._cache: OrderedDict[str, UserHistory] = OrderedDict()
         self._lock = threading.Lock()
         self._pending: dict[tuple[str, tuple[str, ...]], list[float]] = {}  # (user, n-gram) -> [count, when]
+        self._pending_fitted: dict[tuple[str, str], list] = {}  # (user, model) -> [shares, tokens, when]
+        self._buckets = sum(len(row) for row in weights.weights)
         self._reads: dict[str, concurrent.futures.Future] = {}  # by user: the read in flight
         self._readers = concurrent.futures.ThreadPoolExecutor(READER_THREADS, thread_name_prefix="history-reader")
         self._wake = threading.Event()
@@ -99,12 +102,15 @@ class Histories:
             if history is not None and self.store.version(user) == history.version:
                 history.checked = now
                 return history
-            counts, version = self.store.load(user)
-            fresh = UserHistory(self.config, counts, version, now)
+            counts, version, fitted = self.store.load(user)
+            fresh = UserHistory(self.config, counts, version, now, fitted)
             with self._lock:
                 for (who, gram), (count, when) in self._pending.items():  # learned here, not written yet
                     if who == user:
                         fresh.add(gram, count, when)
+                for (who, model), (shares, tokens, _) in self._pending_fitted.items():
+                    if who == user:
+                        fresh.add_fitted(model, shares, tokens)
                 self._cache[user] = fresh
                 self._cache.move_to_end(user)
                 while len(self._cache) > CACHED_USERS:
@@ -114,9 +120,12 @@ class Histories:
             with self._lock:
                 self._reads.pop(user, None)
 
-    def personal(self, user: str, tokenizer, next_tokens: NextTokens | None = None) -> PersonalMix:
-        """``user``'s history mixed into the distributions of a model that reads with ``tokenizer``."""
-        return PersonalMix(self.user(user), tokenizer, self.weights, next_tokens=next_tokens)
+    def personal(self, user: str, model: str, tokenizer, next_tokens: NextTokens | None = None) -> PersonalMix:
+        """``user``'s history mixed into the distributions of ``model``, which reads with ``tokenizer``, with
+        the weights fitted to them as they typed on it."""
+        history = self.user(user)
+        weights = history.online(model, self.weights).current
+        return PersonalMix(history, tokenizer, weights, next_tokens=next_tokens)
 
     # ------------------------------------------------------------------ learning
 
@@ -141,6 +150,22 @@ class Histories:
             self.on_event("counts_dropped", dropped)
         return len(grams)
 
+    def fit(self, user: str, model: str, served: np.ndarray, mine: np.ndarray, buckets: np.ndarray) -> None:
+        """Move the user's weights on ``model`` by the tokens they typed: each one's probability under the
+        served model and under their history before it was learned, and its bucket (PersonalMix.observed)."""
+        if not self.learning or not len(buckets):
+            return
+        now = time.time()
+        with self._lock:
+            history = self._cache.get(user)
+            online = history.online(model, self.weights) if history is not None else OnlineWeights(self.weights)
+            shares, tokens = online.shares_of(served, mine, buckets)
+            if not tokens.any():
+                return
+            if history is not None:
+                history.add_fitted(model, shares, tokens)
+            self._pend_fitted(user, model, shares, tokens, now)
+
     def forget(self, user: str, word: str | None) -> int:
         """Remove every n-gram that holds ``word`` (None: all of the user's history), here and in the store, at
         once; counts of it that another process has learned and not written yet are not written back."""
@@ -151,6 +176,8 @@ class Histories:
                 for (who, gram), value in self._pending.items()
                 if who != user or (word is not None and not holds(gram, units(word)))
             }
+            if word is None:  # the fitted weights hold no word: they go with everything
+                self._pending_fitted = {key: value for key, value in self._pending_fitted.items() if key[0] != user}
         try:
             return self.store.forget(user, word)
         finally:
@@ -160,7 +187,7 @@ class Histories:
     def export(self, user: str) -> Iterator[str]:
         """The user's history as JSON lines: {"ngram": [units], "count": c, "last_used": unix seconds}."""
         self.flush()
-        counts, _ = self.store.load(user)
+        counts = self.store.load(user).counts
         for gram, (count, last) in sorted(counts.items(), key=lambda item: -item[1][1]):
             yield json.dumps({"ngram": list(gram), "count": count, "last_used": last}, ensure_ascii=False)
 
@@ -203,46 +230,59 @@ class Histories:
         counts wait for the next try. Rows the database refuses are set aside, one user's at a time."""
         with self._lock:
             pending, self._pending = self._pending, {}
-        if not pending:
+            pending_fitted, self._pending_fitted = self._pending_fitted, {}
+        if not pending and not pending_fitted:
             return
         rows = [(user, gram, count, when) for (user, gram), (count, when) in pending.items()]
+        fitted = [
+            (user, model, int(bucket), float(shares[bucket]), float(tokens[bucket]), when)
+            for (user, model), (shares, tokens, when) in pending_fitted.items()
+            for bucket in np.flatnonzero(tokens)
+        ]
         try:
-            versions = self.store.add(rows)
+            versions = self.store.add(rows, fitted)
         except StoreDown:
-            self._keep(rows)
+            self._keep(rows, fitted)
             raise
         except RowsRefused:
-            versions = self._add_each_user(rows)
+            versions = self._add_each_user(rows, fitted)
         self._written(versions)
 
-    def _add_each_user(self, rows: list[ROW]) -> dict[str, int]:
+    def _add_each_user(self, rows: list[ROW], fitted: list[FITTED_ROW]) -> dict[str, int]:
         """A batch the database refused, written a user at a time: a user whose rows it refuses again loses
         them (counted, logged without the user), the others are written."""
-        by_user: dict[str, list[ROW]] = {}
+        by_user: dict[str, tuple[list[ROW], list[FITTED_ROW]]] = {}
         for row in rows:
-            by_user.setdefault(row[0], []).append(row)
+            by_user.setdefault(row[0], ([], []))[0].append(row)
+        for sums in fitted:
+            by_user.setdefault(sums[0], ([], []))[1].append(sums)
         versions: dict[str, int] = {}
         set_aside = 0
         groups = list(by_user.values())
-        for index, user_rows in enumerate(groups):
+        for index, (user_rows, user_fitted) in enumerate(groups):
             try:
-                versions.update(self.store.add(user_rows))
+                versions.update(self.store.add(user_rows, user_fitted))
             except RowsRefused as error:
-                set_aside += len(user_rows)
+                set_aside += len(user_rows) + len(user_fitted)
                 log.error("the history database refused one user's learned counts (%s): set aside", error)
             except StoreDown:
-                self._keep([row for rows_left in groups[index:] for row in rows_left])
+                left = groups[index:]
+                self._keep([row for r, _ in left for row in r], [sums for _, f in left for sums in f])
                 break
         if set_aside:
             self.on_event("rows_set_aside", set_aside)
         return versions
 
-    def _keep(self, rows: list[ROW]) -> None:
+    def _keep(self, rows: list[ROW], fitted: list[FITTED_ROW]) -> None:
         """Rows not written: back to the pending counts, added to what was learned meanwhile, up to MAX_PENDING."""
         dropped = 0
         with self._lock:
             for user, gram, count, when in rows:
                 dropped += not self._pend(user, gram, count, when)
+            for user, model, bucket, share, tokens, when in fitted:
+                shares, counts = np.zeros(self._buckets), np.zeros(self._buckets)
+                shares[bucket], counts[bucket] = share, tokens
+                self._pend_fitted(user, model, shares, counts, when)
         if dropped:
             self.on_event("counts_dropped", dropped)
 
@@ -256,6 +296,14 @@ class Histories:
         entry[0] += count
         entry[1] = max(entry[1], when)
         return True
+
+    def _pend_fitted(self, user: str, model: str, shares: np.ndarray, tokens: np.ndarray, when: float) -> None:
+        """Add sums of a user's fitted weights (flat, by bucket) to what waits for the writer (the lock held)."""
+        entry = self._pending_fitted.get((user, model))
+        if entry is None:
+            self._pending_fitted[(user, model)] = [shares, tokens, when]
+        else:
+            entry[0], entry[1], entry[2] = entry[0] + shares, entry[1] + tokens, max(entry[2], when)
 
     def _written(self, versions: dict[str, int]) -> None:
         with self._lock:

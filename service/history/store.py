@@ -25,7 +25,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Callable, Iterable, Sequence
-from typing import Any, TypeVar
+from typing import Any, NamedTuple, TypeVar
 
 from service.model.personal import SEPARATOR, HistoryConfig, UserHistory, digests_held, units, word_digest
 
@@ -46,9 +46,26 @@ SCHEMA = (
     "CREATE TABLE IF NOT EXISTS nextword_history_forgotten (user_id TEXT NOT NULL, digest TEXT NOT NULL, "
     "at DOUBLE PRECISION NOT NULL)",
     "CREATE INDEX IF NOT EXISTS nextword_history_forgotten_user ON nextword_history_forgotten (user_id, at)",
+    # the history's weights fitted to each user as they type (personal_tokens.OnlineWeights), per model:
+    # the summed share of the history and the tokens typed, by bucket; numbers only, no text
+    "CREATE TABLE IF NOT EXISTS nextword_history_weights (user_id TEXT NOT NULL, model TEXT NOT NULL, "
+    "bucket INTEGER NOT NULL, share DOUBLE PRECISION NOT NULL, tokens DOUBLE PRECISION NOT NULL, "
+    "PRIMARY KEY (user_id, model, bucket))",
 )
 EVERYTHING = "*"  # the digest of forgetting everything
 FORGOTTEN_SECONDS = 600.0  # how long a forgotten word's digest is kept (pending counts are written in far less)
+
+
+ROW = tuple[str, tuple[str, ...], float, float]  # (user, n-gram, count, when)
+FITTED_ROW = tuple[str, str, int, float, float, float]  # (user, model, bucket, summed share, tokens, when)
+
+
+class Loaded(NamedTuple):
+    """One user as stored: n-gram -> [count, last_used], the version, and model -> bucket -> [share, tokens]."""
+
+    counts: dict[tuple[str, ...], list[float]]
+    version: int
+    fitted: dict[str, dict[int, list[float]]]
 
 
 class StoreDown(Exception):
@@ -252,11 +269,20 @@ class HistoryStore:
 
         return self.reader.run(read)
 
-    def load(self, user: str) -> tuple[dict[tuple[str, ...], list[float]], int]:
-        def read(cursor) -> tuple[dict[tuple[str, ...], list[float]], int]:
+    def load(self, user: str) -> Loaded:
+        def read(cursor) -> Loaded:
             cursor.execute(self._sql("SELECT version FROM nextword_history_users WHERE user_id = ?"), (user,))
             row = cursor.fetchone()
-            return self._counts(cursor, user), int(row[0]) if row else 0
+            version = int(row[0]) if row else 0
+            counts = self._counts(cursor, user)
+            cursor.execute(
+                self._sql("SELECT model, bucket, share, tokens FROM nextword_history_weights WHERE user_id = ?"),
+                (user,),
+            )
+            fitted: dict[str, dict[int, list[float]]] = {}
+            for model, bucket, share, tokens in cursor.fetchall():
+                fitted.setdefault(model, {})[int(bucket)] = [float(share), float(tokens)]
+            return Loaded(counts, version, fitted)
 
         return self.reader.run(read)
 
@@ -266,9 +292,10 @@ class HistoryStore:
 
     # ------------------------------------------------------------------ writing
 
-    def add(self, rows: Iterable[tuple[str, tuple[str, ...], float, float]]) -> dict[str, int]:
-        """Add (user, n-gram, count, when) uses in one transaction, prune, and bump each user's version;
-        returns the new version of each user written."""
+    def add(self, rows: Iterable[ROW], fitted: Iterable[FITTED_ROW] = ()) -> dict[str, int]:
+        """Add (user, n-gram, count, when) uses and (user, model, bucket, share, tokens, when) sums of the fitted
+        weights in one transaction, prune, and bump each user's version; returns the new version of each user
+        written."""
         d = self.dialect
         delta = "excluded.last_used - nextword_history.last_used"
         upsert = self._sql(
@@ -278,13 +305,21 @@ class HistoryStore:
             f"{d.decayed.format(count='excluded.count', delta='-(' + delta + ')')}, "
             f"last_used = {d.greatest}(nextword_history.last_used, excluded.last_used)"
         )
-        rows = list(rows)
-        users = sorted({user for user, *_ in rows})
+        add_fitted = self._sql(
+            "INSERT INTO nextword_history_weights (user_id, model, bucket, share, tokens) VALUES (?, ?, ?, ?, ?) "
+            "ON CONFLICT (user_id, model, bucket) DO UPDATE SET share = nextword_history_weights.share + "
+            "excluded.share, tokens = nextword_history_weights.tokens + excluded.tokens"
+        )
+        rows, fitted = list(rows), list(fitted)
+        users = sorted({user for user, *_ in rows} | {user for user, *_ in fitted})
 
         def write(cursor) -> dict[str, int]:
             self._lock_users(cursor, users)
-            kept = self._not_forgotten(cursor, rows)
-            cursor.executemany(upsert, [(u, SEPARATOR.join(g), c, t) for u, g, c, t in kept])
+            kept = self._not_forgotten(cursor, [(u, g, t) for u, g, _, t in rows])
+            cursor.executemany(upsert, [(u, SEPARATOR.join(g), c, t) for (u, g, c, t), k in zip(rows, kept) if k])
+            # the sums hold no word: only forgetting everything drops them
+            kept = self._not_forgotten(cursor, [(u, (), w) for u, *_, w in fitted])
+            cursor.executemany(add_fitted, [row[:5] for row, k in zip(fitted, kept) if k])
             versions = {}
             for user in users:
                 self._prune(cursor, user)
@@ -332,24 +367,20 @@ class HistoryStore:
                 (ordered,),
             )
 
-    def _not_forgotten(self, cursor, rows: list[tuple[str, tuple[str, ...], float, float]]) -> list:
-        """The rows, less those learned before their user forgot a word they hold (in any process)."""
-        if not rows:
-            return rows
-        oldest = min(when for *_, when in rows)
+    def _not_forgotten(self, cursor, uses: list[tuple[str, tuple[str, ...], float]]) -> list[bool]:
+        """For each (user, n-gram, when): whether to write it, not learned before its user forgot a word it holds
+        (or everything) in any process."""
+        if not uses:
+            return []
+        oldest = min(when for *_, when in uses)
         cursor.execute(self._sql("SELECT user_id, digest, at FROM nextword_history_forgotten WHERE at >= ?"), (oldest,))
         marks: dict[str, list[tuple[str, float]]] = {}
         for user, digest, at in cursor.fetchall():
             marks.setdefault(user, []).append((digest, at))
-        if not marks:
-            return rows
         kept = []
-        for row in rows:
-            user, gram, _, when = row
+        for user, gram, when in uses:
             forgotten = [digest for digest, at in marks.get(user, ()) if at >= when]
-            if forgotten and (EVERYTHING in forgotten or not digests_held(gram).isdisjoint(forgotten)):
-                continue
-            kept.append(row)
+            kept.append(not forgotten or (EVERYTHING not in forgotten and digests_held(gram).isdisjoint(forgotten)))
         return kept
 
     def forget(self, user: str, word: str | None) -> int:
@@ -363,6 +394,7 @@ class HistoryStore:
             if word is None:
                 cursor.execute(self._sql("DELETE FROM nextword_history WHERE user_id = ?"), (user,))
                 removed, digest = cursor.rowcount, EVERYTHING
+                cursor.execute(self._sql("DELETE FROM nextword_history_weights WHERE user_id = ?"), (user,))
             else:
                 gone = UserHistory(self.config, self._counts(cursor, user)).forget(word)
                 statement = self._sql("DELETE FROM nextword_history WHERE user_id = ? AND ngram = ?")

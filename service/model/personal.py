@@ -34,6 +34,9 @@ import weakref
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
+from service.model.personal_tokens import LearnedWeights, OnlineWeights
 from service.model.tokenizer import is_cjk
 
 SEPARATOR = "\x1f"  # between the units of a stored n-gram (a control character no one types)
@@ -44,15 +47,20 @@ _UNIT = re.compile(r"[^\W\d_]+(?:['’][^\W\d_]+)*|\d+|[^\s\w]", re.UNICODE)
 def units(text: str) -> list[str]:
     """The units of a text: words (letters, with inner apostrophes), numbers, CJK characters one by one.
     Punctuation separates units and is not learned."""
-    found: list[str] = []
+    return [unit for unit, _ in unit_spans(text)]
+
+
+def unit_spans(text: str) -> list[tuple[str, int]]:
+    """``units`` with where each begins in ``text`` (a break, "", where its punctuation does)."""
+    found: list[tuple[str, int]] = []
     for match in _UNIT.finditer(text):
         unit = match.group()
         if any(is_cjk(ch) for ch in unit):
-            found.extend(ch for ch in unit if ch.strip())
+            found.extend((ch, match.start() + i) for i, ch in enumerate(unit) if ch.strip())
         elif unit[0].isalnum():
-            found.append(unit)
+            found.append((unit, match.start()))
         else:
-            found.append("")  # punctuation: a break between sentences and clauses, not a unit
+            found.append(("", match.start()))  # punctuation: a break between sentences and clauses, not a unit
     return found
 
 
@@ -115,8 +123,11 @@ class UserHistory:
     counts: dict[tuple[str, ...], list[float]] = field(default_factory=dict)  # n-gram -> [count, last_used]
     version: int = 0  # the store's version of this user when read
     checked: float = 0.0  # when the version was last compared with the store's
+    # the history's weights fitted to the user as they type, by model: bucket -> [summed share, tokens]
+    fitted: dict[str, dict[int, list[float]]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
+        self._online: dict[str, OnlineWeights] = {}
         self.followers: dict[tuple[str, ...], dict[str, list[float]]] = {}
         self.shown: dict[str, str] = {}
         self._words: list[str] = []  # the unigrams' keys, sorted: the completions of a prefix are a range
@@ -128,6 +139,28 @@ class UserHistory:
 
     def __len__(self) -> int:
         return len(self.counts)
+
+    def online(self, model: str, start: LearnedWeights) -> OnlineWeights:
+        """The history's weights in ``model``'s distributions, fitted to this user as they typed on it (from
+        ``start``, the served ones)."""
+        found = self._online.get(model)
+        if found is None:
+            found = self._online[model] = OnlineWeights(start)
+            shares, tokens = np.zeros(found.start.size), np.zeros(found.start.size)
+            for bucket, (share, count) in self.fitted.get(model, {}).items():
+                if 0 <= bucket < found.start.size:
+                    shares[bucket], tokens[bucket] = share, count
+            found.add(shares, tokens)
+        return found
+
+    def add_fitted(self, model: str, shares: np.ndarray, tokens: np.ndarray) -> None:
+        """Add summed shares and tokens per bucket (``OnlineWeights.shares_of``) to the user's fit on ``model``."""
+        stats = self.fitted.setdefault(model, {})
+        for bucket in np.flatnonzero(tokens):
+            slot = stats.setdefault(int(bucket), [0.0, 0.0])
+            slot[0] += float(shares[bucket])
+            slot[1] += float(tokens[bucket])
+        self._online.pop(model, None)  # made again from the sums at its next use
 
     def add(self, gram: tuple[str, ...], count: float, now: float) -> None:
         entry = self.counts.get(gram)

@@ -12,6 +12,7 @@ syllable. A user with no history gets exactly the unpersonalised answer.
 
 from __future__ import annotations
 
+import math
 import re
 import time
 from collections.abc import Sequence
@@ -25,11 +26,13 @@ from service.model.personal_tokens import (
     Lacking,
     LearnedWeights,
     UserDistribution,
+    bucket_of,
     distribution,
     mix,
+    token_probability,
     tokens_of,
 )
-from service.model.tokenizer import is_cjk
+from service.model.tokenizer import UNK, is_cjk
 
 CONTEXT_CHARS = 256  # of the text before the cursor, read for the user's last units
 UNFINISHED = re.compile(r"[\w'’]+$")  # the word being typed at the end of a text
@@ -77,6 +80,17 @@ class PersonalMix:
             return log_probs, NOTHING_LACKING
         mixed, lacking = mix(_probabilities(log_probs), user, weight)
         return _log(mixed, log_probs), self._named(lacking)
+
+    def observed(self, before: str, unit: str, log_probs: torch.Tensor) -> tuple[float, float, int]:
+        """For fitting the user's weights as they type (personal_tokens.OnlineWeights): the probability of the
+        token that ``unit`` begins with, typed after ``before``, under the served model (its log-probabilities
+        there) and under the user's history, and its bucket (-1: no history there)."""
+        user = self.user(before) if len(self.history) else None
+        target = tokens_of(self.history, self.tokenizer).id_of(unit.casefold(), unit)
+        vocab = self.tokenizer.vocab_size
+        token = target if target < vocab else UNK
+        served = math.exp(float(log_probs[token]))
+        return served, token_probability(user, token, vocab), bucket_of(user, len(self.weights.weights))
 
     def lacking(self, text: str) -> Lacking:
         """The units the vocabulary lacks, with their probabilities in the mix, as the next unit after ``text``."""

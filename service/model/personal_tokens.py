@@ -249,30 +249,50 @@ class OnlineWeights:
     mean share of the history in the mixed probability of the tokens the user typed in it (one EM step per
     token, each share taken with the weight of the moment), as if the start had been seen on ``prior``
     tokens. A user whose history does not help (text the model knows) drifts toward ``MIN_WEIGHT``, one whose
-    history does (names, a domain of their own) upward. Counts only: no text."""
+    history does (names, a domain of their own) upward. Counts only: no text. The server keeps the sums with
+    each user's history (``UserHistory.online``), per model."""
 
     def __init__(self, start: LearnedWeights, prior: float = ONLINE_PRIOR) -> None:
         self.start = np.array(start.weights, dtype=np.float64)
         self.prior = prior
-        self.shares = np.zeros_like(self.start)
-        self.counts = np.zeros_like(self.start)
+        self.shares = np.zeros_like(self.start)  # summed shares of the history, by bucket
+        self.counts = np.zeros_like(self.start)  # tokens, by bucket
         self.current = start
 
-    def observe(self, served: np.ndarray, user: np.ndarray, buckets: np.ndarray) -> LearnedWeights:
+    def shares_of(self, served: np.ndarray, user: np.ndarray, buckets: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """Each typed token's probability under the served model and under P_user, and its bucket (``bucket_of``;
-        -1: no history, not counted): the weights from now on."""
-        known = buckets >= 0
+        -1: no history, not counted), as (summed share, tokens) per bucket (flat), under the weights of now."""
+        shares, counts = np.zeros(self.start.size), np.zeros(self.start.size)
+        known = (buckets >= 0) & (buckets < self.start.size)
         if known.any():
-            flat = self.start.reshape(-1)
             weights = np.array(self.current.weights, dtype=np.float64).reshape(-1)[buckets[known]]
             mine = weights * user[known]
-            share = mine / np.maximum(mine + (1 - weights) * served[known], 1e-300)
-            np.add.at(self.shares.reshape(-1), buckets[known], share)
-            np.add.at(self.counts.reshape(-1), buckets[known], 1.0)
-            fitted = (self.prior * flat + self.shares.reshape(-1)) / (self.prior + self.counts.reshape(-1))
-            table = np.clip(fitted, MIN_WEIGHT, 0.99).reshape(self.start.shape)
-            self.current = LearnedWeights(tuple(tuple(round(float(w), 4) for w in row) for row in table))
+            np.add.at(shares, buckets[known], mine / np.maximum(mine + (1 - weights) * served[known], 1e-300))
+            np.add.at(counts, buckets[known], 1.0)
+        return shares, counts
+
+    def add(self, shares: np.ndarray, counts: np.ndarray) -> LearnedWeights:
+        """Add summed shares and tokens per bucket (flat, as ``shares_of`` gives them): the weights from now on."""
+        self.shares += shares.reshape(self.start.shape)
+        self.counts += counts.reshape(self.start.shape)
+        fitted = (self.prior * self.start + self.shares) / (self.prior + self.counts)
+        table = np.clip(fitted, MIN_WEIGHT, 0.99)
+        self.current = LearnedWeights(tuple(tuple(round(float(w), 4) for w in row) for row in table))
         return self.current
+
+    def observe(self, served: np.ndarray, user: np.ndarray, buckets: np.ndarray) -> LearnedWeights:
+        """``shares_of`` these tokens, added: the weights from now on."""
+        return self.add(*self.shares_of(served, user, buckets))
+
+
+def token_probability(user: UserDistribution | None, target: int, vocab_size: int) -> float:
+    """P_user of the token ``target`` (``<unk>``: with every unit the vocabulary lacks); 0 without a history."""
+    if user is None or target < 0 or target >= vocab_size:
+        return 0.0
+    mine = float(user.probabilities[target])
+    if target == UNK:
+        mine += float(user.probabilities[vocab_size:].sum())
+    return mine
 
 
 def log_loss(served: np.ndarray, user: np.ndarray, buckets: np.ndarray, weights: LearnedWeights) -> float:

@@ -46,13 +46,14 @@ class IncrementalContext:
         """Tokens the model has read, for tests and metrics."""
         return self.prefixes.steps
 
-    def read(self, token_ids: list[int]) -> tuple[Tensor, Tensor]:
-        """(log-probs [V], state [L, 1, S]) after ``<s>`` and the window of ``token_ids``."""
+    def read(self, token_ids: list[int], keep: bool = True) -> tuple[Tensor, Tensor]:
+        """(log-probs [V], state [L, 1, S]) after ``<s>`` and the window of ``token_ids``. ``keep``: as
+        ``PrefixStates.read`` (False: a look back that leaves the kept states as they are)."""
         start = window_start(len(token_ids), self.limit)
-        if start != self.start:  # the window moved: nothing kept is a prefix of it
+        if keep and start != self.start:  # the window moved: nothing kept is a prefix of it
             self.prefixes.clear()
             self.start = start
-        return self.prefixes.read([BOS, *token_ids[start:]])
+        return self.prefixes.read([BOS, *token_ids[start:]], keep)
 
 
 class EditError(ValueError):
@@ -132,6 +133,11 @@ class TypingSession:
             self.text, self.composition, k, fuzzy, start=start, memo=self._memo, personal=personal
         )
         return self.candidates
+
+    def next_log_probs(self, text: str) -> Tensor:
+        """The model's next-token log-probabilities [V] after ``text`` (which ends where a word begins), read
+        from the states the session keeps (the text before a word just finished was read as it began)."""
+        return self.context.read(self.suggester.context_ids(self.suggester.split(text)), keep=False)[0]
 
     def suggest(self, k: int, personal=None) -> SuggestResult:
         """Suggestions for the session's text; ``personal``: a user's history mixed in (personal_mix.PersonalMix)."""

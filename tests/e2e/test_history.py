@@ -19,6 +19,7 @@ from service.pb.nextword.v1 import nextword_pb2 as pb
 from service.pb.nextword.v1 import nextword_pb2_grpc as pb_grpc
 from tests.conftest import ROOT
 from tests.e2e.test_server import serve_process, start
+from tests.e2e.test_workers import wait_for
 
 ALICE_TOKEN = "token-for-alice-0123456789"
 BACKEND_TOKEN = "token-for-backend-0123456789"
@@ -79,6 +80,38 @@ def test_an_incognito_session_learns_nothing_and_unfinished_words_are_not_learne
         list(carol.type(edits, timeout=60))
         assert "Zelda" not in words(carol.suggest("I like Ze"))
         assert "Quint" not in words(carol.suggest("I like Qu"))
+
+
+def fitted_rows(path, user: str) -> list[tuple]:
+    """The sums of ``user``'s weights fitted as they type, as the store holds them: (model, bucket, share, tokens)."""
+    with sqlite3.connect(path) as db:
+        query = "SELECT model, bucket, share, tokens FROM nextword_history_weights WHERE user_id = ? ORDER BY bucket"
+        return db.execute(query, (user,)).fetchall()
+
+
+def test_typing_fits_the_users_weights_but_not_incognito_and_forget_clears_them(served):
+    port, _, path = served
+    with (
+        NextWordClient(f"127.0.0.1:{port}", user="gina") as gina,
+        NextWordClient(f"127.0.0.1:{port}", user="hugo") as hugo,
+    ):
+        for _ in range(3):
+            typed(gina, "I like Zelda. ")
+            typed(hugo, "I like Zelda. ", incognito=True)
+        wait_for(lambda: fitted_rows(path, "gina"), 10)
+        rows = fitted_rows(path, "gina")
+        assert len({row[0] for row in rows}) == 1  # the one model served (by its name)
+        # every word typed once she had a history moved her weights: all but the first "I"
+        assert sum(row[3] for row in rows) == 8
+        assert all(0 < share <= tokens for _, _, share, tokens in rows)
+        assert fitted_rows(path, "hugo") == []  # incognito: nothing learned, no weights fitted
+        gina.learn("I like Zelda.")  # Learn adds words; the weights follow what is typed
+        time.sleep(0.2)
+        assert sum(row[3] for row in fitted_rows(path, "gina")) == 8
+        gina.forget("zelda")  # a word: the weights hold none and stay
+        assert sum(row[3] for row in fitted_rows(path, "gina")) == 8
+        gina.forget(everything=True)
+        assert fitted_rows(path, "gina") == []
 
 
 def test_learn_and_forget_at_once(served):

@@ -6,13 +6,18 @@ import multiprocessing
 import time
 import uuid
 
+import numpy as np
 import pytest
 
-from service.history.for_user import SessionLearner
+from service.api.config import ServerConfig
+from service.history.for_user import PersonalEngine, SessionLearner
 from service.history.histories import Histories
 from service.history.store import HistoryStore
+from service.model.engine import Engine
 from service.model.personal import HistoryConfig, UserHistory, units
+from service.model.personal_tokens import EVIDENCE_BINS, ONLINE_PRIOR, SERVED_WEIGHTS
 from service.model.suggest import Suggester
+from service.model.typing_session import TypingSession
 from tests.postgres import postgres_server, required
 from tests.service.fakes import FakeModel, word_tokenizer
 from training.vocabulary import build_tokenizer
@@ -66,7 +71,7 @@ def suggest(histories: Histories, user: str, text: str, served: dict[str, float]
     with the user's history mixed into its distribution as the server mixes it."""
     tokenizer = word_tokenizer(VOCAB)
     table = {tokenizer.encode(word)[0]: p for word, p in served.items()}
-    personal = histories.personal(user, tokenizer)
+    personal = histories.personal(user, "default", tokenizer)
     found = Suggester(FakeModel(tokenizer.vocab_size, lambda history: table), tokenizer).suggest(
         text, k, personal if personal else None
     )
@@ -129,6 +134,57 @@ def test_forget_removes_the_word_and_every_ngram_with_it_at_once(histories):
     assert len(histories.user("ann")) == 0
 
 
+def fitted_weight(histories: Histories, user: str, model: str = "default") -> float:
+    """The history's weight in bucket (1 unit of context typed, seen under 3 times) of ``user`` on ``model``."""
+    return histories.personal(user, model, word_tokenizer(VOCAB)).weights.weights[1][0]
+
+
+def test_a_users_weights_follow_their_typing_persist_across_processes_and_stay_their_own(location):
+    first, second = open_store(location), open_store(location)  # two server processes on one store
+    for who in ("ann", "bob"):
+        first.learn(who, units("I met Zelda"))
+    start = fitted_weight(first, "ann")
+    assert start == SERVED_WEIGHTS.weights[1][0]  # nothing typed since: the served weight
+    # ann typed 100 tokens after one unit of context where her history gave each 0.5 and the model 0.01:
+    # each token's share of her history is w * 0.5 / (w * 0.5 + (1 - w) * 0.01) at the weight w of now
+    n, bucket = 100, len(EVIDENCE_BINS) + 1
+    first.fit("ann", "default", np.full(n, 0.01), np.full(n, 0.5), np.full(n, bucket))
+    share = start * 0.5 / (start * 0.5 + (1 - start) * 0.01)
+    expected = (ONLINE_PRIOR * start + n * share) / (ONLINE_PRIOR + n)
+    assert fitted_weight(first, "ann") == pytest.approx(expected, abs=1e-4)  # at once in this process
+    assert fitted_weight(first, "bob") == start and fitted_weight(first, "ann", "other") == start  # hers alone
+    first.flush()
+    second._cache.clear()  # as REFRESH_SECONDS would: the other process reads the store
+    assert fitted_weight(second, "ann") == pytest.approx(expected, abs=1e-4)
+    assert fitted_weight(second, "bob") == start
+    second.fit("ann", "default", np.full(n, 0.01), np.full(n, 0.5), np.full(n, bucket))
+    second.flush()  # the sums add up in the store, whichever process wrote them
+    first._cache.clear()
+    assert fitted_weight(first, "ann") > expected
+    first.forget("ann", "zelda")  # a word: the weights hold no words and stay
+    assert fitted_weight(first, "ann") > expected
+    first.forget("ann", None)  # everything: the weights go back to the served ones, in the store too
+    assert fitted_weight(first, "ann") == start
+    second._cache.clear()
+    assert fitted_weight(second, "ann") == start and fitted_weight(second, "bob") == start
+    first.close()
+    second.close()
+
+
+def test_a_users_fitted_weights_learned_before_forgetting_everything_elsewhere_are_not_written(location):
+    first, second = open_store(location, flush_ms=60_000.0), open_store(location)
+    first.learn("ann", units("I met Zelda"))
+    first.fit("ann", "default", np.full(10, 0.01), np.full(10, 0.5), np.full(10, 5))  # pending in this process
+    time.sleep(0.01)
+    second.forget("ann", None)  # another process forgets everything first
+    first.flush()
+    store = HistoryStore(location, first.config)
+    assert store.load("ann").fitted == {} and store.load("ann").counts == {}
+    store.close()
+    first.close()
+    second.close()
+
+
 def test_the_cap_keeps_the_most_recently_used(location):
     histories = open_store(location, max_entries=5, order=1)
     for word in ["one", "two", "three", "four", "five", "six", "seven"]:
@@ -164,6 +220,32 @@ def test_a_session_learns_finished_words_only_and_not_twice(histories):
     assert counts[("world",)][0] == pytest.approx(1.0, rel=1e-3)
     learner.update("hello world and mor", final=True)  # the end of the session: the rest too
     assert ("world", "and", "mor") in histories.user("ann").counts
+
+
+def test_a_session_fits_the_users_weights_by_each_finished_word_without_reading_more(tiny_word_model, tmp_path):
+    """Each finished word moves the user's weights by its probability after the text before it, which the session
+    read as the word began: a look back at kept states, not one more step of the model."""
+    histories = open_store(tmp_path / "h.sqlite")
+    engine = PersonalEngine(Engine.load(ServerConfig(model=tiny_word_model, batching=False)), histories, "ann")
+    histories.learn("ann", units("I like the cat. I like the dog."))
+    for learn_first in (True, False):  # as the servicer (learn, then answer), and the other way round
+        steps = {}
+        for fit in (False, True):
+            session = TypingSession(engine.engine.suggester, max_chars=1000)
+            learner = engine.learner(False, session.next_log_probs if fit else None)
+            assert learner is not None
+            for ch in "I like the cat and I like the dog. ":
+                session.append(ch)
+                if learn_first:
+                    learner.update(session.text)
+                engine.suggest(session.suggest, session.text, 3)
+                if not learn_first:
+                    learner.update(session.text)
+            steps[fit] = session.context.steps
+        assert steps[True] == steps[False]
+    fitted = histories.user("ann").fitted[engine.engine.name]
+    assert sum(tokens for _, tokens in fitted.values()) == 2 * 9  # the 9 words of each session that fitted
+    histories.close()
 
 
 def test_export_and_import_round_trip(tmp_path, histories):

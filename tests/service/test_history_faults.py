@@ -123,7 +123,7 @@ def test_an_ancient_row_does_not_underflow_the_decay(postgres):
         histories.learn("olga", ["ancient"])
         histories.learn("bert", units("good morning"))
         histories.flush()
-        counts, _ = HistoryStore(postgres.url, histories.config).load("olga")
+        counts = HistoryStore(postgres.url, histories.config).load("olga").counts
         assert counts[("ancient",)][0] == pytest.approx(1.0)
         assert ("morning",) in HistoryStore(postgres.url, histories.config).load("bert")[0]
     finally:
@@ -138,7 +138,7 @@ def test_a_database_restart_under_load_answers_throughout_and_learning_resumes(p
     def keystrokes() -> None:  # a steady load of reads, as typing sessions make
         while not stop.is_set():
             started = time.monotonic()
-            histories.personal("carl", TOKENIZER).mix("I met", SERVED)
+            histories.personal("carl", "default", TOKENIZER).mix("I met", SERVED)
             slowest[0] = max(slowest[0], time.monotonic() - started)
             time.sleep(0.01)
 
@@ -170,7 +170,7 @@ def test_a_word_forgotten_in_one_process_is_not_written_back_by_another(tmp_path
         time.sleep(0.01)
         second.forget("dora", "Zelda")
         first.flush()  # written after the forget: the word must not come back
-        counts, _ = HistoryStore(location, first.config).load("dora")
+        counts = HistoryStore(location, first.config).load("dora").counts
         assert not any("Zelda" in gram for gram in counts)
         assert ("met",) in counts  # the rest of what was learned is kept
     finally:

@@ -1,6 +1,7 @@
 """The personal history as part of the served distribution (service/model/personal_tokens.py and
 personal_mix.py): known probabilities, the mix, suggestions that a user's words enter, and the fit."""
 
+import math
 import time
 
 import numpy as np
@@ -17,6 +18,7 @@ from service.model.personal_tokens import (
     OnlineWeights,
     bucket_of,
     distribution,
+    evidence_bin,
     fit,
     log_loss,
     tokens_of,
@@ -61,10 +63,27 @@ def test_the_user_distribution_is_witten_bell_down_to_the_unigram():
     assert after.probabilities.sum() == pytest.approx(1.0)
     tokens = after.over_tokens(tokenizer.vocab_size)  # over the vocabulary: zelda is <unk>
     assert tokens[UNK] == pytest.approx(0.8125) and tokens.sum() == pytest.approx(1.0)
-    assert distribution(typed(), view, [], NOW) is None or True  # (another history's view is its own)
     assert (
         distribution(UserHistory(HistoryConfig()), tokens_of(UserHistory(HistoryConfig()), tokenizer), [], NOW) is None
     )
+
+
+def test_a_typed_word_is_observed_as_the_evaluator_scores_its_token():
+    """What moves a user's weights as they type (PersonalMix.observed): the token's probability under the served
+    model and under the history before the word is learned, and its bucket."""
+    tokenizer = word_tokenizer(["moses", "said", "unto", "the"], lowercase=True)
+    mix = PersonalMix(typed("Moses said unto Zelda"), tokenizer, FLAT, now=NOW)
+    log_probs = torch.log(torch.full((tokenizer.vocab_size,), 1.0 / tokenizer.vocab_size))
+    log_probs[UNK] = math.log(0.01)
+    # after "Moses said unto", zelda has P_user 0.8125 (the test above); the vocabulary lacks it: <unk>
+    served, mine, bucket = mix.observed("Moses said unto ", "Zelda", log_probs)
+    assert served == pytest.approx(0.01) and mine == pytest.approx(0.8125)
+    assert bucket == 2 * (len(EVIDENCE_BINS) + 1)  # two units of context typed, once
+    served, mine, bucket = mix.observed("", "said", log_probs)  # no context: how often it was typed, 1 in 4
+    assert served == pytest.approx(1.0 / tokenizer.vocab_size) and mine == pytest.approx(0.25)
+    assert bucket == evidence_bin(4.0)
+    empty = PersonalMix(UserHistory(HistoryConfig()), tokenizer, FLAT, now=NOW)
+    assert empty.observed("", "said", log_probs)[1:] == (0.0, -1)  # no history: nothing to fit
 
 
 def test_a_break_ends_the_context_and_learning_keeps_the_view_current():
