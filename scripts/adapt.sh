@@ -54,11 +54,11 @@ if [ -z "$which" ] || [ "$which" = -kjv ]; then
     flags=(--tokenizer word --lowercase --vocab-size 5000 --hidden-size 256 --dropout auto --epochs 10 --max-steps 9000 --eval-every 1500)
     build kjv "$out/kjv-ot/train.txt" --ngram-order 8
     stage "kjv: type the New Testament"
-    "$py" -m training.evaluate "$out/kjv.pt" --text "$out/kjv-split/test.txt" --learn --learn-rule both \
+    "$py" -m training.evaluate "$out/kjv.pt" --text "$out/kjv-split/test.txt" --learn --learn-rule all \
         --fit-lines "$(tenth "$out/kjv-split/test.txt")" --score-every 4 --baseline ngram --train "$out/kjv-ot/train.txt" \
         --order "$order" "${more[@]}" --json "$out/kjv-nt.json" | tee "$out/kjv-nt.txt"
     stage "kjv: the same domain: held-out Old Testament verses, with the weights fitted on the New"
-    "$py" -m training.evaluate "$out/kjv.pt" --text "$out/kjv-ot/test.txt" --learn --learn-rule both \
+    "$py" -m training.evaluate "$out/kjv.pt" --text "$out/kjv-ot/test.txt" --learn --learn-rule all \
         --history-weights "$(fitted "$out/kjv-nt.json")" --score-every 2 --baseline ngram --train "$out/kjv-ot/train.txt" \
         --order "$order" "${more[@]}" --json "$out/kjv-ot.json" | tee "$out/kjv-ot.txt"
 fi
@@ -68,7 +68,7 @@ if [ -z "$which" ] || [ "$which" = -zh ]; then
     build zh "$out/zh-rest/train.txt" --quantize int8 --ngram-order 8
     typed="$out/zh-split/test.txt"
     stage "zh: type the proverbs"
-    "$py" -m training.evaluate "$out/zh.pt" --text "$typed" --learn --learn-rule both --fit-lines "$(tenth "$typed")" \
+    "$py" -m training.evaluate "$out/zh.pt" --text "$typed" --learn --learn-rule all --fit-lines "$(tenth "$typed")" \
         --baseline ngram --train "$out/zh-rest/train.txt" --order "$order" "${more[@]}" --json "$out/zh-proverbs.json" \
         | tee "$out/zh-proverbs.txt"
     stage "zh: convert the proverbs from their pinyin"
@@ -76,7 +76,7 @@ if [ -z "$which" ] || [ "$which" = -zh ]; then
         --baseline ngram --train "$out/zh-rest/train.txt" --order "$order" "${more[@]}" --json "$out/zh-proverbs-pinyin.json" \
         | tee "$out/zh-proverbs-pinyin.txt"
     stage "zh: the same domain: held-out lines of the rest, with the weights fitted on the proverbs"
-    "$py" -m training.evaluate "$out/zh.pt" --text "$out/zh-rest/test.txt" --learn --learn-rule both \
+    "$py" -m training.evaluate "$out/zh.pt" --text "$out/zh-rest/test.txt" --learn --learn-rule all \
         --history-weights "$(fitted "$out/zh-proverbs.json")" --baseline ngram --train "$out/zh-rest/train.txt" \
         --order "$order" "${more[@]}" --json "$out/zh-rest.json" | tee "$out/zh-rest.txt"
 fi

@@ -54,7 +54,7 @@ from tqdm import tqdm
 from service.model.artifact import Artifact, ArtifactError, load_artifact
 from service.model.command_line import build_parser, config_from, option
 from service.model.mix import served_model
-from service.model.personal_tokens import LearnedWeights
+from service.model.personal_tokens import ONLINE_PRIOR, LearnedWeights
 from service.model.pinyin import ConvertConfig
 from service.model.pinyin_lattice import MAX_PINYIN_LETTERS, reads_chinese
 from service.model.steps import ScriptedModel
@@ -108,15 +108,20 @@ class EvaluateConfig:
         "mix",
         "with --learn: mix, the history as part of the served distribution; both, and also the rule served "
         "before it (suggestions re-ranked: training/rerank_rule.py) in the same table; online, and also the "
-        "history's weights fitted to the user as they type (OnlineWeights in service/model/personal_tokens.py, "
-        "not served yet) in the same table",
-        choices=["mix", "both", "online"],
+        "history's weights fitted to the user as they type, as the server fits them (OnlineWeights in "
+        "service/model/personal_tokens.py) in the same table; all, the three",
+        choices=["mix", "both", "online", "all"],
     )
     fit_lines: int = option(
         0,
         "with --learn: the user types the first N lines to fit the history's weights in the mix (then every "
         "model is scored on the lines after them)",
         low=0,
+    )
+    online_prior: float = option(
+        ONLINE_PRIOR,
+        "with --learn-rule online: how many tokens the starting weights count as against the user's own",
+        low=1.0,
     )
     history_weights: str = option(
         "",
@@ -257,8 +262,10 @@ def run(config: EvaluateConfig, inputs: Inputs, counts: NgramCounts | None) -> t
     runs = [(scorer, tokenizer, scorer.name, False) for scorer, tokenizer in found]
     if config.learn:
         runs.append((*found[0], "learning", True))
-        if config.learn_rule in ("both", "online"):
-            runs.append((*found[0], "reranking" if config.learn_rule == "both" else "online", True))
+        if config.learn_rule in ("both", "all"):
+            runs.append((*found[0], "reranking", True))
+        if config.learn_rule in ("online", "all"):
+            runs.append((*found[0], "online", True))
     results: dict[str, dict] = {}
     tallies: dict[str, Tally] = {}
     for scorer, tokenizer, name, learn in runs:
@@ -289,6 +296,8 @@ def _learning(config: EvaluateConfig, inputs: Inputs, scorer: Scorer, tokenizer,
     typed the --fit-lines lines first (and fitted the weights on them)."""
     weights = LearnedWeights.parse(config.history_weights) if config.history_weights else LearnedWeights()
     learning = Learning(tokenizer, weights, "rerank" if name == "reranking" else "mix", online=name == "online")
+    if learning.online is not None:
+        learning.online.prior = config.online_prior
     if name == "reranking":
         for line in inputs.fit_lines:  # typed before, as for the mix
             learning.learn(line)

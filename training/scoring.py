@@ -20,7 +20,14 @@ import torch
 
 from service.model.personal import HistoryConfig, UserHistory, ngrams_ending, units
 from service.model.personal_mix import PersonalMix
-from service.model.personal_tokens import SERVED_WEIGHTS, LearnedWeights, OnlineWeights, bucket_of, fit
+from service.model.personal_tokens import (
+    SERVED_WEIGHTS,
+    LearnedWeights,
+    OnlineWeights,
+    bucket_of,
+    fit,
+    token_probability,
+)
 from service.model.steps import PrefixStates, StepModel, walk_batch
 from service.model.suggest import SUGGESTED_WORD, SplitText, SuggestConfig, Suggester
 from service.model.tokenizer import BOS, EOS, UNK, Tokenizer, WordTokenizer, is_cjk
@@ -145,11 +152,7 @@ class Learning:
         for context, (log_probs, _), target in zip(token_contexts(self.tokenizer, line, ids), walk, [*ids, EOS]):
             served = math.exp(float(log_probs[target]))
             user = personal.user(context) if len(self.history) else None
-            mine = 0.0
-            if user is not None and target != EOS:
-                mine = float(user.probabilities[target])
-                if target == UNK:
-                    mine += float(user.probabilities[vocab:].sum())
+            mine = token_probability(user, target, vocab) if target != EOS else 0.0
             weight = self.weights.weight(user.seen, user.evidence) if user is not None else 0.0
             nats -= math.log(max((1 - weight) * served + weight * mine, 1e-300))
             if into is not None:
@@ -176,7 +179,7 @@ class Learning:
         shape = (len(self.weights.weights), len(self.weights.weights[0]))
         self.weights = fit(served[known], user[known], buckets[known], shape, prior=self.weights)
         if self.online is not None:
-            self.online = OnlineWeights(self.weights)
+            self.online = OnlineWeights(self.weights, self.online.prior)
         return self.weights
 
 

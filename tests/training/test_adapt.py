@@ -42,7 +42,7 @@ def adapted(tmp_path_factory):
 
 def test_the_typed_part_is_scored_with_and_without_learning_beside_the_old_rule_and_the_ngram(adapted):
     table = (adapted / "kjv-nt.txt").read_text(encoding="utf-8")
-    assert "learning, re-ranked" in table and "ngram-5" in table
+    assert "learning, re-ranked" in table and "learning, online weights" in table and "ngram-5" in table
     assert "fitted on the first 6 lines typed" in table  # 10 % of the 60 typed lines
     document = json.loads((adapted / "kjv-nt.json").read_text(encoding="utf-8"))
     assert document["lines"] == 54  # scored: the typed lines after those the weights were fitted on
@@ -51,6 +51,7 @@ def test_the_typed_part_is_scored_with_and_without_learning_beside_the_old_rule_
     assert learned["top1"] > without["top1"]
     assert learned["perplexity"] < without["perplexity"]
     assert document["learning_reranked"]["perplexity"] == pytest.approx(without["perplexity"])
+    assert document["learning_online"]["top1"] > without["top1"]  # the weights as served: fitted as the user types
     same = json.loads((adapted / "kjv-ot.json").read_text(encoding="utf-8"))
     assert same["learning"]["history_weights"] == learned["history_weights"]  # the weights fitted on the typed part
 
