@@ -149,13 +149,60 @@ def personal_history(model_path: str, device: str, ngrams: int = 10_000) -> dict
         learned = len(histories.user("reader"))
 
         def personal(text: str) -> None:  # as the server answers a call that names a user
-            suggester.suggest(text, 3, histories.personal("reader", artifact.tokenizer))
+            suggester.suggest(text, 3, histories.personal("reader", "default", artifact.tokenizer))
 
         texts = prompts()
         plain = p50_of(lambda text: suggester.suggest(text, 3), texts)
         mixed = p50_of(personal, texts)
+        learning = typing_while_learning(model_path, device, histories)
         histories.close()
-    return {"ngrams": learned, "plain_ms": plain, "personal_ms": mixed}
+    return {"ngrams": learned, "plain_ms": plain, "personal_ms": mixed, **learning}
+
+
+def typing_while_learning(model_path: str, device: str, histories, lines: int = 40) -> dict:
+    """A user with a history types verses in Type sessions as the server runs them (suggestions mixed with the
+    history, each finished word learned), with and without each word also fitting their weights, a verse each
+    in turn: ms per keystroke, and the fit's own time per word."""
+    from benchmarks.texts import verses
+    from service.api.config import ServerConfig
+    from service.history.for_user import PersonalEngine
+    from service.model.engine import Engine
+    from service.model.personal import unit_spans
+
+    served = Engine.load(ServerConfig(model=model_path, device=device, batching=False))
+    engine = PersonalEngine(served, histories, "reader")
+    seconds = {False: 0.0, True: 0.0}
+    keys = {False: 0, True: 0}
+    fitting = [0.0, 0]  # seconds in PersonalEngine.fit, words
+
+    def timed(fit):
+        def run(text: str, start: int) -> None:
+            began = time.perf_counter()
+            fit(text, start)
+            fitting[0] += time.perf_counter() - began
+            fitting[1] += sum(1 for unit, _ in unit_spans(text)[start:] if unit)
+
+        return run
+
+    for index, verse in enumerate(verses()[5000 : 5000 + lines]):
+        fit = index % 2 == 1
+        session = TypingSession(engine.engine.suggester, max_chars=100_000)
+        learner = engine.learner(False, session.next_log_probs if fit else None)
+        assert learner is not None
+        if learner.fit is not None:
+            learner.fit = timed(learner.fit)
+        began = time.perf_counter()
+        for ch in verse + " ":
+            session.append(ch)
+            engine.suggest(session.suggest, session.text, 3)
+            learner.update(session.text)
+        seconds[fit] += time.perf_counter() - began
+        keys[fit] += len(verse) + 1
+    return {
+        "learn_ms": 1000 * seconds[False] / keys[False],
+        "learn_fit_ms": 1000 * seconds[True] / keys[True],
+        "fit_ms_per_word": 1000 * fitting[0] / max(1, fitting[1]),
+    }
 
 
 def p50_of(call, texts: list[str]) -> float:
@@ -277,6 +324,11 @@ def main() -> None:
     print(
         f"\nSuggest p50 in-process: {mine['plain_ms']:.2f} ms without a user, {mine['personal_ms']:.2f} ms for a user "
         f"with {mine['ngrams']:,} learned n-grams: {mine['personal_ms'] / mine['plain_ms']:.2f}x"
+    )
+    print(
+        f"Type session for that user, ms per keystroke: {mine['learn_ms']:.2f} learning each finished word, "
+        f"{mine['learn_fit_ms']:.2f} also fitting their weights by it ({mine['learn_fit_ms'] / mine['learn_ms']:.2f}x; "
+        f"the fit {mine['fit_ms_per_word']:.2f} ms per word)"
     )
     if load_artifact(args.model).memory is not None:
         compare_network_alone(args, clients, threads, base, batched)
