@@ -295,9 +295,8 @@ def _learning(config: EvaluateConfig, inputs: Inputs, scorer: Scorer, tokenizer,
     """The user who types the lines: the history mixed in (or, for "reranking", the rule served before), having
     typed the --fit-lines lines first (and fitted the weights on them)."""
     weights = LearnedWeights.parse(config.history_weights) if config.history_weights else LearnedWeights()
-    learning = Learning(tokenizer, weights, "rerank" if name == "reranking" else "mix", online=name == "online")
-    if learning.online is not None:
-        learning.online.prior = config.online_prior
+    online = config.online_prior if name == "online" else None
+    learning = Learning(tokenizer, weights, "rerank" if name == "reranking" else "mix", online=online)
     if name == "reranking":
         for line in inputs.fit_lines:  # typed before, as for the mix
             learning.learn(line)

@@ -121,15 +121,19 @@ class Learning:
     probabilities the model's."""
 
     def __init__(
-        self, tokenizer: Tokenizer, weights: LearnedWeights = SERVED_WEIGHTS, rule: str = "mix", online: bool = False
+        self,
+        tokenizer: Tokenizer,
+        weights: LearnedWeights = SERVED_WEIGHTS,
+        rule: str = "mix",
+        online: float | None = None,
     ) -> None:
         self.history = UserHistory(HistoryConfig())
         self.tokenizer = tokenizer
         self.weights = weights
         self.rule = rule
-        # online: the weights also fitted to this user as they type (OnlineWeights), from ``weights`` or those
-        # fitted by ``fit_weights``; each scored line's tokens move them once it is typed
-        self.online = OnlineWeights(weights) if online else None
+        # online (the prior, in tokens): the weights also fitted to this user as they type (OnlineWeights), from
+        # ``weights`` or those fitted by ``fit_weights``; each scored line's tokens move them once it is typed
+        self.online = OnlineWeights(weights, online) if online is not None else None
         self.now = time.time()
         self.lacks = rerank_rule.vocabulary_lacks(tokenizer)
 
