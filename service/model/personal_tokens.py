@@ -241,7 +241,9 @@ def fit(
     return LearnedWeights(tuple(tuple(float(x) for x in weights[r * columns : (r + 1) * columns]) for r in range(rows)))
 
 
-ONLINE_PRIOR = 200.0  # tokens: how much of a user's own typing moves their weights as far from the start
+# tokens: what the starting weight of a bucket counts for against the user's own typing in it; chosen on
+# validation text, the least summed log-perplexity of two (benchmarks/online_prior.py; 1 and 2 tie there)
+ONLINE_PRIOR = 1.0
 
 
 class OnlineWeights:
