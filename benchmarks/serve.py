@@ -11,7 +11,8 @@ Measured in one run, on the same artifact:
   * a Type session's latency per keystroke with 20 and with 2,000 characters typed, against
     re-encoding the whole text on every keystroke;
   * Suggest in-process for a user with 10,000 learned n-grams (personal history in SQLite)
-    against the same Suggest without a user.
+    against the same Suggest without a user, and that user's Type sessions learning each finished
+    word, with and without also fitting their history weights by it (``--only-history``: only these).
 """
 
 from __future__ import annotations
@@ -270,6 +271,7 @@ def main() -> None:
     parser.add_argument("--seconds", type=float, default=10.0)
     parser.add_argument("--clients", default="1,8,64")
     parser.add_argument("--device", choices=["cpu", "cuda"], default="cpu")
+    parser.add_argument("--only-history", action="store_true", help="only Suggest and Type for a user with a history")
     args = parser.parse_args()
     clients = [int(c) for c in args.clients.split(",")]
     print(
@@ -283,6 +285,8 @@ def main() -> None:
     plan.choose_rnn_kernels()  # as the server chooses them for this plan
     threads = plan.worker
     use_intra_op_threads(1)  # as in the server: the thread measuring or serving the model alone has a team
+    if args.only_history:
+        return print_history(on_thread(threads, lambda: personal_history(args.model, args.device)))
     base = in_process(args.model, args.seconds, args.device, threads)
     print(
         f"in-process: p50 {base['p50_ms']:.2f} ms alone; batched ceiling {base['ceiling_qps']:.0f} QPS "
@@ -320,7 +324,12 @@ def main() -> None:
         f"keystroke at 2,000 chars / at 20 chars: {long_['session_ms'] / short['session_ms']:.2f}x "
         f"(re-encoding: {long_['reencode_ms'] / short['reencode_ms']:.2f}x)"
     )
-    mine = on_thread(threads, lambda: personal_history(args.model, args.device))
+    print_history(on_thread(threads, lambda: personal_history(args.model, args.device)))
+    if load_artifact(args.model).memory is not None:
+        compare_network_alone(args, clients, threads, base, batched)
+
+
+def print_history(mine: dict) -> None:
     print(
         f"\nSuggest p50 in-process: {mine['plain_ms']:.2f} ms without a user, {mine['personal_ms']:.2f} ms for a user "
         f"with {mine['ngrams']:,} learned n-grams: {mine['personal_ms'] / mine['plain_ms']:.2f}x"
@@ -330,8 +339,6 @@ def main() -> None:
         f"{mine['learn_fit_ms']:.2f} also fitting their weights by it ({mine['learn_fit_ms'] / mine['learn_ms']:.2f}x; "
         f"the fit {mine['fit_ms_per_word']:.2f} ms per word)"
     )
-    if load_artifact(args.model).memory is not None:
-        compare_network_alone(args, clients, threads, base, batched)
 
 
 def compare_network_alone(args, clients: list[int], threads: int, mixed: dict, mixed_runs: list[dict]) -> None:
