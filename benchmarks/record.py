@@ -61,12 +61,12 @@ def machine() -> str:
     return f"{cpu}, {os.cpu_count()} cores{memory}, {gpu}"
 
 
-def entry(title: str, command: list[str], output: str, when: datetime.datetime) -> str:
-    """The Markdown section appended for one run."""
+def entry(title: str, command: list[str], output: str, when: datetime.datetime, checkout: str) -> str:
+    """The Markdown section appended for one run of ``checkout`` (``commit()`` as it started)."""
     return (
         f"\n## {title}\n\n"
         f"- command: `{shlex.join(command)}`\n"
-        f"- commit: {commit()}\n"
+        f"- commit: {checkout}\n"
         f"- machine: {machine()}\n"
         f"- date: {when.strftime('%Y-%m-%d %H:%M UTC')}\n\n"
         f"{output.rstrip()}\n"
@@ -82,7 +82,7 @@ def main(argv: list[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         parser.error("give the command after --")
-    when = datetime.datetime.now(datetime.UTC)
+    when, checkout = datetime.datetime.now(datetime.UTC), commit()  # what runs: commits made meanwhile are not it
     try:
         process = subprocess.Popen(command, stdout=subprocess.PIPE, text=True, cwd=ROOT)
     except OSError as error:
@@ -98,7 +98,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"benchmarks.record: the command exited with status {code}; nothing recorded", file=sys.stderr)
         return code
     with open(args.results, "a", encoding="utf-8") as handle:
-        handle.write(entry(args.title, command, "".join(lines), when))
+        handle.write(entry(args.title, command, "".join(lines), when, checkout))
     print(f"benchmarks.record: appended to {os.path.relpath(args.results, ROOT)}", file=sys.stderr)
     return 0
 

@@ -23,3 +23,16 @@ def test_a_failed_command_records_nothing_and_passes_its_status_on(tmp_path):
     results.write_text("# Results\n")
     assert main(["--title", "t", "--results", str(results), "--", sys.executable, "-c", "import sys; sys.exit(3)"]) == 3
     assert results.read_text() == "# Results\n"
+
+
+def test_the_commit_recorded_is_the_one_checked_out_when_the_command_started(tmp_path, monkeypatch):
+    """A long measurement may outlive a commit made meanwhile; its figures are the checkout's it started from."""
+    import benchmarks.record as record
+
+    ran = tmp_path / "ran"  # the command leaves it: a commit() read after the run sees it
+    monkeypatch.setattr(record, "commit", lambda: "def456 (made meanwhile)" if ran.exists() else "abc123 (at start)")
+    results = tmp_path / "results.md"
+    results.write_text("# Results\n")
+    command = f"import pathlib; pathlib.Path({str(ran)!r}).touch(); print('x')"
+    assert main(["--title", "t", "--results", str(results), "--", sys.executable, "-c", command]) == 0
+    assert "- commit: abc123 (at start)" in results.read_text()
