@@ -291,12 +291,12 @@ def run(config: EvaluateConfig, inputs: Inputs, counts: NgramCounts | None) -> t
     return results, tallies
 
 
-def _learning(config: EvaluateConfig, inputs: Inputs, scorer: Scorer, tokenizer, name: str, bar) -> Learning:
-    """The user who types the lines: the history mixed in (or, for "reranking", the rule served before), having
-    typed the --fit-lines lines first (and fitted the weights on them)."""
+def _learning(config: EvaluateConfig, inputs: Inputs, scorer: Scorer, tokenizer, name: str, bar: tqdm) -> Learning:
+    """The user who types the lines: the history mixed in (or, for "reranking", the rule served before; "online":
+    with the weights fitted as they type), having typed the --fit-lines lines first (and fitted the weights)."""
     weights = LearnedWeights.parse(config.history_weights) if config.history_weights else LearnedWeights()
-    online = config.online_prior if name == "online" else None
-    learning = Learning(tokenizer, weights, "rerank" if name == "reranking" else "mix", online=online)
+    online = config.online_prior if name.endswith("online") else None
+    learning = Learning(tokenizer, weights, "rerank" if name == "reranking" else "mix", online, scorer)
     if name == "reranking":
         for line in inputs.fit_lines:  # typed before, as for the mix
             learning.learn(line)
@@ -384,15 +384,6 @@ def write_json(path: str | None, document: dict) -> None:
             json.dump(document, handle, indent=2)
 
 
-def _pinyin_learning(config: EvaluateConfig, inputs: Inputs, model, tokenizer) -> Learning:
-    """The user who types the lines, their weights fitted on the --fit-lines lines they typed first."""
-    weights = LearnedWeights.parse(config.history_weights) if config.history_weights else LearnedWeights()
-    learning = Learning(tokenizer, weights)
-    if inputs.fit_lines:
-        learning.fit_weights(Scorer("mix", model, model), inputs.fit_lines)
-    return learning
-
-
 def _pinyin(config: EvaluateConfig, inputs: Inputs) -> int:
     artifact, lines = inputs.artifact, inputs.lines
     if not reads_chinese(artifact.tokenizer):
@@ -406,15 +397,16 @@ def _pinyin(config: EvaluateConfig, inputs: Inputs) -> int:
         prior_weight=config.prior_weight, beam=config.beam, abbreviation_penalty=config.abbreviation_penalty
     )
     wanted = config.rankers.split(",")
-    runs = [(name, converter, False) for name, converter in rankers(artifact, ngram_model, convert).items()]
-    if config.learn:
-        runs += [(f"{name}, learning", converter, True) for name, converter, _ in runs if name == "mix"]
+    runs = [(name, converter, "") for name, converter in rankers(artifact, ngram_model, convert).items()]
+    kinds = ["learning"] + (["learning online"] if config.learn_rule in ("online", "all") else [])
+    runs += [(f"mix, {kind}", c, kind) for n, c, _ in list(runs) for kind in kinds if config.learn and n == "mix"]
     results = {}
-    for name, converter, learn in runs:
+    for name, converter, kind in runs:
         if name.split(",")[0] not in wanted:
             continue
         started = time.perf_counter()
-        learning = _pinyin_learning(config, inputs, converter.model, artifact.tokenizer) if learn else None
+        scorer = Scorer("mix", converter.model, converter.model)
+        learning = _learning(config, inputs, scorer, artifact.tokenizer, kind, tqdm(disable=True)) if kind else None
         suggest = (
             Suggester(converter.model, artifact.tokenizer).suggest if name.split(",")[0] in ("network", "mix") else None
         )

@@ -186,7 +186,7 @@ def evaluate_ranker(
             tally.next_word[0] += shown[:1] == [following]
             tally.next_word[1] += following in shown
         if learning is not None:
-            learning.learn(line)
+            learning.typed(line)
     return tally
 
 

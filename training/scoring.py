@@ -126,6 +126,7 @@ class Learning:
         weights: LearnedWeights = SERVED_WEIGHTS,
         rule: str = "mix",
         online: float | None = None,
+        scorer: Scorer | None = None,
     ) -> None:
         self.history = UserHistory(HistoryConfig())
         self.tokenizer = tokenizer
@@ -134,11 +135,19 @@ class Learning:
         # online (the prior, in tokens): the weights also fitted to this user as they type (OnlineWeights), from
         # ``weights`` or those fitted by ``fit_weights``; each scored line's tokens move them once it is typed
         self.online = OnlineWeights(weights, online) if online is not None else None
+        self.scorer = scorer  # what reads a typed line for the online weights (``typed``), where lines are not scored
         self.now = time.time()
         self.lacks = rerank_rule.vocabulary_lacks(tokenizer)
 
     def personal(self) -> PersonalMix:
         return PersonalMix(self.history, self.tokenizer, self.weights, now=self.now)
+
+    def typed(self, line: str) -> None:
+        """The user typed ``line``: their online weights follow its tokens (read by ``scorer``), then it is learned."""
+        if self.online is not None and self.scorer is not None:
+            ids = self.tokenizer.encode(line)
+            self.token_log_loss(line, ids, walk_batch(self.scorer.probabilities, [[BOS, *ids]])[0])
+        self.learn(line)
 
     def learn(self, line: str) -> None:
         for gram in ngrams_ending(units(line), 0, self.history.config.order):

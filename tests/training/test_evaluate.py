@@ -374,6 +374,18 @@ def test_command_pinyin_compares_the_four_rankers(tiny_ime_model, tmp_path):
     assert results["prior"]["next_word_top1"] is None and results["mix"]["next_word_top1"] is not None
 
 
+def test_pinyin_with_learning_types_with_fixed_and_with_online_weights(tiny_ime_model, tmp_path):
+    out = tmp_path / "pinyin.json"
+    flags = ["--text", TINY_IME, "--pinyin", "--learn", "--learn-rule", "online", "--fit-lines", "10"]
+    flags += ["--max-lines", "40", "--typing-clauses", "2", "--initials-words", "5", "--association-words", "5"]
+    result = run_cli("training.evaluate", tiny_ime_model, *flags, "--rankers", "mix", "--json", str(out))
+    assert result.returncode == 0, result.stderr
+    results = json.loads(out.read_text())["results"]
+    assert list(results) == ["mix", "mix, learning", "mix, learning online"]
+    fixed, online = results["mix, learning"], results["mix, learning online"]
+    assert online["history_weights"] != fixed["history_weights"]  # each typed line moved the user's weights
+
+
 def test_command_pinyin_refuses_an_english_model(tiny_word_model):
     result = run_cli("training.evaluate", tiny_word_model, "--text", TINY_EN, "--pinyin")
     assert result.returncode == 2 and "does not read Chinese" in result.stderr
