@@ -72,7 +72,7 @@ if [ -z "$which" ] || [ "$which" = -zh ]; then
         --baseline ngram --train "$out/zh-rest/train.txt" --order "$order" "${more[@]}" --json "$out/zh-proverbs.json" \
         | tee "$out/zh-proverbs.txt"
     stage "zh: convert the proverbs from their pinyin"
-    "$py" -m training.evaluate "$out/zh.pt" --text "$typed" --pinyin --learn --fit-lines "$(tenth "$typed")" \
+    "$py" -m training.evaluate "$out/zh.pt" --text "$typed" --pinyin --learn --learn-rule online --fit-lines "$(tenth "$typed")" \
         --baseline ngram --train "$out/zh-rest/train.txt" --order "$order" "${more[@]}" --json "$out/zh-proverbs-pinyin.json" \
         | tee "$out/zh-proverbs-pinyin.txt"
     stage "zh: the same domain: held-out lines of the rest, with the weights fitted on the proverbs"
