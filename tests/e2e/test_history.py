@@ -98,10 +98,11 @@ def test_typing_fits_the_users_weights_but_not_incognito_and_forget_clears_them(
         for _ in range(3):
             typed(gina, "I like Zelda. ")
             typed(hugo, "I like Zelda. ", incognito=True)
-        wait_for(lambda: fitted_rows(path, "gina"), 10)
+        # every word typed once she had a history moved her weights: all but the first "I" (written within a
+        # flush interval or two: the writer may have taken some of them before the last)
+        wait_for(lambda: sum(row[3] for row in fitted_rows(path, "gina")) >= 8, 10)
         rows = fitted_rows(path, "gina")
         assert len({row[0] for row in rows}) == 1  # the one model served (by its name)
-        # every word typed once she had a history moved her weights: all but the first "I"
         assert sum(row[3] for row in rows) == 8
         assert all(0 < share <= tokens for _, _, share, tokens in rows)
         assert fitted_rows(path, "hugo") == []  # incognito: nothing learned, no weights fitted
