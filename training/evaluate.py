@@ -54,6 +54,7 @@ from tqdm import tqdm
 from service.model.artifact import Artifact, ArtifactError, load_artifact
 from service.model.command_line import build_parser, config_from, option
 from service.model.mix import served_model
+from service.model.personal import HistoryConfig
 from service.model.personal_tokens import ONLINE_PRIOR, LearnedWeights
 from service.model.pinyin import ConvertConfig
 from service.model.pinyin_lattice import MAX_PINYIN_LETTERS, reads_chinese
@@ -117,6 +118,9 @@ class EvaluateConfig:
         "with --learn: the user types the first N lines to fit the history's weights in the mix (then every "
         "model is scored on the lines after them)",
         low=0,
+    )
+    history_order: int = option(
+        HistoryConfig.order, "with --learn: the user's n-gram orders 1..N, as the server's --history-order", low=1
     )
     online_prior: float = option(
         ONLINE_PRIOR,
@@ -296,7 +300,8 @@ def _learning(config: EvaluateConfig, inputs: Inputs, scorer: Scorer, tokenizer,
     with the weights fitted as they type), having typed the --fit-lines lines first (and fitted the weights)."""
     weights = LearnedWeights.parse(config.history_weights) if config.history_weights else LearnedWeights()
     online = config.online_prior if name.endswith("online") else None
-    learning = Learning(tokenizer, weights, "rerank" if name == "reranking" else "mix", online, scorer)
+    rule = "rerank" if name == "reranking" else "mix"
+    learning = Learning(tokenizer, weights, rule, online, scorer, config.history_order)
     if name == "reranking":
         for line in inputs.fit_lines:  # typed before, as for the mix
             learning.learn(line)

@@ -127,8 +127,9 @@ class Learning:
         rule: str = "mix",
         online: float | None = None,
         scorer: Scorer | None = None,
+        order: int = HistoryConfig.order,
     ) -> None:
-        self.history = UserHistory(HistoryConfig())
+        self.history = UserHistory(HistoryConfig(order=order))
         self.tokenizer = tokenizer
         self.weights = weights
         self.rule = rule

@@ -258,6 +258,10 @@ def test_fitting_on_the_first_lines_scores_the_rest_and_every_nth(tiny_word_mode
     assert "learning, online weights" in online.stdout
     assert own["history_weights"] != fitted["history_weights"]  # the user's typing moved them from the fitted ones
     assert own["perplexity"] <= fitted["perplexity"] * 1.01  # a user who repeats themselves: more weight, not less
+    unigrams = run_cli("training.evaluate", tiny_word_model, *flags, "--history-order", "1")
+    assert unigrams.returncode == 0, unigrams.stderr
+    alone = json.loads(out.read_text())["learning"]  # how often each word was typed, not after what
+    assert alone["perplexity"] > fitted["perplexity"]
     refused = run_cli("training.evaluate", tiny_word_model, "--text", str(text), "--fit-lines", "6")
     assert refused.returncode == 2 and "go with --learn" in refused.stderr
 
