@@ -117,7 +117,7 @@ class ServerConfig:
     learning: bool = option(
         True, "Type sessions and Learn add to the history of the user a call names (--no-learning: read only)"
     )
-    history_order: int = option(3, "n-gram orders 1..N learned per user", low=0)
+    history_order: int = option(4, "n-gram orders 1..N learned per user", low=0)
     history_max_entries: int = option(20_000, "n-grams kept per user; the least recently used beyond are pruned", low=0)
     history_half_life_days: float = option(30.0, "a use counts half as much after this many days", low=0)
     history_max_age_days: float = option(0.0, "drop n-grams not used for this many days (0 = keep them)", low=0)

@@ -99,7 +99,7 @@ def ngrams_ending(sequence: Sequence[str], start: int, order: int) -> Iterator[t
 
 @dataclass(frozen=True)
 class HistoryConfig:
-    order: int = 3  # n-gram orders 1..order
+    order: int = 4  # n-gram orders 1..order
     half_life_days: float = 30.0
     max_entries: int = 20_000  # per user; the least recently used beyond it are pruned
     max_age_days: float = 0.0  # 0: keep; else drop n-grams not used for that long

@@ -38,12 +38,12 @@ MIN_WEIGHT = 0.02
 MIN_FIT_TOKENS = 50  # a bucket fitted on fewer tokens keeps the weight it had
 REBASE = 40.0  # half-lives between the reference time of the stored unigram counts and now, at most
 # Fitted by ``nextword-eval --learn --fit-lines`` on the first 10 % of the New Testament typed on a model
-# of the Old Testament (scripts/recipes.sh adapt; docs/history.md): rows are the longest context typed
-# before (0: none, 1, 2 units), columns the bins of how often (EVIDENCE_BINS).
+# of the Old Testament with a history of orders 1-4 (scripts/recipes.sh adapt; docs/history.md): rows are the
+# longest context typed before (0: none, 1, 2 or more units), columns the bins of how often (EVIDENCE_BINS).
 DEFAULT_WEIGHTS = (
     (0.02, 0.02, 0.06, 0.167, 0.05),
     (0.128, 0.156, 0.198, 0.194, 0.306),
-    (0.347, 0.387, 0.513, 0.626, 0.607),
+    (0.361, 0.414, 0.527, 0.521, 0.607),
 )
 
 

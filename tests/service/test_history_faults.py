@@ -229,7 +229,7 @@ def test_import_checks_every_field(tmp_path):
             (line(count=0), "count"),
             (line(ngram=["x" * 1_000_000]), "64 bytes"),
             (line(ngram=[1]), "non-empty string"),
-            (line(ngram=["a", "b", "c", "d"]), "1 to 3 units"),
+            (line(ngram=["a", "b", "c", "d", "e"]), "1 to 4 units"),
         ]:
             with pytest.raises(ValueError, match=says):
                 histories.import_lines("hal", [line(), bad])
