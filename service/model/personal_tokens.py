@@ -212,6 +212,12 @@ def mix(served: np.ndarray, user: UserDistribution, weight: float) -> tuple[np.n
     return mixed, lacking
 
 
+def history_share(weight, user: np.ndarray, served: np.ndarray) -> np.ndarray:
+    """The history's share of each token's probability in the mix with ``weight``: EM's expectation step."""
+    mine = weight * user
+    return mine / np.maximum(mine + (1 - weight) * served, 1e-300)
+
+
 def fit(
     served: np.ndarray,
     user: np.ndarray,
@@ -235,7 +241,7 @@ def fit(
             continue
         s, u, w = served[chosen], user[chosen], 0.1
         for _ in range(iterations):
-            share = w * u / np.maximum(w * u + (1 - w) * s, 1e-300)
+            share = history_share(w, u, s)
             w = float(share.mean())
         weights[b] = min(max(round(w, 4), MIN_WEIGHT), 0.99)
     return LearnedWeights(tuple(tuple(float(x) for x in weights[r * columns : (r + 1) * columns]) for r in range(rows)))
@@ -268,8 +274,7 @@ class OnlineWeights:
         known = (buckets >= 0) & (buckets < self.start.size)
         if known.any():
             weights = np.array(self.current.weights, dtype=np.float64).reshape(-1)[buckets[known]]
-            mine = weights * user[known]
-            np.add.at(shares, buckets[known], mine / np.maximum(mine + (1 - weights) * served[known], 1e-300))
+            np.add.at(shares, buckets[known], history_share(weights, user[known], served[known]))
             np.add.at(counts, buckets[known], 1.0)
         return shares, counts
 
