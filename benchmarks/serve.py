@@ -168,7 +168,6 @@ def typing_while_learning(model_path: str, device: str, histories, lines: int = 
     from service.api.config import ServerConfig
     from service.history.for_user import PersonalEngine
     from service.model.engine import Engine
-    from service.model.personal import unit_spans
 
     served = Engine.load(ServerConfig(model=model_path, device=device, batching=False))
     engine = PersonalEngine(served, histories, "reader")
@@ -177,11 +176,11 @@ def typing_while_learning(model_path: str, device: str, histories, lines: int = 
     fitting = [0.0, 0]  # seconds in PersonalEngine.fit, words
 
     def timed(fit):
-        def run(text: str, start: int) -> None:
+        def run(text: str, spans: list) -> None:
             began = time.perf_counter()
-            fit(text, start)
+            fit(text, spans)
             fitting[0] += time.perf_counter() - began
-            fitting[1] += sum(1 for unit, _ in unit_spans(text)[start:] if unit)
+            fitting[1] += sum(1 for unit, _ in spans if unit)
 
         return run
 

@@ -12,7 +12,7 @@ from torch import Tensor
 
 from service.history.histories import Histories
 from service.model.engine import Engine
-from service.model.personal import unit_spans, units
+from service.model.personal import unit_spans
 from service.model.personal_mix import UNFINISHED, PersonalMix
 from service.model.suggest import SuggestResult
 
@@ -22,10 +22,10 @@ FIT_UNITS = 64  # of the units one edit finishes (a paste), the last this many m
 class SessionLearner:
     """What one Type session learns: a word once a boundary (space, punctuation, newline) follows it, and
     the rest at a commit or when the session ends. Text deleted before it was finished is never learned,
-    and deleting and retyping finished text does not learn it twice. ``fit(text, start)``, before the units
-    of ``text`` from ``start`` on are learned, moves the user's weights by them (``PersonalEngine.fit``)."""
+    and deleting and retyping finished text does not learn it twice. ``fit(text, spans)``, before the units of
+    ``text`` at ``spans`` (``unit_spans``) are learned, moves the user's weights by them (``PersonalEngine.fit``)."""
 
-    def __init__(self, histories: Histories, user: str, fit: Callable[[str, int], None] | None = None) -> None:
+    def __init__(self, histories: Histories, user: str, fit: Callable[[str, list], None] | None = None) -> None:
         self.histories = histories
         self.user = user
         self.fit = fit
@@ -33,7 +33,8 @@ class SessionLearner:
 
     def update(self, text: str, final: bool = False) -> None:
         finished = text if final else text[: len(text) - len(m.group())] if (m := UNFINISHED.search(text)) else text
-        sequence = units(finished)
+        spans = unit_spans(finished)
+        sequence = [unit for unit, _ in spans]
         common = 0
         for a, b in zip(sequence, self.learned):
             if a != b:
@@ -42,7 +43,7 @@ class SessionLearner:
         if common == len(sequence):  # nothing new (the same text, or some of it deleted)
             return
         if self.fit is not None:
-            self.fit(finished, max(common, len(sequence) - FIT_UNITS))
+            self.fit(finished, spans[max(common, len(sequence) - FIT_UNITS) :])
         self.histories.learn(self.user, sequence, start=common)
         self.learned = sequence
 
@@ -85,14 +86,14 @@ class PersonalEngine:
             return None
         return SessionLearner(self.histories, self.user, functools.partial(self.fit, read) if read else None)
 
-    def fit(self, read: Callable[[str], Tensor], text: str, start: int) -> None:
-        """Move the user's weights on this model by the units of ``text`` from ``start`` on, about to be learned:
+    def fit(self, read: Callable[[str], Tensor], text: str, spans: list[tuple[str, int]]) -> None:
+        """Move the user's weights on this model by the units of ``text`` at ``spans``, about to be learned:
         each one's probability under the served model (``read`` after the text before it) and under their
         history so far (personal_tokens.OnlineWeights)."""
         personal = self.personal()
         if personal is None or self.histories is None or self.user is None:
             return  # no history yet: it has no weight to fit
-        rows = [personal.observed(text[:at], unit, read(text[:at])) for unit, at in unit_spans(text)[start:] if unit]
+        rows = [personal.observed(text[:at], unit, read(text[:at])) for unit, at in spans if unit]
         if rows:
             served, mine, buckets = (np.array(column) for column in zip(*rows))
             self.histories.fit(self.user, self.engine.name, served, mine, buckets.astype(np.int64))
