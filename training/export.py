@@ -14,11 +14,16 @@ scale each, and their inputs quantised with scales fixed at export; embeddings
 and states stay float. Faster per batched step on CPU; judge its accuracy with ``nextword-eval
 INT8.pt --against FLOAT.pt`` (docs/model-file.md, "int8 weights"). int8 files
 run on CPU only.
+
+``--quantize float16``: every weight stored as float16, half the network's room in the file, and
+read back as float32 on any device. The network is rounded to float16 before the memory's weights
+are fitted, so export fits, checks and writes the network that is served.
 """
 
 from __future__ import annotations
 
 import contextlib
+import copy
 import math
 import os
 import sys
@@ -91,7 +96,7 @@ def check_parity(eager: LanguageModel, path: str, trials: int = 3) -> float:
     return worst
 
 
-QUANTIZATIONS = ("int8",)
+QUANTIZATIONS = ("int8", "float16")
 
 
 def training_lines(checkpoint: dict, corpus: Sequence[str] = ()) -> tuple[list[str], list[str]]:
@@ -225,11 +230,13 @@ def export(
     parameters = sum(p.numel() for p in model.parameters())
     if quantize == "int8":
         model = quantize_int8(model, config.cell)
+    elif quantize == "float16":
+        model.half().float()  # the weights as the file holds them; served as float32
     elif quantize is not None:
         raise ExportError(f"unknown quantisation {quantize!r}; choose one of {', '.join(QUANTIZATIONS)}")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)
-        scripted = torch.jit.script(model)
+        scripted = torch.jit.script(copy.deepcopy(model).half() if quantize == "float16" else model)
     best = checkpoint.get("best_val_loss", math.inf)
     manifest = Manifest(
         network=config.to_dict(),
@@ -274,7 +281,8 @@ class ExportConfig:
     out: str = option(help="the model file to write, e.g. model.pt", required=True, metavar="PATH")
     quantize: str | None = option(
         None,
-        "int8: int8 weights (a scale per row) for faster CPU serving, CPU only",
+        "int8: int8 weights (a scale per row) for faster CPU serving, CPU only; float16: weights stored as "
+        "float16 (half the network's room in the file), served as float32 on any device",
         choices=QUANTIZATIONS,
         default_text="float weights",
     )

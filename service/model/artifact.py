@@ -92,7 +92,7 @@ class Manifest:
     state_size: int
     tokenizer: TokenizerSpec
     provenance: Provenance = field(default_factory=Provenance)
-    quantization: str = "none"  # none | int8 (CPU only)
+    quantization: str = "none"  # none | int8 (CPU only) | float16 (stored so, served as float32)
     created: str = ""
     torch_version: str = ""
     weights_sha256: str = ""
@@ -312,5 +312,7 @@ def load_artifact(path: str, device: str | torch.device = "cpu") -> Artifact:
             raise ArtifactError(f"damaged model file: {path} ({error})") from None
         if memory.vocab_size != tokenizer.vocab_size or memory.order != len(manifest.memory.weights):
             raise ArtifactError(f"damaged model file: {path} (the n-gram memory does not fit the model)")
+    if manifest.quantization == "float16":
+        model.float()  # stored as float16 (half the room), served as float32
     model.eval()
     return Artifact(path=path, model=model, manifest=manifest, tokenizer=tokenizer, memory=memory)

@@ -102,7 +102,7 @@ class Engine:
         device = resolve_device(config.device)
         artifact = load_artifact(path, "cpu")
         quantization = artifact.manifest.quantization
-        if quantization != "none" and device != "cpu":
+        if quantization == "int8" and device != "cpu":
             raise ValueError(
                 f"{path} has {quantization} weights, which run on CPU only; "
                 "serve it with --device cpu, or export the model without --quantize for the GPU"

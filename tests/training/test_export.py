@@ -199,3 +199,33 @@ def test_the_start_state_goes_from_training_into_the_file_and_the_service_starts
     from_start, from_zeros = loss(model.init_state), loss(model.zero_state)
     print(f"first four tokens of each line: {from_start:.3f} nats from the start state, {from_zeros:.3f} from zeros")
     assert from_start < from_zeros
+
+
+def test_float16_export_halves_the_network_and_serves_it_as_float32(tiny_char_run, tiny_char_model, tmp_path):
+    from service.api.config import ServerConfig
+    from service.model.engine import Engine
+
+    out = str(tmp_path / "half.pt")
+    result = run_cli("training.export", tiny_char_run, "--out", out, "--quantize", "float16", "--ngram-order", "0")
+    assert result.returncode == 0, result.stderr
+    float_file = str(tmp_path / "float.pt")
+    assert run_cli("training.export", tiny_char_run, "--out", float_file, "--ngram-order", "0").returncode == 0
+    half, full = load_artifact(out), load_artifact(float_file)
+    assert half.manifest.quantization == "float16"
+    # in the file: float16, half the bytes of the float export's weights
+    with zipfile.ZipFile(out) as z, zipfile.ZipFile(float_file) as f:
+        half_bytes = sum(i.file_size for i in z.infolist() if "/data/" in i.filename)
+        float_bytes = sum(i.file_size for i in f.infolist() if "/data/" in i.filename)
+    assert half_bytes <= float_bytes * 0.51
+    # loaded: float32, each weight the float one rounded to float16
+    for name, value in half.model.state_dict().items():
+        assert value.dtype == torch.float32, name
+        torch.testing.assert_close(value, full.model.state_dict()[name].half().float(), rtol=0, atol=0)
+    tokens = torch.randint(0, half.tokenizer.vocab_size, (2, 12))
+    with torch.no_grad():
+        logits, _ = half.model(tokens, half.model.init_state(2))
+        expected, _ = full.model(tokens, full.model.init_state(2))
+    torch.testing.assert_close(logits, expected, rtol=0, atol=0.05)
+    # not refused where float weights are served (a CUDA server refuses int8 only)
+    engine = Engine.load(ServerConfig(model=out, metrics_port=0))
+    assert engine.suggester.suggest("th", 3).suggestions
