@@ -16,7 +16,8 @@
 # holds out 10 % of its own lines for validation: the recipes were tuned on those, never on test.txt);
 # export; evaluate the model and a Kneser-Ney/backoff n-gram (the order best on validation) trained on
 # the same train.txt, on test.txt; and --learn: test.txt typed in its original order (KJV: book,
-# chapter, verse) by one user whose history learns each line. The Chinese recipes also convert
+# chapter, verse) by one user whose history learns each line, with the fixed weights and with the weights
+# fitted to the user as they type (--learn-rule online, as served). The Chinese recipes also convert
 # test.txt back from its pinyin (nextword-eval --pinyin). Writes build/recipes/NAME-test.{txt,json}
 # (and NAME-pinyin.{txt,json}).
 set -euo pipefail
@@ -75,7 +76,7 @@ stage "3/4 export build/recipes/$name.pt"
 "$py" -m training.export "build/recipes/$name-run" --out "build/recipes/$name.pt" "${export_flags[@]}"
 stage "4/4 evaluate on $split/test.txt against a $order-gram"
 "$py" -m training.evaluate "build/recipes/$name.pt" --text "$split/test.txt" \
-    --baseline ngram --train "$split/train.txt" --order "$order" --learn \
+    --baseline ngram --train "$split/train.txt" --order "$order" --learn --learn-rule online \
     --json "build/recipes/$name-test.json" | tee "build/recipes/$name-test.txt"
 if [ "$name" != kjv ]; then
     stage "4/4 convert $split/test.txt back from its pinyin"
