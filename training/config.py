@@ -78,6 +78,14 @@ class TrainConfig:
         parse=_dropout,
         group=NETWORK,
     )
+    weight_drop: float = option(
+        0.0,
+        "DropConnect on the recurrent (hidden-to-hidden) weights while training, from 0 to 0.95: one mask per "
+        "window, shared by every position and row of the batch",
+        low=0.0,
+        high=0.95,
+        group=NETWORK,
+    )
     tie_weights: bool | None = option(
         None,
         "share the embedding with the output layer",

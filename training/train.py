@@ -7,7 +7,8 @@ Under torchrun the same loop runs DistributedDataParallel, each process on its
 own rows; rank 0 alone writes.
 
     TrainingRun(config)          data, tokenizer, model, optimizer; restore() from a checkpoint
-      .step(inputs, targets)     one window: forward, loss, backward, clip, update
+      .step(inputs, targets)     one window: forward, loss, backward, clip, update (recurrent weights
+                                 masked meanwhile with --weight-drop: training/weight_drop.py)
       .validate()                validation loss, logged; checkpoints saved (best when it improved)
       .save(names)               checkpoint files (every rank joins the state gather)
     train(config)                the loop: epochs x windows, stopping on steps, time or a signal
@@ -42,6 +43,7 @@ from training.distributed import Distributed, TrainingError, pick_device
 from training.model import LanguageModel, ModelConfig, line_start_state
 from training.runlog import Progress, RunLog, StopFlag
 from training.vocabulary import TokenizerError, build_tokenizer
+from training.weight_drop import dropped_weights
 
 PROG = "nextword-train"
 DRY_RUN_STEPS = 3
@@ -266,21 +268,22 @@ class TrainingRun:
             group["lr"] = lr
         inputs = inputs.to(self.device, non_blocking=True)
         targets = targets.to(self.device, non_blocking=True)
-        logits, new_state = self.wrapped(inputs, self.state)
-        loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
-        if not torch.isfinite(loss):
-            kept = os.path.join(self.config.out, LAST)
-            raise TrainingError(
-                f"the loss became {loss.item()} at step {self.step_count + 1}; stopped without saving it. "
-                + (
-                    f"The last good checkpoint is {kept}. "
-                    if os.path.exists(kept)
-                    else "No checkpoint was written yet. "
-                )
-                + "Try a lower --lr or --clip."
-            )
         self.optimizer.zero_grad(set_to_none=True)
-        loss.backward()
+        with dropped_weights(self.model, self.config.weight_drop, self.config.seed, self.step_count):
+            logits, new_state = self.wrapped(inputs, self.state)
+            loss = F.cross_entropy(logits.flatten(0, 1), targets.flatten())
+            if not torch.isfinite(loss):
+                kept = os.path.join(self.config.out, LAST)
+                raise TrainingError(
+                    f"the loss became {loss.item()} at step {self.step_count + 1}; stopped without saving it. "
+                    + (
+                        f"The last good checkpoint is {kept}. "
+                        if os.path.exists(kept)
+                        else "No checkpoint was written yet. "
+                    )
+                    + "Try a lower --lr or --clip."
+                )
+            loss.backward()
         nn.utils.clip_grad_norm_(self.model.parameters(), self.config.clip, foreach=True)
         self.optimizer.step()
         self.state = new_state.detach()  # truncate backpropagation here, carry the values on

@@ -74,7 +74,7 @@ class StopAfter:
 def test_resume_gives_the_same_result_as_an_uninterrupted_run(tmp_path, monkeypatch):
     import training.train as train_module
 
-    common = ["--tokenizer", "char", "--dropout", "0.3", "--max-steps", "40"]
+    common = ["--tokenizer", "char", "--dropout", "0.3", "--weight-drop", "0.3", "--max-steps", "40"]
     straight = train_tiny(str(tmp_path / "a"), TINY_EN, *common)
     with monkeypatch.context() as patch:
         patch.setattr(train_module, "StopFlag", lambda: StopAfter(23))
@@ -204,6 +204,7 @@ def test_encoding_errors_replace_goes_on(tmp_path):
     [
         ("--hidden-size", "0", "argument --hidden-size: 0 is out of range: must be >= 1"),
         ("--dropout", "1.5", "argument --dropout: 1.5 is out of range: must be <= 0.95"),
+        ("--weight-drop", "1", "argument --weight-drop: 1.0 is out of range: must be <= 0.95"),
         ("--lr", "nan", "argument --lr: 'nan' must be a finite number"),
         ("--batch-size", "many", "argument --batch-size: 'many' is not a valid int"),
         ("--tokenizer", "bytes", "argument --tokenizer: invalid choice"),
